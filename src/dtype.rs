@@ -1,0 +1,257 @@
+//! Element types: the torch names ckptconv accepts, their safetensors names, and the casts between them.
+//!
+//! Casts follow torch's CPU kernels so that `--dtype` output equals `tensor.to(dtype)` bit for bit:
+//! float32 -> bfloat16 rounds to nearest even with NaN made canonical (0x7FC0), float64 narrows through
+//! float32 as torch does, and float16 uses IEEE round-to-nearest-even.
+
+use half::f16;
+
+/// An element type that both torch and safetensors can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DType {
+    /// float64
+    F64,
+    /// float32
+    F32,
+    /// float16
+    F16,
+    /// bfloat16
+    BF16,
+    /// int64
+    I64,
+    /// int32
+    I32,
+    /// int16
+    I16,
+    /// int8
+    I8,
+    /// uint8
+    U8,
+    /// bool, one byte per element
+    Bool,
+    /// float8_e4m3fn
+    F8E4M3,
+    /// float8_e5m2
+    F8E5M2,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F64 | DType::I64 => 8,
+            DType::F32 | DType::I32 => 4,
+            DType::F16 | DType::BF16 | DType::I16 => 2,
+            DType::I8 | DType::U8 | DType::Bool | DType::F8E4M3 | DType::F8E5M2 => 1,
+        }
+    }
+
+    /// The dtype string in a safetensors header.
+    pub fn safetensors_name(self) -> &'static str {
+        match self {
+            DType::F64 => "F64",
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+            DType::I64 => "I64",
+            DType::I32 => "I32",
+            DType::I16 => "I16",
+            DType::I8 => "I8",
+            DType::U8 => "U8",
+            DType::Bool => "BOOL",
+            DType::F8E4M3 => "F8_E4M3",
+            DType::F8E5M2 => "F8_E5M2",
+        }
+    }
+
+    /// Parses a safetensors header dtype string.
+    pub fn from_safetensors_name(s: &str) -> Option<DType> {
+        ALL.iter().copied().find(|d| d.safetensors_name() == s)
+    }
+
+    /// The torch name, e.g. `bfloat16`.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            DType::F64 => "float64",
+            DType::F32 => "float32",
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+            DType::I64 => "int64",
+            DType::I32 => "int32",
+            DType::I16 => "int16",
+            DType::I8 => "int8",
+            DType::U8 => "uint8",
+            DType::Bool => "bool",
+            DType::F8E4M3 => "float8_e4m3fn",
+            DType::F8E5M2 => "float8_e5m2",
+        }
+    }
+
+    /// Maps a `torch.<name>` dtype global (including aliases such as `float`, `half`, `long`).
+    pub fn from_torch_name(s: &str) -> Option<DType> {
+        Some(match s {
+            "float64" | "double" => DType::F64,
+            "float32" | "float" => DType::F32,
+            "float16" | "half" => DType::F16,
+            "bfloat16" => DType::BF16,
+            "int64" | "long" => DType::I64,
+            "int32" | "int" => DType::I32,
+            "int16" | "short" => DType::I16,
+            "int8" => DType::I8,
+            "uint8" => DType::U8,
+            "bool" => DType::Bool,
+            "float8_e4m3fn" => DType::F8E4M3,
+            "float8_e5m2" => DType::F8E5M2,
+            _ => return None,
+        })
+    }
+
+    /// Maps a typed storage class name such as `BFloat16Storage`.
+    pub fn from_storage_class(s: &str) -> Option<DType> {
+        Some(match s {
+            "DoubleStorage" => DType::F64,
+            "FloatStorage" => DType::F32,
+            "HalfStorage" => DType::F16,
+            "BFloat16Storage" => DType::BF16,
+            "LongStorage" => DType::I64,
+            "IntStorage" => DType::I32,
+            "ShortStorage" => DType::I16,
+            "CharStorage" => DType::I8,
+            "ByteStorage" => DType::U8,
+            "BoolStorage" => DType::Bool,
+            "Float8_e4m3fnStorage" => DType::F8E4M3,
+            "Float8_e5m2Storage" => DType::F8E5M2,
+            _ => return None,
+        })
+    }
+
+    /// Parses a `--dtype` value; `None` for `keep`.
+    pub fn from_cli(s: &str) -> Result<Option<DType>, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "keep" => Ok(None),
+            "bf16" | "bfloat16" => Ok(Some(DType::BF16)),
+            "fp16" | "f16" | "float16" | "half" => Ok(Some(DType::F16)),
+            "fp32" | "f32" | "float32" | "float" => Ok(Some(DType::F32)),
+            other => Err(format!("unknown dtype '{other}': use keep, bf16, fp16 or fp32")),
+        }
+    }
+
+    /// Whether `--dtype` applies: only the four IEEE-like float types are cast; ints, bools and
+    /// float8 (quantized weights) keep their type, as HF's `torch_dtype` does.
+    pub fn is_castable_float(self) -> bool {
+        matches!(self, DType::F64 | DType::F32 | DType::F16 | DType::BF16)
+    }
+}
+
+/// Every supported dtype.
+pub const ALL: [DType; 12] = [
+    DType::F64,
+    DType::F32,
+    DType::F16,
+    DType::BF16,
+    DType::I64,
+    DType::I32,
+    DType::I16,
+    DType::I8,
+    DType::U8,
+    DType::Bool,
+    DType::F8E4M3,
+    DType::F8E5M2,
+];
+
+/// float32 -> bfloat16 exactly as torch's `round_to_nearest_even` does.
+#[inline]
+pub fn f32_to_bf16_bits(x: f32) -> u16 {
+    if x.is_nan() {
+        return 0x7FC0;
+    }
+    let bits = x.to_bits();
+    let bias = 0x7FFF + ((bits >> 16) & 1);
+    (bits.wrapping_add(bias) >> 16) as u16
+}
+
+#[inline]
+fn load_f32(src: DType, b: &[u8]) -> f32 {
+    match src {
+        DType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        DType::F16 => f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
+        DType::BF16 => f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16),
+        // torch narrows double to float first, then to the 16-bit type.
+        _ => f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32,
+    }
+}
+
+/// Converts `count` little-endian elements of `src` into `dst`. Both types must be castable floats,
+/// `input.len() == count * src.size()` and `out.len() == count * dst.size()`.
+pub fn cast(src: DType, dst: DType, input: &[u8], out: &mut [u8]) {
+    if src == dst {
+        out.copy_from_slice(input);
+        return;
+    }
+    let (si, di) = (src.size(), dst.size());
+    let pairs = input.chunks_exact(si).zip(out.chunks_exact_mut(di));
+    match dst {
+        DType::BF16 => {
+            for (i, o) in pairs {
+                o.copy_from_slice(&f32_to_bf16_bits(load_f32(src, i)).to_le_bytes());
+            }
+        }
+        DType::F16 => {
+            for (i, o) in pairs {
+                o.copy_from_slice(&f16::from_f32(load_f32(src, i)).to_bits().to_le_bytes());
+            }
+        }
+        DType::F32 => {
+            for (i, o) in pairs {
+                o.copy_from_slice(&load_f32(src, i).to_le_bytes());
+            }
+        }
+        _ => {
+            // F64 output: widen exactly from any float source.
+            for (i, o) in pairs {
+                let v = match src {
+                    DType::F32 | DType::F16 | DType::BF16 => load_f32(src, i) as f64,
+                    _ => f64::from_le_bytes([i[0], i[1], i[2], i[3], i[4], i[5], i[6], i[7]]),
+                };
+                o.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounds_ties_to_even() {
+        // 1.0 + 2^-8 sits exactly between two bf16 values; the even one is 1.0.
+        assert_eq!(f32_to_bf16_bits(f32::from_bits(0x3F80_8000)), 0x3F80);
+        // 1.0 + 3*2^-8 is a tie whose even neighbour is above.
+        assert_eq!(f32_to_bf16_bits(f32::from_bits(0x3F81_8000)), 0x3F82);
+        assert_eq!(f32_to_bf16_bits(f32::from_bits(0x3F80_8001)), 0x3F81);
+        assert_eq!(f32_to_bf16_bits(f32::NAN), 0x7FC0);
+        assert_eq!(f32_to_bf16_bits(-0.0), 0x8000);
+        assert_eq!(f32_to_bf16_bits(f32::INFINITY), 0x7F80);
+        // The largest finite f32 overflows to infinity under round-to-nearest.
+        assert_eq!(f32_to_bf16_bits(f32::MAX), 0x7F80);
+    }
+
+    #[test]
+    fn cast_round_trips_through_wider_types() {
+        let vals: Vec<u8> = [1.5f32, -2.25, 65504.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut h = vec![0u8; 6];
+        cast(DType::F32, DType::F16, &vals, &mut h);
+        let mut back = vec![0u8; 12];
+        cast(DType::F16, DType::F32, &h, &mut back);
+        assert_eq!(back, vals);
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for d in ALL {
+            assert_eq!(DType::from_safetensors_name(d.safetensors_name()), Some(d));
+            assert_eq!(DType::from_torch_name(d.torch_name()), Some(d));
+        }
+    }
+}

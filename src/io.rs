@@ -1,0 +1,218 @@
+//! The one read abstraction: random access over a byte source of known length.
+//!
+//! Parsers never see `std::fs`, browser blobs or mmap; they see [`ReadAt`]. Native and WASI builds back it
+//! with a file, the browser with `FileReaderSync`, tests with `&[u8]`. [`ByteCursor`] adds a small read
+//! buffer for the many tiny reads of pickles and zip headers; bulk tensor reads bypass it.
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// Random-access reads of a byte source whose length is known up front.
+pub trait ReadAt {
+    /// Total length in bytes.
+    fn len(&self) -> u64;
+    /// Whether the source is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Fills `buf` from `offset`; a short source is an error.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
+}
+
+impl ReadAt for [u8] {
+    fn len(&self) -> u64 {
+        <[u8]>::len(self) as u64
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let start = usize::try_from(offset).map_err(|_| eof())?;
+        let end = start.checked_add(buf.len()).ok_or_else(eof)?;
+        let src = self.get(start..end).ok_or_else(eof)?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+}
+
+impl ReadAt for Vec<u8> {
+    fn len(&self) -> u64 {
+        self.as_slice().len() as u64
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.as_slice().read_at(offset, buf)
+    }
+}
+
+fn eof() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "read past end")
+}
+
+/// A named input: the name is what errors and reports show.
+pub struct Input {
+    /// Display name (a path on disk, a relative path in a dropped folder).
+    pub name: String,
+    /// The bytes.
+    pub data: Box<dyn ReadAt>,
+}
+
+impl Input {
+    /// Wraps a reader under a display name.
+    pub fn new(name: impl Into<String>, data: Box<dyn ReadAt>) -> Self {
+        Input { name: name.into(), data }
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`, with a clear error on a short file.
+    pub fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let end = offset.checked_add(buf.len() as u64).ok_or_else(|| {
+            Error::new(ErrorKind::Truncated(format!("offset {offset} overflows"))).in_file(&self.name)
+        })?;
+        if end > self.data.len() {
+            return Err(Error::new(ErrorKind::Truncated(format!(
+                "needs bytes {offset}..{end} but the file has {}",
+                self.data.len()
+            )))
+            .in_file(&self.name));
+        }
+        self.data
+            .read_at(offset, buf)
+            .map_err(|e| Error::new(ErrorKind::Io(format!("read at {offset}: {e}"))).in_file(&self.name))
+    }
+
+    /// Reads `len` bytes at `offset` into a new buffer; `len` is checked against the file first.
+    pub fn read_vec(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let end = offset.checked_add(len).filter(|&e| e <= self.data.len()).ok_or_else(|| {
+            Error::new(ErrorKind::Truncated(format!(
+                "needs {len} bytes at {offset} but the file has {}",
+                self.data.len()
+            )))
+            .in_file(&self.name)
+        })?;
+        let mut buf = vec![0u8; (end - offset) as usize];
+        self.read_exact_at(offset, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Length of the input in bytes.
+    pub fn len(&self) -> u64 {
+        self.data.len()
+    }
+
+    /// Whether the input is empty.
+    pub fn is_empty(&self) -> bool {
+        self.data.len() == 0
+    }
+}
+
+/// A buffered forward reader over `[start, end)` of an input, for pickles and headers.
+pub struct ByteCursor<'a> {
+    input: &'a Input,
+    pos: u64,
+    end: u64,
+    buf: Vec<u8>,
+    buf_start: u64,
+}
+
+const CURSOR_BUF: usize = 64 * 1024;
+
+impl<'a> ByteCursor<'a> {
+    /// A cursor over `[start, end)`; `end` must not exceed the input length.
+    pub fn new(input: &'a Input, start: u64, end: u64) -> Result<Self> {
+        if start > end || end > input.len() {
+            return Err(Error::new(ErrorKind::Truncated(format!(
+                "range {start}..{end} is outside the file of {} bytes",
+                input.len()
+            )))
+            .in_file(&input.name));
+        }
+        Ok(ByteCursor { input, pos: start, end, buf: Vec::new(), buf_start: start })
+    }
+
+    /// Current absolute position.
+    pub fn pos(&self) -> u64 {
+        self.pos
+    }
+
+    /// Bytes left before `end`.
+    pub fn remaining(&self) -> u64 {
+        self.end - self.pos
+    }
+
+    /// The input this cursor reads.
+    pub fn input(&self) -> &Input {
+        self.input
+    }
+
+    fn fill(&mut self) -> Result<()> {
+        let want = (self.end - self.pos).min(CURSOR_BUF as u64) as usize;
+        self.buf.resize(want, 0);
+        self.input.read_exact_at(self.pos, &mut self.buf)?;
+        self.buf_start = self.pos;
+        Ok(())
+    }
+
+    fn truncated(&self, n: u64) -> Error {
+        Error::new(ErrorKind::Truncated(format!(
+            "needs {n} more bytes at offset {} but only {} remain",
+            self.pos,
+            self.remaining()
+        )))
+        .in_file(&self.input.name)
+    }
+
+    /// Reads one byte.
+    pub fn u8(&mut self) -> Result<u8> {
+        if self.pos >= self.end {
+            return Err(self.truncated(1));
+        }
+        let idx = self.pos.wrapping_sub(self.buf_start);
+        if self.pos < self.buf_start || idx >= self.buf.len() as u64 {
+            self.fill()?;
+        }
+        let b = self.buf[(self.pos - self.buf_start) as usize];
+        self.pos += 1;
+        Ok(b)
+    }
+
+    /// Reads exactly `n` bytes; `n` is checked against what remains before anything is allocated.
+    pub fn bytes(&mut self, n: u64) -> Result<Vec<u8>> {
+        if n > self.remaining() {
+            return Err(self.truncated(n));
+        }
+        let mut out = Vec::with_capacity(n as usize);
+        while (out.len() as u64) < n {
+            let idx = self.pos.wrapping_sub(self.buf_start);
+            if self.pos < self.buf_start || idx >= self.buf.len() as u64 {
+                self.fill()?;
+            }
+            let avail = &self.buf[(self.pos - self.buf_start) as usize..];
+            let take = avail.len().min((n - out.len() as u64) as usize);
+            out.extend_from_slice(&avail[..take]);
+            self.pos += take as u64;
+        }
+        Ok(out)
+    }
+
+    /// Reads a fixed-size array.
+    pub fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        let v = self.bytes(N as u64)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(&v);
+        Ok(a)
+    }
+
+    /// Reads bytes up to (not including) the next `\n`, consuming it; lines are capped at `max` bytes.
+    pub fn line(&mut self, max: usize) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        loop {
+            let b = self.u8()?;
+            if b == b'\n' {
+                return Ok(out);
+            }
+            if out.len() >= max {
+                return Err(Error::new(ErrorKind::Limit(format!(
+                    "text line longer than {max} bytes at offset {}",
+                    self.pos
+                )))
+                .in_file(&self.input.name));
+            }
+            out.push(b);
+        }
+    }
+}

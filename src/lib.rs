@@ -1,0 +1,15 @@
+//! ckptconv: training checkpoints to Hugging Face safetensors, with no Python, no torch and no mmap.
+//!
+//! The pipeline is: open inputs ([`io`]) -> read the format's metadata ([`torch`]) -> build a [`plan::Plan`]
+//! of output tensors -> stream them band by band into a [`write::Sink`]. Nothing from an input is executed,
+//! and memory stays bounded whatever the model size.
+#![deny(missing_docs)]
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod dtype;
+pub mod error;
+pub mod io;
+pub mod pickle;
+
+pub use error::{Error, ErrorKind, Result};

@@ -1,0 +1,870 @@
+//! The pickle virtual machine: protocols 0 to 5, limits on everything a hostile stream can grow.
+
+use super::{Heap, Id, Node, TensorNode};
+use crate::error::{Error, ErrorKind, Result};
+use crate::io::ByteCursor;
+use std::collections::HashMap;
+
+/// Caps on what one pickle may build. Defaults fit real checkpoints with wide margins.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most nodes in the heap.
+    pub max_nodes: usize,
+    /// Most memo entries.
+    pub max_memo: usize,
+    /// Most open `MARK`s at once (nesting of tuples/lists/dicts being built).
+    pub max_marks: usize,
+    /// Most values on the stack.
+    pub max_stack: usize,
+    /// Most bytes in strings and byte strings together.
+    pub max_payload: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_nodes: 4_000_000,
+            max_memo: 4_000_000,
+            max_marks: 10_000,
+            max_stack: 1_000_000,
+            max_payload: 256 << 20,
+        }
+    }
+}
+
+/// Globals whose call can run code, touch files or the network. Never called; refusing them by name
+/// tells the user the file is hostile instead of reporting a confusing "no tensors".
+fn is_unsafe_global(module: &str, name: &str) -> bool {
+    let root = module.split('.').next().unwrap_or(module);
+    const MODULES: &[&str] = &[
+        "os", "posix", "nt", "subprocess", "sys", "socket", "shutil", "pty", "importlib", "runpy",
+        "pickle", "_pickle", "marshal", "ctypes", "webbrowser", "code", "commands", "popen2",
+        "platform", "multiprocessing", "signal", "asyncio", "threading", "http", "urllib",
+        "requests", "tempfile", "glob", "pathlib", "io", "operator", "functools", "types", "pdb",
+        "timeit", "cProfile", "profile", "trace", "bdb", "pip", "setuptools", "distutils",
+    ];
+    const BUILTINS: &[&str] = &[
+        "eval", "exec", "execfile", "compile", "open", "__import__", "getattr", "setattr",
+        "delattr", "globals", "locals", "vars", "input", "breakpoint", "apply", "file",
+    ];
+    if (module == "builtins" || module == "__builtin__") && BUILTINS.contains(&name) {
+        return true;
+    }
+    // `_io.BytesIO` is data (Transformer Engine extra state); the rest of `io`/`_io` is not needed.
+    if module == "_io" && name == "BytesIO" {
+        return false;
+    }
+    MODULES.contains(&root) || (module == "_io")
+}
+
+struct Vm<'c, 'a> {
+    cur: &'c mut ByteCursor<'a>,
+    heap: Heap,
+    stack: Vec<Id>,
+    marks: Vec<usize>,
+    memo: HashMap<u32, Id>,
+    limits: Limits,
+    op_offset: u64,
+}
+
+/// Runs one pickle from the cursor's position to its `STOP`, returning the heap and the root node.
+pub fn parse(cur: &mut ByteCursor<'_>, limits: Limits) -> Result<(Heap, Id)> {
+    let name = cur.input().name.clone();
+    let mut vm = Vm {
+        cur,
+        heap: Heap::default(),
+        stack: Vec::new(),
+        marks: Vec::new(),
+        memo: HashMap::new(),
+        limits,
+        op_offset: 0,
+    };
+    let root = vm.run().map_err(|e| e.in_file(&name))?;
+    Ok((vm.heap, root))
+}
+
+impl Vm<'_, '_> {
+    fn err(&self, msg: impl Into<String>) -> Error {
+        Error::new(ErrorKind::Pickle { offset: self.op_offset, msg: msg.into() })
+    }
+
+    fn limit(&self, msg: String) -> Error {
+        Error::new(ErrorKind::Limit(format!("{msg} (pickle byte {})", self.op_offset)))
+    }
+
+    fn alloc(&mut self, node: Node) -> Result<Id> {
+        if self.heap.nodes.len() >= self.limits.max_nodes {
+            return Err(self.limit(format!("more than {} pickle objects", self.limits.max_nodes)));
+        }
+        let payload = match &node {
+            Node::Str(s) => s.len() as u64,
+            Node::Bytes(b) | Node::BigInt(b) => b.len() as u64,
+            _ => 0,
+        };
+        self.heap.payload_bytes = self.heap.payload_bytes.saturating_add(payload);
+        if self.heap.payload_bytes > self.limits.max_payload {
+            return Err(self.limit(format!("more than {} bytes of pickled strings", self.limits.max_payload)));
+        }
+        self.heap.nodes.push(node);
+        Ok((self.heap.nodes.len() - 1) as Id)
+    }
+
+    fn push(&mut self, id: Id) -> Result<()> {
+        if self.stack.len() >= self.limits.max_stack {
+            return Err(self.limit(format!("pickle stack deeper than {}", self.limits.max_stack)));
+        }
+        self.stack.push(id);
+        Ok(())
+    }
+
+    fn push_new(&mut self, node: Node) -> Result<()> {
+        let id = self.alloc(node)?;
+        self.push(id)
+    }
+
+    fn pop(&mut self) -> Result<Id> {
+        let floor = self.marks.last().copied().unwrap_or(0);
+        if self.stack.len() <= floor {
+            return Err(self.err("stack underflow"));
+        }
+        self.stack.pop().ok_or_else(|| self.err("stack underflow"))
+    }
+
+    fn top(&self) -> Result<Id> {
+        let floor = self.marks.last().copied().unwrap_or(0);
+        if self.stack.len() <= floor {
+            return Err(self.err("stack underflow"));
+        }
+        self.stack.last().copied().ok_or_else(|| self.err("stack underflow"))
+    }
+
+    fn pop_mark(&mut self) -> Result<Vec<Id>> {
+        let mark = self.marks.pop().ok_or_else(|| self.err("no MARK on the stack"))?;
+        if mark > self.stack.len() {
+            return Err(self.err("MARK beyond the stack"));
+        }
+        Ok(self.stack.split_off(mark))
+    }
+
+    fn memo_put(&mut self, key: u32, id: Id) -> Result<()> {
+        if self.memo.len() >= self.limits.max_memo && !self.memo.contains_key(&key) {
+            return Err(self.limit(format!("memo larger than {} entries", self.limits.max_memo)));
+        }
+        self.memo.insert(key, id);
+        Ok(())
+    }
+
+    fn memo_get(&self, key: u32) -> Result<Id> {
+        self.memo.get(&key).copied().ok_or_else(|| self.err(format!("memo key {key} was never stored")))
+    }
+
+    fn u16le(&mut self) -> Result<u16> {
+        Ok(u16::from_le_bytes(self.cur.array()?))
+    }
+    fn u32le(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.cur.array()?))
+    }
+    fn u64le(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.cur.array()?))
+    }
+
+    fn text_line(&mut self) -> Result<String> {
+        let line = self.cur.line(1 << 20)?;
+        String::from_utf8(line).map_err(|_| self.err("text opcode argument is not UTF-8"))
+    }
+
+    fn utf8(&self, bytes: Vec<u8>) -> Result<String> {
+        String::from_utf8(bytes).map_err(|_| self.err("string is not valid UTF-8"))
+    }
+
+    fn run(&mut self) -> Result<Id> {
+        loop {
+            self.op_offset = self.cur.pos();
+            let op = self.cur.u8()?;
+            match op {
+                b'.' => {
+                    let root = self.pop()?;
+                    return Ok(root);
+                }
+                0x80 => {
+                    let proto = self.cur.u8()?;
+                    if proto > 5 {
+                        return Err(self.err(format!("unsupported pickle protocol {proto}")));
+                    }
+                }
+                0x95 => {
+                    // FRAME: a length hint only; the opcodes inside are read as usual.
+                    self.u64le()?;
+                }
+                b'(' => {
+                    if self.marks.len() >= self.limits.max_marks {
+                        return Err(self.limit(format!("nesting depth over {} MARKs", self.limits.max_marks)));
+                    }
+                    self.marks.push(self.stack.len());
+                }
+                b'0' => {
+                    self.pop()?;
+                }
+                b'1' => {
+                    self.pop_mark()?;
+                }
+                b'2' => {
+                    let t = self.top()?;
+                    self.push(t)?;
+                }
+                b'N' => self.push_new(Node::None)?,
+                0x88 => self.push_new(Node::Bool(true))?,
+                0x89 => self.push_new(Node::Bool(false))?,
+                b'J' => {
+                    let v = i32::from_le_bytes(self.cur.array()?);
+                    self.push_new(Node::Int(v as i64))?
+                }
+                b'K' => {
+                    let v = self.cur.u8()?;
+                    self.push_new(Node::Int(v as i64))?
+                }
+                b'M' => {
+                    let v = self.u16le()?;
+                    self.push_new(Node::Int(v as i64))?
+                }
+                b'I' => {
+                    let s = self.text_line()?;
+                    let node = match s.as_str() {
+                        "00" => Node::Bool(false),
+                        "01" => Node::Bool(true),
+                        _ => self.parse_decimal(&s)?,
+                    };
+                    self.push_new(node)?
+                }
+                b'L' => {
+                    let s = self.text_line()?;
+                    let node = self.parse_decimal(s.trim_end_matches('L'))?;
+                    self.push_new(node)?
+                }
+                0x8a => {
+                    let n = self.cur.u8()? as u64;
+                    let b = self.cur.bytes(n)?;
+                    self.push_new(long_node(b))?
+                }
+                0x8b => {
+                    let n = self.u32le()? as u64;
+                    let b = self.cur.bytes(n)?;
+                    self.push_new(long_node(b))?
+                }
+                b'F' => {
+                    let s = self.text_line()?;
+                    let v: f64 = s.trim().parse().map_err(|_| self.err(format!("bad float {s:?}")))?;
+                    self.push_new(Node::Float(v))?
+                }
+                b'G' => {
+                    let v = f64::from_be_bytes(self.cur.array()?);
+                    self.push_new(Node::Float(v))?
+                }
+                b'X' => {
+                    let n = self.u32le()? as u64;
+                    let b = self.cur.bytes(n)?;
+                    let s = self.utf8(b)?;
+                    self.push_new(Node::Str(s))?
+                }
+                0x8c => {
+                    let n = self.cur.u8()? as u64;
+                    let b = self.cur.bytes(n)?;
+                    let s = self.utf8(b)?;
+                    self.push_new(Node::Str(s))?
+                }
+                0x8d => {
+                    let n = self.u64le()?;
+                    let b = self.cur.bytes(n)?;
+                    let s = self.utf8(b)?;
+                    self.push_new(Node::Str(s))?
+                }
+                b'V' => {
+                    let line = self.cur.line(1 << 20)?;
+                    let s = unescape_raw_unicode(&line).ok_or_else(|| self.err("bad UNICODE escape"))?;
+                    self.push_new(Node::Str(s))?
+                }
+                b'S' => {
+                    let line = self.cur.line(1 << 20)?;
+                    let b = unquote_string(&line).ok_or_else(|| self.err("bad STRING literal"))?;
+                    // Python 2 str: keep text when it is text, bytes otherwise.
+                    let node = match String::from_utf8(b) {
+                        Ok(s) => Node::Str(s),
+                        Err(e) => Node::Bytes(e.into_bytes()),
+                    };
+                    self.push_new(node)?
+                }
+                b'T' => {
+                    let n = self.u32le()? as u64;
+                    let b = self.cur.bytes(n)?;
+                    self.push_new(Node::Bytes(b))?
+                }
+                b'U' => {
+                    let n = self.cur.u8()? as u64;
+                    let b = self.cur.bytes(n)?;
+                    self.push_new(Node::Bytes(b))?
+                }
+                b'B' => {
+                    let n = self.u32le()? as u64;
+                    let b = self.cur.bytes(n)?;
+                    self.push_new(Node::Bytes(b))?
+                }
+                b'C' => {
+                    let n = self.cur.u8()? as u64;
+                    let b = self.cur.bytes(n)?;
+                    self.push_new(Node::Bytes(b))?
+                }
+                0x8e | 0x96 => {
+                    let n = self.u64le()?;
+                    let b = self.cur.bytes(n)?;
+                    self.push_new(Node::Bytes(b))?
+                }
+                0x97 | 0x98 => {
+                    return Err(Error::new(ErrorKind::Unsupported(format!(
+                        "out-of-band pickle buffers (pickle byte {})",
+                        self.op_offset
+                    ))));
+                }
+                b')' => self.push_new(Node::Tuple(Vec::new()))?,
+                b']' => self.push_new(Node::List(Vec::new()))?,
+                b'}' => self.push_new(Node::Dict(Vec::new()))?,
+                0x8f => self.push_new(Node::Set(Vec::new()))?,
+                b't' => {
+                    let items = self.pop_mark()?;
+                    self.push_new(Node::Tuple(items))?
+                }
+                0x85..=0x87 => {
+                    let n = (op - 0x84) as usize;
+                    let mut items = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        items.push(self.pop()?);
+                    }
+                    items.reverse();
+                    self.push_new(Node::Tuple(items))?
+                }
+                b'l' => {
+                    let items = self.pop_mark()?;
+                    self.push_new(Node::List(items))?
+                }
+                b'd' => {
+                    let items = self.pop_mark()?;
+                    let pairs = self.pairs(items)?;
+                    let id = self.alloc(Node::Dict(Vec::new()))?;
+                    self.set_items(id, pairs)?;
+                    self.push(id)?
+                }
+                0x91 => {
+                    let items = self.pop_mark()?;
+                    self.push_new(Node::Set(items))?
+                }
+                b'a' => {
+                    let v = self.pop()?;
+                    let target = self.top()?;
+                    self.append(target, vec![v])?
+                }
+                b'e' => {
+                    let items = self.pop_mark()?;
+                    let target = self.top()?;
+                    self.append(target, items)?
+                }
+                b's' => {
+                    let v = self.pop()?;
+                    let k = self.pop()?;
+                    let target = self.top()?;
+                    self.set_items(target, vec![(k, v)])?
+                }
+                b'u' => {
+                    let items = self.pop_mark()?;
+                    let pairs = self.pairs(items)?;
+                    let target = self.top()?;
+                    self.set_items(target, pairs)?
+                }
+                0x90 => {
+                    let items = self.pop_mark()?;
+                    let target = self.top()?;
+                    match &mut self.heap.nodes[target as usize] {
+                        Node::Set(v) => v.extend(items),
+                        _ => return Err(self.err("ADDITEMS on a value that is not a set")),
+                    }
+                }
+                b'g' => {
+                    let s = self.text_line()?;
+                    let key = s.trim().parse::<u32>().map_err(|_| self.err(format!("bad GET key {s:?}")))?;
+                    let id = self.memo_get(key)?;
+                    self.push(id)?
+                }
+                b'h' => {
+                    let key = self.cur.u8()? as u32;
+                    let id = self.memo_get(key)?;
+                    self.push(id)?
+                }
+                b'j' => {
+                    let key = self.u32le()?;
+                    let id = self.memo_get(key)?;
+                    self.push(id)?
+                }
+                b'p' => {
+                    let s = self.text_line()?;
+                    let key = s.trim().parse::<u32>().map_err(|_| self.err(format!("bad PUT key {s:?}")))?;
+                    let t = self.top()?;
+                    self.memo_put(key, t)?
+                }
+                b'q' => {
+                    let key = self.cur.u8()? as u32;
+                    let t = self.top()?;
+                    self.memo_put(key, t)?
+                }
+                b'r' => {
+                    let key = self.u32le()?;
+                    let t = self.top()?;
+                    self.memo_put(key, t)?
+                }
+                0x94 => {
+                    let key = u32::try_from(self.memo.len()).map_err(|_| self.err("memo too large"))?;
+                    let t = self.top()?;
+                    self.memo_put(key, t)?
+                }
+                b'c' => {
+                    let module = self.text_line()?;
+                    let name = self.text_line()?;
+                    self.push_new(Node::Global { module, name })?
+                }
+                0x93 => {
+                    let name = self.pop()?;
+                    let module = self.pop()?;
+                    let (Some(m), Some(n)) = (self.heap.as_str(module), self.heap.as_str(name)) else {
+                        return Err(self.err("STACK_GLOBAL needs two strings"));
+                    };
+                    let node = Node::Global { module: m.to_string(), name: n.to_string() };
+                    self.push_new(node)?
+                }
+                0x82..=0x84 => {
+                    return Err(Error::new(ErrorKind::Unsupported(format!(
+                        "pickle extension registry codes (EXT opcodes, pickle byte {})",
+                        self.op_offset
+                    ))));
+                }
+                b'R' => {
+                    let args = self.pop()?;
+                    let callable = self.pop()?;
+                    let id = self.call(callable, args, 0)?;
+                    self.push(id)?
+                }
+                0x81 => {
+                    let args = self.pop()?;
+                    let cls = self.pop()?;
+                    let id = self.call(cls, args, 0)?;
+                    self.push(id)?
+                }
+                0x92 => {
+                    let _kwargs = self.pop()?;
+                    let args = self.pop()?;
+                    let cls = self.pop()?;
+                    let id = self.call(cls, args, 0)?;
+                    self.push(id)?
+                }
+                b'i' => {
+                    let module = self.text_line()?;
+                    let name = self.text_line()?;
+                    let items = self.pop_mark()?;
+                    let cls = self.alloc(Node::Global { module, name })?;
+                    let args = self.alloc(Node::Tuple(items))?;
+                    let id = self.call(cls, args, 0)?;
+                    self.push(id)?
+                }
+                b'o' => {
+                    let mut items = self.pop_mark()?;
+                    if items.is_empty() {
+                        return Err(self.err("OBJ without a class"));
+                    }
+                    let cls = items.remove(0);
+                    let args = self.alloc(Node::Tuple(items))?;
+                    let id = self.call(cls, args, 0)?;
+                    self.push(id)?
+                }
+                b'b' => {
+                    let state = self.pop()?;
+                    let target = self.top()?;
+                    if let Node::Object { state: s, .. } = &mut self.heap.nodes[target as usize] {
+                        *s = Some(state);
+                    }
+                    // BUILD on dicts (torch's `_metadata`) and tensors sets attributes we do not need.
+                }
+                b'P' => {
+                    let s = self.text_line()?;
+                    let pid = self.alloc(Node::Str(s))?;
+                    self.push_new(Node::PersistentId(pid))?
+                }
+                b'Q' => {
+                    let pid = self.pop()?;
+                    self.push_new(Node::PersistentId(pid))?
+                }
+                other => return Err(self.err(format!("unknown opcode 0x{other:02x}"))),
+            }
+        }
+    }
+
+    fn parse_decimal(&self, s: &str) -> Result<Node> {
+        let t = s.trim();
+        if let Ok(v) = t.parse::<i64>() {
+            return Ok(Node::Int(v));
+        }
+        if !t.is_empty() && t.trim_start_matches('-').bytes().all(|b| b.is_ascii_digit()) {
+            // Too big for i64: keep its text; no checkpoint field needs such a value.
+            return Ok(Node::BigInt(t.as_bytes().to_vec()));
+        }
+        Err(self.err(format!("bad integer {s:?}")))
+    }
+
+    fn pairs(&self, items: Vec<Id>) -> Result<Vec<(Id, Id)>> {
+        if items.len() % 2 != 0 {
+            return Err(self.err("odd number of items for a dict"));
+        }
+        Ok(items.chunks_exact(2).map(|c| (c[0], c[1])).collect())
+    }
+
+    fn append(&mut self, target: Id, items: Vec<Id>) -> Result<()> {
+        match &mut self.heap.nodes[target as usize] {
+            Node::List(v) => v.extend(items),
+            Node::Object { list, .. } => list.extend(items),
+            _ => return Err(self.err("APPEND to a value that is not a list")),
+        }
+        Ok(())
+    }
+
+    fn set_items(&mut self, target: Id, pairs: Vec<(Id, Id)>) -> Result<()> {
+        for (k, v) in pairs {
+            // Python dict semantics: a repeated string or int key replaces the earlier value.
+            let key = match self.heap.get(k) {
+                Node::Str(s) => Some(KeyRef::Str(s.clone())),
+                Node::Int(i) => Some(KeyRef::Int(*i)),
+                _ => None,
+            };
+            let existing = match (&key, self.heap.get(target)) {
+                (Some(key), Node::Dict(items)) => items.iter().position(|(ek, _)| key.matches(self.heap.get(*ek))),
+                _ => None,
+            };
+            match &mut self.heap.nodes[target as usize] {
+                Node::Dict(items) => match existing {
+                    Some(i) => items[i].1 = v,
+                    None => items.push((k, v)),
+                },
+                Node::Object { items, .. } => items.push((k, v)),
+                _ => return Err(self.err("SETITEM on a value that is not a dict")),
+            }
+        }
+        Ok(())
+    }
+
+    /// REDUCE / NEWOBJ / INST / OBJ: builds data for known callables, inert objects for the rest.
+    fn call(&mut self, callable: Id, args: Id, depth: u32) -> Result<Id> {
+        let (module, name) = match self.heap.get(callable) {
+            Node::Global { module, name } => (module.clone(), name.clone()),
+            _ => {
+                return self.alloc(Node::Object { callable, args, state: None, items: vec![], list: vec![] });
+            }
+        };
+        if is_unsafe_global(&module, &name) {
+            return Err(Error::new(ErrorKind::UnsafeGlobal {
+                global: format!("{module}.{name}"),
+                offset: self.op_offset,
+            }));
+        }
+        let argv: Vec<Id> = match self.heap.get(args) {
+            Node::Tuple(v) | Node::List(v) => v.clone(),
+            _ => return Err(self.err(format!("arguments of {module}.{name} are not a tuple"))),
+        };
+        match (module.as_str(), name.as_str()) {
+            ("torch._utils", "_rebuild_tensor_v2" | "_rebuild_tensor" | "_rebuild_tensor_v3") => {
+                self.rebuild_tensor(&name, &argv)
+            }
+            ("torch._utils", "_rebuild_parameter" | "_rebuild_parameter_with_state") => {
+                let t = *argv.first().ok_or_else(|| self.err("_rebuild_parameter without a tensor"))?;
+                Ok(t)
+            }
+            ("torch._tensor", "_rebuild_from_type_v2") | ("torch._tensor", "_rebuild_from_type") => {
+                // (func, type, args, state): the subclass is dropped, the tensor inside is kept.
+                if depth > 4 {
+                    return Err(self.limit("nested _rebuild_from_type calls".into()));
+                }
+                let (Some(&func), Some(&inner)) = (argv.first(), argv.get(2)) else {
+                    return Err(self.err("_rebuild_from_type_v2 needs (func, type, args, state)"));
+                };
+                self.call(func, inner, depth + 1)
+            }
+            ("collections", "OrderedDict") | ("builtins" | "__builtin__", "dict") => {
+                let id = self.alloc(Node::Dict(Vec::new()))?;
+                if let Some(&init) = argv.first()
+                    && let Some(seq) = self.heap.as_seq(init).map(<[Id]>::to_vec)
+                {
+                    let mut pairs = Vec::new();
+                    for p in seq {
+                        match self.heap.as_seq(p) {
+                            Some(&[k, v]) => pairs.push((k, v)),
+                            _ => return Err(self.err("OrderedDict argument is not a list of pairs")),
+                        }
+                    }
+                    self.set_items(id, pairs)?;
+                }
+                Ok(id)
+            }
+            ("torch", "Size") | ("builtins" | "__builtin__", "tuple") => {
+                let items = match argv.first() {
+                    Some(&seq) => self.heap.as_seq(seq).map(<[Id]>::to_vec).unwrap_or_default(),
+                    None => Vec::new(),
+                };
+                self.alloc(Node::Tuple(items))
+            }
+            ("builtins" | "__builtin__", "set" | "frozenset") => {
+                let items = match argv.first() {
+                    Some(&seq) => self.heap.as_seq(seq).map(<[Id]>::to_vec).unwrap_or_default(),
+                    None => Vec::new(),
+                };
+                self.alloc(Node::Set(items))
+            }
+            ("_codecs", "encode") => {
+                // Protocol 2 pickles bytes as _codecs.encode(text, 'latin1').
+                let text = argv.first().and_then(|&a| self.heap.as_str(a)).map(str::to_string);
+                match text {
+                    Some(t) => {
+                        let bytes: Option<Vec<u8>> = t.chars().map(|c| u8::try_from(c as u32).ok()).collect();
+                        let bytes = bytes.ok_or_else(|| self.err("_codecs.encode of non-latin1 text"))?;
+                        self.alloc(Node::Bytes(bytes))
+                    }
+                    None => self.err_object(callable, args),
+                }
+            }
+            ("builtins" | "__builtin__", "bytearray" | "bytes") => {
+                match argv.first().map(|&a| self.heap.get(a).clone()) {
+                    Some(Node::Bytes(b)) => self.alloc(Node::Bytes(b)),
+                    None => self.alloc(Node::Bytes(Vec::new())),
+                    _ => self.err_object(callable, args),
+                }
+            }
+            _ => self.err_object(callable, args),
+        }
+    }
+
+    fn err_object(&mut self, callable: Id, args: Id) -> Result<Id> {
+        self.alloc(Node::Object { callable, args, state: None, items: vec![], list: vec![] })
+    }
+
+    fn rebuild_tensor(&mut self, func: &str, argv: &[Id]) -> Result<Id> {
+        let need = if func == "_rebuild_tensor" { 4 } else { 6 };
+        if argv.len() < need {
+            return Err(self.err(format!("{func} needs at least {need} arguments, got {}", argv.len())));
+        }
+        let storage = argv[0];
+        let offset = self
+            .heap
+            .as_int(argv[1])
+            .and_then(|v| u64::try_from(v).ok())
+            .ok_or_else(|| self.err(format!("{func}: storage offset is not a non-negative int")))?;
+        let shape = self.int_list(argv[2], func, "size")?;
+        let strides = self.int_list(argv[3], func, "stride")?;
+        if shape.len() != strides.len() {
+            return Err(self.err(format!(
+                "{func}: size has {} dims but stride has {}",
+                shape.len(),
+                strides.len()
+            )));
+        }
+        let dtype = if func == "_rebuild_tensor_v3" { argv.get(6).copied() } else { None };
+        self.alloc(Node::Tensor(TensorNode { storage, offset, shape, strides, dtype }))
+    }
+
+    fn int_list(&self, id: Id, func: &str, what: &str) -> Result<Vec<u64>> {
+        let seq = self.heap.as_seq(id).ok_or_else(|| self.err(format!("{func}: {what} is not a tuple")))?;
+        seq.iter()
+            .map(|&v| {
+                self.heap
+                    .as_int(v)
+                    .and_then(|i| u64::try_from(i).ok())
+                    .ok_or_else(|| self.err(format!("{func}: {what} holds a value that is not a non-negative int")))
+            })
+            .collect()
+    }
+}
+
+enum KeyRef {
+    Str(String),
+    Int(i64),
+}
+
+impl KeyRef {
+    fn matches(&self, n: &Node) -> bool {
+        match (self, n) {
+            (KeyRef::Str(a), Node::Str(b)) => a == b,
+            (KeyRef::Int(a), Node::Int(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+/// LONG1/LONG4 payload: little-endian two's complement.
+fn long_node(b: Vec<u8>) -> Node {
+    if b.is_empty() {
+        return Node::Int(0);
+    }
+    if b.len() <= 8 {
+        let neg = b.last().is_some_and(|&x| x & 0x80 != 0);
+        let mut buf = if neg { [0xFFu8; 8] } else { [0u8; 8] };
+        buf[..b.len()].copy_from_slice(&b);
+        return Node::Int(i64::from_le_bytes(buf));
+    }
+    Node::BigInt(b)
+}
+
+/// Decodes a protocol-0 `UNICODE` argument (raw-unicode-escape: only `\uXXXX` and `\UXXXXXXXX`).
+fn unescape_raw_unicode(line: &[u8]) -> Option<String> {
+    let mut out = String::new();
+    let mut i = 0;
+    while i < line.len() {
+        let b = line[i];
+        if b == b'\\' && i + 1 < line.len() && (line[i + 1] == b'u' || line[i + 1] == b'U') {
+            let n = if line[i + 1] == b'u' { 4 } else { 8 };
+            let hex = std::str::from_utf8(line.get(i + 2..i + 2 + n)?).ok()?;
+            out.push(char::from_u32(u32::from_str_radix(hex, 16).ok()?)?);
+            i += 2 + n;
+        } else {
+            // raw-unicode-escape stores other code points below 256 as latin-1 bytes.
+            out.push(b as char);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+/// Decodes a protocol-0 `STRING` argument: a quoted Python 2 literal with backslash escapes.
+fn unquote_string(line: &[u8]) -> Option<Vec<u8>> {
+    let q = *line.first()?;
+    if (q != b'\'' && q != b'"') || line.len() < 2 || *line.last()? != q {
+        return None;
+    }
+    let body = &line[1..line.len() - 1];
+    let mut out = Vec::with_capacity(body.len());
+    let mut i = 0;
+    while i < body.len() {
+        if body[i] != b'\\' {
+            out.push(body[i]);
+            i += 1;
+            continue;
+        }
+        let c = *body.get(i + 1)?;
+        i += 2;
+        match c {
+            b'n' => out.push(b'\n'),
+            b't' => out.push(b'\t'),
+            b'r' => out.push(b'\r'),
+            b'0' => out.push(0),
+            b'\\' | b'\'' | b'"' => out.push(c),
+            b'x' => {
+                let hex = std::str::from_utf8(body.get(i..i + 2)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 2;
+            }
+            _ => {
+                out.push(b'\\');
+                out.push(c);
+            }
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::Input;
+
+    fn run(bytes: &[u8]) -> Result<(Heap, Id)> {
+        let input = Input::new("t.pkl", Box::new(bytes.to_vec()));
+        let mut cur = ByteCursor::new(&input, 0, input.len())?;
+        parse(&mut cur, Limits::default())
+    }
+
+    #[test]
+    fn protocol2_dict_with_memo_shares_values() {
+        // {'a': [1], 'b': <same list>} as pickle.dumps(..., protocol=2) writes it.
+        let p = b"\x80\x02}q\x00(X\x01\x00\x00\x00aq\x01]q\x02K\x01aX\x01\x00\x00\x00bq\x03h\x02u.";
+        let (heap, root) = run(p).unwrap();
+        let a = heap.dict_get(root, "a").unwrap();
+        let b = heap.dict_get(root, "b").unwrap();
+        assert_eq!(a, b);
+        assert_eq!(heap.as_seq(a).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn protocol0_text_opcodes() {
+        // pickle.dumps({'x': (1, 2.5, 'hi', None)}, protocol=0)
+        let p = b"(dp0\nVx\np1\n(I1\nF2.5\nVhi\np2\nNtp3\ns.";
+        let (heap, root) = run(p).unwrap();
+        let t = heap.dict_get(root, "x").unwrap();
+        let items = heap.as_seq(t).unwrap();
+        assert_eq!(heap.as_int(items[0]), Some(1));
+        assert_eq!(heap.get(items[1]), &Node::Float(2.5));
+        assert_eq!(heap.as_str(items[2]), Some("hi"));
+    }
+
+    #[test]
+    fn refuses_os_system() {
+        let p = b"cos\nsystem\n(Vecho pwned\ntR.";
+        let e = run(p).unwrap_err();
+        assert!(matches!(e.kind(), ErrorKind::UnsafeGlobal { global, .. } if global == "os.system"), "{e}");
+        assert!(e.to_string().contains("t.pkl"));
+    }
+
+    #[test]
+    fn unknown_calls_become_inert_objects() {
+        let p = b"cargparse\nNamespace\n)R}(Vlr\nF0.1\nub.";
+        let (heap, root) = run(p).unwrap();
+        match heap.get(root) {
+            Node::Object { callable, state: Some(_), .. } => {
+                assert_eq!(heap.global_name(*callable).unwrap(), "argparse.Namespace")
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn mark_nesting_is_capped() {
+        let mut p = vec![0x80, 2];
+        p.extend(std::iter::repeat_n(b'(', 20_000));
+        let e = run(&p).unwrap_err();
+        assert_eq!(e.label(), "limit");
+        assert!(e.to_string().contains("nesting depth"), "{e}");
+    }
+
+    #[test]
+    fn memo_is_capped() {
+        let input = Input::new("m.pkl", Box::new(b"\x80\x02N".iter().copied().chain((0..10u32).flat_map(|i| {
+            let mut v = vec![b'r'];
+            v.extend(i.to_le_bytes());
+            v
+        })).chain(*b".").collect::<Vec<u8>>()));
+        let mut cur = ByteCursor::new(&input, 0, input.len()).unwrap();
+        let limits = Limits { max_memo: 5, ..Limits::default() };
+        let e = parse(&mut cur, limits).unwrap_err();
+        assert!(e.to_string().contains("memo"), "{e}");
+    }
+
+    #[test]
+    fn lying_lengths_fail_without_allocating() {
+        // BINBYTES8 announcing 2^60 bytes in a tiny file.
+        let mut p = vec![0x80, 4, 0x8e];
+        p.extend((1u64 << 60).to_le_bytes());
+        let e = run(&p).unwrap_err();
+        assert_eq!(e.label(), "truncated");
+    }
+
+    #[test]
+    fn long1_negative_and_large() {
+        let (heap, root) = run(b"\x80\x02\x8a\x02\x00\xff.").unwrap();
+        assert_eq!(heap.as_int(root), Some(-256));
+    }
+
+    #[test]
+    fn stack_underflow_is_an_error() {
+        assert_eq!(run(b"\x80\x02a.").unwrap_err().label(), "pickle");
+        assert_eq!(run(b"\x80\x02").unwrap_err().label(), "truncated");
+    }
+}
