@@ -7,9 +7,14 @@
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod convert;
 pub mod dtype;
 pub mod error;
 pub mod io;
 pub mod pickle;
 
 pub use error::{Error, ErrorKind, Result};
+pub mod plan;
+pub mod select;
+pub mod torch;
+pub mod write;

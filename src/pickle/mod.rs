@@ -144,14 +144,24 @@ impl Heap {
             Node::Object { state: Some(s), .. } => return self.dict_get(*s, key),
             _ => return None,
         };
-        items.iter().rev().find(|(k, _)| self.as_str(*k) == Some(key)).map(|(_, v)| *v)
+        items
+            .iter()
+            .rev()
+            .find(|(k, _)| self.as_str(*k) == Some(key))
+            .map(|(_, v)| *v)
     }
 
     /// A short human description of a node, for messages and `inspect`.
     pub fn describe(&self, id: Id) -> String {
         match self.get(id) {
             Node::None => "None".into(),
-            Node::Bool(b) => if *b { "True".into() } else { "False".into() },
+            Node::Bool(b) => {
+                if *b {
+                    "True".into()
+                } else {
+                    "False".into()
+                }
+            }
             Node::Int(v) => v.to_string(),
             Node::BigInt(_) => "<big int>".into(),
             Node::Float(v) => v.to_string(),

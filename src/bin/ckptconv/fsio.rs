@@ -1,0 +1,158 @@
+//! Files on disk for the CLI (native and WASI): a [`ReadAt`] over `std::fs::File` and a sink that
+//! writes each output to a hidden temp name and renames everything only after the last byte.
+
+use ckptconv::io::ReadAt;
+use ckptconv::write::Sink;
+use ckptconv::{Error, ErrorKind, Result};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// A file opened for random-access reads.
+pub struct FileInput {
+    file: File,
+    len: u64,
+    #[cfg(not(unix))]
+    pos: std::cell::Cell<u64>,
+}
+
+impl FileInput {
+    pub fn open(path: &Path) -> Result<FileInput> {
+        let io = |e: std::io::Error| {
+            Error::new(ErrorKind::Io(e.to_string())).in_file(&path.display().to_string())
+        };
+        let file = File::open(path).map_err(io)?;
+        let meta = file.metadata().map_err(io)?;
+        if meta.is_dir() {
+            return Err(Error::new(ErrorKind::NotCheckpoint(
+                "is a folder; folder checkpoints (DCP, Megatron) are not supported yet, pass a .pt file".into(),
+            ))
+            .in_file(&path.display().to_string()));
+        }
+        Ok(FileInput {
+            file,
+            len: meta.len(),
+            #[cfg(not(unix))]
+            pos: std::cell::Cell::new(u64::MAX),
+        })
+    }
+}
+
+impl ReadAt for FileInput {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    #[cfg(unix)]
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)
+    }
+
+    #[cfg(not(unix))]
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = &self.file;
+        if self.pos.get() != offset {
+            f.seek(SeekFrom::Start(offset))?;
+        }
+        f.read_exact(buf)?;
+        self.pos.set(offset + buf.len() as u64);
+        Ok(())
+    }
+}
+
+/// Writes files into a folder through temp names; nothing is published before `commit`.
+pub struct DirSink {
+    dir: PathBuf,
+    force: bool,
+    current: Option<(File, PathBuf, PathBuf)>,
+    staged: Vec<(PathBuf, PathBuf)>,
+    committed: bool,
+}
+
+impl DirSink {
+    pub fn new(dir: &Path, force: bool) -> Result<DirSink> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            Error::new(ErrorKind::Output(format!("cannot create the folder: {e}")))
+                .in_file(&dir.display().to_string())
+        })?;
+        Ok(DirSink {
+            dir: dir.to_path_buf(),
+            force,
+            current: None,
+            staged: Vec::new(),
+            committed: false,
+        })
+    }
+
+    /// Fails if any of `names` exists and `--force` was not given.
+    pub fn check_free(&self, names: &[&str]) -> Result<()> {
+        if self.force {
+            return Ok(());
+        }
+        for n in names {
+            let p = self.dir.join(n);
+            if p.exists() {
+                return Err(Error::new(ErrorKind::Output(
+                    "already exists; pass --force to overwrite".into(),
+                ))
+                .in_file(&p.display().to_string()));
+            }
+        }
+        Ok(())
+    }
+
+    fn out_err(path: &Path, e: std::io::Error) -> Error {
+        Error::new(ErrorKind::Output(e.to_string())).in_file(&path.display().to_string())
+    }
+}
+
+impl Sink for DirSink {
+    fn begin(&mut self, name: &str, _size: u64) -> Result<()> {
+        let fin = self.dir.join(name);
+        self.check_free(&[name])?;
+        let tmp = self.dir.join(format!(".{name}.ckptconv-partial"));
+        let f = File::create(&tmp).map_err(|e| Self::out_err(&tmp, e))?;
+        self.current = Some((f, tmp, fin));
+        Ok(())
+    }
+
+    fn write(&mut self, buf: &[u8]) -> Result<()> {
+        match &mut self.current {
+            Some((f, tmp, _)) => f.write_all(buf).map_err(|e| Self::out_err(tmp, e)),
+            None => Err(Error::new(ErrorKind::Output("write outside a file".into()))),
+        }
+    }
+
+    fn end(&mut self) -> Result<()> {
+        // No fsync: like cp and safetensors' own writer, durability is left to the OS; the rename
+        // after the last byte is what keeps an interrupted run from leaving a complete-looking file.
+        if let Some((f, tmp, fin)) = self.current.take() {
+            drop(f);
+            self.staged.push((tmp, fin));
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<()> {
+        for (tmp, fin) in &self.staged {
+            std::fs::rename(tmp, fin).map_err(|e| Self::out_err(fin, e))?;
+        }
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for DirSink {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        if let Some((_, tmp, _)) = self.current.take() {
+            let _ = std::fs::remove_file(tmp);
+        }
+        for (tmp, _) in &self.staged {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! Choosing which tensors of a checkpoint are the model, and naming them.
+//!
+//! Checkpoints often wrap the weights: `{"state_dict": ..., "optimizer_states": ...}` (Lightning),
+//! `{"model": ..., "optimizer": ...}` (Megatron, many trainers). By default the first of [`AUTO_KEYS`]
+//! that holds a nested container of tensors is taken and its key stripped; other top-level groups are
+//! skipped and reported. `--prefix` chooses explicitly, and an empty prefix keeps every tensor.
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// Top-level keys that wrap model weights, in order of preference.
+pub const AUTO_KEYS: [&str; 4] = ["state_dict", "model", "module", "model_state_dict"];
+
+/// How to pick the model's tensors.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Prefix {
+    /// Strip a wrapping key from [`AUTO_KEYS`] when there is one.
+    #[default]
+    Auto,
+    /// Keep only names under this dotted prefix, and strip it (empty: keep everything).
+    Explicit(String),
+}
+
+/// What a selection kept and dropped, for reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection {
+    /// The prefix stripped ("" when none).
+    pub prefix: String,
+    /// Top-level groups left out, with their tensor counts.
+    pub skipped: Vec<(String, usize)>,
+}
+
+/// Selects and renames `items` (each a key path plus payload), returning `(name, payload)` pairs in order.
+pub fn select<T>(
+    items: Vec<(Vec<String>, T)>,
+    prefix: &Prefix,
+) -> Result<(Vec<(String, T)>, Selection)> {
+    let chosen: String = match prefix {
+        Prefix::Explicit(p) => p.trim_end_matches('.').to_string(),
+        Prefix::Auto => AUTO_KEYS
+            .iter()
+            .find(|k| items.iter().any(|(p, _)| p.len() >= 2 && p[0] == **k))
+            .map(|k| k.to_string())
+            .unwrap_or_default(),
+    };
+    let mut kept = Vec::new();
+    let mut skipped: Vec<(String, usize)> = Vec::new();
+    let total = items.len();
+    for (path, t) in items {
+        let name = path.join(".");
+        let rest = if chosen.is_empty() {
+            Some(name.clone())
+        } else {
+            name.strip_prefix(&chosen)
+                .and_then(|r| r.strip_prefix('.'))
+                .map(str::to_string)
+        };
+        match rest {
+            Some(r) => kept.push((r, t)),
+            None => {
+                let group = path.first().cloned().unwrap_or_default();
+                match skipped.iter_mut().find(|(g, _)| *g == group) {
+                    Some((_, n)) => *n += 1,
+                    None => skipped.push((group, 1)),
+                }
+            }
+        }
+    }
+    if kept.is_empty() && total > 0 {
+        return Err(Error::new(ErrorKind::NoTensors(format!(
+            "no tensor name starts with '{chosen}.' (top-level groups: {})",
+            skipped
+                .iter()
+                .map(|(g, n)| format!("{g} ({n})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (n, _) in &kept {
+        if !seen.insert(n.as_str()) {
+            return Err(Error::new(ErrorKind::Tensor {
+                name: n.clone(),
+                msg: "two tensors map to this name (a dict key containing dots collides with a nested key)".into(),
+            }));
+        }
+    }
+    Ok((
+        kept,
+        Selection {
+            prefix: chosen,
+            skipped,
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Vec<String> {
+        s.split('/').map(str::to_string).collect()
+    }
+
+    #[test]
+    fn auto_strips_state_dict_and_reports_the_rest() {
+        let items = vec![
+            (p("state_dict/a.weight"), 1),
+            (p("optimizer_states/0/state/0/exp_avg"), 2),
+        ];
+        let (kept, sel) = select(items, &Prefix::Auto).unwrap();
+        assert_eq!(kept, vec![("a.weight".to_string(), 1)]);
+        assert_eq!(sel.prefix, "state_dict");
+        assert_eq!(sel.skipped, vec![("optimizer_states".to_string(), 1)]);
+    }
+
+    #[test]
+    fn flat_dotted_keys_are_not_mistaken_for_a_wrapper() {
+        let items = vec![(p("model.embed.weight"), 1)];
+        let (kept, sel) = select(items, &Prefix::Auto).unwrap();
+        assert_eq!(kept[0].0, "model.embed.weight");
+        assert_eq!(sel.prefix, "");
+    }
+
+    #[test]
+    fn explicit_prefix_and_empty_prefix() {
+        let items = || {
+            vec![
+                (p("fsdp_checkpoint/model/w"), 1),
+                (p("fsdp_checkpoint/optimizers/x"), 2),
+            ]
+        };
+        let (kept, _) = select(items(), &Prefix::Explicit("fsdp_checkpoint.model".into())).unwrap();
+        assert_eq!(kept, vec![("w".to_string(), 1)]);
+        let (kept, _) = select(items(), &Prefix::Explicit(String::new())).unwrap();
+        assert_eq!(kept.len(), 2);
+        let e = select(items(), &Prefix::Explicit("nope".into())).unwrap_err();
+        assert!(e.to_string().contains("fsdp_checkpoint (2)"), "{e}");
+    }
+
+    #[test]
+    fn colliding_names_are_an_error() {
+        let items = vec![(p("a.b"), 1), (p("a/b"), 2)];
+        assert_eq!(select(items, &Prefix::Auto).unwrap_err().label(), "tensor");
+    }
+}

@@ -1,0 +1,518 @@
+//! torch.save files: the zip format (torch >= 1.6) and the legacy pickle-sequence format.
+//!
+//! Opening a file runs the pickle VM over its object pickle, then resolves every tensor's storage to a
+//! byte range of the file. Tensor data is never read here: the result is a list of [`StridedView`]s
+//! named by their dotted path in the pickled object.
+
+pub mod zip;
+
+use crate::dtype::DType;
+use crate::error::{Error, ErrorKind, Result, tensor_err};
+use crate::io::{ByteCursor, Input};
+use crate::pickle::{self, Heap, Id, Limits, Node, TensorNode};
+use crate::plan::StridedView;
+use std::collections::HashMap;
+use zip::ZipIndex;
+
+/// Which torch.save layout a file uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TorchFormat {
+    /// A zip archive (torch >= 1.6) with entries under `root/`.
+    Zip {
+        /// The archive's top folder name.
+        root: String,
+    },
+    /// The pre-1.6 sequence of pickles followed by raw storages.
+    Legacy,
+}
+
+impl std::fmt::Display for TorchFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TorchFormat::Zip { root } => write!(f, "torch.save zip (archive '{root}/')"),
+            TorchFormat::Legacy => write!(f, "torch.save legacy (pre-1.6 format)"),
+        }
+    }
+}
+
+/// A tensor found in the pickled object.
+#[derive(Debug, Clone)]
+pub struct FoundTensor {
+    /// Path of keys and indices from the root object.
+    pub path: Vec<String>,
+    /// Where its bytes are.
+    pub view: StridedView,
+}
+
+/// A parsed torch.save file: its object graph and where each storage's bytes are.
+pub struct TorchFile {
+    /// The layout.
+    pub format: TorchFormat,
+    /// The object graph.
+    pub heap: Heap,
+    /// The root object.
+    pub root: Id,
+    storages: Storages,
+}
+
+enum Storages {
+    /// Zip: `root/data/<key>` entries, located lazily.
+    Zip { index: ZipIndex, root: String },
+    /// Legacy: storage key -> (data start, bytes).
+    Legacy(HashMap<String, (u64, u64)>),
+}
+
+const ZIP_MAGIC: &[u8] = b"PK\x03\x04";
+const EMPTY_ZIP_MAGIC: &[u8] = b"PK\x05\x06";
+/// 0x1950a86a20f9469cfc6c, the legacy format's magic number, as pickled little-endian bytes.
+const LEGACY_MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
+/// Most dimensions a tensor may claim.
+const MAX_DIMS: usize = 64;
+/// Most nesting levels walked when looking for tensors.
+const MAX_WALK_DEPTH: usize = 256;
+/// Most containers and values visited when looking for tensors (bounds billion-laughs graphs).
+const MAX_WALK_VISITS: u64 = 20_000_000;
+
+/// Whether `head` (the first bytes of a file) looks like a torch.save file.
+pub fn sniff(head: &[u8]) -> bool {
+    head.starts_with(ZIP_MAGIC) || head.starts_with(EMPTY_ZIP_MAGIC) || head.first() == Some(&0x80)
+}
+
+impl TorchFile {
+    /// Parses the metadata of a torch.save file.
+    pub fn open(input: &Input) -> Result<TorchFile> {
+        let mut head = [0u8; 4];
+        let n = input.len().min(4) as usize;
+        input.read_exact_at(0, &mut head[..n])?;
+        let head = &head[..n];
+        if head.starts_with(ZIP_MAGIC) || head.starts_with(EMPTY_ZIP_MAGIC) {
+            Self::open_zip(input)
+        } else if head.first() == Some(&0x80) {
+            Self::open_pickle(input)
+        } else {
+            Err(Error::new(ErrorKind::NotCheckpoint(format!(
+                "starts with bytes {}; expected a zip (torch >= 1.6) or a pickle (legacy torch.save)",
+                head.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+            )))
+            .in_file(&input.name))
+        }
+    }
+
+    fn open_zip(input: &Input) -> Result<TorchFile> {
+        let index = ZipIndex::read(input)?;
+        let pkl_names: Vec<&str> = index
+            .names()
+            .filter(|n| n.ends_with("/data.pkl") || *n == "data.pkl")
+            .collect();
+        let pkl_name = match pkl_names.as_slice() {
+            [one] => one.to_string(),
+            [] => {
+                return Err(Error::new(ErrorKind::NotCheckpoint(
+                    "a zip without a data.pkl entry, so not a torch.save archive".into(),
+                ))
+                .in_file(&input.name));
+            }
+            many => {
+                return Err(Error::new(ErrorKind::Zip(format!(
+                    "{} data.pkl entries ({}); expected one",
+                    many.len(),
+                    many.join(", ")
+                )))
+                .in_file(&input.name));
+            }
+        };
+        let root = pkl_name
+            .strip_suffix("data.pkl")
+            .unwrap_or("")
+            .trim_end_matches('/')
+            .to_string();
+        let prefix = if root.is_empty() {
+            String::new()
+        } else {
+            format!("{root}/")
+        };
+        if let Some(bo) = index.locate(input, &format!("{prefix}byteorder"))? {
+            let text = input.read_vec(bo.data_start, bo.size.min(16))?;
+            if text != b"little" {
+                return Err(Error::new(ErrorKind::Unsupported(format!(
+                    "byte order '{}'; only little-endian checkpoints are supported",
+                    String::from_utf8_lossy(&text)
+                )))
+                .in_file(&input.name));
+            }
+        }
+        let pkl = index.locate(input, &pkl_name)?.ok_or_else(|| {
+            Error::new(ErrorKind::Zip("data.pkl vanished".into())).in_file(&input.name)
+        })?;
+        let mut cur = ByteCursor::new(input, pkl.data_start, pkl.data_start + pkl.size)?;
+        let (heap, root_id) = pickle::parse(&mut cur, Limits::default())?;
+        Ok(TorchFile {
+            format: TorchFormat::Zip { root: root.clone() },
+            heap,
+            root: root_id,
+            storages: Storages::Zip {
+                index,
+                root: prefix,
+            },
+        })
+    }
+
+    fn open_pickle(input: &Input) -> Result<TorchFile> {
+        let mut cur = ByteCursor::new(input, 0, input.len())?;
+        let (heap, first) = pickle::parse(&mut cur, Limits::default())?;
+        let is_legacy = matches!(heap.get(first), Node::BigInt(b) if b.as_slice() == LEGACY_MAGIC);
+        if !is_legacy {
+            // A bare pickle: it can hold data but no storages; tensor lookups will say so.
+            return Ok(TorchFile {
+                format: TorchFormat::Legacy,
+                heap,
+                root: first,
+                storages: Storages::Legacy(HashMap::new()),
+            });
+        }
+        let bad = |msg: String| Error::new(ErrorKind::NotCheckpoint(msg)).in_file(&input.name);
+        let (h, proto) = pickle::parse(&mut cur, Limits::default())?;
+        if h.as_int(proto) != Some(1001) {
+            return Err(bad(format!(
+                "legacy protocol version {} (expected 1001)",
+                h.describe(proto)
+            )));
+        }
+        let (h, sys) = pickle::parse(&mut cur, Limits::default())?;
+        if h.dict_get(sys, "little_endian").map(|v| h.get(v)) == Some(&Node::Bool(false)) {
+            return Err(Error::new(ErrorKind::Unsupported(
+                "big-endian legacy checkpoint; only little-endian checkpoints are supported".into(),
+            ))
+            .in_file(&input.name));
+        }
+        let (heap, root) = pickle::parse(&mut cur, Limits::default())?;
+        let (kh, keys_id) = pickle::parse(&mut cur, Limits::default())?;
+        let keys: Vec<String> = kh
+            .as_seq(keys_id)
+            .ok_or_else(|| bad("legacy storage key list is not a list".into()))?
+            .iter()
+            .map(|&k| {
+                kh.as_str(k)
+                    .map(str::to_string)
+                    .ok_or_else(|| bad("storage key is not a string".into()))
+            })
+            .collect::<Result<_>>()?;
+        // The element size of each storage comes from how the object pickle refers to it.
+        let mut elem_size: HashMap<String, u64> = HashMap::new();
+        for id in 0..heap.len() as Id {
+            // Any explicit dtype works here: only the key and the storage's element unit are used.
+            if let Node::PersistentId(pid) = heap.get(id)
+                && let Ok(info) = storage_info(&heap, *pid, Some(DType::U8))
+            {
+                elem_size.insert(info.key, info.unit as u64);
+            }
+        }
+        let mut map = HashMap::new();
+        let mut pos = cur.pos();
+        for key in keys {
+            let unit = *elem_size.get(&key).ok_or_else(|| {
+                bad(format!(
+                    "storage '{key}' is listed but never used, so its element size is unknown"
+                ))
+            })?;
+            let mut n = [0u8; 8];
+            input.read_exact_at(pos, &mut n)?;
+            let numel = u64::from_le_bytes(n);
+            let nbytes = numel
+                .checked_mul(unit)
+                .ok_or_else(|| bad(format!("storage '{key}' claims {numel} elements")))?;
+            let start = pos + 8;
+            let end = start
+                .checked_add(nbytes)
+                .filter(|&e| e <= input.len())
+                .ok_or_else(|| {
+                    Error::new(ErrorKind::Truncated(format!(
+                        "storage '{key}' needs bytes {start}..{} but the file has {}",
+                        start.saturating_add(nbytes),
+                        input.len()
+                    )))
+                    .in_file(&input.name)
+                })?;
+            map.insert(key, (start, nbytes));
+            pos = end;
+        }
+        Ok(TorchFile {
+            format: TorchFormat::Legacy,
+            heap,
+            root,
+            storages: Storages::Legacy(map),
+        })
+    }
+
+    /// Every tensor reachable from the root, in pickle order, with resolved byte ranges.
+    pub fn tensors(&self, input: &Input, input_index: usize) -> Result<Vec<FoundTensor>> {
+        let mut found = Vec::new();
+        let mut path = Vec::new();
+        let mut visits = 0u64;
+        let mut cache: HashMap<String, (u64, u64)> = HashMap::new();
+        self.walk(self.root, &mut path, 0, &mut visits, &mut |path, t| {
+            let name = path.join(".");
+            let view = self.resolve(input, input_index, &name, t, &mut cache)?;
+            found.push(FoundTensor {
+                path: path.to_vec(),
+                view,
+            });
+            Ok(())
+        })
+        .map_err(|e| e.in_file(&input.name))?;
+        Ok(found)
+    }
+
+    fn walk(
+        &self,
+        id: Id,
+        path: &mut Vec<String>,
+        depth: usize,
+        visits: &mut u64,
+        emit: &mut dyn FnMut(&[String], &TensorNode) -> Result<()>,
+    ) -> Result<()> {
+        *visits += 1;
+        if *visits > MAX_WALK_VISITS {
+            return Err(Error::new(ErrorKind::Limit(format!(
+                "the pickled object has more than {MAX_WALK_VISITS} reachable values (a self-multiplying 'billion laughs' graph?)"
+            ))));
+        }
+        if depth > MAX_WALK_DEPTH {
+            return Err(Error::new(ErrorKind::Limit(format!(
+                "objects nested deeper than {MAX_WALK_DEPTH} levels at '{}'",
+                path.join(".")
+            ))));
+        }
+        let h = &self.heap;
+        let mut child = |key: String, id: Id, path: &mut Vec<String>| -> Result<()> {
+            path.push(key);
+            let r = self.walk(id, path, depth + 1, visits, emit);
+            path.pop();
+            r
+        };
+        match h.get(id) {
+            Node::Tensor(t) => emit(path, t)?,
+            Node::Dict(items) => {
+                for &(k, v) in items {
+                    child(key_text(h, k), v, path)?;
+                }
+            }
+            Node::List(v) | Node::Tuple(v) => {
+                for (i, &c) in v.iter().enumerate() {
+                    child(i.to_string(), c, path)?;
+                }
+            }
+            Node::Object {
+                state, items, list, ..
+            } => {
+                // Dict/list subclasses and objects with dict state (e.g. argparse.Namespace).
+                for &(k, v) in items {
+                    child(key_text(h, k), v, path)?;
+                }
+                for (i, &c) in list.iter().enumerate() {
+                    child(i.to_string(), c, path)?;
+                }
+                if let Some(s) = state {
+                    self.walk(*s, path, depth + 1, visits, emit)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn resolve(
+        &self,
+        input: &Input,
+        input_index: usize,
+        name: &str,
+        t: &TensorNode,
+        cache: &mut HashMap<String, (u64, u64)>,
+    ) -> Result<StridedView> {
+        let pid = match self.heap.get(t.storage) {
+            Node::PersistentId(pid) => *pid,
+            other => {
+                return Err(tensor_err(
+                    name,
+                    format!("storage is {other:?}, not a persistent storage id"),
+                ));
+            }
+        };
+        let explicit = match t.dtype {
+            Some(d) => Some(dtype_global(&self.heap, d).ok_or_else(|| {
+                tensor_err(
+                    name,
+                    format!(
+                        "dtype {} is not one safetensors can hold",
+                        self.heap.describe(d)
+                    ),
+                )
+            })?),
+            None => None,
+        };
+        let info = storage_info(&self.heap, pid, explicit).map_err(|m| tensor_err(name, m))?;
+        let (start, entry_bytes) = match cache.get(&info.key) {
+            Some(&v) => v,
+            None => {
+                let v = match &self.storages {
+                    Storages::Zip { index, root } => {
+                        let entry = format!("{root}data/{}", info.key);
+                        let e = index.locate(input, &entry)?.ok_or_else(|| {
+                            tensor_err(
+                                name,
+                                format!("storage entry '{entry}' is missing from the archive"),
+                            )
+                        })?;
+                        (e.data_start, e.size)
+                    }
+                    Storages::Legacy(map) => *map.get(&info.key).ok_or_else(|| {
+                        tensor_err(
+                            name,
+                            format!("storage '{}' has no data in this file", info.key),
+                        )
+                    })?,
+                };
+                cache.insert(info.key.clone(), v);
+                v
+            }
+        };
+        let storage_bytes = info
+            .numel
+            .checked_mul(info.unit as u64)
+            .ok_or_else(|| tensor_err(name, "storage size overflows"))?;
+        if storage_bytes > entry_bytes {
+            return Err(tensor_err(
+                name,
+                format!(
+                    "storage '{}' claims {storage_bytes} bytes but holds {entry_bytes}",
+                    info.key
+                ),
+            ));
+        }
+        let (data_start, storage_bytes) = match info.view {
+            // Legacy storage views: (offset, size) in elements inside the root storage.
+            Some((off, size)) => {
+                let esz = info.dtype.size() as u64;
+                let s = off.checked_mul(esz).and_then(|b| start.checked_add(b));
+                let n = size.checked_mul(esz);
+                match (s, n) {
+                    (Some(s), Some(n))
+                        if off.saturating_add(size).saturating_mul(esz) <= storage_bytes =>
+                    {
+                        (s, n)
+                    }
+                    _ => {
+                        return Err(tensor_err(
+                            name,
+                            "legacy storage view lies outside its storage",
+                        ));
+                    }
+                }
+            }
+            None => (start, storage_bytes),
+        };
+        StridedView::new(
+            name,
+            input_index,
+            data_start,
+            storage_bytes,
+            info.dtype,
+            t.offset,
+            t.shape.clone(),
+            t.strides.clone(),
+            MAX_DIMS,
+        )
+    }
+}
+
+/// Text of a dict key as it appears in a dotted name.
+fn key_text(h: &Heap, k: Id) -> String {
+    match h.get(k) {
+        Node::Str(s) => s.clone(),
+        Node::Int(i) => i.to_string(),
+        Node::Bool(b) => {
+            if *b {
+                "True".into()
+            } else {
+                "False".into()
+            }
+        }
+        _ => h.describe(k),
+    }
+}
+
+struct StorageInfo {
+    key: String,
+    dtype: DType,
+    /// Bytes per storage element: the dtype's size for typed storages, 1 for untyped.
+    unit: usize,
+    numel: u64,
+    view: Option<(u64, u64)>,
+}
+
+fn dtype_global(h: &Heap, id: Id) -> Option<DType> {
+    match h.get(id) {
+        Node::Global { module, name } if module == "torch" => DType::from_torch_name(name),
+        _ => None,
+    }
+}
+
+/// Decodes `('storage', StorageType, key, location, numel[, view_metadata])`.
+fn storage_info(h: &Heap, pid: Id, explicit: Option<DType>) -> Result<StorageInfo, String> {
+    let items = h.as_seq(pid).ok_or("persistent id is not a tuple")?;
+    let [tag, ty, key, _location, numel, rest @ ..] = items else {
+        return Err(format!(
+            "persistent id has {} fields, expected 5 or 6",
+            items.len()
+        ));
+    };
+    if h.as_str(*tag) != Some("storage") {
+        return Err(format!(
+            "persistent id tag {} is not 'storage'",
+            h.describe(*tag)
+        ));
+    }
+    let key = h
+        .as_str(*key)
+        .ok_or("storage key is not a string")?
+        .to_string();
+    let numel = h
+        .as_int(*numel)
+        .and_then(|v| u64::try_from(v).ok())
+        .ok_or("storage size is not a non-negative int")?;
+    let (ty_module, ty_name) = match h.get(*ty) {
+        Node::Global { module, name } => (module.as_str(), name.as_str()),
+        _ => return Err(format!("storage type {} is not a global", h.describe(*ty))),
+    };
+    let (dtype, unit) = if ty_name == "UntypedStorage" {
+        let d = explicit.ok_or("untyped storage without a dtype")?;
+        (d, 1)
+    } else if let Some(d) = DType::from_storage_class(ty_name).filter(|_| ty_module == "torch") {
+        (explicit.unwrap_or(d), d.size())
+    } else if let Some(d) = dtype_global(h, *ty) {
+        (explicit.unwrap_or(d), d.size())
+    } else {
+        return Err(format!(
+            "storage type {ty_module}.{ty_name} has no safetensors equivalent"
+        ));
+    };
+    let view = match rest.first().map(|&v| h.get(v)) {
+        None | Some(Node::None) => None,
+        Some(Node::Tuple(v)) if v.len() == 3 => {
+            let off = h.as_int(v[1]).and_then(|x| u64::try_from(x).ok());
+            let size = h.as_int(v[2]).and_then(|x| u64::try_from(x).ok());
+            match (off, size) {
+                (Some(o), Some(s)) => Some((o, s)),
+                _ => return Err("malformed legacy storage view".into()),
+            }
+        }
+        Some(_) => return Err("malformed legacy storage view".into()),
+    };
+    Ok(StorageInfo {
+        key,
+        dtype,
+        unit,
+        numel,
+        view,
+    })
+}

@@ -1,0 +1,262 @@
+//! Just enough of the zip format to find torch.save entries: the central directory (with zip64),
+//! stored entries only, data located through each local header. Nothing is decompressed.
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::io::Input;
+use std::collections::HashMap;
+
+/// One stored entry's name and the byte range of its data in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZipEntry {
+    /// Entry name as written in the central directory.
+    pub name: String,
+    /// Absolute offset of the entry's first data byte.
+    pub data_start: u64,
+    /// Data length in bytes.
+    pub size: u64,
+    local_header: u64,
+}
+
+/// The entries of a zip file, by name.
+#[derive(Debug, Clone)]
+pub struct ZipIndex {
+    entries: Vec<ZipEntry>,
+    by_name: HashMap<String, usize>,
+}
+
+const EOCD_SIG: u32 = 0x0605_4b50;
+const ZIP64_LOCATOR_SIG: u32 = 0x0706_4b50;
+const ZIP64_EOCD_SIG: u32 = 0x0606_4b50;
+const CDIR_SIG: u32 = 0x0201_4b50;
+const LOCAL_SIG: u32 = 0x0403_4b50;
+/// A central directory larger than this is not a checkpoint (10,000 tensors need about 1 MiB).
+const MAX_CDIR: u64 = 64 << 20;
+
+fn zerr(msg: impl Into<String>) -> Error {
+    Error::new(ErrorKind::Zip(msg.into()))
+}
+
+fn u16_at(b: &[u8], at: usize) -> Result<u16> {
+    b.get(at..at + 2)
+        .map(|s| u16::from_le_bytes([s[0], s[1]]))
+        .ok_or_else(|| zerr(format!("record cut short at byte {at}")))
+}
+fn u32_at(b: &[u8], at: usize) -> Result<u32> {
+    b.get(at..at + 4)
+        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+        .ok_or_else(|| zerr(format!("record cut short at byte {at}")))
+}
+fn u64_at(b: &[u8], at: usize) -> Result<u64> {
+    b.get(at..at + 8)
+        .map(|s| u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]))
+        .ok_or_else(|| zerr(format!("record cut short at byte {at}")))
+}
+
+impl ZipIndex {
+    /// Reads the central directory of `input` and locates every entry's data.
+    pub fn read(input: &Input) -> Result<ZipIndex> {
+        Self::read_inner(input).map_err(|e| e.in_file(&input.name))
+    }
+
+    fn read_inner(input: &Input) -> Result<ZipIndex> {
+        let len = input.len();
+        if len < 22 {
+            return Err(zerr(format!(
+                "{len} bytes is too short to be a zip (cut short?)"
+            )));
+        }
+        let tail_len = len.min(22 + 65535);
+        let tail_start = len - tail_len;
+        let tail = input.read_vec(tail_start, tail_len)?;
+        let eocd = (0..=tail.len() - 22)
+            .rev()
+            .find(|&i| u32_at(&tail, i).ok() == Some(EOCD_SIG))
+            .ok_or_else(|| {
+                zerr("no end-of-central-directory record: the file is truncated or not a zip")
+            })?;
+        let rec = &tail[eocd..];
+        let mut count = u16_at(rec, 10)? as u64;
+        let mut cd_size = u32_at(rec, 12)? as u64;
+        let mut cd_offset = u32_at(rec, 16)? as u64;
+        let eocd_abs = tail_start + eocd as u64;
+        let mut cd_limit = eocd_abs;
+        if count == 0xFFFF || cd_size == 0xFFFF_FFFF || cd_offset == 0xFFFF_FFFF {
+            let loc_abs = eocd_abs
+                .checked_sub(20)
+                .ok_or_else(|| zerr("zip64 fields without a zip64 locator"))?;
+            let loc = input.read_vec(loc_abs, 20)?;
+            if u32_at(&loc, 0)? != ZIP64_LOCATOR_SIG {
+                return Err(zerr("zip64 fields without a zip64 locator"));
+            }
+            let z64_abs = u64_at(&loc, 8)?;
+            if z64_abs.checked_add(56).is_none_or(|e| e > loc_abs) {
+                return Err(zerr(format!(
+                    "zip64 end record offset {z64_abs} lies outside the file"
+                )));
+            }
+            let z = input.read_vec(z64_abs, 56)?;
+            if u32_at(&z, 0)? != ZIP64_EOCD_SIG {
+                return Err(zerr(format!("no zip64 end record at offset {z64_abs}")));
+            }
+            count = u64_at(&z, 32)?;
+            cd_size = u64_at(&z, 40)?;
+            cd_offset = u64_at(&z, 48)?;
+            cd_limit = z64_abs;
+        }
+        let cd_end = cd_offset
+            .checked_add(cd_size)
+            .filter(|&e| e <= cd_limit)
+            .ok_or_else(|| {
+                zerr(format!(
+                    "central directory {cd_offset}+{cd_size} lies outside the file"
+                ))
+            })?;
+        if cd_size > MAX_CDIR {
+            return Err(Error::new(ErrorKind::Limit(format!(
+                "central directory of {cd_size} bytes"
+            ))));
+        }
+        if count > cd_size / 46 {
+            return Err(zerr(format!(
+                "{count} entries cannot fit in a {cd_size}-byte central directory"
+            )));
+        }
+        let cd = input.read_vec(cd_offset, cd_end - cd_offset)?;
+        let mut entries = Vec::with_capacity(count as usize);
+        let mut by_name = HashMap::with_capacity(count as usize);
+        let mut at = 0usize;
+        for _ in 0..count {
+            let e = parse_cdir_record(&cd, &mut at, cd_offset)?;
+            if by_name.insert(e.name.clone(), entries.len()).is_some() {
+                return Err(zerr(format!("entry '{}' appears twice", e.name)));
+            }
+            entries.push(e);
+        }
+        // Entries must lie before the directory and must not overlap one another.
+        let mut order: Vec<usize> = (0..entries.len()).collect();
+        order.sort_by_key(|&i| entries[i].local_header);
+        let mut prev_end = 0u64;
+        for &i in &order {
+            let e = &entries[i];
+            if e.local_header < prev_end {
+                return Err(zerr(format!(
+                    "entry '{}' overlaps the entry before it",
+                    e.name
+                )));
+            }
+            // 30 bytes of fixed local header at least precede the data.
+            prev_end = e
+                .local_header
+                .checked_add(30)
+                .and_then(|v| v.checked_add(e.size))
+                .filter(|&v| v <= cd_offset)
+                .ok_or_else(|| {
+                    zerr(format!(
+                        "entry '{}' runs past the central directory",
+                        e.name
+                    ))
+                })?;
+        }
+        Ok(ZipIndex { entries, by_name })
+    }
+
+    /// Every entry, in central-directory order (data not yet located).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|e| e.name.as_str())
+    }
+
+    /// Locates the data of entry `name` by reading its local header.
+    pub fn locate(&self, input: &Input, name: &str) -> Result<Option<ZipEntry>> {
+        let Some(&i) = self.by_name.get(name) else {
+            return Ok(None);
+        };
+        let mut e = self.entries[i].clone();
+        let h = input
+            .read_vec(e.local_header, 30)
+            .map_err(|err| err.in_file(&input.name))?;
+        if u32_at(&h, 0)? != LOCAL_SIG {
+            return Err(zerr(format!(
+                "entry '{name}' has no local header at offset {}",
+                e.local_header
+            ))
+            .in_file(&input.name));
+        }
+        let skip = 30 + u16_at(&h, 26)? as u64 + u16_at(&h, 28)? as u64;
+        e.data_start = e.local_header + skip;
+        if e.data_start
+            .checked_add(e.size)
+            .is_none_or(|end| end > input.len())
+        {
+            return Err(Error::new(ErrorKind::Truncated(format!(
+                "entry '{name}' needs bytes {}..{} but the file has {}",
+                e.data_start,
+                e.data_start.saturating_add(e.size),
+                input.len()
+            )))
+            .in_file(&input.name));
+        }
+        Ok(Some(e))
+    }
+}
+
+fn parse_cdir_record(cd: &[u8], at: &mut usize, cd_offset: u64) -> Result<ZipEntry> {
+    let base = *at;
+    if u32_at(cd, base)? != CDIR_SIG {
+        return Err(zerr(format!(
+            "bad central directory record at offset {}",
+            cd_offset + base as u64
+        )));
+    }
+    let method = u16_at(cd, base + 10)?;
+    let mut comp = u32_at(cd, base + 20)? as u64;
+    let mut size = u32_at(cd, base + 24)? as u64;
+    let name_len = u16_at(cd, base + 28)? as usize;
+    let extra_len = u16_at(cd, base + 30)? as usize;
+    let comment_len = u16_at(cd, base + 32)? as usize;
+    let mut local = u32_at(cd, base + 42)? as u64;
+    let name_start = base + 46;
+    let name_bytes = cd
+        .get(name_start..name_start + name_len)
+        .ok_or_else(|| zerr("central directory record cut short"))?;
+    let name = String::from_utf8_lossy(name_bytes).into_owned();
+    let extra = cd
+        .get(name_start + name_len..name_start + name_len + extra_len)
+        .ok_or_else(|| zerr("central directory record cut short"))?;
+    // zip64 extended information: only the fields saturated in the record are present, in this order.
+    let mut x = 0usize;
+    while x + 4 <= extra.len() {
+        let id = u16_at(extra, x)?;
+        let n = u16_at(extra, x + 2)? as usize;
+        let body = extra
+            .get(x + 4..x + 4 + n)
+            .ok_or_else(|| zerr(format!("entry '{name}': extra field cut short")))?;
+        if id == 0x0001 {
+            let mut f = 0usize;
+            for slot in [&mut size, &mut comp, &mut local] {
+                if *slot == 0xFFFF_FFFF {
+                    *slot = u64_at(body, f)
+                        .map_err(|_| zerr(format!("entry '{name}': zip64 field missing")))?;
+                    f += 8;
+                }
+            }
+        }
+        x += 4 + n;
+    }
+    if method != 0 {
+        return Err(Error::new(ErrorKind::Unsupported(format!(
+            "zip entry '{name}' is compressed (method {method}); torch.save stores entries uncompressed"
+        ))));
+    }
+    if comp != size {
+        return Err(zerr(format!(
+            "stored entry '{name}' has compressed size {comp} but size {size}"
+        )));
+    }
+    *at = name_start + name_len + extra_len + comment_len;
+    Ok(ZipEntry {
+        name,
+        data_start: 0,
+        size,
+        local_header: local,
+    })
+}

@@ -1,0 +1,54 @@
+//! Output: sinks that receive files as ordered byte streams, and the writers that fill them.
+//!
+//! A writer announces each file with its exact size (known from the plan), streams its bytes in order,
+//! and ends it; `commit` publishes everything at once. A sink that is dropped without `commit` must
+//! leave nothing that looks like a finished output.
+
+pub mod safetensors;
+
+use crate::error::Result;
+use std::collections::BTreeMap;
+
+/// Receives output files as ordered byte streams.
+pub trait Sink {
+    /// Starts file `name` of exactly `size` bytes.
+    fn begin(&mut self, name: &str, size: u64) -> Result<()>;
+    /// Appends bytes to the current file.
+    fn write(&mut self, buf: &[u8]) -> Result<()>;
+    /// Ends the current file.
+    fn end(&mut self) -> Result<()>;
+    /// Publishes every file ended so far; called once after the last file.
+    fn commit(&mut self) -> Result<()>;
+}
+
+/// A sink that keeps files in memory, for tests and small outputs.
+#[derive(Debug, Default)]
+pub struct MemorySink {
+    /// Finished files by name (filled by `commit`).
+    pub files: BTreeMap<String, Vec<u8>>,
+    pending: Vec<(String, Vec<u8>)>,
+    current: Option<(String, Vec<u8>)>,
+}
+
+impl Sink for MemorySink {
+    fn begin(&mut self, name: &str, size: u64) -> Result<()> {
+        self.current = Some((name.to_string(), Vec::with_capacity(size as usize)));
+        Ok(())
+    }
+    fn write(&mut self, buf: &[u8]) -> Result<()> {
+        if let Some((_, v)) = &mut self.current {
+            v.extend_from_slice(buf);
+        }
+        Ok(())
+    }
+    fn end(&mut self) -> Result<()> {
+        if let Some(f) = self.current.take() {
+            self.pending.push(f);
+        }
+        Ok(())
+    }
+    fn commit(&mut self) -> Result<()> {
+        self.files.extend(self.pending.drain(..));
+        Ok(())
+    }
+}

@@ -1,0 +1,250 @@
+"""End-to-end tests of `ckptconv convert/inspect` on torch.save files.
+
+Owns: tests/e2e/test_pt.py. Every expectation comes from torch reading the same input file (never from
+hard-coded values): names by the naming/prefix rule in conftest, dtypes, shapes and exact bytes.
+Run: .venv/bin/python -m pytest tests/e2e [--skip-slow]
+"""
+
+import hashlib
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import FIXTURES, INDEX, assert_same, expected_tensors, load_output, read_header, shard_files, tensor_bytes
+
+PT_FILES = sorted((FIXTURES / "pt").glob("*.pt")) + [FIXTURES / "sample" / "full_weights.pt"]
+HOSTILE = FIXTURES / "hostile"
+HOSTILE_EXPECTED = json.loads((HOSTILE / "expected.json").read_text())
+CANARY = Path("/tmp/ckptconv_hostile_canary")  # what the hostile payloads would create if ever run
+DTYPE_FLAGS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CASTABLE = {torch.float64, torch.float32, torch.float16, torch.bfloat16}  # float8 is kept as is
+QWEN_PT = FIXTURES / "pt" / "qwen2_tiny_full_weights.pt"
+QWEN_HF = FIXTURES / "hf" / "qwen2_tiny"
+
+
+def ident(p):
+    return p.relative_to(FIXTURES).as_posix()
+
+
+def load(path):
+    return torch.load(path, weights_only=False, map_location="cpu")
+
+
+def convert_ok(run, src, out, *flags, timeout=120):
+    r = run("convert", src, out, *flags, timeout=timeout)
+    assert r.returncode == 0, f"convert {src} {' '.join(flags)} failed ({r.returncode}):\n{r.stderr}"
+    return r
+
+
+def assert_clean_output_dir(out):
+    """Only the announced outputs: no temp or partial files left behind."""
+    names = {p.name for p in Path(out).iterdir()}
+    announced = {p.name for p in shard_files(out)} | ({INDEX} if (Path(out) / INDEX).exists() else set())
+    assert names == announced, f"unexpected files in output: {sorted(names - announced)}"
+
+
+@pytest.mark.parametrize("src", PT_FILES, ids=ident)
+def test_convert_matches_torch(run, tmp_path, src):
+    convert_ok(run, src, tmp_path)
+    assert_clean_output_dir(tmp_path)
+    assert_same(load_output(tmp_path), expected_tensors(load(src)), src.name)
+    for f in shard_files(tmp_path):
+        with safe_open(f, "pt") as s:
+            assert s.metadata() == {"format": "pt"}
+
+
+@pytest.mark.parametrize("name", ["lightning_style.pt", "model_optimizer_args.pt", "prefix_order.pt", "nested_containers.pt"])
+def test_prefix_empty_converts_everything(run, tmp_path, name):
+    src = FIXTURES / "pt" / name
+    convert_ok(run, src, tmp_path, "--prefix", "")
+    assert_same(load_output(tmp_path), expected_tensors(load(src), prefix=""), name)
+
+
+@pytest.mark.parametrize("name,prefix", [("lightning_style.pt", "state_dict"), ("prefix_order.pt", "module"),
+                                         ("model_optimizer_args.pt", "optimizer")])
+def test_prefix_explicit(run, tmp_path, name, prefix):
+    src = FIXTURES / "pt" / name
+    convert_ok(run, src, tmp_path, "--prefix", prefix)
+    assert_same(load_output(tmp_path), expected_tensors(load(src), prefix=prefix), f"{name} --prefix {prefix}")
+
+
+@pytest.mark.parametrize("src", PT_FILES, ids=ident)
+def test_inspect_lists_tensors(run, src):
+    r = run("inspect", src)
+    assert r.returncode == 0, r.stderr
+    missing = [k for k in expected_tensors(load(src)) if k not in r.stdout]
+    assert not missing, f"inspect does not list {missing[:5]}"
+
+
+def test_dtype_keep_is_default(run, tmp_path):
+    src = FIXTURES / "pt" / "dtypes_all.pt"
+    convert_ok(run, src, tmp_path / "a")
+    convert_ok(run, src, tmp_path / "b", "--dtype", "keep")
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("flag", DTYPE_FLAGS)
+@pytest.mark.parametrize("name", ["dtypes_all.pt", "legacy_format.pt", "view_slices.pt", "view_transposed.pt"])
+def test_dtype_cast_matches_torch(run, tmp_path, name, flag):
+    src = FIXTURES / "pt" / name
+    convert_ok(run, src, tmp_path, "--dtype", flag)
+    got = load_output(tmp_path)
+    want = {k: (v.to(DTYPE_FLAGS[flag]) if v.dtype in CASTABLE else v) for k, v in expected_tensors(load(src)).items()}
+    # NaN bits are not compared: torch's own NaN pattern depends on its code path (the AVX2 bf16 kernel
+    # writes 0xFFFF, the scalar one 0x7FC0), so only "is NaN" is meaningful. Everything else is bitwise.
+    nan_free = {}
+    for k, w in want.items():
+        if w.dtype in CASTABLE and w.dtype.is_floating_point and w.numel():
+            g = got[k]
+            assert g.dtype == w.dtype, f"{k}: dtype {g.dtype} != {w.dtype}"
+            assert torch.equal(torch.isnan(g.float()), torch.isnan(w.float())), f"{k}: NaN positions differ"
+            w = torch.where(torch.isnan(w), torch.zeros((), dtype=w.dtype), w)
+            got[k] = torch.where(torch.isnan(g), torch.zeros((), dtype=g.dtype), g)
+        nan_free[k] = w
+    assert_same(got, nan_free, f"{name} --dtype {flag}")
+
+
+def test_sharding_qwen2_and_transformers_loads_it(run, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM, Qwen2ForCausalLM
+
+    out = tmp_path / "out"
+    limit = 20_000  # "20KB": HF units, KB = 1000
+    convert_ok(run, QWEN_PT, out, "--max-shard-size", "20KB")
+    index = json.loads((out / INDEX).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    n = len(shards)
+    assert n > 1
+    assert shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert_clean_output_dir(out)
+    want = expected_tensors(load(QWEN_PT))
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in want.values())
+    for f in shards:
+        header, _ = read_header(out / f)
+        header.pop("__metadata__", None)
+        data = max(v["data_offsets"][1] for v in header.values())
+        # HF semantics: the limit bounds tensor bytes per shard; one tensor larger than it gets its own shard.
+        assert data <= limit or len(header) == 1, f"{f}: {data} tensor bytes in {len(header)} tensors > {limit}"
+    assert_same(load_output(out), want, "qwen2 sharded")
+
+    shutil.copy(QWEN_HF / "config.json", out / "config.json")
+    ids = torch.arange(24).reshape(2, 12) * 5 % 128
+    ref = Qwen2ForCausalLM(AutoConfig.from_pretrained(QWEN_HF)).eval()
+    ref.load_state_dict(load(QWEN_PT))
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        diff = (model(ids).logits - ref(ids).logits).abs().max().item()
+    assert diff <= 1e-5
+
+
+@pytest.mark.parametrize("flags", [(), ("--max-shard-size", "20KB"), ("--dtype", "bf16")], ids=["single", "sharded", "bf16"])
+def test_deterministic(run, tmp_path, flags):
+    for d in ("a", "b"):
+        convert_ok(run, QWEN_PT, tmp_path / d, *flags)
+    a, b = sorted((tmp_path / "a").iterdir()), sorted((tmp_path / "b").iterdir())
+    assert [p.name for p in a] == [p.name for p in b]
+    for x, y in zip(a, b):
+        assert x.read_bytes() == y.read_bytes(), f"{x.name} differs between runs"
+
+
+@pytest.mark.parametrize("name", sorted(k for k in HOSTILE_EXPECTED if not k.startswith("_")))
+def test_hostile_refused(run, tmp_path, name):
+    src = HOSTILE / name
+    spec = HOSTILE_EXPECTED[name]
+    CANARY.unlink(missing_ok=True)
+    out = tmp_path / "out"
+    r = run("convert", src, out, timeout=60)
+    err = r.stderr.lower()
+    assert r.returncode == 1, f"exit {r.returncode}, stderr:\n{r.stderr}"
+    assert name.lower() in err, f"stderr does not name the input file:\n{r.stderr}"
+    # File names like truncated_half.pt contain the very words searched for: match the message without them.
+    msg = err.replace(str(src).lower(), "").replace(name.lower(), "")
+    assert any(s.lower() in msg for s in spec["expect"]), f"expected one of {spec['expect']} ({spec['why']}) in:\n{r.stderr}"
+    assert "traceback" not in err and "panicked" not in err, r.stderr
+    if out.exists():
+        left = [p.name for p in out.iterdir() if p.suffix == ".safetensors" or p.name == INDEX]
+        assert not left, f"output left behind: {left}"
+    assert not CANARY.exists(), "a hostile payload was executed"
+
+
+def test_hostile_inspect_refused(run):
+    r = run("inspect", HOSTILE / "zip_os_system.pt", timeout=60)
+    assert r.returncode == 1 and "os.system" in r.stderr and "panicked" not in r.stderr, r.stderr
+
+
+def test_missing_input(run, tmp_path):
+    missing = tmp_path / "does_not_exist.pt"
+    r = run("convert", missing, tmp_path / "out")
+    assert r.returncode == 1, r.stderr
+    assert "does_not_exist.pt" in r.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ("convert", "IN", "OUT", "--no-such-flag"),
+    ("convert", "IN", "OUT", "--dtype", "int3"),
+    ("convert",),
+    ("no-such-command",),
+])
+def test_usage_errors_exit_2(run, tmp_path, args):
+    src = FIXTURES / "pt" / "parameters.pt"
+    args = [src if a == "IN" else tmp_path / "out" if a == "OUT" else a for a in args]
+    r = run(*args)
+    assert r.returncode == 2, f"{args}: exit {r.returncode}\n{r.stderr}"
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def sha256_chunks(chunks):
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()
+
+
+@pytest.mark.slow
+def test_zip64_over_4gib(run, tmp_path):
+    """A >4 GiB torch.save (zip64 records, a storage whose offset is >4 GiB) converts bit-exactly."""
+    row, rows = 4096, 1_050_000  # 4.3e9 bytes > 4 GiB
+    src = tmp_path / "big.pt"
+    g = torch.Generator().manual_seed(5)
+    pattern = torch.randint(0, 256, (row,), generator=g, dtype=torch.uint8)
+    big = torch.empty(row * rows, dtype=torch.uint8)
+    big.view(rows, row).copy_(pattern.expand(rows, row))  # cheap fill, still not constant
+    small = torch.randn(33, 7, generator=g)
+    torch.save({"big": big, "small": small}, src)  # storages are written in order: small's lands past 4 GiB
+    del big
+    try:
+        with zipfile.ZipFile(src) as z:
+            offs = {i.filename.rsplit("/", 1)[-1]: i.header_offset for i in z.infolist() if "/data/" in i.filename}
+        assert max(offs.values()) > 2**32, "fixture does not exercise zip64 offsets"
+
+        out = tmp_path / "out"
+        convert_ok(run, src, out, timeout=1800)  # ~9 GB of I/O at ~250 MB/s
+        ref = torch.load(src, mmap=True, weights_only=True)
+        step = 256 << 20
+        flat = ref["big"].numpy()
+        want = sha256_chunks(memoryview(flat[i:i + step]) for i in range(0, flat.size, step))
+
+        f = out / "model.safetensors"
+        header, base = read_header(f)
+        assert header["big"]["dtype"] == "U8" and header["big"]["shape"] == [row * rows]
+        start, end = header["big"]["data_offsets"]
+        def file_chunks():
+            with open(f, "rb") as fh:
+                fh.seek(base + start)
+                left = end - start
+                while left:
+                    c = fh.read(min(step, left))
+                    assert c, "output shorter than its header says"
+                    left -= len(c)
+                    yield c
+        assert sha256_chunks(file_chunks()) == want
+        with safe_open(f, "pt") as s:
+            assert tensor_bytes(s.get_tensor("small")) == tensor_bytes(ref["small"])
+            assert s.get_tensor("small").dtype == torch.float32
+        del ref, flat
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)  # ~9 GB: do not leave it for pytest's tmp retention
