@@ -40,24 +40,14 @@ pub fn plan_torch_file(input: &Input, opts: &PlanOptions) -> Result<Planned> {
     let (kept, sel) = select::select(items, &opts.prefix).map_err(|e| e.in_file(&input.name))?;
     let mut notes = Vec::new();
     if !sel.prefix.is_empty() {
-        notes.push(format!(
-            "model weights taken from '{}' (prefix stripped)",
-            sel.prefix
-        ));
+        notes.push(format!("model weights taken from '{}' (prefix stripped)", sel.prefix));
     }
     for (group, n) in &sel.skipped {
-        notes.push(format!(
-            "skipped '{group}': {n} tensor(s), not model weights"
-        ));
+        notes.push(format!("skipped '{group}': {n} tensor(s), not model weights"));
     }
     let tensors = kept
         .into_iter()
-        .map(|(name, view)| {
-            PlannedTensor::from_source(name, view.shape.clone(), Source::View(view), opts.dtype)
-        })
+        .map(|(name, view)| PlannedTensor::from_source(name, view.shape.clone(), Source::View(view), opts.dtype))
         .collect();
-    Ok(Planned {
-        plan: Plan { tensors, notes },
-        format: file.format.to_string(),
-    })
+    Ok(Planned { plan: Plan { tensors, notes }, format: file.format.to_string() })
 }

@@ -132,9 +132,7 @@ impl DType {
             "bf16" | "bfloat16" => Ok(Some(DType::BF16)),
             "fp16" | "f16" | "float16" | "half" => Ok(Some(DType::F16)),
             "fp32" | "f32" | "float32" | "float" => Ok(Some(DType::F32)),
-            other => Err(format!(
-                "unknown dtype '{other}': use keep, bf16, fp16 or fp32"
-            )),
+            other => Err(format!("unknown dtype '{other}': use keep, bf16, fp16 or fp32")),
         }
     }
 
@@ -241,10 +239,7 @@ mod tests {
 
     #[test]
     fn cast_round_trips_through_wider_types() {
-        let vals: Vec<u8> = [1.5f32, -2.25, 65504.0]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
+        let vals: Vec<u8> = [1.5f32, -2.25, 65504.0].iter().flat_map(|v| v.to_le_bytes()).collect();
         let mut h = vec![0u8; 6];
         cast(DType::F32, DType::F16, &vals, &mut h);
         let mut back = vec![0u8; 12];

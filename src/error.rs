@@ -146,8 +146,5 @@ impl From<Error> for std::io::Error {
 
 /// Shorthand constructors used throughout the parsers.
 pub(crate) fn tensor_err(name: &str, msg: impl Into<String>) -> Error {
-    Error::new(ErrorKind::Tensor {
-        name: name.to_string(),
-        msg: msg.into(),
-    })
+    Error::new(ErrorKind::Tensor { name: name.to_string(), msg: msg.into() })
 }

@@ -55,17 +55,13 @@ pub struct Input {
 impl Input {
     /// Wraps a reader under a display name.
     pub fn new(name: impl Into<String>, data: Box<dyn ReadAt>) -> Self {
-        Input {
-            name: name.into(),
-            data,
-        }
+        Input { name: name.into(), data }
     }
 
     /// Reads exactly `buf.len()` bytes at `offset`, with a clear error on a short file.
     pub fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let end = offset.checked_add(buf.len() as u64).ok_or_else(|| {
-            Error::new(ErrorKind::Truncated(format!("offset {offset} overflows")))
-                .in_file(&self.name)
+            Error::new(ErrorKind::Truncated(format!("offset {offset} overflows"))).in_file(&self.name)
         })?;
         if end > self.data.len() {
             return Err(Error::new(ErrorKind::Truncated(format!(
@@ -74,23 +70,20 @@ impl Input {
             )))
             .in_file(&self.name));
         }
-        self.data.read_at(offset, buf).map_err(|e| {
-            Error::new(ErrorKind::Io(format!("read at {offset}: {e}"))).in_file(&self.name)
-        })
+        self.data
+            .read_at(offset, buf)
+            .map_err(|e| Error::new(ErrorKind::Io(format!("read at {offset}: {e}"))).in_file(&self.name))
     }
 
     /// Reads `len` bytes at `offset` into a new buffer; `len` is checked against the file first.
     pub fn read_vec(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
-        let end = offset
-            .checked_add(len)
-            .filter(|&e| e <= self.data.len())
-            .ok_or_else(|| {
-                Error::new(ErrorKind::Truncated(format!(
-                    "needs {len} bytes at {offset} but the file has {}",
-                    self.data.len()
-                )))
-                .in_file(&self.name)
-            })?;
+        let end = offset.checked_add(len).filter(|&e| e <= self.data.len()).ok_or_else(|| {
+            Error::new(ErrorKind::Truncated(format!(
+                "needs {len} bytes at {offset} but the file has {}",
+                self.data.len()
+            )))
+            .in_file(&self.name)
+        })?;
         let mut buf = vec![0u8; (end - offset) as usize];
         self.read_exact_at(offset, &mut buf)?;
         Ok(buf)
@@ -128,13 +121,7 @@ impl<'a> ByteCursor<'a> {
             )))
             .in_file(&input.name));
         }
-        Ok(ByteCursor {
-            input,
-            pos: start,
-            end,
-            buf: Vec::new(),
-            buf_start: start,
-        })
+        Ok(ByteCursor { input, pos: start, end, buf: Vec::new(), buf_start: start })
     }
 
     /// Current absolute position.

@@ -48,10 +48,7 @@ impl StridedView {
         max_dims: usize,
     ) -> Result<Self> {
         if shape.len() > max_dims {
-            return Err(tensor_err(
-                name,
-                format!("{} dimensions (at most {max_dims} allowed)", shape.len()),
-            ));
+            return Err(tensor_err(name, format!("{} dimensions (at most {max_dims} allowed)", shape.len())));
         }
         if shape.len() != strides.len() {
             return Err(tensor_err(name, "shape and stride lengths differ"));
@@ -61,16 +58,12 @@ impl StridedView {
             .try_fold(1u64, |a, &d| a.checked_mul(d))
             .ok_or_else(|| tensor_err(name, format!("shape {shape:?} overflows")))?;
         let esz = dtype.size() as u64;
-        numel
-            .checked_mul(esz)
-            .ok_or_else(|| tensor_err(name, format!("shape {shape:?} overflows")))?;
+        numel.checked_mul(esz).ok_or_else(|| tensor_err(name, format!("shape {shape:?} overflows")))?;
         if numel > 0 {
             let last = shape
                 .iter()
                 .zip(&strides)
-                .try_fold(offset, |acc, (&d, &s)| {
-                    (d - 1).checked_mul(s).and_then(|x| acc.checked_add(x))
-                });
+                .try_fold(offset, |acc, (&d, &s)| (d - 1).checked_mul(s).and_then(|x| acc.checked_add(x)));
             let end = last
                 .and_then(|l| l.checked_add(1))
                 .and_then(|n| n.checked_mul(esz))
@@ -92,17 +85,7 @@ impl StridedView {
             }
             expect = expect.saturating_mul(d);
         }
-        Ok(StridedView {
-            input,
-            data_start,
-            storage_bytes,
-            dtype,
-            offset,
-            shape,
-            strides,
-            numel,
-            contiguous,
-        })
+        Ok(StridedView { input, data_start, storage_bytes, dtype, offset, shape, strides, numel, contiguous })
     }
 
     /// Number of elements.
@@ -116,20 +99,10 @@ impl StridedView {
     }
 
     /// Reads elements `[start, start + count)` in row-major order into `out` (`count * esize` bytes).
-    fn read(
-        &self,
-        inputs: &[Input],
-        start: u64,
-        count: u64,
-        out: &mut [u8],
-        window: &mut Window,
-    ) -> Result<()> {
-        let input = inputs.get(self.input).ok_or_else(|| {
-            Error::new(ErrorKind::Output(format!(
-                "plan refers to missing input {}",
-                self.input
-            )))
-        })?;
+    fn read(&self, inputs: &[Input], start: u64, count: u64, out: &mut [u8], window: &mut Window) -> Result<()> {
+        let input = inputs
+            .get(self.input)
+            .ok_or_else(|| Error::new(ErrorKind::Output(format!("plan refers to missing input {}", self.input))))?;
         let esz = self.dtype.size() as u64;
         if count == 0 {
             return Ok(());
@@ -151,24 +124,13 @@ impl StridedView {
         let mut done = 0u64;
         while done < count {
             let run = (self.shape[inner] - idx[inner]).min(count - done);
-            let base: u64 = self.offset
-                + idx
-                    .iter()
-                    .zip(&self.strides)
-                    .map(|(i, s)| i * s)
-                    .sum::<u64>();
+            let base: u64 = self.offset + idx.iter().zip(&self.strides).map(|(i, s)| i * s).sum::<u64>();
             let s_in = self.strides[inner];
             let first = self.data_start + base * esz;
             let span = ((run - 1) * s_in + 1) * esz;
             let dst = &mut out[(done * esz) as usize..((done + run) * esz) as usize];
             if span <= WINDOW_BYTES {
-                let src = window.get(
-                    input,
-                    self.input,
-                    first,
-                    span,
-                    self.data_start + self.storage_bytes,
-                )?;
+                let src = window.get(input, self.input, first, span, self.data_start + self.storage_bytes)?;
                 if s_in == 1 {
                     dst.copy_from_slice(src);
                 } else {
@@ -180,13 +142,7 @@ impl StridedView {
             } else {
                 for (k, o) in dst.chunks_exact_mut(e).enumerate() {
                     let at = first + k as u64 * s_in * esz;
-                    let src = window.get(
-                        input,
-                        self.input,
-                        at,
-                        esz,
-                        self.data_start + self.storage_bytes,
-                    )?;
+                    let src = window.get(input, self.input, at, esz, self.data_start + self.storage_bytes)?;
                     o.copy_from_slice(src);
                 }
             }
@@ -213,14 +169,7 @@ pub struct Window {
 }
 
 impl Window {
-    fn get(
-        &mut self,
-        input: &Input,
-        input_index: usize,
-        at: u64,
-        len: u64,
-        limit: u64,
-    ) -> Result<&[u8]> {
+    fn get(&mut self, input: &Input, input_index: usize, at: u64, len: u64, limit: u64) -> Result<&[u8]> {
         let hit = self.input == input_index
             && at >= self.start
             && at + len <= self.start + self.buf.len() as u64
@@ -288,12 +237,7 @@ impl PlannedTensor {
             Some(c) if src.is_castable_float() => c,
             _ => src,
         };
-        PlannedTensor {
-            name,
-            dtype,
-            shape,
-            source,
-        }
+        PlannedTensor { name, dtype, shape, source }
     }
 
     /// Number of elements.
@@ -326,8 +270,7 @@ impl PlannedTensor {
         if src_dtype == self.dtype {
             return v.read(inputs, start, count, out, &mut bufs.window);
         }
-        bufs.src
-            .resize((count * src_dtype.size() as u64) as usize, 0);
+        bufs.src.resize((count * src_dtype.size() as u64) as usize, 0);
         v.read(inputs, start, count, &mut bufs.src, &mut bufs.window)?;
         dtype::cast(src_dtype, self.dtype, &bufs.src, out);
         Ok(())
@@ -354,26 +297,10 @@ impl Plan {
 mod tests {
     use super::*;
 
-    fn view(
-        storage: &[u8],
-        dtype: DType,
-        offset: u64,
-        shape: &[u64],
-        strides: &[u64],
-    ) -> (Vec<Input>, StridedView) {
+    fn view(storage: &[u8], dtype: DType, offset: u64, shape: &[u64], strides: &[u64]) -> (Vec<Input>, StridedView) {
         let inputs = vec![Input::new("mem", Box::new(storage.to_vec()))];
-        let v = StridedView::new(
-            "t",
-            0,
-            0,
-            storage.len() as u64,
-            dtype,
-            offset,
-            shape.to_vec(),
-            strides.to_vec(),
-            64,
-        )
-        .unwrap();
+        let v = StridedView::new("t", 0, 0, storage.len() as u64, dtype, offset, shape.to_vec(), strides.to_vec(), 64)
+            .unwrap();
         (inputs, v)
     }
 
@@ -383,13 +310,11 @@ mod tests {
         let (inputs, v) = view(&[0, 1, 2, 3, 4, 5], DType::U8, 0, &[3, 2], &[1, 3]);
         assert!(!v.is_contiguous());
         let mut out = vec![0u8; 6];
-        v.read(&inputs, 0, 6, &mut out, &mut Window::default())
-            .unwrap();
+        v.read(&inputs, 0, 6, &mut out, &mut Window::default()).unwrap();
         assert_eq!(out, [0, 3, 1, 4, 2, 5]);
         // A band that starts mid-row.
         let mut out = vec![0u8; 3];
-        v.read(&inputs, 3, 3, &mut out, &mut Window::default())
-            .unwrap();
+        v.read(&inputs, 3, 3, &mut out, &mut Window::default()).unwrap();
         assert_eq!(out, [4, 2, 5]);
     }
 
@@ -399,8 +324,7 @@ mod tests {
         // x.view(4,5)[1:3, 1:4] -> offset 6, shape (2,3), strides (5,1)
         let (inputs, v) = view(&data, DType::U8, 6, &[2, 3], &[5, 1]);
         let mut out = vec![0u8; 6];
-        v.read(&inputs, 0, 6, &mut out, &mut Window::default())
-            .unwrap();
+        v.read(&inputs, 0, 6, &mut out, &mut Window::default()).unwrap();
         assert_eq!(out, [6, 7, 8, 11, 12, 13]);
     }
 
@@ -408,18 +332,7 @@ mod tests {
     fn view_past_storage_is_refused() {
         let e = StridedView::new("w", 0, 0, 16, DType::F32, 1, vec![4], vec![1], 64).unwrap_err();
         assert!(e.to_string().contains("reaches byte 20"), "{e}");
-        let e = StridedView::new(
-            "w",
-            0,
-            0,
-            16,
-            DType::F32,
-            0,
-            vec![u64::MAX, 2],
-            vec![1, 1],
-            64,
-        )
-        .unwrap_err();
+        let e = StridedView::new("w", 0, 0, 16, DType::F32, 0, vec![u64::MAX, 2], vec![1, 1], 64).unwrap_err();
         assert!(e.to_string().contains("overflows"), "{e}");
     }
 
@@ -430,8 +343,7 @@ mod tests {
         let (inputs, s) = view(&7f32.to_le_bytes(), DType::F32, 0, &[], &[]);
         assert!(s.is_contiguous());
         let mut out = vec![0u8; 4];
-        s.read(&inputs, 0, 1, &mut out, &mut Window::default())
-            .unwrap();
+        s.read(&inputs, 0, 1, &mut out, &mut Window::default()).unwrap();
         assert_eq!(f32::from_le_bytes(out.try_into().unwrap()), 7.0);
     }
 }

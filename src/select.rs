@@ -29,16 +29,38 @@ pub struct Selection {
     pub skipped: Vec<(String, usize)>,
 }
 
+/// A tensor's dotted name plus where its first path component ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorPath {
+    /// Path components joined with dots.
+    pub name: String,
+    /// Byte length of the first component inside `name`.
+    pub top_len: usize,
+    /// Whether the path has more than one component (the tensor sits inside a container).
+    pub nested: bool,
+}
+
+impl TensorPath {
+    /// Builds a path from its components.
+    pub fn from_parts<S: AsRef<str>>(parts: &[S]) -> Self {
+        let top_len = parts.first().map_or(0, |p| p.as_ref().len());
+        let name = parts.iter().map(AsRef::as_ref).collect::<Vec<_>>().join(".");
+        TensorPath { name, top_len, nested: parts.len() >= 2 }
+    }
+
+    /// The first path component.
+    pub fn top(&self) -> &str {
+        &self.name[..self.top_len]
+    }
+}
+
 /// Selects and renames `items` (each a key path plus payload), returning `(name, payload)` pairs in order.
-pub fn select<T>(
-    items: Vec<(Vec<String>, T)>,
-    prefix: &Prefix,
-) -> Result<(Vec<(String, T)>, Selection)> {
+pub fn select<T>(items: Vec<(TensorPath, T)>, prefix: &Prefix) -> Result<(Vec<(String, T)>, Selection)> {
     let chosen: String = match prefix {
         Prefix::Explicit(p) => p.trim_end_matches('.').to_string(),
         Prefix::Auto => AUTO_KEYS
             .iter()
-            .find(|k| items.iter().any(|(p, _)| p.len() >= 2 && p[0] == **k))
+            .find(|k| items.iter().any(|(p, _)| p.nested && p.top() == **k))
             .map(|k| k.to_string())
             .unwrap_or_default(),
     };
@@ -46,18 +68,16 @@ pub fn select<T>(
     let mut skipped: Vec<(String, usize)> = Vec::new();
     let total = items.len();
     for (path, t) in items {
-        let name = path.join(".");
+        let name = &path.name;
         let rest = if chosen.is_empty() {
             Some(name.clone())
         } else {
-            name.strip_prefix(&chosen)
-                .and_then(|r| r.strip_prefix('.'))
-                .map(str::to_string)
+            name.strip_prefix(&chosen).and_then(|r| r.strip_prefix('.')).map(str::to_string)
         };
         match rest {
             Some(r) => kept.push((r, t)),
             None => {
-                let group = path.first().cloned().unwrap_or_default();
+                let group = path.top().to_string();
                 match skipped.iter_mut().find(|(g, _)| *g == group) {
                     Some((_, n)) => *n += 1,
                     None => skipped.push((group, 1)),
@@ -68,11 +88,7 @@ pub fn select<T>(
     if kept.is_empty() && total > 0 {
         return Err(Error::new(ErrorKind::NoTensors(format!(
             "no tensor name starts with '{chosen}.' (top-level groups: {})",
-            skipped
-                .iter()
-                .map(|(g, n)| format!("{g} ({n})"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            skipped.iter().map(|(g, n)| format!("{g} ({n})")).collect::<Vec<_>>().join(", ")
         ))));
     }
     let mut seen = std::collections::HashSet::new();
@@ -84,29 +100,20 @@ pub fn select<T>(
             }));
         }
     }
-    Ok((
-        kept,
-        Selection {
-            prefix: chosen,
-            skipped,
-        },
-    ))
+    Ok((kept, Selection { prefix: chosen, skipped }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn p(s: &str) -> Vec<String> {
-        s.split('/').map(str::to_string).collect()
+    fn p(s: &str) -> TensorPath {
+        TensorPath::from_parts(&s.split('/').collect::<Vec<_>>())
     }
 
     #[test]
     fn auto_strips_state_dict_and_reports_the_rest() {
-        let items = vec![
-            (p("state_dict/a.weight"), 1),
-            (p("optimizer_states/0/state/0/exp_avg"), 2),
-        ];
+        let items = vec![(p("state_dict/a.weight"), 1), (p("optimizer_states/0/state/0/exp_avg"), 2)];
         let (kept, sel) = select(items, &Prefix::Auto).unwrap();
         assert_eq!(kept, vec![("a.weight".to_string(), 1)]);
         assert_eq!(sel.prefix, "state_dict");
@@ -123,12 +130,7 @@ mod tests {
 
     #[test]
     fn explicit_prefix_and_empty_prefix() {
-        let items = || {
-            vec![
-                (p("fsdp_checkpoint/model/w"), 1),
-                (p("fsdp_checkpoint/optimizers/x"), 2),
-            ]
-        };
+        let items = || vec![(p("fsdp_checkpoint/model/w"), 1), (p("fsdp_checkpoint/optimizers/x"), 2)];
         let (kept, _) = select(items(), &Prefix::Explicit("fsdp_checkpoint.model".into())).unwrap();
         assert_eq!(kept, vec![("w".to_string(), 1)]);
         let (kept, _) = select(items(), &Prefix::Explicit(String::new())).unwrap();

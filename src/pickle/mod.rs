@@ -144,11 +144,7 @@ impl Heap {
             Node::Object { state: Some(s), .. } => return self.dict_get(*s, key),
             _ => return None,
         };
-        items
-            .iter()
-            .rev()
-            .find(|(k, _)| self.as_str(*k) == Some(key))
-            .map(|(_, v)| *v)
+        items.iter().rev().find(|(k, _)| self.as_str(*k) == Some(key)).map(|(_, v)| *v)
     }
 
     /// A short human description of a node, for messages and `inspect`.

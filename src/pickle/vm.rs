@@ -136,25 +136,16 @@ pub fn parse(cur: &mut ByteCursor<'_>, limits: Limits) -> Result<(Heap, Id)> {
 
 impl Vm<'_, '_> {
     fn err(&self, msg: impl Into<String>) -> Error {
-        Error::new(ErrorKind::Pickle {
-            offset: self.op_offset,
-            msg: msg.into(),
-        })
+        Error::new(ErrorKind::Pickle { offset: self.op_offset, msg: msg.into() })
     }
 
     fn limit(&self, msg: String) -> Error {
-        Error::new(ErrorKind::Limit(format!(
-            "{msg} (pickle byte {})",
-            self.op_offset
-        )))
+        Error::new(ErrorKind::Limit(format!("{msg} (pickle byte {})", self.op_offset)))
     }
 
     fn alloc(&mut self, node: Node) -> Result<Id> {
         if self.heap.nodes.len() >= self.limits.max_nodes {
-            return Err(self.limit(format!(
-                "more than {} pickle objects",
-                self.limits.max_nodes
-            )));
+            return Err(self.limit(format!("more than {} pickle objects", self.limits.max_nodes)));
         }
         let payload = match &node {
             Node::Str(s) => s.len() as u64,
@@ -163,10 +154,7 @@ impl Vm<'_, '_> {
         };
         self.heap.payload_bytes = self.heap.payload_bytes.saturating_add(payload);
         if self.heap.payload_bytes > self.limits.max_payload {
-            return Err(self.limit(format!(
-                "more than {} bytes of pickled strings",
-                self.limits.max_payload
-            )));
+            return Err(self.limit(format!("more than {} bytes of pickled strings", self.limits.max_payload)));
         }
         self.heap.nodes.push(node);
         Ok((self.heap.nodes.len() - 1) as Id)
@@ -174,10 +162,7 @@ impl Vm<'_, '_> {
 
     fn push(&mut self, id: Id) -> Result<()> {
         if self.stack.len() >= self.limits.max_stack {
-            return Err(self.limit(format!(
-                "pickle stack deeper than {}",
-                self.limits.max_stack
-            )));
+            return Err(self.limit(format!("pickle stack deeper than {}", self.limits.max_stack)));
         }
         self.stack.push(id);
         Ok(())
@@ -201,17 +186,11 @@ impl Vm<'_, '_> {
         if self.stack.len() <= floor {
             return Err(self.err("stack underflow"));
         }
-        self.stack
-            .last()
-            .copied()
-            .ok_or_else(|| self.err("stack underflow"))
+        self.stack.last().copied().ok_or_else(|| self.err("stack underflow"))
     }
 
     fn pop_mark(&mut self) -> Result<Vec<Id>> {
-        let mark = self
-            .marks
-            .pop()
-            .ok_or_else(|| self.err("no MARK on the stack"))?;
+        let mark = self.marks.pop().ok_or_else(|| self.err("no MARK on the stack"))?;
         if mark > self.stack.len() {
             return Err(self.err("MARK beyond the stack"));
         }
@@ -227,10 +206,7 @@ impl Vm<'_, '_> {
     }
 
     fn memo_get(&self, key: u32) -> Result<Id> {
-        self.memo
-            .get(&key)
-            .copied()
-            .ok_or_else(|| self.err(format!("memo key {key} was never stored")))
+        self.memo.get(&key).copied().ok_or_else(|| self.err(format!("memo key {key} was never stored")))
     }
 
     fn u16le(&mut self) -> Result<u16> {
@@ -273,10 +249,7 @@ impl Vm<'_, '_> {
                 }
                 b'(' => {
                     if self.marks.len() >= self.limits.max_marks {
-                        return Err(self.limit(format!(
-                            "nesting depth over {} MARKs",
-                            self.limits.max_marks
-                        )));
+                        return Err(self.limit(format!("nesting depth over {} MARKs", self.limits.max_marks)));
                     }
                     self.marks.push(self.stack.len());
                 }
@@ -331,10 +304,7 @@ impl Vm<'_, '_> {
                 }
                 b'F' => {
                     let s = self.text_line()?;
-                    let v: f64 = s
-                        .trim()
-                        .parse()
-                        .map_err(|_| self.err(format!("bad float {s:?}")))?;
+                    let v: f64 = s.trim().parse().map_err(|_| self.err(format!("bad float {s:?}")))?;
                     self.push_new(Node::Float(v))?
                 }
                 b'G' => {
@@ -361,8 +331,7 @@ impl Vm<'_, '_> {
                 }
                 b'V' => {
                     let line = self.cur.line(1 << 20)?;
-                    let s = unescape_raw_unicode(&line)
-                        .ok_or_else(|| self.err("bad UNICODE escape"))?;
+                    let s = unescape_raw_unicode(&line).ok_or_else(|| self.err("bad UNICODE escape"))?;
                     self.push_new(Node::Str(s))?
                 }
                 b'S' => {
@@ -470,10 +439,7 @@ impl Vm<'_, '_> {
                 }
                 b'g' => {
                     let s = self.text_line()?;
-                    let key = s
-                        .trim()
-                        .parse::<u32>()
-                        .map_err(|_| self.err(format!("bad GET key {s:?}")))?;
+                    let key = s.trim().parse::<u32>().map_err(|_| self.err(format!("bad GET key {s:?}")))?;
                     let id = self.memo_get(key)?;
                     self.push(id)?
                 }
@@ -489,10 +455,7 @@ impl Vm<'_, '_> {
                 }
                 b'p' => {
                     let s = self.text_line()?;
-                    let key = s
-                        .trim()
-                        .parse::<u32>()
-                        .map_err(|_| self.err(format!("bad PUT key {s:?}")))?;
+                    let key = s.trim().parse::<u32>().map_err(|_| self.err(format!("bad PUT key {s:?}")))?;
                     let t = self.top()?;
                     self.memo_put(key, t)?
                 }
@@ -507,8 +470,7 @@ impl Vm<'_, '_> {
                     self.memo_put(key, t)?
                 }
                 0x94 => {
-                    let key =
-                        u32::try_from(self.memo.len()).map_err(|_| self.err("memo too large"))?;
+                    let key = u32::try_from(self.memo.len()).map_err(|_| self.err("memo too large"))?;
                     let t = self.top()?;
                     self.memo_put(key, t)?
                 }
@@ -520,14 +482,10 @@ impl Vm<'_, '_> {
                 0x93 => {
                     let name = self.pop()?;
                     let module = self.pop()?;
-                    let (Some(m), Some(n)) = (self.heap.as_str(module), self.heap.as_str(name))
-                    else {
+                    let (Some(m), Some(n)) = (self.heap.as_str(module), self.heap.as_str(name)) else {
                         return Err(self.err("STACK_GLOBAL needs two strings"));
                     };
-                    let node = Node::Global {
-                        module: m.to_string(),
-                        name: n.to_string(),
-                    };
+                    let node = Node::Global { module: m.to_string(), name: n.to_string() };
                     self.push_new(node)?
                 }
                 0x82..=0x84 => {
@@ -601,11 +559,7 @@ impl Vm<'_, '_> {
         if let Ok(v) = t.parse::<i64>() {
             return Ok(Node::Int(v));
         }
-        if !t.is_empty()
-            && t.trim_start_matches('-')
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-        {
+        if !t.is_empty() && t.trim_start_matches('-').bytes().all(|b| b.is_ascii_digit()) {
             // Too big for i64: keep its text; no checkpoint field needs such a value.
             return Ok(Node::BigInt(t.as_bytes().to_vec()));
         }
@@ -637,9 +591,7 @@ impl Vm<'_, '_> {
                 _ => None,
             };
             let existing = match (&key, self.heap.get(target)) {
-                (Some(key), Node::Dict(items)) => items
-                    .iter()
-                    .position(|(ek, _)| key.matches(self.heap.get(*ek))),
+                (Some(key), Node::Dict(items)) => items.iter().position(|(ek, _)| key.matches(self.heap.get(*ek))),
                 _ => None,
             };
             match &mut self.heap.nodes[target as usize] {
@@ -659,13 +611,7 @@ impl Vm<'_, '_> {
         let (module, name) = match self.heap.get(callable) {
             Node::Global { module, name } => (module.clone(), name.clone()),
             _ => {
-                return self.alloc(Node::Object {
-                    callable,
-                    args,
-                    state: None,
-                    items: vec![],
-                    list: vec![],
-                });
+                return self.alloc(Node::Object { callable, args, state: None, items: vec![], list: vec![] });
             }
         };
         if is_unsafe_global(&module, &name) {
@@ -683,13 +629,10 @@ impl Vm<'_, '_> {
                 self.rebuild_tensor(&name, &argv)
             }
             ("torch._utils", "_rebuild_parameter" | "_rebuild_parameter_with_state") => {
-                let t = *argv
-                    .first()
-                    .ok_or_else(|| self.err("_rebuild_parameter without a tensor"))?;
+                let t = *argv.first().ok_or_else(|| self.err("_rebuild_parameter without a tensor"))?;
                 Ok(t)
             }
-            ("torch._tensor", "_rebuild_from_type_v2")
-            | ("torch._tensor", "_rebuild_from_type") => {
+            ("torch._tensor", "_rebuild_from_type_v2") | ("torch._tensor", "_rebuild_from_type") => {
                 // (func, type, args, state): the subclass is dropped, the tensor inside is kept.
                 if depth > 4 {
                     return Err(self.limit("nested _rebuild_from_type calls".into()));
@@ -719,38 +662,25 @@ impl Vm<'_, '_> {
             }
             ("torch", "Size") | ("builtins" | "__builtin__", "tuple") => {
                 let items = match argv.first() {
-                    Some(&seq) => self
-                        .heap
-                        .as_seq(seq)
-                        .map(<[Id]>::to_vec)
-                        .unwrap_or_default(),
+                    Some(&seq) => self.heap.as_seq(seq).map(<[Id]>::to_vec).unwrap_or_default(),
                     None => Vec::new(),
                 };
                 self.alloc(Node::Tuple(items))
             }
             ("builtins" | "__builtin__", "set" | "frozenset") => {
                 let items = match argv.first() {
-                    Some(&seq) => self
-                        .heap
-                        .as_seq(seq)
-                        .map(<[Id]>::to_vec)
-                        .unwrap_or_default(),
+                    Some(&seq) => self.heap.as_seq(seq).map(<[Id]>::to_vec).unwrap_or_default(),
                     None => Vec::new(),
                 };
                 self.alloc(Node::Set(items))
             }
             ("_codecs", "encode") => {
                 // Protocol 2 pickles bytes as _codecs.encode(text, 'latin1').
-                let text = argv
-                    .first()
-                    .and_then(|&a| self.heap.as_str(a))
-                    .map(str::to_string);
+                let text = argv.first().and_then(|&a| self.heap.as_str(a)).map(str::to_string);
                 match text {
                     Some(t) => {
-                        let bytes: Option<Vec<u8>> =
-                            t.chars().map(|c| u8::try_from(c as u32).ok()).collect();
-                        let bytes =
-                            bytes.ok_or_else(|| self.err("_codecs.encode of non-latin1 text"))?;
+                        let bytes: Option<Vec<u8>> = t.chars().map(|c| u8::try_from(c as u32).ok()).collect();
+                        let bytes = bytes.ok_or_else(|| self.err("_codecs.encode of non-latin1 text"))?;
                         self.alloc(Node::Bytes(bytes))
                     }
                     None => self.err_object(callable, args),
@@ -768,22 +698,13 @@ impl Vm<'_, '_> {
     }
 
     fn err_object(&mut self, callable: Id, args: Id) -> Result<Id> {
-        self.alloc(Node::Object {
-            callable,
-            args,
-            state: None,
-            items: vec![],
-            list: vec![],
-        })
+        self.alloc(Node::Object { callable, args, state: None, items: vec![], list: vec![] })
     }
 
     fn rebuild_tensor(&mut self, func: &str, argv: &[Id]) -> Result<Id> {
         let need = if func == "_rebuild_tensor" { 4 } else { 6 };
         if argv.len() < need {
-            return Err(self.err(format!(
-                "{func} needs at least {need} arguments, got {}",
-                argv.len()
-            )));
+            return Err(self.err(format!("{func} needs at least {need} arguments, got {}", argv.len())));
         }
         let storage = argv[0];
         let offset = self
@@ -794,41 +715,20 @@ impl Vm<'_, '_> {
         let shape = self.int_list(argv[2], func, "size")?;
         let strides = self.int_list(argv[3], func, "stride")?;
         if shape.len() != strides.len() {
-            return Err(self.err(format!(
-                "{func}: size has {} dims but stride has {}",
-                shape.len(),
-                strides.len()
-            )));
+            return Err(self.err(format!("{func}: size has {} dims but stride has {}", shape.len(), strides.len())));
         }
-        let dtype = if func == "_rebuild_tensor_v3" {
-            argv.get(6).copied()
-        } else {
-            None
-        };
-        self.alloc(Node::Tensor(TensorNode {
-            storage,
-            offset,
-            shape,
-            strides,
-            dtype,
-        }))
+        let dtype = if func == "_rebuild_tensor_v3" { argv.get(6).copied() } else { None };
+        self.alloc(Node::Tensor(TensorNode { storage, offset, shape, strides, dtype }))
     }
 
     fn int_list(&self, id: Id, func: &str, what: &str) -> Result<Vec<u64>> {
-        let seq = self
-            .heap
-            .as_seq(id)
-            .ok_or_else(|| self.err(format!("{func}: {what} is not a tuple")))?;
+        let seq = self.heap.as_seq(id).ok_or_else(|| self.err(format!("{func}: {what} is not a tuple")))?;
         seq.iter()
             .map(|&v| {
                 self.heap
                     .as_int(v)
                     .and_then(|i| u64::try_from(i).ok())
-                    .ok_or_else(|| {
-                        self.err(format!(
-                            "{func}: {what} holds a value that is not a non-negative int"
-                        ))
-                    })
+                    .ok_or_else(|| self.err(format!("{func}: {what} holds a value that is not a non-negative int")))
             })
             .collect()
     }
@@ -958,10 +858,7 @@ mod tests {
     fn refuses_os_system() {
         let p = b"cos\nsystem\n(Vecho pwned\ntR.";
         let e = run(p).unwrap_err();
-        assert!(
-            matches!(e.kind(), ErrorKind::UnsafeGlobal { global, .. } if global == "os.system"),
-            "{e}"
-        );
+        assert!(matches!(e.kind(), ErrorKind::UnsafeGlobal { global, .. } if global == "os.system"), "{e}");
         assert!(e.to_string().contains("t.pkl"));
     }
 
@@ -970,11 +867,7 @@ mod tests {
         let p = b"cargparse\nNamespace\n)R}(Vlr\nF0.1\nub.";
         let (heap, root) = run(p).unwrap();
         match heap.get(root) {
-            Node::Object {
-                callable,
-                state: Some(_),
-                ..
-            } => {
+            Node::Object { callable, state: Some(_), .. } => {
                 assert_eq!(heap.global_name(*callable).unwrap(), "argparse.Namespace")
             }
             other => panic!("unexpected {other:?}"),
@@ -1008,10 +901,7 @@ mod tests {
             ),
         );
         let mut cur = ByteCursor::new(&input, 0, input.len()).unwrap();
-        let limits = Limits {
-            max_memo: 5,
-            ..Limits::default()
-        };
+        let limits = Limits { max_memo: 5, ..Limits::default() };
         let e = parse(&mut cur, limits).unwrap_err();
         assert!(e.to_string().contains("memo"), "{e}");
     }

@@ -11,6 +11,7 @@ use crate::error::{Error, ErrorKind, Result, tensor_err};
 use crate::io::{ByteCursor, Input};
 use crate::pickle::{self, Heap, Id, Limits, Node, TensorNode};
 use crate::plan::StridedView;
+use crate::select::TensorPath;
 use std::collections::HashMap;
 use zip::ZipIndex;
 
@@ -39,7 +40,7 @@ impl std::fmt::Display for TorchFormat {
 #[derive(Debug, Clone)]
 pub struct FoundTensor {
     /// Path of keys and indices from the root object.
-    pub path: Vec<String>,
+    pub path: TensorPath,
     /// Where its bytes are.
     pub view: StridedView,
 }
@@ -72,6 +73,10 @@ const MAX_DIMS: usize = 64;
 const MAX_WALK_DEPTH: usize = 256;
 /// Most containers and values visited when looking for tensors (bounds billion-laughs graphs).
 const MAX_WALK_VISITS: u64 = 20_000_000;
+/// Most tensors one file may name (the largest public models have about 100,000; each costs a few hundred bytes of plan).
+pub const MAX_TENSORS: usize = 400_000;
+/// Most bytes of tensor names in one file.
+const MAX_NAME_BYTES: usize = 64 << 20;
 
 /// Whether `head` (the first bytes of a file) looks like a torch.save file.
 pub fn sniff(head: &[u8]) -> bool {
@@ -85,7 +90,9 @@ impl TorchFile {
         let n = input.len().min(4) as usize;
         input.read_exact_at(0, &mut head[..n])?;
         let head = &head[..n];
-        if head.starts_with(ZIP_MAGIC) || head.starts_with(EMPTY_ZIP_MAGIC) {
+        if head.is_empty() {
+            Err(Error::new(ErrorKind::NotCheckpoint("the file is empty".into())).in_file(&input.name))
+        } else if head.starts_with(ZIP_MAGIC) || head.starts_with(EMPTY_ZIP_MAGIC) {
             Self::open_zip(input)
         } else if head.first() == Some(&0x80) {
             Self::open_pickle(input)
@@ -100,10 +107,7 @@ impl TorchFile {
 
     fn open_zip(input: &Input) -> Result<TorchFile> {
         let index = ZipIndex::read(input)?;
-        let pkl_names: Vec<&str> = index
-            .names()
-            .filter(|n| n.ends_with("/data.pkl") || *n == "data.pkl")
-            .collect();
+        let pkl_names: Vec<&str> = index.names().filter(|n| n.ends_with("/data.pkl") || *n == "data.pkl").collect();
         let pkl_name = match pkl_names.as_slice() {
             [one] => one.to_string(),
             [] => {
@@ -121,16 +125,8 @@ impl TorchFile {
                 .in_file(&input.name));
             }
         };
-        let root = pkl_name
-            .strip_suffix("data.pkl")
-            .unwrap_or("")
-            .trim_end_matches('/')
-            .to_string();
-        let prefix = if root.is_empty() {
-            String::new()
-        } else {
-            format!("{root}/")
-        };
+        let root = pkl_name.strip_suffix("data.pkl").unwrap_or("").trim_end_matches('/').to_string();
+        let prefix = if root.is_empty() { String::new() } else { format!("{root}/") };
         if let Some(bo) = index.locate(input, &format!("{prefix}byteorder"))? {
             let text = input.read_vec(bo.data_start, bo.size.min(16))?;
             if text != b"little" {
@@ -141,19 +137,16 @@ impl TorchFile {
                 .in_file(&input.name));
             }
         }
-        let pkl = index.locate(input, &pkl_name)?.ok_or_else(|| {
-            Error::new(ErrorKind::Zip("data.pkl vanished".into())).in_file(&input.name)
-        })?;
+        let pkl = index
+            .locate(input, &pkl_name)?
+            .ok_or_else(|| Error::new(ErrorKind::Zip("data.pkl vanished".into())).in_file(&input.name))?;
         let mut cur = ByteCursor::new(input, pkl.data_start, pkl.data_start + pkl.size)?;
         let (heap, root_id) = pickle::parse(&mut cur, Limits::default())?;
         Ok(TorchFile {
             format: TorchFormat::Zip { root: root.clone() },
             heap,
             root: root_id,
-            storages: Storages::Zip {
-                index,
-                root: prefix,
-            },
+            storages: Storages::Zip { index, root: prefix },
         })
     }
 
@@ -173,10 +166,7 @@ impl TorchFile {
         let bad = |msg: String| Error::new(ErrorKind::NotCheckpoint(msg)).in_file(&input.name);
         let (h, proto) = pickle::parse(&mut cur, Limits::default())?;
         if h.as_int(proto) != Some(1001) {
-            return Err(bad(format!(
-                "legacy protocol version {} (expected 1001)",
-                h.describe(proto)
-            )));
+            return Err(bad(format!("legacy protocol version {} (expected 1001)", h.describe(proto))));
         }
         let (h, sys) = pickle::parse(&mut cur, Limits::default())?;
         if h.dict_get(sys, "little_endian").map(|v| h.get(v)) == Some(&Node::Bool(false)) {
@@ -191,11 +181,7 @@ impl TorchFile {
             .as_seq(keys_id)
             .ok_or_else(|| bad("legacy storage key list is not a list".into()))?
             .iter()
-            .map(|&k| {
-                kh.as_str(k)
-                    .map(str::to_string)
-                    .ok_or_else(|| bad("storage key is not a string".into()))
-            })
+            .map(|&k| kh.as_str(k).map(str::to_string).ok_or_else(|| bad("storage key is not a string".into())))
             .collect::<Result<_>>()?;
         // The element size of each storage comes from how the object pickle refers to it.
         let mut elem_size: HashMap<String, u64> = HashMap::new();
@@ -211,37 +197,26 @@ impl TorchFile {
         let mut pos = cur.pos();
         for key in keys {
             let unit = *elem_size.get(&key).ok_or_else(|| {
-                bad(format!(
-                    "storage '{key}' is listed but never used, so its element size is unknown"
-                ))
+                bad(format!("storage '{key}' is listed but never used, so its element size is unknown"))
             })?;
             let mut n = [0u8; 8];
             input.read_exact_at(pos, &mut n)?;
             let numel = u64::from_le_bytes(n);
-            let nbytes = numel
-                .checked_mul(unit)
-                .ok_or_else(|| bad(format!("storage '{key}' claims {numel} elements")))?;
+            let nbytes =
+                numel.checked_mul(unit).ok_or_else(|| bad(format!("storage '{key}' claims {numel} elements")))?;
             let start = pos + 8;
-            let end = start
-                .checked_add(nbytes)
-                .filter(|&e| e <= input.len())
-                .ok_or_else(|| {
-                    Error::new(ErrorKind::Truncated(format!(
-                        "storage '{key}' needs bytes {start}..{} but the file has {}",
-                        start.saturating_add(nbytes),
-                        input.len()
-                    )))
-                    .in_file(&input.name)
-                })?;
+            let end = start.checked_add(nbytes).filter(|&e| e <= input.len()).ok_or_else(|| {
+                Error::new(ErrorKind::Truncated(format!(
+                    "storage '{key}' needs bytes {start}..{} but the file has {}",
+                    start.saturating_add(nbytes),
+                    input.len()
+                )))
+                .in_file(&input.name)
+            })?;
             map.insert(key, (start, nbytes));
             pos = end;
         }
-        Ok(TorchFile {
-            format: TorchFormat::Legacy,
-            heap,
-            root,
-            storages: Storages::Legacy(map),
-        })
+        Ok(TorchFile { format: TorchFormat::Legacy, heap, root, storages: Storages::Legacy(map) })
     }
 
     /// Every tensor reachable from the root, in pickle order, with resolved byte ranges.
@@ -250,13 +225,17 @@ impl TorchFile {
         let mut path = Vec::new();
         let mut visits = 0u64;
         let mut cache: HashMap<String, (u64, u64)> = HashMap::new();
+        let mut name_bytes = 0usize;
         self.walk(self.root, &mut path, 0, &mut visits, &mut |path, t| {
-            let name = path.join(".");
-            let view = self.resolve(input, input_index, &name, t, &mut cache)?;
-            found.push(FoundTensor {
-                path: path.to_vec(),
-                view,
-            });
+            let tp = TensorPath::from_parts(path);
+            name_bytes += tp.name.len();
+            if found.len() >= MAX_TENSORS || name_bytes > MAX_NAME_BYTES {
+                return Err(Error::new(ErrorKind::Limit(format!(
+                    "more than {MAX_TENSORS} tensors or {MAX_NAME_BYTES} bytes of tensor names (one tensor reachable through exponentially many paths?)"
+                ))));
+            }
+            let view = self.resolve(input, input_index, &tp.name, t, &mut cache)?;
+            found.push(FoundTensor { path: tp, view });
             Ok(())
         })
         .map_err(|e| e.in_file(&input.name))?;
@@ -279,8 +258,8 @@ impl TorchFile {
         }
         if depth > MAX_WALK_DEPTH {
             return Err(Error::new(ErrorKind::Limit(format!(
-                "objects nested deeper than {MAX_WALK_DEPTH} levels at '{}'",
-                path.join(".")
+                "nesting depth over {MAX_WALK_DEPTH} levels (or a cycle) at '{}'",
+                shorten(&path.join("."), 80)
             ))));
         }
         let h = &self.heap;
@@ -302,9 +281,7 @@ impl TorchFile {
                     child(i.to_string(), c, path)?;
                 }
             }
-            Node::Object {
-                state, items, list, ..
-            } => {
+            Node::Object { state, items, list, .. } => {
                 // Dict/list subclasses and objects with dict state (e.g. argparse.Namespace).
                 for &(k, v) in items {
                     child(key_text(h, k), v, path)?;
@@ -332,21 +309,12 @@ impl TorchFile {
         let pid = match self.heap.get(t.storage) {
             Node::PersistentId(pid) => *pid,
             other => {
-                return Err(tensor_err(
-                    name,
-                    format!("storage is {other:?}, not a persistent storage id"),
-                ));
+                return Err(tensor_err(name, format!("storage is {other:?}, not a persistent storage id")));
             }
         };
         let explicit = match t.dtype {
             Some(d) => Some(dtype_global(&self.heap, d).ok_or_else(|| {
-                tensor_err(
-                    name,
-                    format!(
-                        "dtype {} is not one safetensors can hold",
-                        self.heap.describe(d)
-                    ),
-                )
+                tensor_err(name, format!("dtype {} is not one safetensors can hold", self.heap.describe(d)))
             })?),
             None => None,
         };
@@ -358,35 +326,24 @@ impl TorchFile {
                     Storages::Zip { index, root } => {
                         let entry = format!("{root}data/{}", info.key);
                         let e = index.locate(input, &entry)?.ok_or_else(|| {
-                            tensor_err(
-                                name,
-                                format!("storage entry '{entry}' is missing from the archive"),
-                            )
+                            tensor_err(name, format!("storage entry '{entry}' is missing from the archive"))
                         })?;
                         (e.data_start, e.size)
                     }
-                    Storages::Legacy(map) => *map.get(&info.key).ok_or_else(|| {
-                        tensor_err(
-                            name,
-                            format!("storage '{}' has no data in this file", info.key),
-                        )
-                    })?,
+                    Storages::Legacy(map) => *map
+                        .get(&info.key)
+                        .ok_or_else(|| tensor_err(name, format!("storage '{}' has no data in this file", info.key)))?,
                 };
                 cache.insert(info.key.clone(), v);
                 v
             }
         };
-        let storage_bytes = info
-            .numel
-            .checked_mul(info.unit as u64)
-            .ok_or_else(|| tensor_err(name, "storage size overflows"))?;
+        let storage_bytes =
+            info.numel.checked_mul(info.unit as u64).ok_or_else(|| tensor_err(name, "storage size overflows"))?;
         if storage_bytes > entry_bytes {
             return Err(tensor_err(
                 name,
-                format!(
-                    "storage '{}' claims {storage_bytes} bytes but holds {entry_bytes}",
-                    info.key
-                ),
+                format!("storage '{}' claims {storage_bytes} bytes but holds {entry_bytes}", info.key),
             ));
         }
         let (data_start, storage_bytes) = match info.view {
@@ -396,16 +353,9 @@ impl TorchFile {
                 let s = off.checked_mul(esz).and_then(|b| start.checked_add(b));
                 let n = size.checked_mul(esz);
                 match (s, n) {
-                    (Some(s), Some(n))
-                        if off.saturating_add(size).saturating_mul(esz) <= storage_bytes =>
-                    {
-                        (s, n)
-                    }
+                    (Some(s), Some(n)) if off.saturating_add(size).saturating_mul(esz) <= storage_bytes => (s, n),
                     _ => {
-                        return Err(tensor_err(
-                            name,
-                            "legacy storage view lies outside its storage",
-                        ));
+                        return Err(tensor_err(name, "legacy storage view lies outside its storage"));
                     }
                 }
             }
@@ -423,6 +373,18 @@ impl TorchFile {
             MAX_DIMS,
         )
     }
+}
+
+/// `s` cut to about `max` bytes on a char boundary, with an ellipsis when cut.
+fn shorten(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
 }
 
 /// Text of a dict key as it appears in a dotted name.
@@ -461,25 +423,13 @@ fn dtype_global(h: &Heap, id: Id) -> Option<DType> {
 fn storage_info(h: &Heap, pid: Id, explicit: Option<DType>) -> Result<StorageInfo, String> {
     let items = h.as_seq(pid).ok_or("persistent id is not a tuple")?;
     let [tag, ty, key, _location, numel, rest @ ..] = items else {
-        return Err(format!(
-            "persistent id has {} fields, expected 5 or 6",
-            items.len()
-        ));
+        return Err(format!("persistent id has {} fields, expected 5 or 6", items.len()));
     };
     if h.as_str(*tag) != Some("storage") {
-        return Err(format!(
-            "persistent id tag {} is not 'storage'",
-            h.describe(*tag)
-        ));
+        return Err(format!("persistent id tag {} is not 'storage'", h.describe(*tag)));
     }
-    let key = h
-        .as_str(*key)
-        .ok_or("storage key is not a string")?
-        .to_string();
-    let numel = h
-        .as_int(*numel)
-        .and_then(|v| u64::try_from(v).ok())
-        .ok_or("storage size is not a non-negative int")?;
+    let key = h.as_str(*key).ok_or("storage key is not a string")?.to_string();
+    let numel = h.as_int(*numel).and_then(|v| u64::try_from(v).ok()).ok_or("storage size is not a non-negative int")?;
     let (ty_module, ty_name) = match h.get(*ty) {
         Node::Global { module, name } => (module.as_str(), name.as_str()),
         _ => return Err(format!("storage type {} is not a global", h.describe(*ty))),
@@ -492,9 +442,7 @@ fn storage_info(h: &Heap, pid: Id, explicit: Option<DType>) -> Result<StorageInf
     } else if let Some(d) = dtype_global(h, *ty) {
         (explicit.unwrap_or(d), d.size())
     } else {
-        return Err(format!(
-            "storage type {ty_module}.{ty_name} has no safetensors equivalent"
-        ));
+        return Err(format!("storage type {ty_module}.{ty_name} has no safetensors equivalent"));
     };
     let view = match rest.first().map(|&v| h.get(v)) {
         None | Some(Node::None) => None,
@@ -508,11 +456,5 @@ fn storage_info(h: &Heap, pid: Id, explicit: Option<DType>) -> Result<StorageInf
         }
         Some(_) => return Err("malformed legacy storage view".into()),
     };
-    Ok(StorageInfo {
-        key,
-        dtype,
-        unit,
-        numel,
-        view,
-    })
+    Ok(StorageInfo { key, dtype, unit, numel, view })
 }

@@ -61,9 +61,7 @@ impl ZipIndex {
     fn read_inner(input: &Input) -> Result<ZipIndex> {
         let len = input.len();
         if len < 22 {
-            return Err(zerr(format!(
-                "{len} bytes is too short to be a zip (cut short?)"
-            )));
+            return Err(zerr(format!("{len} bytes is too short to be a zip (cut short?)")));
         }
         let tail_len = len.min(22 + 65535);
         let tail_start = len - tail_len;
@@ -71,9 +69,7 @@ impl ZipIndex {
         let eocd = (0..=tail.len() - 22)
             .rev()
             .find(|&i| u32_at(&tail, i).ok() == Some(EOCD_SIG))
-            .ok_or_else(|| {
-                zerr("no end-of-central-directory record: the file is truncated or not a zip")
-            })?;
+            .ok_or_else(|| zerr("no end-of-central-directory record: the file is truncated or not a zip"))?;
         let rec = &tail[eocd..];
         let mut count = u16_at(rec, 10)? as u64;
         let mut cd_size = u32_at(rec, 12)? as u64;
@@ -81,18 +77,14 @@ impl ZipIndex {
         let eocd_abs = tail_start + eocd as u64;
         let mut cd_limit = eocd_abs;
         if count == 0xFFFF || cd_size == 0xFFFF_FFFF || cd_offset == 0xFFFF_FFFF {
-            let loc_abs = eocd_abs
-                .checked_sub(20)
-                .ok_or_else(|| zerr("zip64 fields without a zip64 locator"))?;
+            let loc_abs = eocd_abs.checked_sub(20).ok_or_else(|| zerr("zip64 fields without a zip64 locator"))?;
             let loc = input.read_vec(loc_abs, 20)?;
             if u32_at(&loc, 0)? != ZIP64_LOCATOR_SIG {
                 return Err(zerr("zip64 fields without a zip64 locator"));
             }
             let z64_abs = u64_at(&loc, 8)?;
             if z64_abs.checked_add(56).is_none_or(|e| e > loc_abs) {
-                return Err(zerr(format!(
-                    "zip64 end record offset {z64_abs} lies outside the file"
-                )));
+                return Err(zerr(format!("zip64 end record offset {z64_abs} lies outside the file")));
             }
             let z = input.read_vec(z64_abs, 56)?;
             if u32_at(&z, 0)? != ZIP64_EOCD_SIG {
@@ -106,20 +98,12 @@ impl ZipIndex {
         let cd_end = cd_offset
             .checked_add(cd_size)
             .filter(|&e| e <= cd_limit)
-            .ok_or_else(|| {
-                zerr(format!(
-                    "central directory {cd_offset}+{cd_size} lies outside the file"
-                ))
-            })?;
+            .ok_or_else(|| zerr(format!("central directory {cd_offset}+{cd_size} lies outside the file")))?;
         if cd_size > MAX_CDIR {
-            return Err(Error::new(ErrorKind::Limit(format!(
-                "central directory of {cd_size} bytes"
-            ))));
+            return Err(Error::new(ErrorKind::Limit(format!("central directory of {cd_size} bytes"))));
         }
         if count > cd_size / 46 {
-            return Err(zerr(format!(
-                "{count} entries cannot fit in a {cd_size}-byte central directory"
-            )));
+            return Err(zerr(format!("{count} entries cannot fit in a {cd_size}-byte central directory")));
         }
         let cd = input.read_vec(cd_offset, cd_end - cd_offset)?;
         let mut entries = Vec::with_capacity(count as usize);
@@ -139,10 +123,7 @@ impl ZipIndex {
         for &i in &order {
             let e = &entries[i];
             if e.local_header < prev_end {
-                return Err(zerr(format!(
-                    "entry '{}' overlaps the entry before it",
-                    e.name
-                )));
+                return Err(zerr(format!("entry '{}' overlaps the entry before it", e.name)));
             }
             // 30 bytes of fixed local header at least precede the data.
             prev_end = e
@@ -150,12 +131,7 @@ impl ZipIndex {
                 .checked_add(30)
                 .and_then(|v| v.checked_add(e.size))
                 .filter(|&v| v <= cd_offset)
-                .ok_or_else(|| {
-                    zerr(format!(
-                        "entry '{}' runs past the central directory",
-                        e.name
-                    ))
-                })?;
+                .ok_or_else(|| zerr(format!("entry '{}' runs past the central directory", e.name)))?;
         }
         Ok(ZipIndex { entries, by_name })
     }
@@ -171,22 +147,15 @@ impl ZipIndex {
             return Ok(None);
         };
         let mut e = self.entries[i].clone();
-        let h = input
-            .read_vec(e.local_header, 30)
-            .map_err(|err| err.in_file(&input.name))?;
+        let h = input.read_vec(e.local_header, 30).map_err(|err| err.in_file(&input.name))?;
         if u32_at(&h, 0)? != LOCAL_SIG {
-            return Err(zerr(format!(
-                "entry '{name}' has no local header at offset {}",
-                e.local_header
-            ))
-            .in_file(&input.name));
+            return Err(
+                zerr(format!("entry '{name}' has no local header at offset {}", e.local_header)).in_file(&input.name)
+            );
         }
         let skip = 30 + u16_at(&h, 26)? as u64 + u16_at(&h, 28)? as u64;
         e.data_start = e.local_header + skip;
-        if e.data_start
-            .checked_add(e.size)
-            .is_none_or(|end| end > input.len())
-        {
+        if e.data_start.checked_add(e.size).is_none_or(|end| end > input.len()) {
             return Err(Error::new(ErrorKind::Truncated(format!(
                 "entry '{name}' needs bytes {}..{} but the file has {}",
                 e.data_start,
@@ -202,10 +171,7 @@ impl ZipIndex {
 fn parse_cdir_record(cd: &[u8], at: &mut usize, cd_offset: u64) -> Result<ZipEntry> {
     let base = *at;
     if u32_at(cd, base)? != CDIR_SIG {
-        return Err(zerr(format!(
-            "bad central directory record at offset {}",
-            cd_offset + base as u64
-        )));
+        return Err(zerr(format!("bad central directory record at offset {}", cd_offset + base as u64)));
     }
     let method = u16_at(cd, base + 10)?;
     let mut comp = u32_at(cd, base + 20)? as u64;
@@ -215,9 +181,8 @@ fn parse_cdir_record(cd: &[u8], at: &mut usize, cd_offset: u64) -> Result<ZipEnt
     let comment_len = u16_at(cd, base + 32)? as usize;
     let mut local = u32_at(cd, base + 42)? as u64;
     let name_start = base + 46;
-    let name_bytes = cd
-        .get(name_start..name_start + name_len)
-        .ok_or_else(|| zerr("central directory record cut short"))?;
+    let name_bytes =
+        cd.get(name_start..name_start + name_len).ok_or_else(|| zerr("central directory record cut short"))?;
     let name = String::from_utf8_lossy(name_bytes).into_owned();
     let extra = cd
         .get(name_start + name_len..name_start + name_len + extra_len)
@@ -227,15 +192,12 @@ fn parse_cdir_record(cd: &[u8], at: &mut usize, cd_offset: u64) -> Result<ZipEnt
     while x + 4 <= extra.len() {
         let id = u16_at(extra, x)?;
         let n = u16_at(extra, x + 2)? as usize;
-        let body = extra
-            .get(x + 4..x + 4 + n)
-            .ok_or_else(|| zerr(format!("entry '{name}': extra field cut short")))?;
+        let body = extra.get(x + 4..x + 4 + n).ok_or_else(|| zerr(format!("entry '{name}': extra field cut short")))?;
         if id == 0x0001 {
             let mut f = 0usize;
             for slot in [&mut size, &mut comp, &mut local] {
                 if *slot == 0xFFFF_FFFF {
-                    *slot = u64_at(body, f)
-                        .map_err(|_| zerr(format!("entry '{name}': zip64 field missing")))?;
+                    *slot = u64_at(body, f).map_err(|_| zerr(format!("entry '{name}': zip64 field missing")))?;
                     f += 8;
                 }
             }
@@ -248,15 +210,8 @@ fn parse_cdir_record(cd: &[u8], at: &mut usize, cd_offset: u64) -> Result<ZipEnt
         ))));
     }
     if comp != size {
-        return Err(zerr(format!(
-            "stored entry '{name}' has compressed size {comp} but size {size}"
-        )));
+        return Err(zerr(format!("stored entry '{name}' has compressed size {comp} but size {size}")));
     }
     *at = name_start + name_len + extra_len + comment_len;
-    Ok(ZipEntry {
-        name,
-        data_start: 0,
-        size,
-        local_header: local,
-    })
+    Ok(ZipEntry { name, data_start: 0, size, local_header: local })
 }

@@ -48,9 +48,7 @@ pub const INDEX_NAME: &str = "model.safetensors.index.json";
 /// Parses sizes like `5GB` (10^9), `500MiB` (2^20), `1000` (bytes), as `save_pretrained` does.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 1,
@@ -63,14 +61,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "GIB" => 1 << 30,
         "TIB" => 1 << 40,
         other => {
-            return Err(format!(
-                "unknown size unit '{other}' in '{s}' (use B, KB, MB, GB, KiB, MiB, GiB)"
-            ));
+            return Err(format!("unknown size unit '{other}' in '{s}' (use B, KB, MB, GB, KiB, MiB, GiB)"));
         }
     };
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size such as 5GB"))?;
+    let v: f64 = num.parse().map_err(|_| format!("'{s}' is not a size such as 5GB"))?;
     let bytes = v * mult as f64;
     if !(1.0..1e19).contains(&bytes) {
         return Err(format!("size '{s}' is out of range"));
@@ -82,12 +76,7 @@ fn header_entry(plan: &Plan, i: usize, begin: u64) -> String {
     let t = &plan.tensors[i];
     let end = begin + t.nbytes();
     let name = serde_json::Value::String(t.name.clone()).to_string();
-    let shape = t
-        .shape
-        .iter()
-        .map(u64::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
+    let shape = t.shape.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
     format!(
         "{name}:{{\"dtype\":\"{}\",\"shape\":[{shape}],\"data_offsets\":[{begin},{end}]}}",
         t.dtype.safetensors_name()
@@ -97,10 +86,7 @@ fn header_entry(plan: &Plan, i: usize, begin: u64) -> String {
 fn build_file(plan: &Plan, mut members: Vec<usize>, name: String) -> OutputFile {
     members.sort_by(|&a, &b| {
         let (ta, tb) = (&plan.tensors[a], &plan.tensors[b]);
-        tb.dtype
-            .size()
-            .cmp(&ta.dtype.size())
-            .then_with(|| ta.name.cmp(&tb.name))
+        tb.dtype.size().cmp(&ta.dtype.size()).then_with(|| ta.name.cmp(&tb.name))
     });
     let mut json = String::from("{\"__metadata__\":{\"format\":\"pt\"}");
     let mut at = 0u64;
@@ -115,14 +101,7 @@ fn build_file(plan: &Plan, mut members: Vec<usize>, name: String) -> OutputFile 
     let mut header = (json.len() as u64).to_le_bytes().to_vec();
     header.extend_from_slice(json.as_bytes());
     let size = header.len() as u64 + at;
-    OutputFile {
-        name,
-        size,
-        content: Content::Tensors {
-            header,
-            order: members,
-        },
-    }
+    OutputFile { name, size, content: Content::Tensors { header, order: members } }
 }
 
 /// Splits the plan into files: one when `max_shard` is `None` or everything fits, shards otherwise.
@@ -139,9 +118,7 @@ pub fn layout(plan: &Plan, max_shard: Option<u64>) -> Result<OutputLayout> {
         // An upper bound of the header entry: offsets written with the most digits they can have.
         let entry = header_entry(plan, i, u64::MAX / 2).len() as u64 + 1;
         let cost = t.nbytes() + entry;
-        let current = groups
-            .last_mut()
-            .ok_or_else(|| Error::new(ErrorKind::Output("no shard".into())))?;
+        let current = groups.last_mut().ok_or_else(|| Error::new(ErrorKind::Output("no shard".into())))?;
         if let Some(max) = max_shard
             && !current.is_empty()
             && base + used + cost > max
@@ -156,19 +133,14 @@ pub fn layout(plan: &Plan, max_shard: Option<u64>) -> Result<OutputLayout> {
     let n = groups.len();
     if n == 1 {
         let members = groups.pop().unwrap_or_default();
-        return Ok(OutputLayout {
-            files: vec![build_file(plan, members, "model.safetensors".into())],
-        });
+        return Ok(OutputLayout { files: vec![build_file(plan, members, "model.safetensors".into())] });
     }
     let mut files = Vec::with_capacity(n + 1);
     let mut weight_map = BTreeMap::new();
     for (k, members) in groups.into_iter().enumerate() {
         let name = format!("model-{:05}-of-{:05}.safetensors", k + 1, n);
         for &i in &members {
-            weight_map.insert(
-                plan.tensors[i].name.clone(),
-                serde_json::Value::String(name.clone()),
-            );
+            weight_map.insert(plan.tensors[i].name.clone(), serde_json::Value::String(name.clone()));
         }
         files.push(build_file(plan, members, name));
     }
@@ -176,14 +148,10 @@ pub fn layout(plan: &Plan, max_shard: Option<u64>) -> Result<OutputLayout> {
         "metadata": {"total_size": plan.total_bytes()},
         "weight_map": weight_map,
     });
-    let mut bytes = serde_json::to_vec_pretty(&index)
-        .map_err(|e| Error::new(ErrorKind::Output(format!("index: {e}"))))?;
+    let mut bytes =
+        serde_json::to_vec_pretty(&index).map_err(|e| Error::new(ErrorKind::Output(format!("index: {e}"))))?;
     bytes.push(b'\n');
-    files.push(OutputFile {
-        name: INDEX_NAME.into(),
-        size: bytes.len() as u64,
-        content: Content::Bytes(bytes),
-    });
+    files.push(OutputFile { name: INDEX_NAME.into(), size: bytes.len() as u64, content: Content::Bytes(bytes) });
     Ok(OutputLayout { files })
 }
 
@@ -256,26 +224,18 @@ mod tests {
                     }
                     s
                 };
-                let v =
-                    StridedView::new(name, 0, 0, storage_len, *dt, 0, shape.clone(), strides, 64)
-                        .unwrap();
+                let v = StridedView::new(name, 0, 0, storage_len, *dt, 0, shape.clone(), strides, 64).unwrap();
                 PlannedTensor::from_source(name.to_string(), shape.clone(), Source::View(v), None)
             })
             .collect();
-        Plan {
-            tensors,
-            notes: vec![],
-        }
+        Plan { tensors, notes: vec![] }
     }
 
     #[test]
     fn single_file_layout_is_valid_safetensors() {
         let data: Vec<u8> = (0..64).collect();
         let inputs = vec![Input::new("mem", Box::new(data.clone()))];
-        let plan = plan_of(
-            64,
-            &[("b", DType::U8, vec![3]), ("a", DType::F32, vec![2, 2])],
-        );
+        let plan = plan_of(64, &[("b", DType::U8, vec![3]), ("a", DType::F32, vec![2, 2])]);
         let layout = layout(&plan, None).unwrap();
         let mut sink = MemorySink::default();
         write(&plan, &layout, &inputs, &mut sink, &mut |_| {}).unwrap();
@@ -296,13 +256,8 @@ mod tests {
     fn shards_respect_the_limit_and_index_totals() {
         let data = vec![7u8; 4096];
         let inputs = vec![Input::new("mem", Box::new(data))];
-        let specs: Vec<(String, DType, Vec<u64>)> = (0..10)
-            .map(|i| (format!("t{i}"), DType::F32, vec![100]))
-            .collect();
-        let specs: Vec<(&str, DType, Vec<u64>)> = specs
-            .iter()
-            .map(|(n, d, s)| (n.as_str(), *d, s.clone()))
-            .collect();
+        let specs: Vec<(String, DType, Vec<u64>)> = (0..10).map(|i| (format!("t{i}"), DType::F32, vec![100])).collect();
+        let specs: Vec<(&str, DType, Vec<u64>)> = specs.iter().map(|(n, d, s)| (n.as_str(), *d, s.clone())).collect();
         let plan = plan_of(4096, &specs);
         let layout = layout(&plan, Some(1000)).unwrap();
         assert!(layout.files.len() > 3);

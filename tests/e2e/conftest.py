@@ -6,6 +6,7 @@ Owns: tests/e2e/conftest.py. Binary: env CKPTCONV (default target/release/ckptco
 
 import json
 import os
+import resource
 import struct
 import subprocess
 from pathlib import Path
@@ -48,9 +49,13 @@ def binary():
 
 @pytest.fixture
 def run(binary):
-    """run(*args, timeout=) -> CompletedProcess with text stdout/stderr; never raises on exit status."""
-    def _run(*args, timeout=120):
-        return subprocess.run([binary, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    """run(*args, timeout=, mem_limit=) -> CompletedProcess with text stdout/stderr; never raises on exit status.
+
+    mem_limit caps the child's address space, so a runaway allocation fails inside the child instead of
+    waking the machine's OOM killer (which would hit whatever else runs here)."""
+    def _run(*args, timeout=120, mem_limit=None):
+        limit = (lambda: resource.setrlimit(resource.RLIMIT_AS, (mem_limit, mem_limit))) if mem_limit else None
+        return subprocess.run([binary, *map(str, args)], capture_output=True, text=True, timeout=timeout, preexec_fn=limit)
     return _run
 
 

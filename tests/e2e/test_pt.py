@@ -157,7 +157,7 @@ def test_hostile_refused(run, tmp_path, name):
     spec = HOSTILE_EXPECTED[name]
     CANARY.unlink(missing_ok=True)
     out = tmp_path / "out"
-    r = run("convert", src, out, timeout=60)
+    r = run("convert", src, out, timeout=60, mem_limit=4 << 30)
     err = r.stderr.lower()
     assert r.returncode == 1, f"exit {r.returncode}, stderr:\n{r.stderr}"
     assert name.lower() in err, f"stderr does not name the input file:\n{r.stderr}"
@@ -172,7 +172,7 @@ def test_hostile_refused(run, tmp_path, name):
 
 
 def test_hostile_inspect_refused(run):
-    r = run("inspect", HOSTILE / "zip_os_system.pt", timeout=60)
+    r = run("inspect", HOSTILE / "zip_os_system.pt", timeout=60, mem_limit=4 << 30)
     assert r.returncode == 1 and "os.system" in r.stderr and "panicked" not in r.stderr, r.stderr
 
 

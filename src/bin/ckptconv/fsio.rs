@@ -18,9 +18,7 @@ pub struct FileInput {
 
 impl FileInput {
     pub fn open(path: &Path) -> Result<FileInput> {
-        let io = |e: std::io::Error| {
-            Error::new(ErrorKind::Io(e.to_string())).in_file(&path.display().to_string())
-        };
+        let io = |e: std::io::Error| Error::new(ErrorKind::Io(e.to_string())).in_file(&path.display().to_string());
         let file = File::open(path).map_err(io)?;
         let meta = file.metadata().map_err(io)?;
         if meta.is_dir() {
@@ -73,16 +71,9 @@ pub struct DirSink {
 impl DirSink {
     pub fn new(dir: &Path, force: bool) -> Result<DirSink> {
         std::fs::create_dir_all(dir).map_err(|e| {
-            Error::new(ErrorKind::Output(format!("cannot create the folder: {e}")))
-                .in_file(&dir.display().to_string())
+            Error::new(ErrorKind::Output(format!("cannot create the folder: {e}"))).in_file(&dir.display().to_string())
         })?;
-        Ok(DirSink {
-            dir: dir.to_path_buf(),
-            force,
-            current: None,
-            staged: Vec::new(),
-            committed: false,
-        })
+        Ok(DirSink { dir: dir.to_path_buf(), force, current: None, staged: Vec::new(), committed: false })
     }
 
     /// Fails if any of `names` exists and `--force` was not given.
@@ -93,10 +84,8 @@ impl DirSink {
         for n in names {
             let p = self.dir.join(n);
             if p.exists() {
-                return Err(Error::new(ErrorKind::Output(
-                    "already exists; pass --force to overwrite".into(),
-                ))
-                .in_file(&p.display().to_string()));
+                return Err(Error::new(ErrorKind::Output("already exists; pass --force to overwrite".into()))
+                    .in_file(&p.display().to_string()));
             }
         }
         Ok(())

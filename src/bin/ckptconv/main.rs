@@ -107,11 +107,7 @@ fn human(bytes: u64) -> String {
         v /= 1000.0;
         u += 1;
     }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.2} {}", UNITS[u])
-    }
+    if u == 0 { format!("{bytes} B") } else { format!("{v:.2} {}", UNITS[u]) }
 }
 
 fn inspect(input: &Path, json: bool, args: &PlanArgs) -> ckptconv::Result<()> {
@@ -140,33 +136,13 @@ fn inspect(input: &Path, json: bool, args: &PlanArgs) -> ckptconv::Result<()> {
     for n in &plan.notes {
         println!("note:    {n}");
     }
-    println!(
-        "tensors: {} ({} in {})",
-        plan.tensors.len(),
-        human(plan.total_bytes()),
-        plan.total_bytes()
-    );
+    println!("tensors: {} ({} in {})", plan.tensors.len(), human(plan.total_bytes()), plan.total_bytes());
     println!();
-    let w = plan
-        .tensors
-        .iter()
-        .map(|t| t.name.len())
-        .max()
-        .unwrap_or(4)
-        .max(4);
-    println!(
-        "{:<w$}  {:<7}  {:<20}  {:>14}",
-        "name", "dtype", "shape", "bytes"
-    );
+    let w = plan.tensors.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
+    println!("{:<w$}  {:<7}  {:<20}  {:>14}", "name", "dtype", "shape", "bytes");
     for t in &plan.tensors {
         let shape = format!("{:?}", t.shape);
-        println!(
-            "{:<w$}  {:<7}  {:<20}  {:>14}",
-            t.name,
-            t.dtype.safetensors_name(),
-            shape,
-            t.nbytes()
-        );
+        println!("{:<w$}  {:<7}  {:<20}  {:>14}", t.name, t.dtype.safetensors_name(), shape, t.nbytes());
     }
     Ok(())
 }
@@ -190,9 +166,7 @@ fn convert(
     }
     let total = planned.plan.total_bytes();
     let mut bar = progress::Progress::new(total, !quiet);
-    safetensors::write(&planned.plan, &layout, &inputs, &mut sink, &mut |done| {
-        bar.update(done)
-    })?;
+    safetensors::write(&planned.plan, &layout, &inputs, &mut sink, &mut |done| bar.update(done))?;
     bar.finish();
     eprintln!(
         "ckptconv: wrote {} tensors ({}) to {}: {}",
@@ -207,14 +181,9 @@ fn convert(
 fn run(cli: Cli) -> ckptconv::Result<()> {
     match cli.command {
         Command::Inspect { input, json, plan } => inspect(&input, json, &plan),
-        Command::Convert {
-            input,
-            out_dir,
-            plan,
-            max_shard_size,
-            force,
-            quiet,
-        } => convert(&input, &out_dir, &plan, max_shard_size, force, quiet),
+        Command::Convert { input, out_dir, plan, max_shard_size, force, quiet } => {
+            convert(&input, &out_dir, &plan, max_shard_size, force, quiet)
+        }
     }
 }
 
