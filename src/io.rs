@@ -16,6 +16,11 @@ pub trait ReadAt {
     }
     /// Fills `buf` from `offset`; a short source is an error.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
+    /// The concrete reader, so that a sink built for it can take a faster path (e.g. an in-kernel file
+    /// copy). The core itself never looks.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }
 
 impl ReadAt for [u8] {

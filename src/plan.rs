@@ -256,6 +256,17 @@ impl PlannedTensor {
         (BAND_BYTES / widest) as u64
     }
 
+    /// The input byte range holding output elements `[start, start + count)` when they can be copied
+    /// verbatim (a contiguous view and no cast): `(input index, offset, length)`.
+    pub fn verbatim_range(&self, start: u64, count: u64) -> Option<(usize, u64, u64)> {
+        let Source::View(v) = &self.source;
+        if !v.is_contiguous() || v.dtype != self.dtype {
+            return None;
+        }
+        let esz = v.dtype.size() as u64;
+        Some((v.input, v.data_start + (v.offset + start) * esz, count * esz))
+    }
+
     /// Fills `out` with output elements `[start, start + count)`, reading and casting as needed.
     pub fn read_band(
         &self,

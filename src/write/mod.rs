@@ -7,6 +7,7 @@
 pub mod safetensors;
 
 use crate::error::Result;
+use crate::io::Input;
 use std::collections::BTreeMap;
 
 /// Receives output files as ordered byte streams.
@@ -19,6 +20,13 @@ pub trait Sink {
     fn end(&mut self) -> Result<()>;
     /// Publishes every file ended so far; called once after the last file.
     fn commit(&mut self) -> Result<()>;
+    /// Appends `len` bytes of `input` at `offset` without passing them through the caller, when this sink
+    /// can (native files: an in-kernel copy, as `cp` does). Returns `false` to have the caller read and
+    /// `write` them instead; the bytes written are the same either way.
+    fn copy_range(&mut self, input: &Input, offset: u64, len: u64) -> Result<bool> {
+        let _ = (input, offset, len);
+        Ok(false)
+    }
 }
 
 /// A sink that keeps files in memory, for tests and small outputs.

@@ -7,7 +7,7 @@
 use super::Sink;
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::Input;
-use crate::plan::{BandBuffers, Plan};
+use crate::plan::{BandBuffers, Plan, PlannedTensor};
 use std::collections::BTreeMap;
 
 /// One file of the output, with its exact size.
@@ -179,19 +179,11 @@ pub fn write(
                 written += header.len() as u64;
                 for &i in order {
                     let t = &plan.tensors[i];
-                    let step = t.band_elems();
-                    let esz = t.dtype.size() as u64;
-                    let mut start = 0u64;
-                    while start < t.numel() {
-                        let count = step.min(t.numel() - start);
-                        band.resize((count * esz) as usize, 0);
-                        t.read_band(inputs, start, count, &mut band, &mut bufs)?;
-                        sink.write(&band)?;
-                        written += band.len() as u64;
-                        done += band.len() as u64;
+                    stream_tensor(t, inputs, sink, &mut bufs, &mut band, &mut |n| {
+                        done += n;
                         progress(done);
-                        start += count;
-                    }
+                    })?;
+                    written += t.nbytes();
                 }
             }
         }
@@ -204,6 +196,46 @@ pub fn write(
         sink.end()?;
     }
     sink.commit()
+}
+
+/// Verbatim chunk handed to a sink that copies without buffering; it only bounds progress granularity.
+const COPY_CHUNK: u64 = 256 << 20;
+
+/// Writes one tensor's bytes: verbatim chunks when the sink copies them itself, bounded bands otherwise.
+fn stream_tensor(
+    t: &PlannedTensor,
+    inputs: &[Input],
+    sink: &mut dyn Sink,
+    bufs: &mut BandBuffers,
+    band: &mut Vec<u8>,
+    advanced: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let n = t.numel();
+    let esz = t.dtype.size() as u64;
+    let mut start = 0u64;
+    if let Some((idx, _, _)) = t.verbatim_range(0, 0)
+        && let Some(input) = inputs.get(idx)
+    {
+        while start < n {
+            let count = (COPY_CHUNK / esz).min(n - start);
+            let Some((_, offset, len)) = t.verbatim_range(start, count) else { break };
+            if !sink.copy_range(input, offset, len)? {
+                break;
+            }
+            advanced(len);
+            start += count;
+        }
+    }
+    let step = t.band_elems();
+    while start < n {
+        let count = step.min(n - start);
+        band.resize((count * esz) as usize, 0);
+        t.read_band(inputs, start, count, band, bufs)?;
+        sink.write(band)?;
+        advanced(band.len() as u64);
+        start += count;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

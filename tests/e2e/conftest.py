@@ -87,16 +87,17 @@ def flatten(obj, prefix=""):
 
 
 def expected_tensors(obj, prefix=None):
-    """prefix None: the automatic rule; '' : everything; 'k': the subtree under root key k, k stripped."""
+    """prefix None: the automatic rule; '': everything; 'a.b': tensors under dotted path a.b, a.b. stripped."""
     if prefix is None:
         if isinstance(obj, dict):
             for k in PREFIX_KEYS:  # fixed order, first key whose dict value holds a tensor wins
                 if k in obj and isinstance(obj[k], dict) and has_tensor(obj[k]):
                     return flatten(obj[k])
         return flatten(obj)
+    every = flatten(obj)
     if prefix == "":
-        return flatten(obj)
-    return flatten(obj[prefix])
+        return every
+    return {k[len(prefix) + 1:]: v for k, v in every.items() if k.startswith(prefix + ".")}
 
 
 def tensor_bytes(t):

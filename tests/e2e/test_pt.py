@@ -66,7 +66,8 @@ def test_prefix_empty_converts_everything(run, tmp_path, name):
 
 
 @pytest.mark.parametrize("name,prefix", [("lightning_style.pt", "state_dict"), ("prefix_order.pt", "module"),
-                                         ("model_optimizer_args.pt", "optimizer")])
+                                         ("model_optimizer_args.pt", "optimizer"), ("lightning_style.pt", "state_dict.net"),
+                                         ("nested_containers.pt", "a.b")])
 def test_prefix_explicit(run, tmp_path, name, prefix):
     src = FIXTURES / "pt" / name
     convert_ok(run, src, tmp_path, "--prefix", prefix)
@@ -74,11 +75,72 @@ def test_prefix_explicit(run, tmp_path, name, prefix):
 
 
 @pytest.mark.parametrize("src", PT_FILES, ids=ident)
-def test_inspect_lists_tensors(run, src):
+def test_inspect_lists_format_and_tensors(run, src):
     r = run("inspect", src)
     assert r.returncode == 0, r.stderr
+    assert ("zip" if zipfile.is_zipfile(src) else "legacy") in r.stdout.lower(), "inspect does not name the format"
     missing = [k for k in expected_tensors(load(src)) if k not in r.stdout]
     assert not missing, f"inspect does not list {missing[:5]}"
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pth", "no_extension"])
+def test_any_file_name(run, tmp_path, name):
+    """Detection is by content; the zip's inner root keeps the original stem, not the new file name."""
+    src = tmp_path / name
+    shutil.copy(FIXTURES / "pt" / "view_slices.pt", src)
+    convert_ok(run, src, tmp_path / "out")
+    assert_same(load_output(tmp_path / "out"), expected_tensors(load(src)), name)
+
+
+def rezip(src, dst, edit):
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, edit(info.filename, zin.read(info)))
+
+
+def test_big_endian_swapped_or_refused(run, tmp_path):
+    """A byteorder=big file must be byte-swapped (matching torch, which swaps on load) or refused clearly."""
+    g = torch.Generator().manual_seed(8)
+    tensors = {"f64": torch.randn(3, generator=g, dtype=torch.float64), "f32": torch.randn(2, 3, generator=g),
+               "f16": torch.randn(4, generator=g).half(), "bf16": torch.randn(4, generator=g).bfloat16(),
+               "i64": torch.arange(-2, 3), "i16": torch.arange(5, dtype=torch.int16), "u8": torch.arange(6, dtype=torch.uint8)}
+    le, be = tmp_path / "le.pt", tmp_path / "be.pt"
+    torch.save(tensors, le)  # one storage per tensor, keys "0".. in dict order
+    sizes = [t.element_size() for t in tensors.values()]
+
+    def swap(name, data):
+        if name.endswith("/byteorder"):
+            return b"big"
+        if "/data/" in name and "/.data/" not in name:
+            size = sizes[int(name.rsplit("/", 1)[1])]
+            return b"".join(data[i:i + size][::-1] for i in range(0, len(data), size))
+        return data
+    rezip(le, be, swap)
+    want = load(be)
+    assert_same(want, tensors, "torch's own reading of the big-endian file")  # the file is what we think
+
+    r = run("convert", be, tmp_path / "out")
+    if r.returncode == 0:
+        assert_same(load_output(tmp_path / "out"), want, "big-endian")
+    else:
+        assert r.returncode == 1 and "panicked" not in r.stderr, r.stderr
+        assert any(w in r.stderr.lower() for w in ("endian", "byteorder", "byte order")), r.stderr
+
+
+@pytest.mark.parametrize("dtype,word", [(torch.complex64, "complex"), (torch.uint16, "uint16")], ids=str)
+def test_unsupported_dtype_is_a_clear_error(run, tmp_path, dtype, word):
+    """Dropping a weight silently would be worse than failing. complex has no safetensors dtype: exit 1 naming
+    it. uint16 does exist in safetensors (U16), so converting it exactly is also accepted."""
+    src = tmp_path / "x.pt"
+    torch.save({"ok": torch.ones(2), "odd": torch.arange(3).to(dtype)}, src)
+    out = tmp_path / "out"
+    r = run("convert", src, out)
+    if r.returncode == 0 and dtype == torch.uint16:
+        assert_same(load_output(out), expected_tensors(load(src)), "uint16")
+        return
+    assert r.returncode == 1, f"exit {r.returncode}\n{r.stderr}"
+    assert word in r.stderr.lower() and "panicked" not in r.stderr, r.stderr
+    assert not (out.exists() and list(out.glob("*.safetensors")))
 
 
 def test_dtype_keep_is_default(run, tmp_path):
@@ -123,12 +185,7 @@ def test_sharding_qwen2_and_transformers_loads_it(run, tmp_path):
     assert_clean_output_dir(out)
     want = expected_tensors(load(QWEN_PT))
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in want.values())
-    for f in shards:
-        header, _ = read_header(out / f)
-        header.pop("__metadata__", None)
-        data = max(v["data_offsets"][1] for v in header.values())
-        # HF semantics: the limit bounds tensor bytes per shard; one tensor larger than it gets its own shard.
-        assert data <= limit or len(header) == 1, f"{f}: {data} tensor bytes in {len(header)} tensors > {limit}"
+    assert_shards_within(out, limit)
     assert_same(load_output(out), want, "qwen2 sharded")
 
     shutil.copy(QWEN_HF / "config.json", out / "config.json")
@@ -139,6 +196,32 @@ def test_sharding_qwen2_and_transformers_loads_it(run, tmp_path):
     with torch.no_grad():
         diff = (model(ids).logits - ref(ids).logits).abs().max().item()
     assert diff <= 1e-5
+
+
+def assert_shards_within(out, limit):
+    """Every shard FILE (header included) is within the limit unless it holds one tensor larger than it."""
+    for f in shard_files(out):
+        header, _ = read_header(f)
+        header.pop("__metadata__", None)
+        size = f.stat().st_size
+        assert size <= limit or len(header) == 1, f"{f.name}: {size} bytes holding {len(header)} tensors > {limit}"
+
+
+@pytest.mark.parametrize("flag,shards", [("10KB", 4), ("10KiB", 2), ("1GB", 1)])
+def test_shard_size_units(run, tmp_path, flag, shards):
+    """KB = 1000 (HF), KiB = 1024. Two 4948-byte tensors make a ~10.06 kB file (any header of 97..335
+    bytes): too big for 10KB, fits 10KiB. A single shard is model.safetensors without an index."""
+    limit = {"10KB": 10_000, "10KiB": 10_240, "1GB": 10**9}[flag]
+    src = tmp_path / "units.pt"
+    g = torch.Generator().manual_seed(6)
+    torch.save({f"t{i}": torch.randn(1237, generator=g) for i in range(4)}, src)
+    out = tmp_path / "out"
+    convert_ok(run, src, out, "--max-shard-size", flag)
+    files = shard_files(out)
+    assert len(files) == shards, [f.name for f in files]
+    assert (shards == 1) == (not (out / INDEX).exists()), "a single shard is model.safetensors without an index"
+    assert_shards_within(out, limit)
+    assert_same(load_output(out), expected_tensors(load(src)), flag)
 
 
 @pytest.mark.parametrize("flags", [(), ("--max-shard-size", "20KB"), ("--dtype", "bf16")], ids=["single", "sharded", "bf16"])
