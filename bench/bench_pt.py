@@ -1,7 +1,7 @@
 """Benchmark `ckptconv convert` on a Qwen2-1.5B-shaped bf16 .pt against `cp` and the torch pipeline.
 
 Owns: bench/ (this script, README.md, .gitignore; bench/data/ is a gitignored cache).
-The input (~3.1 GB) is generated once into bench/data/. Each repetition runs, interleaved so drift hits all
+The input (~3.55 GB) is generated once into bench/data/. Each repetition runs, interleaved so drift hits all
 tools alike: cp of the file; ckptconv convert; torch.load(mmap=True) + safetensors save_file in a subprocess
 (skipped if torch is missing). `sync` runs before each timing; outputs are deleted between runs. Wall time
 and per-process peak RSS (os.wait4 -> ru_maxrss) are recorded; medians are printed, then JSON.
@@ -24,10 +24,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DATA = HERE / "data"
-SRC = DATA / "qwen2_1.5b_bf16.pt"
+SRC = DATA / "qwen2_1.5b_untied_bf16.pt"
 
-# Qwen2-1.5B: tied embeddings, so no lm_head.weight (as save_pretrained drops it; a shared tensor would
-# also make safetensors' save_file refuse the torch baseline).
+# DeepSeek-R1-Distill-Qwen-1.5B (RLinf's model): Qwen2-1.5B shapes with an untied lm_head, 1.78B parameters,
+# about 3.55 GB in bf16. lm_head is its own tensor, not a view of the embedding, so safetensors' save_file
+# accepts the torch baseline.
 VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS, INTER = 151936, 1536, 28, 12, 2, 8960
 
 TORCH_PIPELINE = """
@@ -56,6 +57,7 @@ def shapes():
         yield p + "mlp.up_proj.weight", (INTER, HIDDEN)
         yield p + "mlp.down_proj.weight", (HIDDEN, INTER)
     yield "model.norm.weight", (HIDDEN,)
+    yield "lm_head.weight", (VOCAB, HIDDEN)
 
 
 def generate():

@@ -27,6 +27,12 @@ pub enum DType {
     I8,
     /// uint8
     U8,
+    /// uint16
+    U16,
+    /// uint32
+    U32,
+    /// uint64
+    U64,
     /// bool, one byte per element
     Bool,
     /// float8_e4m3fn
@@ -39,9 +45,9 @@ impl DType {
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
-            DType::F64 | DType::I64 => 8,
-            DType::F32 | DType::I32 => 4,
-            DType::F16 | DType::BF16 | DType::I16 => 2,
+            DType::F64 | DType::I64 | DType::U64 => 8,
+            DType::F32 | DType::I32 | DType::U32 => 4,
+            DType::F16 | DType::BF16 | DType::I16 | DType::U16 => 2,
             DType::I8 | DType::U8 | DType::Bool | DType::F8E4M3 | DType::F8E5M2 => 1,
         }
     }
@@ -58,6 +64,9 @@ impl DType {
             DType::I16 => "I16",
             DType::I8 => "I8",
             DType::U8 => "U8",
+            DType::U16 => "U16",
+            DType::U32 => "U32",
+            DType::U64 => "U64",
             DType::Bool => "BOOL",
             DType::F8E4M3 => "F8_E4M3",
             DType::F8E5M2 => "F8_E5M2",
@@ -81,6 +90,9 @@ impl DType {
             DType::I16 => "int16",
             DType::I8 => "int8",
             DType::U8 => "uint8",
+            DType::U16 => "uint16",
+            DType::U32 => "uint32",
+            DType::U64 => "uint64",
             DType::Bool => "bool",
             DType::F8E4M3 => "float8_e4m3fn",
             DType::F8E5M2 => "float8_e5m2",
@@ -99,6 +111,9 @@ impl DType {
             "int16" | "short" => DType::I16,
             "int8" => DType::I8,
             "uint8" => DType::U8,
+            "uint16" => DType::U16,
+            "uint32" => DType::U32,
+            "uint64" => DType::U64,
             "bool" => DType::Bool,
             "float8_e4m3fn" => DType::F8E4M3,
             "float8_e5m2" => DType::F8E5M2,
@@ -144,7 +159,7 @@ impl DType {
 }
 
 /// Every supported dtype.
-pub const ALL: [DType; 12] = [
+pub const ALL: [DType; 15] = [
     DType::F64,
     DType::F32,
     DType::F16,
@@ -154,6 +169,9 @@ pub const ALL: [DType; 12] = [
     DType::I16,
     DType::I8,
     DType::U8,
+    DType::U16,
+    DType::U32,
+    DType::U64,
     DType::Bool,
     DType::F8E4M3,
     DType::F8E5M2,
@@ -170,51 +188,54 @@ pub fn f32_to_bf16_bits(x: f32) -> u16 {
     (bits.wrapping_add(bias) >> 16) as u16
 }
 
+/// Applies `f` element-wise; generic over sizes so each (source, target) pair compiles to its own loop.
 #[inline]
-fn load_f32(src: DType, b: &[u8]) -> f32 {
-    match src {
-        DType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-        DType::F16 => f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
-        DType::BF16 => f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16),
-        // torch narrows double to float first, then to the 16-bit type.
-        _ => f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32,
+fn map<const SI: usize, const DI: usize>(input: &[u8], out: &mut [u8], f: impl Fn([u8; SI]) -> [u8; DI]) {
+    for (i, o) in input.chunks_exact(SI).zip(out.chunks_exact_mut(DI)) {
+        let mut a = [0u8; SI];
+        a.copy_from_slice(i);
+        o.copy_from_slice(&f(a));
     }
 }
 
-/// Converts `count` little-endian elements of `src` into `dst`. Both types must be castable floats,
-/// `input.len() == count * src.size()` and `out.len() == count * dst.size()`.
+#[inline]
+fn bf16_to_f32(b: [u8; 2]) -> f32 {
+    f32::from_bits((u16::from_le_bytes(b) as u32) << 16)
+}
+
+#[inline]
+fn f16_to_f32(b: [u8; 2]) -> f32 {
+    f16::from_bits(u16::from_le_bytes(b)).to_f32()
+}
+
+#[inline]
+fn f32_to_f16_bytes(v: f32) -> [u8; 2] {
+    f16::from_f32(v).to_bits().to_le_bytes()
+}
+
+/// Converts little-endian elements of `src` into `dst`. Both types must be castable floats,
+/// and `out` must hold as many elements as `input`.
 pub fn cast(src: DType, dst: DType, input: &[u8], out: &mut [u8]) {
-    if src == dst {
-        out.copy_from_slice(input);
-        return;
-    }
-    let (si, di) = (src.size(), dst.size());
-    let pairs = input.chunks_exact(si).zip(out.chunks_exact_mut(di));
-    match dst {
-        DType::BF16 => {
-            for (i, o) in pairs {
-                o.copy_from_slice(&f32_to_bf16_bits(load_f32(src, i)).to_le_bytes());
-            }
-        }
-        DType::F16 => {
-            for (i, o) in pairs {
-                o.copy_from_slice(&f16::from_f32(load_f32(src, i)).to_bits().to_le_bytes());
-            }
-        }
-        DType::F32 => {
-            for (i, o) in pairs {
-                o.copy_from_slice(&load_f32(src, i).to_le_bytes());
-            }
-        }
+    use DType::*;
+    // torch narrows f64 to f32 before any 16-bit type; widening is exact.
+    match (src, dst) {
+        _ if src == dst => out.copy_from_slice(input),
+        (F32, BF16) => map(input, out, |b: [u8; 4]| f32_to_bf16_bits(f32::from_le_bytes(b)).to_le_bytes()),
+        (F32, F16) => map(input, out, |b: [u8; 4]| f32_to_f16_bytes(f32::from_le_bytes(b))),
+        (F64, BF16) => map(input, out, |b: [u8; 8]| f32_to_bf16_bits(f64::from_le_bytes(b) as f32).to_le_bytes()),
+        (F64, F16) => map(input, out, |b: [u8; 8]| f32_to_f16_bytes(f64::from_le_bytes(b) as f32)),
+        (F64, F32) => map(input, out, |b: [u8; 8]| (f64::from_le_bytes(b) as f32).to_le_bytes()),
+        (BF16, F32) => map(input, out, |b: [u8; 2]| bf16_to_f32(b).to_le_bytes()),
+        (F16, F32) => map(input, out, |b: [u8; 2]| f16_to_f32(b).to_le_bytes()),
+        (BF16, F16) => map(input, out, |b: [u8; 2]| f32_to_f16_bytes(bf16_to_f32(b))),
+        (F16, BF16) => map(input, out, |b: [u8; 2]| f32_to_bf16_bits(f16_to_f32(b)).to_le_bytes()),
+        (BF16, F64) => map(input, out, |b: [u8; 2]| (bf16_to_f32(b) as f64).to_le_bytes()),
+        (F16, F64) => map(input, out, |b: [u8; 2]| (f16_to_f32(b) as f64).to_le_bytes()),
+        (F32, F64) => map(input, out, |b: [u8; 4]| (f32::from_le_bytes(b) as f64).to_le_bytes()),
+        // Callers only cast between the four float types; anything else is copied unchanged.
         _ => {
-            // F64 output: widen exactly from any float source.
-            for (i, o) in pairs {
-                let v = match src {
-                    DType::F32 | DType::F16 | DType::BF16 => load_f32(src, i) as f64,
-                    _ => f64::from_le_bytes([i[0], i[1], i[2], i[3], i[4], i[5], i[6], i[7]]),
-                };
-                o.copy_from_slice(&v.to_le_bytes());
-            }
+            let n = input.len().min(out.len());
+            out[..n].copy_from_slice(&input[..n]);
         }
     }
 }
