@@ -86,15 +86,26 @@ def generate_in_child():
     subprocess.run([sys.executable, __file__, "--generate-only"], check=True)
 
 
+GNU_TIME = shutil.which("time") if Path("/usr/bin/time").exists() else None
+RSS_FILE = DATA / "rss.txt"
+
+
 def timed(argv):
-    """Run argv after `sync`; return (seconds, peak RSS MiB). Raises on nonzero exit."""
+    """Run argv after `sync`; return (seconds, peak RSS MiB). Raises on nonzero exit.
+
+    With GNU time on the machine the tool runs under `time -f %M`: time is a small C program, so its child's
+    peak RSS is the tool's own. Without it, wait4's figure has the spawning Python's floor in it."""
     subprocess.run(["sync"], check=True)
+    if GNU_TIME:
+        argv = ["/usr/bin/time", "-f", "%M", "-o", str(RSS_FILE)] + argv
     t0 = time.perf_counter()
     pid = os.posix_spawnp(argv[0], argv, os.environ)
     _, status, ru = os.wait4(pid, 0)
     dt = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{argv} failed with status {os.waitstatus_to_exitcode(status)}")
+    if GNU_TIME:
+        return dt, int(RSS_FILE.read_text().split()[-1]) / 1024
     return dt, ru.ru_maxrss / 1024  # Linux reports KiB
 
 
@@ -135,8 +146,9 @@ def main():
     med = {n: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "peak_rss_mib")} for n, rs in runs.items()}
     size = SRC.stat().st_size
     floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\ninput {SRC.name}: {size / 2**30:.2f} GiB, medians of {args.reps} runs; "
-          f"RSS below {floor:.0f} MiB is the spawning parent's floor, not the tool's")
+    rss_note = ("peak RSS measured by GNU time" if GNU_TIME
+                else f"RSS below {floor:.0f} MiB is the spawning parent's floor, not the tool's")
+    print(f"\ninput {SRC.name}: {size / 2**30:.2f} GiB, medians of {args.reps} runs; {rss_note}")
     print(f"{'tool':<10}{'seconds':>10}{'x cp':>8}{'GB/s':>8}{'peak RSS MiB':>15}")
     for n, m in med.items():
         print(f"{n:<10}{m['seconds']:>10.2f}{m['seconds'] / med['cp']['seconds']:>8.2f}{size / m['seconds'] / 1e9:>8.2f}{m['peak_rss_mib']:>15.1f}")
