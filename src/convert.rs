@@ -1,10 +1,12 @@
-//! From inputs to a plan: detects the format and applies the user's options.
+//! From inputs to a plan: finds the checkpoint inside what the user gave, detects its format and applies
+//! the user's options.
 
+use crate::dcp::{self, ChunkResolver};
 use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result};
-use crate::io::Input;
+use crate::io::{Folder, Input};
 use crate::plan::{Plan, PlannedTensor, Source};
-use crate::select::{self, Prefix};
+use crate::select::{self, Prefix, Selection, TensorPath};
 use crate::torch::TorchFile;
 
 /// Options that shape the plan.
@@ -16,28 +18,94 @@ pub struct PlanOptions {
     pub prefix: Prefix,
 }
 
+/// A group of entries in the checkpoint (e.g. `fsdp_checkpoint.optimizers`), for `inspect`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    /// Dotted key path of the group.
+    pub name: String,
+    /// Tensors in it.
+    pub tensors: usize,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Non-tensor entries in it (DCP bytes items).
+    pub others: usize,
+}
+
 /// A plan plus what was detected, for reports.
-#[derive(Debug, Clone)]
 pub struct Planned {
     /// The output tensors.
     pub plan: Plan,
     /// A one-line description of the detected input format.
     pub format: String,
+    /// The inputs the plan reads, by the indices its sources use.
+    pub inputs: Vec<Input>,
+    /// Every group of the checkpoint, selected or not.
+    pub groups: Vec<Group>,
 }
 
-/// Plans the conversion of a torch.save file.
-pub fn plan_torch_file(input: &Input, opts: &PlanOptions) -> Result<Planned> {
-    let file = TorchFile::open(input)?;
-    let found = file.tensors(input, 0)?;
-    if found.is_empty() {
-        return Err(Error::new(ErrorKind::NoTensors(format!(
-            "the pickled object ({}) holds no tensors",
-            file.heap.describe(file.root)
-        )))
-        .in_file(&input.name));
+/// What was found inside a folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// A torch.save file at this relative path.
+    TorchFile(String),
+    /// A DCP folder at this relative path ("" for the folder itself).
+    Dcp(String),
+}
+
+/// Finds the checkpoint inside `folder`: the folder itself when it is a DCP folder; otherwise, in a
+/// `global_step_N` or `actor` folder, RLinf's `model_state_dict/full_weights.pt` (also the misspelled
+/// `full_weigths.pt` of its docs), which is already whole, then `dcp_checkpoint/`.
+pub fn locate(folder: &dyn Folder) -> Result<Found> {
+    let files = folder.files();
+    let has = |p: &str| files.iter().any(|f| f == p);
+    if has(".metadata") {
+        return Ok(Found::Dcp(String::new()));
     }
-    let items = found.into_iter().map(|t| (t.path, t.view)).collect();
-    let (kept, sel) = select::select(items, &opts.prefix).map_err(|e| e.in_file(&input.name))?;
+    for base in ["", "actor/"] {
+        for name in ["full_weights.pt", "full_weigths.pt"] {
+            let p = format!("{base}model_state_dict/{name}");
+            if has(&p) {
+                return Ok(Found::TorchFile(p));
+            }
+        }
+        let d = format!("{base}dcp_checkpoint");
+        if has(&format!("{d}/.metadata")) {
+            return Ok(Found::Dcp(d));
+        }
+    }
+    Err(Error::new(ErrorKind::NotCheckpoint(
+        "no checkpoint found: expected a DCP folder (.metadata), dcp_checkpoint/ or model_state_dict/full_weights.pt (also under actor/)"
+            .into(),
+    ))
+    .in_file(folder.name()))
+}
+
+fn group_of(p: &TensorPath) -> String {
+    match p.depth() {
+        0 | 1 => "(top level)".into(),
+        d => p.head((d - 1).min(2)).to_string(),
+    }
+}
+
+fn add_group(groups: &mut Vec<Group>, name: String, bytes: Option<u64>) {
+    let i = match groups.iter().position(|g| g.name == name) {
+        Some(i) => i,
+        None => {
+            groups.push(Group { name, tensors: 0, bytes: 0, others: 0 });
+            groups.len() - 1
+        }
+    };
+    let g = &mut groups[i];
+    match bytes {
+        Some(b) => {
+            g.tensors += 1;
+            g.bytes += b;
+        }
+        None => g.others += 1,
+    }
+}
+
+fn selection_notes(sel: &Selection) -> Vec<String> {
     let mut notes = Vec::new();
     if !sel.prefix.is_empty() {
         notes.push(format!("model weights taken from '{}' (prefix stripped)", sel.prefix));
@@ -45,9 +113,83 @@ pub fn plan_torch_file(input: &Input, opts: &PlanOptions) -> Result<Planned> {
     for (group, n) in &sel.skipped {
         notes.push(format!("skipped '{group}': {n} tensor(s), not model weights"));
     }
+    notes
+}
+
+/// Plans the conversion of a torch.save file.
+pub fn plan_torch_file(input: Input, opts: &PlanOptions) -> Result<Planned> {
+    let file = TorchFile::open(&input)?;
+    let found = file.tensors(&input, 0)?;
+    if found.is_empty() {
+        return Err(Error::new(ErrorKind::NoTensors(format!(
+            "the pickled object ({}) holds no tensors",
+            file.heap.describe(file.root)
+        )))
+        .in_file(&input.name));
+    }
+    let mut groups = Vec::new();
+    for t in &found {
+        add_group(&mut groups, group_of(&t.path), Some(t.view.numel() * t.view.dtype.size() as u64));
+    }
+    let items = found.into_iter().map(|t| (t.path, t.view)).collect();
+    let (kept, sel) = select::select(items, &opts.prefix).map_err(|e| e.in_file(&input.name))?;
     let tensors = kept
         .into_iter()
         .map(|(name, view)| PlannedTensor::from_source(name, view.shape.clone(), Source::View(view), opts.dtype))
         .collect();
-    Ok(Planned { plan: Plan { tensors, notes }, format: file.format.to_string() })
+    Ok(Planned {
+        plan: Plan { tensors, notes: selection_notes(&sel) },
+        format: file.format.to_string(),
+        inputs: vec![input],
+        groups,
+    })
+}
+
+/// Plans the conversion of a DCP folder at `dir` inside `folder`.
+pub fn plan_dcp(folder: &dyn Folder, dir: &str, opts: &PlanOptions) -> Result<Planned> {
+    let meta = dcp::read_metadata(folder, dir)?;
+    let meta_name = format!("{}/{}", folder.name(), dcp::join(dir, ".metadata"));
+    let mut groups = Vec::new();
+    for t in &meta.tensors {
+        add_group(&mut groups, group_of(&t.path), Some(t.nbytes()));
+    }
+    for b in &meta.bytes_items {
+        add_group(&mut groups, group_of(&TensorPath::from_parts(&b.split('.').collect::<Vec<_>>())), None);
+    }
+    if meta.tensors.is_empty() {
+        return Err(Error::new(ErrorKind::NoTensors("the DCP metadata lists no tensors".into())).in_file(&meta_name));
+    }
+    let items = meta.tensors.iter().map(|t| (t.path.clone(), t)).collect();
+    let (kept, sel) = select::select(items, &opts.prefix).map_err(|e| e.in_file(&meta_name))?;
+    let mut resolver = ChunkResolver::new(folder, dir);
+    let mut tensors = Vec::with_capacity(kept.len());
+    for (name, t) in kept {
+        let chunked = resolver.resolve(t).map_err(|e| e.in_file(&meta_name))?;
+        tensors.push(PlannedTensor::from_source(name, t.shape.clone(), Source::Chunked(chunked), opts.dtype));
+    }
+    let files = resolver.inputs.len();
+    Ok(Planned {
+        plan: Plan { tensors, notes: selection_notes(&sel) },
+        format: format!("torch.distributed.checkpoint folder ({files} .distcp file(s) used)"),
+        inputs: resolver.inputs,
+        groups,
+    })
+}
+
+/// Plans whatever `folder` holds, reporting what was picked in the plan's notes.
+pub fn plan_folder(folder: &dyn Folder, opts: &PlanOptions) -> Result<Planned> {
+    let found = locate(folder)?;
+    let mut planned = match &found {
+        Found::TorchFile(rel) => plan_torch_file(folder.open(rel)?, opts)?,
+        Found::Dcp(dir) => plan_dcp(folder, dir, opts)?,
+    };
+    let picked = match &found {
+        Found::TorchFile(rel) => Some(rel.clone()),
+        Found::Dcp(dir) if !dir.is_empty() => Some(format!("{dir}/")),
+        Found::Dcp(_) => None,
+    };
+    if let Some(p) = picked {
+        planned.plan.notes.insert(0, format!("using {}/{p}", folder.name()));
+    }
+    Ok(planned)
 }

@@ -221,3 +221,39 @@ impl<'a> ByteCursor<'a> {
         }
     }
 }
+
+/// A virtual folder of named inputs: a directory on disk, files dropped in a browser, or a map in tests.
+/// Paths are relative and `/`-separated.
+pub trait Folder {
+    /// Display name of the folder (used in messages).
+    fn name(&self) -> &str;
+    /// Every file below the folder.
+    fn files(&self) -> Vec<String>;
+    /// Opens one file by relative path.
+    fn open(&self, rel: &str) -> Result<Input>;
+}
+
+/// A folder held in memory, for tests.
+#[derive(Default)]
+pub struct MemoryFolder {
+    /// Display name.
+    pub name: String,
+    /// Files by relative path.
+    pub files: std::collections::BTreeMap<String, Vec<u8>>,
+}
+
+impl Folder for MemoryFolder {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn files(&self) -> Vec<String> {
+        self.files.keys().cloned().collect()
+    }
+    fn open(&self, rel: &str) -> Result<Input> {
+        let data = self
+            .files
+            .get(rel)
+            .ok_or_else(|| Error::new(ErrorKind::Io("no such file".into())).in_file(&format!("{}/{rel}", self.name)))?;
+        Ok(Input::new(format!("{}/{rel}", self.name), Box::new(data.clone())))
+    }
+}

@@ -8,6 +8,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod convert;
+pub mod dcp;
 pub mod dtype;
 pub mod error;
 pub mod io;

@@ -99,7 +99,14 @@ impl StridedView {
     }
 
     /// Reads elements `[start, start + count)` in row-major order into `out` (`count * esize` bytes).
-    fn read(&self, inputs: &[Input], start: u64, count: u64, out: &mut [u8], window: &mut Window) -> Result<()> {
+    pub(crate) fn read(
+        &self,
+        inputs: &[Input],
+        start: u64,
+        count: u64,
+        out: &mut [u8],
+        window: &mut Window,
+    ) -> Result<()> {
         let input = inputs
             .get(self.input)
             .ok_or_else(|| Error::new(ErrorKind::Output(format!("plan refers to missing input {}", self.input))))?;
@@ -186,11 +193,130 @@ impl Window {
     }
 }
 
+/// One chunk of a [`ChunkedTensor`]: a box of the global tensor and the view holding its elements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    /// Start of the box in each dimension.
+    pub offsets: Vec<u64>,
+    /// Extent of the box in each dimension (none zero).
+    pub sizes: Vec<u64>,
+    /// The chunk's elements, in the chunk's own row-major order.
+    pub view: StridedView,
+}
+
+/// A global tensor assembled from chunks that tile it (DCP shards, later Megatron ranks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkedTensor {
+    shape: Vec<u64>,
+    dtype: DType,
+    chunks: Vec<Chunk>,
+    /// Elements per row of dimension 0 (1 for 0-d and 1-d tensors).
+    row: u64,
+    /// Whether every chunk spans whole rows and is contiguous, so its rows are contiguous in the output.
+    row_slabs: bool,
+}
+
+impl ChunkedTensor {
+    /// Builds a chunked tensor; the caller has checked that the chunks tile `shape` exactly.
+    pub fn new(name: &str, shape: Vec<u64>, dtype: DType, mut chunks: Vec<Chunk>) -> Result<Self> {
+        for c in &chunks {
+            if c.view.dtype != dtype || c.sizes.len() != shape.len() {
+                return Err(tensor_err(name, "chunk does not match the tensor's dtype or rank"));
+            }
+        }
+        chunks.sort_by(|a, b| a.offsets.cmp(&b.offsets));
+        let row = shape.iter().skip(1).product::<u64>().max(1);
+        let row_slabs = chunks.iter().all(|c| c.view.is_contiguous() && c.sizes.get(1..) == shape.get(1..));
+        Ok(ChunkedTensor { shape, dtype, chunks, row, row_slabs })
+    }
+
+    fn numel(&self) -> u64 {
+        self.shape.iter().product()
+    }
+
+    /// Reads output elements `[start, start + count)`; both must be whole rows of dimension 0.
+    fn read(&self, inputs: &[Input], start: u64, count: u64, out: &mut [u8], bufs: &mut ChunkBuffers) -> Result<()> {
+        let esz = self.dtype.size() as u64;
+        let (r0, r1) = (start / self.row, (start + count) / self.row);
+        let nd = self.shape.len();
+        for c in &self.chunks {
+            let (o0, s0) = match nd {
+                0 => (0, 1),
+                _ => (c.offsets[0], c.sizes[0]),
+            };
+            let (lo, hi) = (r0.max(o0), r1.min(o0 + s0));
+            if lo >= hi {
+                continue;
+            }
+            let local_row = c.sizes.iter().skip(1).product::<u64>().max(1);
+            let local_start = (lo - o0) * local_row;
+            let local_count = (hi - lo) * local_row;
+            if nd <= 1 || c.sizes[1..] == self.shape[1..] {
+                // Whole rows: the chunk's rows land contiguously in the output.
+                let dst = ((lo * self.row - start) * esz) as usize;
+                let len = (local_count * esz) as usize;
+                c.view.read(inputs, local_start, local_count, &mut out[dst..dst + len], &mut bufs.window)?;
+                continue;
+            }
+            bufs.rows.resize((local_count * esz) as usize, 0);
+            c.view.read(inputs, local_start, local_count, &mut bufs.rows, &mut bufs.window)?;
+            // Scatter runs along the last dimension into their global positions.
+            let last = nd - 1;
+            let run = c.sizes[last];
+            let mut gstride = vec![1u64; nd];
+            for d in (0..last).rev() {
+                gstride[d] = gstride[d + 1] * self.shape[d + 1];
+            }
+            let runs = local_count / run;
+            let mut idx = vec![0u64; nd];
+            idx[0] = lo - o0;
+            for k in 0..runs {
+                let g: u64 = (0..nd).map(|d| (c.offsets[d] + idx[d]) * gstride[d]).sum();
+                let dst = ((g - start) * esz) as usize;
+                let src = (k * run * esz) as usize;
+                let len = (run * esz) as usize;
+                out[dst..dst + len].copy_from_slice(&bufs.rows[src..src + len]);
+                for d in (0..last).rev() {
+                    idx[d] += 1;
+                    if d == 0 || idx[d] < c.sizes[d] {
+                        break;
+                    }
+                    idx[d] = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Input ranges that hold output elements `[start, start + count)` verbatim, in order, when every
+    /// chunk is a contiguous slab of whole rows (FSDP's `Shard(0)`).
+    fn verbatim_pieces(&self, start: u64, count: u64) -> Option<Vec<(usize, u64, u64)>> {
+        if !self.row_slabs {
+            return None;
+        }
+        let esz = self.dtype.size() as u64;
+        let end = start + count;
+        let mut pieces = Vec::new();
+        for c in &self.chunks {
+            let first = c.offsets.first().copied().unwrap_or(0) * self.row;
+            let n = c.view.numel();
+            let (lo, hi) = (start.max(first), end.min(first + n));
+            if lo < hi {
+                let v = &c.view;
+                pieces.push((v.input, v.data_start + (v.offset + lo - first) * esz, (hi - lo) * esz));
+            }
+        }
+        Some(pieces)
+    }
+}
+
 /// Where an output tensor's bytes come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     /// A strided view of one storage.
     View(StridedView),
+    /// Chunks that tile a global tensor.
+    Chunked(ChunkedTensor),
 }
 
 impl Source {
@@ -198,6 +324,7 @@ impl Source {
     pub fn dtype(&self) -> DType {
         match self {
             Source::View(v) => v.dtype,
+            Source::Chunked(c) => c.dtype,
         }
     }
 
@@ -205,6 +332,22 @@ impl Source {
     pub fn numel(&self) -> u64 {
         match self {
             Source::View(v) => v.numel(),
+            Source::Chunked(c) => c.numel(),
+        }
+    }
+
+    /// Elements per band unit: bands must be whole multiples of it.
+    fn band_unit(&self) -> u64 {
+        match self {
+            Source::View(_) => 1,
+            Source::Chunked(c) => c.row,
+        }
+    }
+
+    fn read(&self, inputs: &[Input], start: u64, count: u64, out: &mut [u8], bufs: &mut ChunkBuffers) -> Result<()> {
+        match self {
+            Source::View(v) => v.read(inputs, start, count, out, &mut bufs.window),
+            Source::Chunked(c) => c.read(inputs, start, count, out, bufs),
         }
     }
 }
@@ -222,10 +365,16 @@ pub struct PlannedTensor {
     pub source: Source,
 }
 
+#[derive(Default)]
+struct ChunkBuffers {
+    window: Window,
+    rows: Vec<u8>,
+}
+
 /// Reusable buffers for band reads.
 #[derive(Default)]
 pub struct BandBuffers {
-    window: Window,
+    chunk: ChunkBuffers,
     src: Vec<u8>,
 }
 
@@ -250,24 +399,31 @@ impl PlannedTensor {
         self.numel() * self.dtype.size() as u64
     }
 
-    /// Elements per band, so that neither the source nor the output band exceeds [`BAND_BYTES`].
+    /// Elements per band: at most [`BAND_BYTES`] of source or output, in whole band units (one row of a
+    /// chunked tensor at least, so a single row wider than the band is read whole).
     pub fn band_elems(&self) -> u64 {
-        let widest = self.dtype.size().max(self.source.dtype().size());
-        (BAND_BYTES / widest) as u64
+        let widest = self.dtype.size().max(self.source.dtype().size()) as u64;
+        let unit = self.source.band_unit();
+        ((BAND_BYTES as u64 / widest) / unit).max(1) * unit
     }
 
-    /// The input byte range holding output elements `[start, start + count)` when they can be copied
-    /// verbatim (a contiguous view and no cast): `(input index, offset, length)`.
-    pub fn verbatim_range(&self, start: u64, count: u64) -> Option<(usize, u64, u64)> {
-        let Source::View(v) = &self.source;
-        if !v.is_contiguous() || v.dtype != self.dtype {
+    /// Input ranges `(input index, offset, length)` that hold output elements `[start, start + count)`
+    /// verbatim, in order, when the bytes need no gathering or cast.
+    pub fn verbatim_pieces(&self, start: u64, count: u64) -> Option<Vec<(usize, u64, u64)>> {
+        if self.source.dtype() != self.dtype {
             return None;
         }
-        let esz = v.dtype.size() as u64;
-        Some((v.input, v.data_start + (v.offset + start) * esz, count * esz))
+        match &self.source {
+            Source::View(v) if v.is_contiguous() => {
+                let esz = v.dtype.size() as u64;
+                Some(vec![(v.input, v.data_start + (v.offset + start) * esz, count * esz)])
+            }
+            Source::View(_) => None,
+            Source::Chunked(c) => c.verbatim_pieces(start, count),
+        }
     }
 
-    /// Fills `out` with output elements `[start, start + count)`, reading and casting as needed.
+    /// Fills `out` with output elements `[start, start + count)` (whole band units), reading and casting.
     pub fn read_band(
         &self,
         inputs: &[Input],
@@ -277,12 +433,11 @@ impl PlannedTensor {
         bufs: &mut BandBuffers,
     ) -> Result<()> {
         let src_dtype = self.source.dtype();
-        let Source::View(v) = &self.source;
         if src_dtype == self.dtype {
-            return v.read(inputs, start, count, out, &mut bufs.window);
+            return self.source.read(inputs, start, count, out, &mut bufs.chunk);
         }
         bufs.src.resize((count * src_dtype.size() as u64) as usize, 0);
-        v.read(inputs, start, count, &mut bufs.src, &mut bufs.window)?;
+        self.source.read(inputs, start, count, &mut bufs.src, &mut bufs.chunk)?;
         dtype::cast(src_dtype, self.dtype, &bufs.src, out);
         Ok(())
     }

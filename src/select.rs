@@ -1,19 +1,20 @@
 //! Choosing which tensors of a checkpoint are the model, and naming them.
 //!
 //! Checkpoints often wrap the weights: `{"state_dict": ..., "optimizer_states": ...}` (Lightning),
-//! `{"model": ..., "optimizer": ...}` (Megatron, many trainers). By default the first of [`AUTO_KEYS`]
-//! that holds a nested container of tensors is taken and its key stripped; other top-level groups are
-//! skipped and reported. `--prefix` chooses explicitly, and an empty prefix keeps every tensor.
+//! `{"model": ..., "optimizer": ...}` (Megatron, many trainers), `{"fsdp_checkpoint": {"model": ...}}` (RLinf's
+//! DCP). By default the first of [`AUTO_PREFIXES`] that holds a nested container of tensors is taken and
+//! stripped; the other groups are skipped and reported. `--prefix` chooses explicitly, and an empty prefix keeps every tensor.
 
 use crate::error::{Error, ErrorKind, Result};
 
-/// Top-level keys that wrap model weights, in order of preference.
-pub const AUTO_KEYS: [&str; 4] = ["state_dict", "model", "module", "model_state_dict"];
+/// Key paths that wrap model weights, in order of preference: RLinf's DCP layout, then common trainers.
+pub const AUTO_PREFIXES: [&[&str]; 5] =
+    [&["fsdp_checkpoint", "model"], &["state_dict"], &["model"], &["module"], &["model_state_dict"]];
 
 /// How to pick the model's tensors.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Prefix {
-    /// Strip a wrapping key from [`AUTO_KEYS`] when there is one.
+    /// Strip a wrapping key path from [`AUTO_PREFIXES`] when there is one.
     #[default]
     Auto,
     /// Keep only names under this dotted prefix, and strip it (empty: keep everything).
@@ -25,32 +26,51 @@ pub enum Prefix {
 pub struct Selection {
     /// The prefix stripped ("" when none).
     pub prefix: String,
-    /// Top-level groups left out, with their tensor counts.
+    /// Groups left out, with their tensor counts.
     pub skipped: Vec<(String, usize)>,
 }
 
-/// A tensor's dotted name plus where its first path component ends.
+/// A tensor's dotted name plus where its path components end.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorPath {
     /// Path components joined with dots.
     pub name: String,
-    /// Byte length of the first component inside `name`.
-    pub top_len: usize,
-    /// Whether the path has more than one component (the tensor sits inside a container).
-    pub nested: bool,
+    /// Byte offset in `name` where each component ends.
+    ends: Vec<usize>,
 }
 
 impl TensorPath {
     /// Builds a path from its components.
     pub fn from_parts<S: AsRef<str>>(parts: &[S]) -> Self {
-        let top_len = parts.first().map_or(0, |p| p.as_ref().len());
-        let name = parts.iter().map(AsRef::as_ref).collect::<Vec<_>>().join(".");
-        TensorPath { name, top_len, nested: parts.len() >= 2 }
+        let mut name = String::new();
+        let mut ends = Vec::with_capacity(parts.len());
+        for (i, p) in parts.iter().enumerate() {
+            if i > 0 {
+                name.push('.');
+            }
+            name.push_str(p.as_ref());
+            ends.push(name.len());
+        }
+        TensorPath { name, ends }
     }
 
-    /// The first path component.
-    pub fn top(&self) -> &str {
-        &self.name[..self.top_len]
+    /// The first `n` components, joined (the whole name when it has fewer).
+    pub fn head(&self, n: usize) -> &str {
+        match n.checked_sub(1).and_then(|i| self.ends.get(i)) {
+            Some(&e) => &self.name[..e],
+            None if n == 0 => "",
+            None => &self.name,
+        }
+    }
+
+    /// Number of components.
+    pub fn depth(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Whether the path starts with exactly these components and has more after them.
+    pub fn is_under(&self, comps: &[&str]) -> bool {
+        self.depth() > comps.len() && self.head(comps.len()) == comps.join(".")
     }
 }
 
@@ -58,26 +78,26 @@ impl TensorPath {
 pub fn select<T>(items: Vec<(TensorPath, T)>, prefix: &Prefix) -> Result<(Vec<(String, T)>, Selection)> {
     let chosen: String = match prefix {
         Prefix::Explicit(p) => p.trim_end_matches('.').to_string(),
-        Prefix::Auto => AUTO_KEYS
+        Prefix::Auto => AUTO_PREFIXES
             .iter()
-            .find(|k| items.iter().any(|(p, _)| p.nested && p.top() == **k))
-            .map(|k| k.to_string())
+            .find(|c| items.iter().any(|(p, _)| p.is_under(c)))
+            .map(|c| c.join("."))
             .unwrap_or_default(),
     };
+    let depth = if chosen.is_empty() { 0 } else { chosen.split('.').count() };
     let mut kept = Vec::new();
     let mut skipped: Vec<(String, usize)> = Vec::new();
     let total = items.len();
     for (path, t) in items {
-        let name = &path.name;
         let rest = if chosen.is_empty() {
-            Some(name.clone())
+            Some(path.name.clone())
         } else {
-            name.strip_prefix(&chosen).and_then(|r| r.strip_prefix('.')).map(str::to_string)
+            path.name.strip_prefix(&chosen).and_then(|r| r.strip_prefix('.')).map(str::to_string)
         };
         match rest {
             Some(r) => kept.push((r, t)),
             None => {
-                let group = path.top().to_string();
+                let group = path.head(depth.min(path.depth().saturating_sub(1)).max(1)).to_string();
                 match skipped.iter_mut().find(|(g, _)| *g == group) {
                     Some((_, n)) => *n += 1,
                     None => skipped.push((group, 1)),
@@ -87,7 +107,7 @@ pub fn select<T>(items: Vec<(TensorPath, T)>, prefix: &Prefix) -> Result<(Vec<(S
     }
     if kept.is_empty() && total > 0 {
         return Err(Error::new(ErrorKind::NoTensors(format!(
-            "no tensor name starts with '{chosen}.' (top-level groups: {})",
+            "no tensor name starts with '{chosen}.' (groups: {})",
             skipped.iter().map(|(g, n)| format!("{g} ({n})")).collect::<Vec<_>>().join(", ")
         ))));
     }
@@ -143,5 +163,22 @@ mod tests {
     fn colliding_names_are_an_error() {
         let items = vec![(p("a.b"), 1), (p("a/b"), 2)];
         assert_eq!(select(items, &Prefix::Auto).unwrap_err().label(), "tensor");
+    }
+}
+
+#[cfg(test)]
+mod dcp_tests {
+    use super::*;
+
+    #[test]
+    fn rlinf_prefix_wins_and_groups_are_reported_at_its_depth() {
+        let p = |s: &str| TensorPath::from_parts(&s.split('/').collect::<Vec<_>>());
+        let items = vec![
+            (p("fsdp_checkpoint/model/model.embed_tokens.weight"), 1),
+            (p("fsdp_checkpoint/optimizers/state/model.embed_tokens.weight/exp_avg"), 2),
+        ];
+        let (kept, sel) = select(items, &Prefix::Auto).unwrap();
+        assert_eq!(kept, vec![("model.embed_tokens.weight".to_string(), 1)]);
+        assert_eq!(sel.skipped, vec![("fsdp_checkpoint.optimizers".to_string(), 1)]);
     }
 }

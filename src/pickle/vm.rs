@@ -64,9 +64,6 @@ fn is_unsafe_global(module: &str, name: &str) -> bool {
         "urllib",
         "requests",
         "tempfile",
-        "glob",
-        "pathlib",
-        "io",
         "operator",
         "functools",
         "types",
@@ -101,11 +98,15 @@ fn is_unsafe_global(module: &str, name: &str) -> bool {
     if (module == "builtins" || module == "__builtin__") && BUILTINS.contains(&name) {
         return true;
     }
-    // `_io.BytesIO` is data (Transformer Engine extra state); the rest of `io`/`_io` is not needed.
-    if module == "_io" && name == "BytesIO" {
-        return false;
+    // A dotted name is an attribute chain (`Path.write_text`): a way to reach methods, never data.
+    if name.contains('.') {
+        return true;
     }
-    MODULES.contains(&root) || (module == "_io")
+    // `_io.BytesIO` is data (Transformer Engine extra state); nothing else in `io` is.
+    if module == "_io" || module == "io" {
+        return name != "BytesIO";
+    }
+    MODULES.contains(&root)
 }
 
 struct Vm<'c, 'a> {

@@ -93,7 +93,7 @@ impl TorchFile {
         if head.is_empty() {
             Err(Error::new(ErrorKind::NotCheckpoint("the file is empty".into())).in_file(&input.name))
         } else if head.starts_with(ZIP_MAGIC) || head.starts_with(EMPTY_ZIP_MAGIC) {
-            Self::open_zip(input)
+            Self::open_zip_range(input, 0, input.len())
         } else if head.first() == Some(&0x80) {
             Self::open_pickle(input)
         } else {
@@ -105,8 +105,9 @@ impl TorchFile {
         }
     }
 
-    fn open_zip(input: &Input) -> Result<TorchFile> {
-        let index = ZipIndex::read(input)?;
+    /// Parses a torch.save zip stored at `[base, base + len)` of `input` (a whole file, or a DCP item).
+    pub fn open_zip_range(input: &Input, base: u64, len: u64) -> Result<TorchFile> {
+        let index = ZipIndex::read_range(input, base, len)?;
         let pkl_names: Vec<&str> = index.names().filter(|n| n.ends_with("/data.pkl") || *n == "data.pkl").collect();
         let pkl_name = match pkl_names.as_slice() {
             [one] => one.to_string(),

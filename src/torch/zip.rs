@@ -22,6 +22,8 @@ pub struct ZipEntry {
 pub struct ZipIndex {
     entries: Vec<ZipEntry>,
     by_name: HashMap<String, usize>,
+    /// Absolute end of the zip inside its file.
+    end: u64,
 }
 
 const EOCD_SIG: u32 = 0x0605_4b50;
@@ -55,21 +57,39 @@ fn u64_at(b: &[u8], at: usize) -> Result<u64> {
 impl ZipIndex {
     /// Reads the central directory of `input` and locates every entry's data.
     pub fn read(input: &Input) -> Result<ZipIndex> {
-        Self::read_inner(input).map_err(|e| e.in_file(&input.name))
+        Self::read_range(input, 0, input.len())
     }
 
-    fn read_inner(input: &Input) -> Result<ZipIndex> {
-        let len = input.len();
+    /// Reads a zip stored at `[base, base + len)` of `input` (DCP items are whole zips inside a file).
+    /// Offsets inside the zip count from `base`; the index reports absolute ones.
+    pub fn read_range(input: &Input, base: u64, len: u64) -> Result<ZipIndex> {
+        let end = base.checked_add(len).filter(|&e| e <= input.len()).ok_or_else(|| {
+            Error::new(ErrorKind::Truncated(format!(
+                "zip at {base}+{len} runs past the end of the {}-byte file",
+                input.len()
+            )))
+        });
+        end.and_then(|_| Self::read_inner(input, base, len)).map_err(|e| e.in_file(&input.name))
+    }
+
+    fn read_inner(input: &Input, base: u64, len: u64) -> Result<ZipIndex> {
         if len < 22 {
             return Err(zerr(format!("{len} bytes is too short to be a zip (cut short?)")));
         }
-        let tail_len = len.min(22 + 65535);
-        let tail_start = len - tail_len;
-        let tail = input.read_vec(tail_start, tail_len)?;
-        let eocd = (0..=tail.len() - 22)
-            .rev()
-            .find(|&i| u32_at(&tail, i).ok() == Some(EOCD_SIG))
-            .ok_or_else(|| zerr("no end-of-central-directory record: the file is truncated or not a zip"))?;
+        // torch writes no zip comment, so a short tail almost always holds the end record.
+        let find = |tail_len: u64| -> Result<Option<(Vec<u8>, u64, usize)>> {
+            let tail_start = len - tail_len;
+            let tail = input.read_vec(base + tail_start, tail_len)?;
+            let pos = (0..=tail.len() - 22).rev().find(|&i| u32_at(&tail, i).ok() == Some(EOCD_SIG));
+            Ok(pos.map(|p| (tail, tail_start, p)))
+        };
+        let found = match find(len.min(1024))? {
+            Some(f) => Some(f),
+            None if len > 1024 => find(len.min(22 + 65535))?,
+            None => None,
+        };
+        let (tail, tail_start, eocd) =
+            found.ok_or_else(|| zerr("no end-of-central-directory record: the file is truncated or not a zip"))?;
         let rec = &tail[eocd..];
         let mut count = u16_at(rec, 10)? as u64;
         let mut cd_size = u32_at(rec, 12)? as u64;
@@ -78,7 +98,7 @@ impl ZipIndex {
         let mut cd_limit = eocd_abs;
         if count == 0xFFFF || cd_size == 0xFFFF_FFFF || cd_offset == 0xFFFF_FFFF {
             let loc_abs = eocd_abs.checked_sub(20).ok_or_else(|| zerr("zip64 fields without a zip64 locator"))?;
-            let loc = input.read_vec(loc_abs, 20)?;
+            let loc = input.read_vec(base + loc_abs, 20)?;
             if u32_at(&loc, 0)? != ZIP64_LOCATOR_SIG {
                 return Err(zerr("zip64 fields without a zip64 locator"));
             }
@@ -86,7 +106,7 @@ impl ZipIndex {
             if z64_abs.checked_add(56).is_none_or(|e| e > loc_abs) {
                 return Err(zerr(format!("zip64 end record offset {z64_abs} lies outside the file")));
             }
-            let z = input.read_vec(z64_abs, 56)?;
+            let z = input.read_vec(base + z64_abs, 56)?;
             if u32_at(&z, 0)? != ZIP64_EOCD_SIG {
                 return Err(zerr(format!("no zip64 end record at offset {z64_abs}")));
             }
@@ -105,7 +125,7 @@ impl ZipIndex {
         if count > cd_size / 46 {
             return Err(zerr(format!("{count} entries cannot fit in a {cd_size}-byte central directory")));
         }
-        let cd = input.read_vec(cd_offset, cd_end - cd_offset)?;
+        let cd = input.read_vec(base + cd_offset, cd_end - cd_offset)?;
         let mut entries = Vec::with_capacity(count as usize);
         let mut by_name = HashMap::with_capacity(count as usize);
         let mut at = 0usize;
@@ -133,7 +153,10 @@ impl ZipIndex {
                 .filter(|&v| v <= cd_offset)
                 .ok_or_else(|| zerr(format!("entry '{}' runs past the central directory", e.name)))?;
         }
-        Ok(ZipIndex { entries, by_name })
+        for e in &mut entries {
+            e.local_header += base;
+        }
+        Ok(ZipIndex { entries, by_name, end: base + len })
     }
 
     /// Every entry, in central-directory order (data not yet located).
@@ -155,12 +178,12 @@ impl ZipIndex {
         }
         let skip = 30 + u16_at(&h, 26)? as u64 + u16_at(&h, 28)? as u64;
         e.data_start = e.local_header + skip;
-        if e.data_start.checked_add(e.size).is_none_or(|end| end > input.len()) {
+        if e.data_start.checked_add(e.size).is_none_or(|end| end > self.end) {
             return Err(Error::new(ErrorKind::Truncated(format!(
-                "entry '{name}' needs bytes {}..{} but the file has {}",
+                "entry '{name}' needs bytes {}..{} but the archive ends at {}",
                 e.data_start,
                 e.data_start.saturating_add(e.size),
-                input.len()
+                self.end
             )))
             .in_file(&input.name));
         }

@@ -5,6 +5,7 @@
 //! leave nothing that looks like a finished output.
 
 pub mod safetensors;
+pub mod torch_save;
 
 use crate::error::Result;
 use crate::io::Input;

@@ -213,16 +213,27 @@ fn stream_tensor(
     let n = t.numel();
     let esz = t.dtype.size() as u64;
     let mut start = 0u64;
-    if let Some((idx, _, _)) = t.verbatim_range(0, 0)
-        && let Some(input) = inputs.get(idx)
-    {
-        while start < n {
-            let count = (COPY_CHUNK / esz).min(n - start);
-            let Some((_, offset, len)) = t.verbatim_range(start, count) else { break };
-            if !sink.copy_range(input, offset, len)? {
-                break;
+    if t.verbatim_pieces(0, 0).is_some() {
+        // Chunks must stay whole band units for the fallback below, so they are multiples of band_elems.
+        let chunk = (COPY_CHUNK / esz / t.band_elems()).max(1) * t.band_elems();
+        let mut copied_any = false;
+        'copy: while start < n {
+            let count = chunk.min(n - start);
+            for (idx, offset, len) in t.verbatim_pieces(start, count).unwrap_or_default() {
+                let input = inputs.get(idx);
+                if !(match input {
+                    Some(input) => sink.copy_range(input, offset, len)?,
+                    None => false,
+                }) {
+                    // A sink declines from the first piece on; declining later would leave a hole.
+                    if !copied_any {
+                        break 'copy;
+                    }
+                    return Err(Error::new(ErrorKind::Output("the sink stopped copying mid-tensor".into())));
+                }
+                copied_any = true;
             }
-            advanced(len);
+            advanced(count * esz);
             start += count;
         }
     }

@@ -22,10 +22,8 @@ impl FileInput {
         let file = File::open(path).map_err(io)?;
         let meta = file.metadata().map_err(io)?;
         if meta.is_dir() {
-            return Err(Error::new(ErrorKind::NotCheckpoint(
-                "is a folder; folder checkpoints (DCP, Megatron) are not supported yet, pass a .pt file".into(),
-            ))
-            .in_file(&path.display().to_string()));
+            return Err(Error::new(ErrorKind::NotCheckpoint("is a folder, expected a file".into()))
+                .in_file(&path.display().to_string()));
         }
         Ok(FileInput {
             file,
@@ -171,5 +169,67 @@ impl Drop for DirSink {
         for (tmp, _) in &self.staged {
             let _ = std::fs::remove_file(tmp);
         }
+    }
+}
+
+/// A folder on disk, listed once (recursively, within limits) when opened.
+pub struct DiskFolder {
+    root: PathBuf,
+    name: String,
+    files: Vec<String>,
+}
+
+/// Walk limits: a checkpoint folder is a few levels deep and holds at most thousands of files.
+const MAX_DEPTH: usize = 8;
+const MAX_FILES: usize = 200_000;
+
+impl DiskFolder {
+    pub fn open(root: &Path) -> Result<DiskFolder> {
+        let name = root.display().to_string();
+        let mut files = Vec::new();
+        let mut stack = vec![(root.to_path_buf(), String::new(), 0usize)];
+        while let Some((dir, rel, depth)) = stack.pop() {
+            let entries = std::fs::read_dir(&dir)
+                .map_err(|e| Error::new(ErrorKind::Io(e.to_string())).in_file(&dir.display().to_string()))?;
+            for entry in entries {
+                let entry = entry.map_err(|e| Error::new(ErrorKind::Io(e.to_string())).in_file(&name))?;
+                let fname = entry.file_name().to_string_lossy().into_owned();
+                let path = entry.path();
+                let child = if rel.is_empty() { fname } else { format!("{rel}/{fname}") };
+                // Follows links like the rest of the CLI; the depth cap ends loops.
+                let meta = std::fs::metadata(&path);
+                match meta {
+                    Ok(m) if m.is_dir() => {
+                        if depth + 1 < MAX_DEPTH {
+                            stack.push((path, child, depth + 1));
+                        }
+                    }
+                    Ok(_) => files.push(child),
+                    Err(_) => {}
+                }
+                if files.len() > MAX_FILES {
+                    return Err(Error::new(ErrorKind::Limit(format!("more than {MAX_FILES} files below the folder")))
+                        .in_file(&name));
+                }
+            }
+        }
+        files.sort();
+        Ok(DiskFolder { root: root.to_path_buf(), name, files })
+    }
+}
+
+impl ckptconv::io::Folder for DiskFolder {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn files(&self) -> Vec<String> {
+        self.files.clone()
+    }
+
+    fn open(&self, rel: &str) -> Result<ckptconv::io::Input> {
+        let path = self.root.join(rel);
+        let data = FileInput::open(&path)?;
+        Ok(ckptconv::io::Input::new(path.display().to_string(), Box::new(data)))
     }
 }

@@ -10,6 +10,8 @@ use ckptconv::dtype::DType;
 use ckptconv::io::Input;
 use ckptconv::select::Prefix;
 use ckptconv::write::safetensors::{self, OutputLayout};
+use ckptconv::write::torch_save::{self, TorchSaveLayout};
+use ckptconv::{Error, ErrorKind};
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -27,9 +29,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Show the detected format and the planned output tensors (name, dtype, shape, bytes).
+    /// Show the detected format, the checkpoint's groups and the planned output tensors.
     Inspect {
-        /// A torch.save file (.pt, .pth, .bin).
+        /// A torch.save file, a DCP folder, or a global_step_N / actor folder.
         input: PathBuf,
         /// Print the plan as JSON.
         #[arg(long)]
@@ -37,9 +39,9 @@ enum Command {
         #[command(flatten)]
         plan: PlanArgs,
     },
-    /// Convert a checkpoint to safetensors in OUT_DIR.
+    /// Convert a checkpoint to safetensors (or a torch.save file) in OUT_DIR.
     Convert {
-        /// A torch.save file (.pt, .pth, .bin).
+        /// A torch.save file, a DCP folder, or a global_step_N / actor folder.
         input: PathBuf,
         /// Output folder (created if missing).
         out_dir: PathBuf,
@@ -48,13 +50,42 @@ enum Command {
         /// Split into shards of at most this size (e.g. 5GB, 500MB, 2GiB) plus an index.
         #[arg(long, value_parser = parse_size)]
         max_shard_size: Option<u64>,
-        /// Overwrite output files that already exist.
-        #[arg(long)]
-        force: bool,
-        /// Never show a progress bar.
-        #[arg(long)]
-        quiet: bool,
+        /// Output format: safetensors (model.safetensors) or pt (pytorch_model.bin, a torch.save file).
+        #[arg(long, value_enum, default_value = "safetensors")]
+        format: OutFormat,
+        #[command(flatten)]
+        out: OutArgs,
     },
+    /// Write the model state dict of a DCP folder as one torch.save file (like RLinf's convert_dcp_to_pt.py).
+    #[command(name = "dcp-to-pt")]
+    DcpToPt {
+        /// The DCP folder (holding .metadata and .distcp files), or a global_step_N / actor folder.
+        #[arg(long = "dcp_path", alias = "dcp-path")]
+        dcp_path: PathBuf,
+        /// The .pt file to write.
+        #[arg(long = "output_path", alias = "output-path")]
+        output_path: PathBuf,
+        #[command(flatten)]
+        plan: PlanArgs,
+        #[command(flatten)]
+        out: OutArgs,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OutFormat {
+    Safetensors,
+    Pt,
+}
+
+#[derive(clap::Args)]
+struct OutArgs {
+    /// Overwrite output files that already exist.
+    #[arg(long)]
+    force: bool,
+    /// Never show a progress bar.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(clap::Args)]
@@ -92,11 +123,16 @@ impl PlanArgs {
     }
 }
 
-fn open_and_plan(path: &Path, args: &PlanArgs) -> ckptconv::Result<(Vec<Input>, Planned)> {
-    let data = fsio::FileInput::open(path)?;
-    let input = Input::new(path.display().to_string(), Box::new(data));
-    let planned = convert::plan_torch_file(&input, &args.options())?;
-    Ok((vec![input], planned))
+fn open_and_plan(path: &Path, args: &PlanArgs) -> ckptconv::Result<Planned> {
+    let shown = path.display().to_string();
+    let meta = std::fs::metadata(path).map_err(|e| Error::new(ErrorKind::Io(e.to_string())).in_file(&shown))?;
+    if meta.is_dir() {
+        let folder = fsio::DiskFolder::open(path)?;
+        convert::plan_folder(&folder, &args.options())
+    } else {
+        let data = fsio::FileInput::open(path)?;
+        convert::plan_torch_file(Input::new(shown, Box::new(data)), &args.options())
+    }
 }
 
 fn human(bytes: u64) -> String {
@@ -111,7 +147,7 @@ fn human(bytes: u64) -> String {
 }
 
 fn inspect(input: &Path, json: bool, args: &PlanArgs) -> ckptconv::Result<()> {
-    let (_inputs, planned) = open_and_plan(input, args)?;
+    let planned = open_and_plan(input, args)?;
     let plan = &planned.plan;
     if json {
         let tensors: Vec<_> = plan
@@ -124,9 +160,14 @@ fn inspect(input: &Path, json: bool, args: &PlanArgs) -> ckptconv::Result<()> {
                 })
             })
             .collect();
+        let groups: Vec<_> = planned
+            .groups
+            .iter()
+            .map(|g| serde_json::json!({"name": g.name, "tensors": g.tensors, "bytes": g.bytes, "others": g.others}))
+            .collect();
         let doc = serde_json::json!({
             "input": input.display().to_string(), "format": planned.format, "notes": plan.notes,
-            "tensors": tensors, "total_bytes": plan.total_bytes(),
+            "groups": groups, "tensors": tensors, "total_bytes": plan.total_bytes(),
         });
         println!("{doc:#}");
         return Ok(());
@@ -135,6 +176,11 @@ fn inspect(input: &Path, json: bool, args: &PlanArgs) -> ckptconv::Result<()> {
     println!("format:  {}", planned.format);
     for n in &plan.notes {
         println!("note:    {n}");
+    }
+    println!("groups:");
+    for g in &planned.groups {
+        let others = if g.others > 0 { format!(", {} non-tensor item(s)", g.others) } else { String::new() };
+        println!("  {:<40} {:>7} tensor(s) {:>12}{others}", g.name, g.tensors, human(g.bytes));
     }
     println!("tensors: {} ({} in {})", plan.tensors.len(), human(plan.total_bytes()), plan.total_bytes());
     println!();
@@ -152,38 +198,95 @@ fn convert(
     out_dir: &Path,
     args: &PlanArgs,
     max_shard: Option<u64>,
-    force: bool,
-    quiet: bool,
+    format: OutFormat,
+    out: &OutArgs,
 ) -> ckptconv::Result<()> {
-    let (inputs, planned) = open_and_plan(input, args)?;
-    let layout: OutputLayout = safetensors::layout(&planned.plan, max_shard)?;
-    let mut sink = fsio::DirSink::new(out_dir, force)?;
-    let names: Vec<&str> = layout.files.iter().map(|f| f.name.as_str()).collect();
-    sink.check_free(&names)?;
+    let planned = open_and_plan(input, args)?;
+    match format {
+        OutFormat::Safetensors => {
+            let layout: OutputLayout = safetensors::layout(&planned.plan, max_shard)?;
+            let names: Vec<&str> = layout.files.iter().map(|f| f.name.as_str()).collect();
+            let mut sink = prepare(out_dir, &names, out, input, &planned)?;
+            let mut bar = progress::Progress::new(planned.plan.total_bytes(), !out.quiet);
+            safetensors::write(&planned.plan, &layout, &planned.inputs, &mut sink, &mut |d| bar.update(d))?;
+            bar.finish();
+            report(&planned, out_dir, &names);
+        }
+        OutFormat::Pt => {
+            if max_shard.is_some() {
+                return Err(Error::new(ErrorKind::Unsupported(
+                    "--max-shard-size applies to safetensors output".into(),
+                )));
+            }
+            write_pt(&planned, out_dir, "pytorch_model.bin", out, input)?;
+        }
+    }
+    Ok(())
+}
+
+fn prepare(
+    out_dir: &Path,
+    names: &[&str],
+    out: &OutArgs,
+    input: &Path,
+    planned: &Planned,
+) -> ckptconv::Result<fsio::DirSink> {
+    let sink = fsio::DirSink::new(out_dir, out.force)?;
+    sink.check_free(names)?;
     eprintln!("ckptconv: {} is {}", input.display(), planned.format);
     for n in &planned.plan.notes {
         eprintln!("ckptconv: {n}");
     }
-    let total = planned.plan.total_bytes();
-    let mut bar = progress::Progress::new(total, !quiet);
-    safetensors::write(&planned.plan, &layout, &inputs, &mut sink, &mut |done| bar.update(done))?;
-    bar.finish();
+    Ok(sink)
+}
+
+fn report(planned: &Planned, out_dir: &Path, names: &[&str]) {
     eprintln!(
         "ckptconv: wrote {} tensors ({}) to {}: {}",
         planned.plan.tensors.len(),
-        human(total),
+        human(planned.plan.total_bytes()),
         out_dir.display(),
         names.join(", ")
     );
+}
+
+fn write_pt(planned: &Planned, out_dir: &Path, name: &str, out: &OutArgs, input: &Path) -> ckptconv::Result<()> {
+    let root = Path::new(name).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or("archive".into());
+    let layout = TorchSaveLayout::new(&planned.plan, &root)?;
+    let mut sink = prepare(out_dir, &[name], out, input, planned)?;
+    let mut bar = progress::Progress::new(planned.plan.total_bytes(), !out.quiet);
+    torch_save::write(&planned.plan, &layout, name, &planned.inputs, &mut sink, &mut |d| bar.update(d))?;
+    bar.finish();
+    report(planned, out_dir, &[name]);
     Ok(())
+}
+
+fn dcp_to_pt(dcp_path: &Path, output_path: &Path, args: &PlanArgs, out: &OutArgs) -> ckptconv::Result<()> {
+    let shown = output_path.display().to_string();
+    let name = output_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| Error::new(ErrorKind::Output("the output path names no file".into())).in_file(&shown))?;
+    let dir = match output_path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dcp_path.is_dir() {
+        return Err(
+            Error::new(ErrorKind::NotCheckpoint("is not a folder".into())).in_file(&dcp_path.display().to_string())
+        );
+    }
+    let planned = open_and_plan(dcp_path, args)?;
+    write_pt(&planned, &dir, &name, out, dcp_path)
 }
 
 fn run(cli: Cli) -> ckptconv::Result<()> {
     match cli.command {
         Command::Inspect { input, json, plan } => inspect(&input, json, &plan),
-        Command::Convert { input, out_dir, plan, max_shard_size, force, quiet } => {
-            convert(&input, &out_dir, &plan, max_shard_size, force, quiet)
+        Command::Convert { input, out_dir, plan, max_shard_size, format, out } => {
+            convert(&input, &out_dir, &plan, max_shard_size, format, &out)
         }
+        Command::DcpToPt { dcp_path, output_path, plan, out } => dcp_to_pt(&dcp_path, &output_path, &plan, &out),
     }
 }
 
