@@ -21,6 +21,23 @@ pub trait ReadAt {
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         None
     }
+    /// Drops caches and decoder state; called when a tensor that read this source is done.
+    fn release(&self) {}
+}
+
+/// An input shared by several readers (a `.distcp` file and the compressed items inside it).
+pub struct SharedInput(pub std::rc::Rc<Input>);
+
+impl ReadAt for SharedInput {
+    fn len(&self) -> u64 {
+        self.0.data.len()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.0.data.read_at(offset, buf)
+    }
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        self.0.data.as_any()
+    }
 }
 
 impl ReadAt for [u8] {

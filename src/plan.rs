@@ -407,6 +407,26 @@ impl PlannedTensor {
         ((BAND_BYTES as u64 / widest) / unit).max(1) * unit
     }
 
+    /// Indices of the inputs this tensor reads.
+    pub fn inputs_used(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = match &self.source {
+            Source::View(v) => vec![v.input],
+            Source::Chunked(c) => c.chunks.iter().map(|c| c.view.input).collect(),
+        };
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Tells the inputs this tensor read that it is done, so they can drop caches and decoders.
+    pub fn release(&self, inputs: &[Input]) {
+        for i in self.inputs_used() {
+            if let Some(input) = inputs.get(i) {
+                input.data.release();
+            }
+        }
+    }
+
     /// Input ranges `(input index, offset, length)` that hold output elements `[start, start + count)`
     /// verbatim, in order, when the bytes need no gathering or cast.
     pub fn verbatim_pieces(&self, start: u64, count: u64) -> Option<Vec<(usize, u64, u64)>> {

@@ -7,12 +7,16 @@
 
 use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result, tensor_err};
-use crate::io::{ByteCursor, Folder, Input};
+use crate::io::{ByteCursor, Folder, Input, ReadAt, SharedInput};
 use crate::pickle::{self, Heap, Id, Limits, Node};
 use crate::plan::{Chunk, ChunkedTensor, StridedView};
 use crate::select::TensorPath;
 use crate::torch::TorchFile;
 use std::collections::HashMap;
+use std::rc::Rc;
+
+mod zstd;
+use zstd::ZstdItem;
 
 /// One tensor of a DCP checkpoint, as the metadata describes it.
 #[derive(Debug, Clone)]
@@ -235,28 +239,45 @@ pub fn check_tiling(t: &DcpTensor) -> Result<()> {
 pub struct ChunkResolver<'f> {
     folder: &'f dyn Folder,
     dir: String,
-    /// Opened `.distcp` files, in the order first used; plans refer to them by index.
+    /// Inputs the plan reads (`.distcp` files and decompressed items), by the indices its views use.
     pub inputs: Vec<Input>,
-    by_file: HashMap<String, usize>,
+    files: HashMap<String, (usize, Rc<Input>)>,
+    safetensors: HashMap<(usize, u64), Rc<SafetensorsBlob>>,
 }
+
+/// The header of a safetensors blob inside a `.distcp` (DCP's `SerializationFormat.SAFETENSORS`).
+struct SafetensorsBlob {
+    data_start: u64,
+    entries: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Largest safetensors header accepted inside a DCP file.
+const MAX_ST_HEADER: u64 = 100 << 20;
 
 impl<'f> ChunkResolver<'f> {
     /// A resolver for the DCP folder `dir` inside `folder`.
     pub fn new(folder: &'f dyn Folder, dir: &str) -> Self {
-        ChunkResolver { folder, dir: dir.to_string(), inputs: Vec::new(), by_file: HashMap::new() }
+        ChunkResolver {
+            folder,
+            dir: dir.to_string(),
+            inputs: Vec::new(),
+            files: HashMap::new(),
+            safetensors: HashMap::new(),
+        }
     }
 
-    fn input(&mut self, file: &str) -> Result<usize> {
-        if let Some(&i) = self.by_file.get(file) {
-            return Ok(i);
+    fn file(&mut self, file: &str) -> Result<(usize, Rc<Input>)> {
+        if let Some(f) = self.files.get(file) {
+            return Ok(f.clone());
         }
         if file.contains("..") || file.starts_with('/') {
             return Err(meta_err(format!("item path '{file}' leaves the checkpoint folder")));
         }
-        let input = self.folder.open(&join(&self.dir, file))?;
-        self.inputs.push(input);
-        self.by_file.insert(file.to_string(), self.inputs.len() - 1);
-        Ok(self.inputs.len() - 1)
+        let input = Rc::new(self.folder.open(&join(&self.dir, file))?);
+        self.inputs.push(Input::new(input.name.clone(), Box::new(SharedInput(input.clone()))));
+        let entry = (self.inputs.len() - 1, input);
+        self.files.insert(file.to_string(), entry.clone());
+        Ok(entry)
     }
 
     /// Validates the tiling and locates every non-empty chunk's bytes.
@@ -267,41 +288,128 @@ impl<'f> ChunkResolver<'f> {
             if c.sizes.contains(&0) {
                 continue;
             }
-            if let Some(tr) = c.transforms.first() {
-                return Err(Error::new(ErrorKind::Unsupported(format!(
-                    "chunk {:?} of '{}' is stored with transform '{tr}'",
-                    c.offsets, t.fqn
-                ))));
-            }
-            let idx = self.input(&c.file)?;
-            let input = &self.inputs[idx];
-            let view = item_view(input, idx, c, &t.fqn, t.dtype)?;
+            let (idx, file) = self.file(&c.file)?;
+            let view = match c.transforms.as_slice() {
+                [] => self.plain_item(idx, &file, c, t)?,
+                [z] if z.starts_with("stream.zstd") => {
+                    let item = ZstdItem::open(file.clone(), c.offset, c.length)?;
+                    let name = format!("{} (zstd item at byte {})", file.name, c.offset);
+                    let len = item.len();
+                    self.inputs.push(Input::new(name, Box::new(item)));
+                    let zi = self.inputs.len() - 1;
+                    item_view(&self.inputs[zi], zi, 0, len, c, t)?
+                }
+                other => {
+                    return Err(Error::new(ErrorKind::Unsupported(format!(
+                        "chunk {:?} of '{}' is stored with transforms {other:?} (only stream.zstd is supported)",
+                        c.offsets, t.fqn
+                    )))
+                    .in_file(&file.name));
+                }
+            };
             chunks.push(Chunk { offsets: c.offsets.clone(), sizes: c.sizes.clone(), view });
         }
         ChunkedTensor::new(&t.fqn, t.shape.clone(), t.dtype, chunks)
     }
+
+    /// An uncompressed item: a torch.save zip, or a tensor of a safetensors blob (sniffed, since the
+    /// metadata does not say which serialization wrote the folder).
+    fn plain_item(&mut self, idx: usize, file: &Rc<Input>, c: &DcpChunk, t: &DcpTensor) -> Result<StridedView> {
+        let mut head = [0u8; 9];
+        file.read_exact_at(c.offset, &mut head)?;
+        if head.starts_with(b"PK") {
+            return item_view(&self.inputs[idx], idx, c.offset, c.length, c, t);
+        }
+        let blob = match self.safetensors.get(&(idx, c.offset)) {
+            Some(b) => b.clone(),
+            None => {
+                let b = Rc::new(read_safetensors_blob(file, c.offset)?);
+                self.safetensors.insert((idx, c.offset), b.clone());
+                b
+            }
+        };
+        let e = blob.entries.get(&t.fqn).ok_or_else(|| {
+            tensor_err(&t.fqn, format!("not in the safetensors blob at byte {}", c.offset)).in_file(&file.name)
+        })?;
+        let dtype = e["dtype"].as_str().and_then(DType::from_safetensors_name);
+        let shape: Option<Vec<u64>> = e["shape"].as_array().map(|a| a.iter().filter_map(|v| v.as_u64()).collect());
+        let offs: Option<Vec<u64>> =
+            e["data_offsets"].as_array().map(|a| a.iter().filter_map(|v| v.as_u64()).collect());
+        let (Some(dtype), Some(shape), Some([a, b])) = (dtype, shape, offs.as_deref()) else {
+            return Err(tensor_err(&t.fqn, "malformed safetensors header entry").in_file(&file.name));
+        };
+        if dtype != t.dtype || shape != c.sizes {
+            return Err(tensor_err(
+                &t.fqn,
+                format!(
+                    "safetensors entry is {} {shape:?}, the metadata says {} {:?}",
+                    dtype.torch_name(),
+                    t.dtype.torch_name(),
+                    c.sizes
+                ),
+            )
+            .in_file(&file.name));
+        }
+        let start = blob.data_start.checked_add(*a).ok_or_else(|| tensor_err(&t.fqn, "offset overflows"))?;
+        let strides = contiguous_strides(&shape);
+        let nbytes = b.checked_sub(*a).ok_or_else(|| tensor_err(&t.fqn, "inverted data offsets"))?;
+        if start.checked_add(nbytes).is_none_or(|e| e > file.len()) {
+            return Err(Error::new(ErrorKind::Truncated(format!("tensor '{}' runs past the end of the file", t.fqn)))
+                .in_file(&file.name));
+        }
+        StridedView::new(&t.fqn, idx, start, nbytes, dtype, 0, shape, strides, 64).map_err(|e| e.in_file(&file.name))
+    }
 }
 
-/// The view of the one tensor stored in a chunk item (a torch.save zip inside the `.distcp`).
-fn item_view(input: &Input, idx: usize, c: &DcpChunk, fqn: &str, dtype: DType) -> Result<StridedView> {
-    let file = TorchFile::open_zip_range(input, c.offset, c.length)?;
+fn contiguous_strides(shape: &[u64]) -> Vec<u64> {
+    let mut s = vec![1u64; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        s[d] = s[d + 1].saturating_mul(shape[d + 1]);
+    }
+    s
+}
+
+fn read_safetensors_blob(file: &Input, at: u64) -> Result<SafetensorsBlob> {
+    let mut n = [0u8; 8];
+    file.read_exact_at(at, &mut n)?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_ST_HEADER {
+        return Err(
+            Error::new(ErrorKind::Limit(format!("safetensors header of {n} bytes at byte {at}"))).in_file(&file.name)
+        );
+    }
+    let header = file.read_vec(at + 8, n)?;
+    let v: serde_json::Value = serde_json::from_slice(&header).map_err(|e| {
+        Error::new(ErrorKind::NotCheckpoint(format!(
+            "item at byte {at} is neither a torch.save zip nor safetensors: {e}"
+        )))
+        .in_file(&file.name)
+    })?;
+    let serde_json::Value::Object(entries) = v else {
+        return Err(Error::new(ErrorKind::NotCheckpoint(format!("safetensors header at byte {at} is not an object")))
+            .in_file(&file.name));
+    };
+    Ok(SafetensorsBlob { data_start: at + 8 + n, entries })
+}
+
+/// The view of the one tensor stored in a chunk item: a torch.save zip at `[base, base + len)` of `input`.
+fn item_view(input: &Input, idx: usize, base: u64, len: u64, c: &DcpChunk, t: &DcpTensor) -> Result<StridedView> {
+    let fqn = &t.fqn;
+    let file = TorchFile::open_zip_range(input, base, len)?;
     let found = file.tensors(input, idx)?;
     let [one] = found.as_slice() else {
-        return Err(tensor_err(
-            fqn,
-            format!("chunk item at byte {} of {} holds {} tensors, expected 1", c.offset, input.name, found.len()),
-        )
-        .in_file(&input.name));
+        return Err(tensor_err(fqn, format!("chunk item at byte {base} holds {} tensors, expected 1", found.len()))
+            .in_file(&input.name));
     };
     let v = &one.view;
     if v.shape != c.sizes {
         return Err(tensor_err(fqn, format!("chunk item has shape {:?} but the metadata says {:?}", v.shape, c.sizes))
             .in_file(&input.name));
     }
-    if v.dtype != dtype {
+    if v.dtype != t.dtype {
         return Err(tensor_err(
             fqn,
-            format!("chunk item is {} but the metadata says {}", v.dtype.torch_name(), dtype.torch_name()),
+            format!("chunk item is {} but the metadata says {}", v.dtype.torch_name(), t.dtype.torch_name()),
         )
         .in_file(&input.name));
     }

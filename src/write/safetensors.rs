@@ -183,6 +183,7 @@ pub fn write(
                         done += n;
                         progress(done);
                     })?;
+                    t.release(inputs);
                     written += t.nbytes();
                 }
             }

@@ -288,6 +288,7 @@ pub fn write(
                     progress(done);
                     start += count;
                 }
+                t.release(inputs);
             }
         }
         written += e.size;
