@@ -56,7 +56,7 @@ struct Cursor {
 pub struct ZstdItem {
     src: Rc<Input>,
     start: u64,
-    len: u64,
+    compressed: u64,
     total: u64,
     tail: Vec<u8>,
     cursor: RefCell<Option<Cursor>>,
@@ -76,7 +76,7 @@ impl ZstdItem {
             )))
             .in_file(&src.name));
         }
-        let mut item = ZstdItem { src, start, len, total: 0, tail: Vec::new(), cursor: RefCell::new(None) };
+        let mut item = ZstdItem { src, start, compressed: len, total: 0, tail: Vec::new(), cursor: RefCell::new(None) };
         let mut c = item.fresh()?;
         let cap = len.saturating_mul(MAX_RATIO).max(1 << 20);
         let mut chunk = vec![0u8; 1 << 20];
@@ -107,8 +107,13 @@ impl ZstdItem {
     }
 
     fn fresh(&self) -> Result<Cursor> {
-        let reader =
-            RangeReader { src: self.src.clone(), pos: self.start, end: self.start + self.len, buf: Vec::new(), at: 0 };
+        let reader = RangeReader {
+            src: self.src.clone(),
+            pos: self.start,
+            end: self.start + self.compressed,
+            buf: Vec::new(),
+            at: 0,
+        };
         let decoder = StreamingDecoder::new_with_max_window_size(reader, MAX_WINDOW)
             .map_err(|e| zerr(&self.src, self.start, e.to_string()))?;
         Ok(Cursor { decoder, pos: 0 })
