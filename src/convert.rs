@@ -50,6 +50,8 @@ pub enum Found {
     TorchFile(String),
     /// A DCP folder at this relative path ("" for the folder itself).
     Dcp(String),
+    /// verl rank files in this folder, with the world size.
+    Verl(String, u64),
 }
 
 /// Finds the checkpoint inside `folder`: the folder itself when it is a DCP folder; otherwise, in a
@@ -72,22 +74,28 @@ pub fn locate(folder: &dyn Folder) -> Result<Found> {
         if has(&format!("{d}/.metadata")) {
             return Ok(Found::Dcp(d));
         }
+        let dir = base.trim_end_matches('/');
+        if let Some(world) = crate::verl::find_world(&files, dir) {
+            return Ok(Found::Verl(dir.to_string(), world));
+        }
     }
     Err(Error::new(ErrorKind::NotCheckpoint(
-        "no checkpoint found: expected a DCP folder (.metadata), dcp_checkpoint/ or model_state_dict/full_weights.pt (also under actor/)"
+        "no checkpoint found: expected a DCP folder (.metadata), dcp_checkpoint/, model_state_dict/full_weights.pt or verl's model_world_size_W_rank_R.pt files (also under actor/)"
             .into(),
     ))
     .in_file(folder.name()))
 }
 
-fn group_of(p: &TensorPath) -> String {
+/// The group a tensor path belongs to, for reports.
+pub fn group_of(p: &TensorPath) -> String {
     match p.depth() {
         0 | 1 => "(top level)".into(),
         d => p.head((d - 1).min(2)).to_string(),
     }
 }
 
-fn add_group(groups: &mut Vec<Group>, name: String, bytes: Option<u64>) {
+/// Counts one entry (`Some(bytes)` for a tensor) into its group.
+pub fn add_group(groups: &mut Vec<Group>, name: String, bytes: Option<u64>) {
     let i = match groups.iter().position(|g| g.name == name) {
         Some(i) => i,
         None => {
@@ -105,7 +113,8 @@ fn add_group(groups: &mut Vec<Group>, name: String, bytes: Option<u64>) {
     }
 }
 
-fn selection_notes(sel: &Selection) -> Vec<String> {
+/// Notes that say which prefix was stripped and what was skipped.
+pub fn selection_notes(sel: &Selection) -> Vec<String> {
     let mut notes = Vec::new();
     if !sel.prefix.is_empty() {
         notes.push(format!("model weights taken from '{}' (prefix stripped)", sel.prefix));
@@ -124,6 +133,13 @@ pub fn plan_torch_file(input: Input, opts: &PlanOptions) -> Result<Planned> {
         return Err(Error::new(ErrorKind::NoTensors(format!(
             "the pickled object ({}) holds no tensors",
             file.heap.describe(file.root)
+        )))
+        .in_file(&input.name));
+    }
+    if let Some(t) = found.iter().find(|t| t.dtensor.is_some()) {
+        return Err(Error::new(ErrorKind::Unsupported(format!(
+            "'{}' is a DTensor shard of a sharded checkpoint (verl's model_world_size_W_rank_R.pt); convert the folder that holds every rank's file",
+            t.path.name
         )))
         .in_file(&input.name));
     }
@@ -182,11 +198,14 @@ pub fn plan_folder(folder: &dyn Folder, opts: &PlanOptions) -> Result<Planned> {
     let mut planned = match &found {
         Found::TorchFile(rel) => plan_torch_file(folder.open(rel)?, opts)?,
         Found::Dcp(dir) => plan_dcp(folder, dir, opts)?,
+        Found::Verl(dir, world) => crate::verl::plan_verl(folder, dir, *world, opts)?,
     };
     let picked = match &found {
         Found::TorchFile(rel) => Some(rel.clone()),
         Found::Dcp(dir) if !dir.is_empty() => Some(format!("{dir}/")),
         Found::Dcp(_) => None,
+        Found::Verl(dir, _) if !dir.is_empty() => Some(format!("{dir}/")),
+        Found::Verl(..) => None,
     };
     if let Some(p) = picked {
         planned.plan.notes.insert(0, format!("using {}/{p}", folder.name()));

@@ -18,4 +18,5 @@ pub use error::{Error, ErrorKind, Result};
 pub mod plan;
 pub mod select;
 pub mod torch;
+pub mod verl;
 pub mod write;

@@ -204,6 +204,44 @@ pub struct Chunk {
     pub view: StridedView,
 }
 
+/// Checks that boxes `(offsets, sizes)` tile `shape` exactly: inside its bounds, no overlap, no gap.
+pub fn check_tiling(name: &str, shape: &[u64], boxes: &[(&[u64], &[u64])]) -> Result<()> {
+    let nd = shape.len();
+    let numel =
+        shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).ok_or_else(|| tensor_err(name, "shape overflows"))?;
+    let mut covered = 0u64;
+    let mut seen: Vec<(&[u64], &[u64])> = Vec::new();
+    for &(off, size) in boxes {
+        if off.len() != nd || size.len() != nd {
+            return Err(tensor_err(name, format!("chunk {off:?} has the wrong number of dimensions")));
+        }
+        if (0..nd).any(|d| off[d].checked_add(size[d]).is_none_or(|e| e > shape[d])) {
+            return Err(tensor_err(
+                name,
+                format!("chunk at {off:?} of size {size:?} lies outside the shape {shape:?}"),
+            ));
+        }
+        let vol = size.iter().product::<u64>();
+        if vol == 0 {
+            continue;
+        }
+        if let Some((o, _)) =
+            seen.iter().find(|(o, s)| (0..nd).all(|d| off[d] < o[d] + s[d] && o[d] < off[d] + size[d]))
+        {
+            return Err(tensor_err(name, format!("chunks at {o:?} and {off:?} overlap")));
+        }
+        seen.push((off, size));
+        covered += vol;
+    }
+    if covered != numel {
+        return Err(tensor_err(
+            name,
+            format!("chunks cover {covered} of {numel} elements: the checkpoint has a gap (a missing rank?)"),
+        ));
+    }
+    Ok(())
+}
+
 /// A global tensor assembled from chunks that tile it (DCP shards, later Megatron ranks).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChunkedTensor {

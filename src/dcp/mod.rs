@@ -195,44 +195,8 @@ pub fn join(dir: &str, name: &str) -> String {
 
 /// Checks that the chunks tile the tensor exactly: inside its bounds, no overlap, no gap.
 pub fn check_tiling(t: &DcpTensor) -> Result<()> {
-    let nd = t.shape.len();
-    let numel =
-        t.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).ok_or_else(|| tensor_err(&t.fqn, "shape overflows"))?;
-    let mut covered = 0u64;
-    let mut boxes: Vec<&DcpChunk> = Vec::new();
-    for c in &t.chunks {
-        if c.offsets.len() != nd || c.sizes.len() != nd {
-            return Err(tensor_err(&t.fqn, format!("chunk {:?} has the wrong number of dimensions", c.offsets)));
-        }
-        for d in 0..nd {
-            if c.offsets[d].checked_add(c.sizes[d]).is_none_or(|e| e > t.shape[d]) {
-                return Err(tensor_err(
-                    &t.fqn,
-                    format!("chunk at {:?} of size {:?} lies outside the shape {:?}", c.offsets, c.sizes, t.shape),
-                ));
-            }
-        }
-        let vol = c.sizes.iter().product::<u64>();
-        if vol == 0 {
-            continue;
-        }
-        for b in &boxes {
-            let overlap =
-                (0..nd).all(|d| c.offsets[d] < b.offsets[d] + b.sizes[d] && b.offsets[d] < c.offsets[d] + c.sizes[d]);
-            if overlap {
-                return Err(tensor_err(&t.fqn, format!("chunks at {:?} and {:?} overlap", b.offsets, c.offsets)));
-            }
-        }
-        boxes.push(c);
-        covered += vol;
-    }
-    if covered != numel {
-        return Err(tensor_err(
-            &t.fqn,
-            format!("chunks cover {covered} of {numel} elements: the checkpoint has a gap (a missing rank?)"),
-        ));
-    }
-    Ok(())
+    let boxes: Vec<(&[u64], &[u64])> = t.chunks.iter().map(|c| (c.offsets.as_slice(), c.sizes.as_slice())).collect();
+    crate::plan::check_tiling(&t.fqn, &t.shape, &boxes)
 }
 
 /// Opens the inputs a set of tensors needs and turns each into a chunked source.

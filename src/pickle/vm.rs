@@ -641,7 +641,12 @@ impl Vm<'_, '_> {
                 let (Some(&func), Some(&inner)) = (argv.first(), argv.get(2)) else {
                     return Err(self.err("_rebuild_from_type_v2 needs (func, type, args, state)"));
                 };
-                self.call(func, inner, depth + 1)
+                let id = self.call(func, inner, depth + 1)?;
+                // Wrapper subclasses (DTensor) keep their content in the state: keep it on the object.
+                if let (Some(&st), Node::Object { state, .. }) = (argv.get(3), &mut self.heap.nodes[id as usize]) {
+                    *state = Some(st);
+                }
+                Ok(id)
             }
             ("collections", "OrderedDict") | ("builtins" | "__builtin__", "dict") => {
                 let id = self.alloc(Node::Dict(Vec::new()))?;

@@ -41,8 +41,38 @@ impl std::fmt::Display for TorchFormat {
 pub struct FoundTensor {
     /// Path of keys and indices from the root object.
     pub path: TensorPath,
-    /// Where its bytes are.
+    /// Where its bytes are (for a DTensor: this rank's local shard).
     pub view: StridedView,
+    /// Set when the value is a DTensor shard (verl's per-rank FSDP files).
+    pub dtensor: Option<DTensorMeta>,
+}
+
+/// How a DTensor's local shard sits in the global tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DTensorMeta {
+    /// Global shape.
+    pub global_shape: Vec<u64>,
+    /// One placement per mesh dimension.
+    pub placements: Vec<Placement>,
+    /// This rank's coordinate on each mesh dimension.
+    pub coords: Vec<u64>,
+}
+
+/// A DTensor placement on one mesh dimension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// Split along this tensor dimension (torch.chunk sizes).
+    Shard(u64),
+    /// A full copy on every rank of the mesh dimension.
+    Replicate,
+    /// Anything else (`Partial`, `_StridedShard`), by class name.
+    Other(String),
+}
+
+enum Leaf<'a> {
+    Tensor(&'a TensorNode),
+    /// `(local tensor, meta)` of a DTensor.
+    DTensor(&'a TensorNode, DTensorMeta),
 }
 
 /// A parsed torch.save file: its object graph and where each storage's bytes are.
@@ -227,7 +257,11 @@ impl TorchFile {
         let mut visits = 0u64;
         let mut cache: HashMap<String, (u64, u64)> = HashMap::new();
         let mut name_bytes = 0usize;
-        self.walk(self.root, &mut path, 0, &mut visits, &mut |path, t| {
+        self.walk(self.root, &mut path, 0, &mut visits, &mut |path, leaf| {
+            let (t, dtensor) = match leaf {
+                Leaf::Tensor(t) => (t, None),
+                Leaf::DTensor(t, m) => (t, Some(m)),
+            };
             let tp = TensorPath::from_parts(path);
             name_bytes += tp.name.len();
             if found.len() >= MAX_TENSORS || name_bytes > MAX_NAME_BYTES {
@@ -236,7 +270,7 @@ impl TorchFile {
                 ))));
             }
             let view = self.resolve(input, input_index, &tp.name, t, &mut cache)?;
-            found.push(FoundTensor { path: tp, view });
+            found.push(FoundTensor { path: tp, view, dtensor });
             Ok(())
         })
         .map_err(|e| e.in_file(&input.name))?;
@@ -249,7 +283,7 @@ impl TorchFile {
         path: &mut Vec<String>,
         depth: usize,
         visits: &mut u64,
-        emit: &mut dyn FnMut(&[String], &TensorNode) -> Result<()>,
+        emit: &mut dyn FnMut(&[String], Leaf) -> Result<()>,
     ) -> Result<()> {
         *visits += 1;
         if *visits > MAX_WALK_VISITS {
@@ -270,8 +304,11 @@ impl TorchFile {
             path.pop();
             r
         };
+        if let Some((local, meta)) = self.dtensor(id).map_err(|m| tensor_err(&path.join("."), m))? {
+            return emit(path, Leaf::DTensor(local, meta));
+        }
         match h.get(id) {
-            Node::Tensor(t) => emit(path, t)?,
+            Node::Tensor(t) => emit(path, Leaf::Tensor(t))?,
             Node::Dict(items) => {
                 for &(k, v) in items {
                     child(key_text(h, k), v, path)?;
@@ -297,6 +334,69 @@ impl TorchFile {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Recognizes a DTensor: `_rebuild_wrapper_subclass(DTensor, dtype, size, ...)` with state
+    /// `{_local_tensor, _spec: DTensorSpec(mesh, placements)}`.
+    fn dtensor(&self, id: Id) -> Result<Option<(&TensorNode, DTensorMeta)>, String> {
+        let h = &self.heap;
+        let Node::Object { callable, args, state: Some(state), .. } = h.get(id) else { return Ok(None) };
+        if h.global_name(*callable).as_deref() != Some("torch._utils._rebuild_wrapper_subclass") {
+            return Ok(None);
+        }
+        let argv = h.as_seq(*args).unwrap_or(&[]);
+        if !argv.first().and_then(|&c| h.global_name(c)).is_some_and(|n| n.ends_with(".DTensor")) {
+            return Ok(None);
+        }
+        let global_shape = argv
+            .get(2)
+            .and_then(|&s| h.as_seq(s))
+            .and_then(|s| {
+                s.iter().map(|&v| h.as_int(v).and_then(|x| u64::try_from(x).ok())).collect::<Option<Vec<_>>>()
+            })
+            .ok_or("DTensor without a global size")?;
+        // The state is a dict, or `(dict or None, slots dict)` for classes with __slots__.
+        let get = |key: &str| match h.get(*state) {
+            Node::Tuple(parts) => parts.iter().rev().find_map(|&p| h.dict_get(p, key)),
+            _ => h.dict_get(*state, key),
+        };
+        let local = match get("_local_tensor").map(|l| h.get(l)) {
+            Some(Node::Tensor(t)) => t,
+            _ => return Err("DTensor without a local tensor".into()),
+        };
+        let spec = get("_spec").ok_or("DTensor without a spec")?;
+        let placements = h
+            .dict_get(spec, "placements")
+            .and_then(|p| h.as_seq(p))
+            .ok_or("DTensor spec without placements")?
+            .iter()
+            .map(|&p| {
+                let class = match h.get(p) {
+                    Node::Object { callable, .. } => h.global_name(*callable).unwrap_or_default(),
+                    _ => String::new(),
+                };
+                let short = class.rsplit('.').next().unwrap_or("").to_string();
+                match short.as_str() {
+                    "Shard" => h
+                        .dict_get(p, "dim")
+                        .and_then(|d| h.as_int(d))
+                        .and_then(|d| u64::try_from(d).ok())
+                        .map(Placement::Shard)
+                        .unwrap_or(Placement::Other(class)),
+                    "Replicate" => Placement::Replicate,
+                    _ => Placement::Other(class),
+                }
+            })
+            .collect();
+        let mesh = h.dict_get(spec, "mesh").ok_or("DTensor spec without a mesh")?;
+        let coords = h
+            .dict_get(mesh, "_coordinate_on_dim")
+            .and_then(|c| h.as_seq(c))
+            .and_then(|s| {
+                s.iter().map(|&v| h.as_int(v).and_then(|x| u64::try_from(x).ok())).collect::<Option<Vec<_>>>()
+            })
+            .ok_or("DTensor mesh without this rank's coordinate")?;
+        Ok(Some((local, DTensorMeta { global_shape, placements, coords })))
     }
 
     fn resolve(
