@@ -63,9 +63,10 @@ pub fn plan_verl(folder: &dyn Folder, dir: &str, world: u64, opts: &PlanOptions)
     }
     let mut inputs = Vec::new();
     let mut ranks: Vec<Vec<FoundTensor>> = Vec::new();
+    let present: std::collections::HashSet<String> = folder.files().into_iter().collect();
     for r in 0..world {
         let rel = join(dir, &rank_file(world, r));
-        if !folder.files().iter().any(|f| *f == rel) {
+        if !present.contains(&rel) {
             return Err(Error::new(ErrorKind::NotCheckpoint(format!("rank {r} of {world} is missing ({rel})")))
                 .in_file(folder.name()));
         }
