@@ -85,16 +85,6 @@ pub fn plan_verl(folder: &dyn Folder, dir: &str, world: u64, opts: &PlanOptions)
             .in_file(&inputs[r].name));
         }
     }
-    // Mesh sizes: every rank's file is present, so the largest coordinate seen is the mesh's extent.
-    let mut mesh: Vec<u64> = Vec::new();
-    for found in &ranks {
-        for m in found.iter().filter_map(|t| t.dtensor.as_ref()) {
-            mesh.resize(mesh.len().max(m.coords.len()), 1);
-            for (i, &c) in m.coords.iter().enumerate() {
-                mesh[i] = mesh[i].max(c + 1);
-            }
-        }
-    }
     let mut groups: Vec<Group> = Vec::new();
     let mut items: Vec<(TensorPath, (Vec<u64>, Source))> = Vec::new();
     for (k, t0) in ranks[0].iter().enumerate() {
@@ -102,6 +92,14 @@ pub fn plan_verl(folder: &dyn Folder, dir: &str, world: u64, opts: &PlanOptions)
         let source = match &t0.dtensor {
             None => Source::View(t0.view.clone()),
             Some(m0) => {
+                // Every rank's file is present, so the largest coordinate seen is the mesh's extent.
+                // Tensors may live on different meshes, so this is per tensor.
+                let mut mesh = vec![1u64; m0.coords.len()];
+                for m in ranks.iter().filter_map(|f| f.get(k).and_then(|t| t.dtensor.as_ref())) {
+                    for (i, &c) in m.coords.iter().enumerate().take(mesh.len()) {
+                        mesh[i] = mesh[i].max(c + 1);
+                    }
+                }
                 let mut chunks = Vec::new();
                 for (r, found) in ranks.iter().enumerate() {
                     let t = &found[k];
