@@ -4,6 +4,7 @@
 use crate::dcp::{self, ChunkResolver};
 use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result};
+use crate::hf::BaseModel;
 use crate::io::{Folder, Input};
 use crate::plan::{Plan, PlannedTensor, Source};
 use crate::select::{self, Prefix, Selection, TensorPath};
@@ -52,6 +53,8 @@ pub enum Found {
     Dcp(String),
     /// verl rank files in this folder, with the world size.
     Verl(String, u64),
+    /// A Megatron iteration folder (holding `mp_rank_*`).
+    Megatron(String),
 }
 
 /// Finds the checkpoint inside `folder`: the folder itself when it is a DCP folder; otherwise, in a
@@ -79,8 +82,11 @@ pub fn locate(folder: &dyn Folder) -> Result<Found> {
             return Ok(Found::Verl(dir.to_string(), world));
         }
     }
+    if let Some(dir) = crate::megatron::find_iter_dir(folder, &files)? {
+        return Ok(Found::Megatron(dir));
+    }
     Err(Error::new(ErrorKind::NotCheckpoint(
-        "no checkpoint found: expected a DCP folder (.metadata), dcp_checkpoint/, model_state_dict/full_weights.pt or verl's model_world_size_W_rank_R.pt files (also under actor/)"
+        "no checkpoint found: expected a DCP folder (.metadata), dcp_checkpoint/, model_state_dict/full_weights.pt, verl's model_world_size_W_rank_R.pt files (also under actor/) or Megatron iter_*/mp_rank_* folders"
             .into(),
     ))
     .in_file(folder.name()))
@@ -192,20 +198,32 @@ pub fn plan_dcp(folder: &dyn Folder, dir: &str, opts: &PlanOptions) -> Result<Pl
     })
 }
 
-/// Plans whatever `folder` holds, reporting what was picked in the plan's notes.
-pub fn plan_folder(folder: &dyn Folder, opts: &PlanOptions) -> Result<Planned> {
+/// Plans whatever `folder` holds, reporting what was picked in the plan's notes. `base` is the HF model
+/// the checkpoint was trained from (required for Megatron, whose names and vocabulary it decides).
+pub fn plan_folder(folder: &dyn Folder, base: Option<&BaseModel>, opts: &PlanOptions) -> Result<Planned> {
     let found = locate(folder)?;
     let mut planned = match &found {
         Found::TorchFile(rel) => plan_torch_file(folder.open(rel)?, opts)?,
         Found::Dcp(dir) => plan_dcp(folder, dir, opts)?,
         Found::Verl(dir, world) => crate::verl::plan_verl(folder, dir, *world, opts)?,
+        Found::Megatron(dir) => {
+            let base = base.ok_or_else(|| {
+                Error::new(ErrorKind::NotCheckpoint(
+                    "a Megatron checkpoint needs its base Hugging Face model: pass --base HF_DIR (or use mg2hf)".into(),
+                ))
+                .in_file(folder.name())
+            })?;
+            let (mut p, args) = crate::megatron::plan_megatron(folder, dir, base, opts)?;
+            p.plan.notes.push(args);
+            p
+        }
     };
     let picked = match &found {
         Found::TorchFile(rel) => Some(rel.clone()),
         Found::Dcp(dir) if !dir.is_empty() => Some(format!("{dir}/")),
         Found::Dcp(_) => None,
-        Found::Verl(dir, _) if !dir.is_empty() => Some(format!("{dir}/")),
-        Found::Verl(..) => None,
+        Found::Verl(dir, _) | Found::Megatron(dir) if !dir.is_empty() => Some(format!("{dir}/")),
+        Found::Verl(..) | Found::Megatron(_) => None,
     };
     if let Some(p) = picked {
         planned.plan.notes.insert(0, format!("using {}/{p}", folder.name()));

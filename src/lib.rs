@@ -11,7 +11,9 @@ pub mod convert;
 pub mod dcp;
 pub mod dtype;
 pub mod error;
+pub mod hf;
 pub mod io;
+pub mod megatron;
 pub mod pickle;
 
 pub use error::{Error, ErrorKind, Result};

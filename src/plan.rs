@@ -93,6 +93,31 @@ impl StridedView {
         self.numel
     }
 
+    /// The sub-view of rows `[a, b)` of dimension 0.
+    pub fn rows(&self, name: &str, a: u64, b: u64) -> Result<StridedView> {
+        let Some(&n) = self.shape.first() else {
+            return Err(tensor_err(name, "a 0-d tensor has no rows"));
+        };
+        if a > b || b > n {
+            return Err(tensor_err(name, format!("rows {a}..{b} of a tensor with {n}")));
+        }
+        let mut shape = self.shape.clone();
+        shape[0] = b - a;
+        let offset = a.checked_mul(self.strides[0]).and_then(|x| x.checked_add(self.offset));
+        let offset = offset.ok_or_else(|| tensor_err(name, "row offset overflows"))?;
+        StridedView::new(
+            name,
+            self.input,
+            self.data_start,
+            self.storage_bytes,
+            self.dtype,
+            offset,
+            shape,
+            self.strides.clone(),
+            usize::MAX,
+        )
+    }
+
     /// Whether the view's elements are one contiguous run of its storage.
     pub fn is_contiguous(&self) -> bool {
         self.contiguous
@@ -270,6 +295,16 @@ impl ChunkedTensor {
 
     fn numel(&self) -> u64 {
         self.shape.iter().product()
+    }
+
+    /// Global shape.
+    pub fn shape(&self) -> &[u64] {
+        &self.shape
+    }
+
+    /// Size in bytes.
+    pub fn nbytes(&self) -> u64 {
+        self.numel() * self.dtype.size() as u64
     }
 
     /// Reads output elements `[start, start + count)`; both must be whole rows of dimension 0.

@@ -252,12 +252,18 @@ impl TorchFile {
 
     /// Every tensor reachable from the root, in pickle order, with resolved byte ranges.
     pub fn tensors(&self, input: &Input, input_index: usize) -> Result<Vec<FoundTensor>> {
+        self.tensors_at(input, input_index, self.root, Vec::new())
+    }
+
+    /// The tensors reachable from node `id`, named from `path` on (e.g. only a Megatron `model` subtree,
+    /// so that optimizer state is never resolved).
+    pub fn tensors_at(&self, input: &Input, input_index: usize, id: Id, path: Vec<String>) -> Result<Vec<FoundTensor>> {
+        let mut path = path;
         let mut found = Vec::new();
-        let mut path = Vec::new();
         let mut visits = 0u64;
         let mut cache: HashMap<String, (u64, u64)> = HashMap::new();
         let mut name_bytes = 0usize;
-        self.walk(self.root, &mut path, 0, &mut visits, &mut |path, leaf| {
+        self.walk(id, &mut path, 0, &mut visits, &mut |path, leaf| {
             let (t, dtensor) = match leaf {
                 Leaf::Tensor(t) => (t, None),
                 Leaf::DTensor(t, m) => (t, Some(m)),

@@ -155,7 +155,7 @@ pub fn layout(plan: &Plan, max_shard: Option<u64>) -> Result<OutputLayout> {
     Ok(OutputLayout { files })
 }
 
-/// Streams every file of `layout` into `sink`, then commits. `progress` gets the bytes written so far.
+/// Streams every file of `layout` into `sink`; the caller commits once every output file is written. `progress` gets the bytes written so far.
 pub fn write(
     plan: &Plan,
     layout: &OutputLayout,
@@ -196,7 +196,7 @@ pub fn write(
         }
         sink.end()?;
     }
-    sink.commit()
+    Ok(())
 }
 
 /// Verbatim chunk handed to a sink that copies without buffering; it only bounds progress granularity.
@@ -283,6 +283,7 @@ mod tests {
         let layout = layout(&plan, None).unwrap();
         let mut sink = MemorySink::default();
         write(&plan, &layout, &inputs, &mut sink, &mut |_| {}).unwrap();
+        sink.commit().unwrap();
         let f = &sink.files["model.safetensors"];
         assert_eq!(f.len() as u64, layout.files[0].size);
         let n = u64::from_le_bytes(f[..8].try_into().unwrap()) as usize;
@@ -307,6 +308,7 @@ mod tests {
         assert!(layout.files.len() > 3);
         let mut sink = MemorySink::default();
         write(&plan, &layout, &inputs, &mut sink, &mut |_| {}).unwrap();
+        sink.commit().unwrap();
         for f in &layout.files[..layout.files.len() - 1] {
             assert!(f.size <= 1000, "{} is {} bytes", f.name, f.size);
         }

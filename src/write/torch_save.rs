@@ -233,7 +233,7 @@ fn put64(v: &mut Vec<u8>, x: u64) {
     v.extend(x.to_le_bytes());
 }
 
-/// Streams the archive of `layout` into `sink` as one file named `name`, then commits.
+/// Streams the archive of `layout` into `sink` as one file named `name`; the caller commits.
 pub fn write(
     plan: &Plan,
     layout: &TorchSaveLayout,
@@ -374,8 +374,7 @@ pub fn write(
             layout.size
         ))));
     }
-    sink.end()?;
-    sink.commit()
+    sink.end()
 }
 
 #[cfg(test)]
@@ -400,6 +399,7 @@ mod tests {
         let layout = TorchSaveLayout::new(&plan, "archive").unwrap();
         let mut sink = MemorySink::default();
         write(&plan, &layout, "x.pt", &inputs, &mut sink, &mut |_| {}).unwrap();
+        sink.commit().unwrap();
         let bytes = sink.files.remove("x.pt").unwrap();
         assert_eq!(bytes.len() as u64, layout.size);
         let input = Input::new("x.pt", Box::new(bytes));

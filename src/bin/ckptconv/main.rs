@@ -7,6 +7,7 @@ mod progress;
 
 use ckptconv::convert::{self, PlanOptions, Planned};
 use ckptconv::dtype::DType;
+use ckptconv::hf::BaseModel;
 use ckptconv::io::Input;
 use ckptconv::select::Prefix;
 use ckptconv::write::safetensors::{self, OutputLayout};
@@ -56,6 +57,22 @@ enum Command {
         #[command(flatten)]
         out: OutArgs,
     },
+    /// Merge a Megatron checkpoint (any TP x PP) into a Hugging Face folder, like RLinf's mg2hf_*.sh.
+    Mg2hf {
+        /// The Megatron checkpoint: an actor/ folder, an iter_XXXXXXX folder or a global_step_N folder.
+        megatron_ckpt: PathBuf,
+        /// The Hugging Face folder to write.
+        hf_out: PathBuf,
+        /// The base Hugging Face model the checkpoint was trained from (config, tokenizer).
+        base_hf: PathBuf,
+        #[command(flatten)]
+        plan: PlanArgs,
+        /// Split into shards of at most this size plus an index.
+        #[arg(long, value_parser = parse_size, default_value = "5GB")]
+        max_shard_size: u64,
+        #[command(flatten)]
+        out: OutArgs,
+    },
     /// Write the model state dict of a DCP folder as one torch.save file (like RLinf's convert_dcp_to_pt.py).
     #[command(name = "dcp-to-pt")]
     DcpToPt {
@@ -94,9 +111,13 @@ struct PlanArgs {
     #[arg(long, default_value = "keep", value_parser = parse_dtype)]
     dtype: CastTo,
     /// Take only tensors under this dotted prefix and strip it ('' keeps every tensor). Default: strip a
-    /// wrapping state_dict/model/module/model_state_dict key when present.
+    /// wrapping fsdp_checkpoint.model/state_dict/model/module/model_state_dict key when present.
     #[arg(long)]
     prefix: Option<String>,
+    /// The base Hugging Face model folder: its config and tokenizer files are copied into the output
+    /// (never its weights); Megatron checkpoints need it for names, vocabulary and dtype.
+    #[arg(long)]
+    base: Option<PathBuf>,
 }
 
 /// The parsed `--dtype` (a newtype, since clap reads a bare `Option` field as "flag may be absent").
@@ -123,12 +144,28 @@ impl PlanArgs {
     }
 }
 
-fn open_and_plan(path: &Path, args: &PlanArgs) -> ckptconv::Result<Planned> {
+/// Runs `f` with the base model of `--base`, if one was given.
+fn with_base<T>(base: Option<&Path>, f: impl FnOnce(Option<&BaseModel>) -> ckptconv::Result<T>) -> ckptconv::Result<T> {
+    match base {
+        None => f(None),
+        Some(p) => {
+            if !p.is_dir() {
+                return Err(Error::new(ErrorKind::NotCheckpoint("the base model is not a folder".into()))
+                    .in_file(&p.display().to_string()));
+            }
+            let folder = fsio::DiskFolder::open(p)?;
+            let base = BaseModel::open(&folder)?;
+            f(Some(&base))
+        }
+    }
+}
+
+fn open_and_plan(path: &Path, base: Option<&BaseModel>, args: &PlanArgs) -> ckptconv::Result<Planned> {
     let shown = path.display().to_string();
     let meta = std::fs::metadata(path).map_err(|e| Error::new(ErrorKind::Io(e.to_string())).in_file(&shown))?;
     if meta.is_dir() {
         let folder = fsio::DiskFolder::open(path)?;
-        convert::plan_folder(&folder, &args.options())
+        convert::plan_folder(&folder, base, &args.options())
     } else {
         let data = fsio::FileInput::open(path)?;
         convert::plan_torch_file(Input::new(shown, Box::new(data)), &args.options())
@@ -147,7 +184,7 @@ fn human(bytes: u64) -> String {
 }
 
 fn inspect(input: &Path, json: bool, args: &PlanArgs) -> ckptconv::Result<()> {
-    let planned = open_and_plan(input, args)?;
+    let planned = with_base(args.base.as_deref(), |base| open_and_plan(input, base, args))?;
     let plan = &planned.plan;
     if json {
         let tensors: Vec<_> = plan
@@ -201,27 +238,40 @@ fn convert(
     format: OutFormat,
     out: &OutArgs,
 ) -> ckptconv::Result<()> {
-    let planned = open_and_plan(input, args)?;
-    match format {
-        OutFormat::Safetensors => {
-            let layout: OutputLayout = safetensors::layout(&planned.plan, max_shard)?;
-            let names: Vec<&str> = layout.files.iter().map(|f| f.name.as_str()).collect();
-            let mut sink = prepare(out_dir, &names, out, input, &planned)?;
-            let mut bar = progress::Progress::new(planned.plan.total_bytes(), !out.quiet);
-            safetensors::write(&planned.plan, &layout, &planned.inputs, &mut sink, &mut |d| bar.update(d))?;
-            bar.finish();
-            report(&planned, out_dir, &names);
-        }
-        OutFormat::Pt => {
-            if max_shard.is_some() {
-                return Err(Error::new(ErrorKind::Unsupported(
-                    "--max-shard-size applies to safetensors output".into(),
-                )));
+    with_base(args.base.as_deref(), |base| {
+        let planned = open_and_plan(input, base, args)?;
+        let package: Vec<&str> = base.map(|b| b.files.iter().map(String::as_str).collect()).unwrap_or_default();
+        let (mut sink, names) = match format {
+            OutFormat::Safetensors => {
+                let layout: OutputLayout = safetensors::layout(&planned.plan, max_shard)?;
+                let mut names: Vec<&str> = layout.files.iter().map(|f| f.name.as_str()).collect();
+                names.extend(&package);
+                let mut sink = prepare(out_dir, &names, out, input, &planned)?;
+                let mut bar = progress::Progress::new(planned.plan.total_bytes(), !out.quiet);
+                safetensors::write(&planned.plan, &layout, &planned.inputs, &mut sink, &mut |d| bar.update(d))?;
+                bar.finish();
+                (sink, names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
             }
-            write_pt(&planned, out_dir, "pytorch_model.bin", out, input)?;
+            OutFormat::Pt => {
+                if max_shard.is_some() {
+                    return Err(Error::new(ErrorKind::Unsupported(
+                        "--max-shard-size applies to safetensors output".into(),
+                    )));
+                }
+                let mut names = vec!["pytorch_model.bin"];
+                names.extend(&package);
+                let sink = write_pt(&planned, out_dir, "pytorch_model.bin", &names, out, input)?;
+                (sink, names.iter().map(|n| n.to_string()).collect())
+            }
+        };
+        if let Some(b) = base {
+            b.copy_into(&mut sink)?;
         }
-    }
-    Ok(())
+        use ckptconv::write::Sink;
+        sink.commit()?;
+        report(&planned, out_dir, &names);
+        Ok(())
+    })
 }
 
 fn prepare(
@@ -231,6 +281,10 @@ fn prepare(
     input: &Path,
     planned: &Planned,
 ) -> ckptconv::Result<fsio::DirSink> {
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = names.iter().find(|n| !seen.insert(**n)) {
+        return Err(Error::new(ErrorKind::Output(format!("two outputs are both named {dup}"))));
+    }
     let sink = fsio::DirSink::new(out_dir, out.force)?;
     sink.check_free(names)?;
     eprintln!("ckptconv: {} is {}", input.display(), planned.format);
@@ -240,7 +294,7 @@ fn prepare(
     Ok(sink)
 }
 
-fn report(planned: &Planned, out_dir: &Path, names: &[&str]) {
+fn report(planned: &Planned, out_dir: &Path, names: &[String]) {
     eprintln!(
         "ckptconv: wrote {} tensors ({}) to {}: {}",
         planned.plan.tensors.len(),
@@ -250,15 +304,22 @@ fn report(planned: &Planned, out_dir: &Path, names: &[&str]) {
     );
 }
 
-fn write_pt(planned: &Planned, out_dir: &Path, name: &str, out: &OutArgs, input: &Path) -> ckptconv::Result<()> {
+/// Writes `name` as a torch.save file; the caller commits the returned sink.
+fn write_pt(
+    planned: &Planned,
+    out_dir: &Path,
+    name: &str,
+    names: &[&str],
+    out: &OutArgs,
+    input: &Path,
+) -> ckptconv::Result<fsio::DirSink> {
     let root = Path::new(name).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or("archive".into());
     let layout = TorchSaveLayout::new(&planned.plan, &root)?;
-    let mut sink = prepare(out_dir, &[name], out, input, planned)?;
+    let mut sink = prepare(out_dir, names, out, input, planned)?;
     let mut bar = progress::Progress::new(planned.plan.total_bytes(), !out.quiet);
     torch_save::write(&planned.plan, &layout, name, &planned.inputs, &mut sink, &mut |d| bar.update(d))?;
     bar.finish();
-    report(planned, out_dir, &[name]);
-    Ok(())
+    Ok(sink)
 }
 
 fn dcp_to_pt(dcp_path: &Path, output_path: &Path, args: &PlanArgs, out: &OutArgs) -> ckptconv::Result<()> {
@@ -276,8 +337,12 @@ fn dcp_to_pt(dcp_path: &Path, output_path: &Path, args: &PlanArgs, out: &OutArgs
             Error::new(ErrorKind::NotCheckpoint("is not a folder".into())).in_file(&dcp_path.display().to_string())
         );
     }
-    let planned = open_and_plan(dcp_path, args)?;
-    write_pt(&planned, &dir, &name, out, dcp_path)
+    let planned = open_and_plan(dcp_path, None, args)?;
+    let mut sink = write_pt(&planned, &dir, &name, &[name.as_str()], out, dcp_path)?;
+    use ckptconv::write::Sink;
+    sink.commit()?;
+    report(&planned, &dir, &[name]);
+    Ok(())
 }
 
 fn run(cli: Cli) -> ckptconv::Result<()> {
@@ -285,6 +350,10 @@ fn run(cli: Cli) -> ckptconv::Result<()> {
         Command::Inspect { input, json, plan } => inspect(&input, json, &plan),
         Command::Convert { input, out_dir, plan, max_shard_size, format, out } => {
             convert(&input, &out_dir, &plan, max_shard_size, format, &out)
+        }
+        Command::Mg2hf { megatron_ckpt, hf_out, base_hf, mut plan, max_shard_size, out } => {
+            plan.base = Some(base_hf);
+            convert(&megatron_ckpt, &hf_out, &plan, Some(max_shard_size), OutFormat::Safetensors, &out)
         }
         Command::DcpToPt { dcp_path, output_path, plan, out } => dcp_to_pt(&dcp_path, &output_path, &plan, &out),
     }
