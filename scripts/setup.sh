@@ -13,7 +13,7 @@ done
 command -v cargo-nextest >/dev/null 2>&1 || cargo install cargo-nextest --locked
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-if ! .venv/bin/python -c "import torch, safetensors, transformers, pytest, numpy" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import torch, safetensors, transformers, pytest, numpy, zstandard, peft" >/dev/null 2>&1; then
   .venv/bin/pip install --quiet --upgrade pip
   .venv/bin/pip install --quiet -r tests/requirements.txt
 fi

@@ -17,6 +17,8 @@ pub struct PlanOptions {
     pub dtype: Option<DType>,
     /// Which tensors are the model.
     pub prefix: Prefix,
+    /// Refuse checkpoints that need a base model when none is given (conversions; `inspect` can do without).
+    pub require_base: bool,
 }
 
 /// A group of entries in the checkpoint (e.g. `fsdp_checkpoint.optimizers`), for `inspect`.
@@ -207,13 +209,16 @@ pub fn plan_folder(folder: &dyn Folder, base: Option<&BaseModel>, opts: &PlanOpt
         Found::Dcp(dir) => plan_dcp(folder, dir, opts)?,
         Found::Verl(dir, world) => crate::verl::plan_verl(folder, dir, *world, opts)?,
         Found::Megatron(dir) => {
-            let base = base.ok_or_else(|| {
-                Error::new(ErrorKind::NotCheckpoint(
+            if base.is_none() && opts.require_base {
+                return Err(Error::new(ErrorKind::NotCheckpoint(
                     "a Megatron checkpoint needs its base Hugging Face model: pass --base HF_DIR (or use mg2hf)".into(),
                 ))
-                .in_file(folder.name())
-            })?;
+                .in_file(folder.name()));
+            }
             let (mut p, args) = crate::megatron::plan_megatron(folder, dir, base, opts)?;
+            if base.is_none() {
+                p.plan.notes.push("no base model: the family is guessed and the padded vocabulary is kept".into());
+            }
             p.plan.notes.push(args);
             p
         }

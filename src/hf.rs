@@ -104,3 +104,172 @@ impl<'f> BaseModel<'f> {
         Ok(())
     }
 }
+
+impl BaseModel<'_> {
+    /// Names and shapes of the base model's own weights, from its safetensors headers (single file or
+    /// index + shards) or its `pytorch_model.bin`; `None` when the folder holds no weights.
+    pub fn weight_shapes(&self) -> Result<Option<std::collections::BTreeMap<String, Vec<u64>>>> {
+        let all = self.folder.files();
+        let has = |n: &str| all.iter().any(|f| f == n);
+        let mut files: Vec<String> = Vec::new();
+        if has("model.safetensors.index.json") {
+            let input = self.folder.open("model.safetensors.index.json")?;
+            let bytes = input.read_vec(0, input.len().min(64 << 20))?;
+            let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+                Error::new(ErrorKind::NotCheckpoint(format!("bad index JSON: {e}"))).in_file(&input.name)
+            })?;
+            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+                Error::new(ErrorKind::NotCheckpoint("index has no weight_map".into())).in_file(&input.name)
+            })?;
+            let mut set: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
+            set.sort();
+            set.dedup();
+            files = set;
+        } else if has("model.safetensors") {
+            files.push("model.safetensors".into());
+        }
+        let mut shapes = std::collections::BTreeMap::new();
+        for f in &files {
+            let input = self.folder.open(f)?;
+            let (header, _) = crate::write::safetensors::read_header(&input)?;
+            for (name, e) in header {
+                shapes.insert(name, e.1);
+            }
+        }
+        if files.is_empty() {
+            if !has("pytorch_model.bin") {
+                return Ok(None);
+            }
+            let input = self.folder.open("pytorch_model.bin")?;
+            let file = crate::torch::TorchFile::open(&input)?;
+            for t in file.tensors(&input, 0)? {
+                shapes.insert(t.path.name, t.view.shape);
+            }
+        }
+        Ok(Some(shapes))
+    }
+}
+
+/// Whether two planned tensors hold the same bytes: the same view, or equal when read band by band.
+fn same_bytes(
+    a: &crate::plan::PlannedTensor,
+    b: &crate::plan::PlannedTensor,
+    inputs: &[crate::io::Input],
+) -> Result<bool> {
+    if a.shape != b.shape || a.dtype != b.dtype {
+        return Ok(false);
+    }
+    if a.source == b.source {
+        return Ok(true);
+    }
+    let mut bufs = crate::plan::BandBuffers::default();
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    // Same shapes give the same band unit (a row) or unit 1, so the smaller step suits both.
+    let step = a.band_elems().min(b.band_elems());
+    let mut start = 0;
+    let esz = a.dtype.size() as u64;
+    while start < a.numel() {
+        let n = step.min(a.numel() - start);
+        x.resize((n * esz) as usize, 0);
+        y.resize((n * esz) as usize, 0);
+        a.read_band(inputs, start, n, &mut x, &mut bufs)?;
+        b.read_band(inputs, start, n, &mut y, &mut bufs)?;
+        if x != y {
+            return Ok(false);
+        }
+        start += n;
+    }
+    Ok(true)
+}
+
+/// Drops `lm_head.weight` when the base config ties it to the embedding and it holds the same bytes, as
+/// `save_pretrained` does. Returns a note for the report.
+pub fn drop_tied_lm_head(
+    plan: &mut crate::plan::Plan,
+    base: &BaseModel,
+    inputs: &[crate::io::Input],
+) -> Result<Option<String>> {
+    if base.flag("tie_word_embeddings") != Some(true) {
+        return Ok(None);
+    }
+    let find = |n: &str| plan.tensors.iter().position(|t| t.name == n);
+    let (Some(h), Some(e)) = (find("lm_head.weight"), find("model.embed_tokens.weight")) else { return Ok(None) };
+    if same_bytes(&plan.tensors[h], &plan.tensors[e], inputs)? {
+        plan.tensors.remove(h);
+        return Ok(Some("dropped lm_head.weight: tied to model.embed_tokens.weight, as the base config says".into()));
+    }
+    Ok(Some("kept lm_head.weight: the base config ties it, but it differs from the embedding".into()))
+}
+
+/// Compares the planned names and shapes with the base model's own weights: a missing or unexpected
+/// tensor, or a different shape, is an error unless `allow` is set (then it is only reported).
+pub fn check_against_base(plan: &crate::plan::Plan, base: &BaseModel, allow: bool) -> Result<Option<String>> {
+    let Some(want) = base.weight_shapes()? else {
+        return Ok(Some("the base folder has no weights to check names and shapes against".into()));
+    };
+    let tied = base.flag("tie_word_embeddings") == Some(true);
+    let have: std::collections::BTreeMap<&str, &Vec<u64>> =
+        plan.tensors.iter().map(|t| (t.name.as_str(), &t.shape)).collect();
+    let missing: Vec<&String> = want.keys().filter(|k| !have.contains_key(k.as_str())).collect();
+    let extra: Vec<&&str> =
+        have.keys().filter(|k| !(want.contains_key(**k) || (tied && **k == "lm_head.weight"))).collect();
+    let reshaped: Vec<String> = want
+        .iter()
+        .filter_map(|(k, s)| have.get(k.as_str()).filter(|h| **h != s).map(|h| format!("{k} {h:?} (base {s:?})")))
+        .collect();
+    if missing.is_empty() && extra.is_empty() && reshaped.is_empty() {
+        return Ok(Some(format!("names and shapes match the base model's {} weights", want.len())));
+    }
+    let list = |v: Vec<String>| {
+        let n = v.len();
+        let mut s = v.into_iter().take(8).collect::<Vec<_>>().join(", ");
+        if n > 8 {
+            s.push_str(&format!(" and {} more", n - 8));
+        }
+        s
+    };
+    let mut parts = Vec::new();
+    if !missing.is_empty() {
+        parts.push(format!("missing {}: {}", missing.len(), list(missing.iter().map(|s| s.to_string()).collect())));
+    }
+    if !extra.is_empty() {
+        parts.push(format!("unexpected {}: {}", extra.len(), list(extra.iter().map(|s| s.to_string()).collect())));
+    }
+    if !reshaped.is_empty() {
+        parts.push(format!("different shape {}: {}", reshaped.len(), list(reshaped)));
+    }
+    let msg = format!("the output does not match the base model's weights ({})", parts.join("; "));
+    if allow {
+        return Ok(Some(format!("{msg}; allowed by --allow-mismatch")));
+    }
+    Err(Error::new(ErrorKind::Output(format!("{msg}; pass --allow-mismatch to write it anyway")))
+        .in_file(base.folder.name()))
+}
+
+/// A per-model save helper: extra torch.save files RLinf writes next to the HF folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtraPt {
+    /// File name in the output folder.
+    pub file: String,
+    /// Tensors under this prefix go in it, with the prefix stripped.
+    pub prefix: String,
+}
+
+/// The save helpers of `model_type` given its flags (`use_film`, `use_proprio`); adding a model type is
+/// one entry here.
+pub fn save_helpers(model_type: &str, flags: &dyn Fn(&str) -> bool) -> Vec<ExtraPt> {
+    let mk = |file: &str, prefix: &str| ExtraPt { file: file.into(), prefix: prefix.into() };
+    match model_type {
+        "openvla_oft" => {
+            let mut v = Vec::new();
+            if flags("use_film") {
+                v.push(mk("vision_backbone--0_checkpoint.pt", "vision_backbone."));
+            }
+            if flags("use_proprio") {
+                v.push(mk("proprio_projector--0_checkpoint.pt", "proprio_projector."));
+            }
+            v
+        }
+        _ => Vec::new(),
+    }
+}

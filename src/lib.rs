@@ -13,11 +13,13 @@ pub mod dtype;
 pub mod error;
 pub mod hf;
 pub mod io;
+pub mod lora;
 pub mod megatron;
 pub mod pickle;
 
 pub use error::{Error, ErrorKind, Result};
 pub mod plan;
+pub mod rlinf;
 pub mod select;
 pub mod torch;
 pub mod verl;

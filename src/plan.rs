@@ -383,6 +383,83 @@ impl ChunkedTensor {
     }
 }
 
+/// A LoRA merge, `W + scale * B @ A`, computed per band of rows in f32 (rounded once by the caller).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraMerge {
+    /// The base weight `W`, `[rows, cols]`.
+    pub base: Source,
+    /// `A`, `[rank, cols]`.
+    pub a: Source,
+    /// `B`, `[rows, rank]`.
+    pub b: Source,
+    /// `alpha / r` (or `alpha / sqrt(r)` for rsLoRA).
+    pub scale: f32,
+    /// Rows of `W`.
+    pub rows: u64,
+    /// Columns of `W`.
+    pub cols: u64,
+    /// LoRA rank.
+    pub rank: u64,
+}
+
+impl Eq for LoraMerge {}
+
+/// Columns processed together so a tile of the output row stays in L1 while the rank loop runs.
+const LORA_TILE: usize = 512;
+
+impl LoraMerge {
+    fn read(&self, inputs: &[Input], start: u64, count: u64, out: &mut [u8], bufs: &mut ChunkBuffers) -> Result<()> {
+        let (cols, rank) = (self.cols as usize, self.rank as usize);
+        let (r0, r1) = (start / self.cols, (start + count) / self.cols);
+        let mut raw = std::mem::take(&mut bufs.lora_raw);
+        let mut acc = std::mem::take(&mut bufs.lora_acc);
+        // A is read once per tensor and kept in f32.
+        let key = self as *const LoraMerge as usize;
+        if bufs.lora_a.0 != key {
+            let n = self.rank * self.cols;
+            raw.resize((n * self.a.dtype().size() as u64) as usize, 0);
+            self.a.read(inputs, 0, n, &mut raw, bufs)?;
+            bufs.lora_a = (key, to_f32(self.a.dtype(), &raw));
+        }
+        let a = std::mem::take(&mut bufs.lora_a.1);
+        let nb = (r1 - r0) * self.rank;
+        raw.resize((nb * self.b.dtype().size() as u64) as usize, 0);
+        self.b.read(inputs, r0 * self.rank, nb, &mut raw, bufs)?;
+        let b = to_f32(self.b.dtype(), &raw);
+        raw.resize((count * self.base.dtype().size() as u64) as usize, 0);
+        self.base.read(inputs, start, count, &mut raw, bufs)?;
+        acc.clear();
+        acc.extend(to_f32(self.base.dtype(), &raw));
+        for (i, row) in acc.chunks_exact_mut(cols).enumerate() {
+            let coef: Vec<f32> = b[i * rank..(i + 1) * rank].iter().map(|x| x * self.scale).collect();
+            for t0 in (0..cols).step_by(LORA_TILE) {
+                let t1 = (t0 + LORA_TILE).min(cols);
+                let tile = &mut row[t0..t1];
+                for (k, &c) in coef.iter().enumerate() {
+                    let a_tile = &a[k * cols + t0..k * cols + t1];
+                    for (o, &x) in tile.iter_mut().zip(a_tile) {
+                        *o += c * x;
+                    }
+                }
+            }
+        }
+        for (o, v) in out.chunks_exact_mut(4).zip(&acc) {
+            o.copy_from_slice(&v.to_le_bytes());
+        }
+        bufs.lora_a.1 = a;
+        bufs.lora_raw = raw;
+        bufs.lora_acc = acc;
+        Ok(())
+    }
+}
+
+/// Little-endian elements of a float type as f32 (exact for f16/bf16/f32).
+fn to_f32(src: DType, bytes: &[u8]) -> Vec<f32> {
+    let mut wide = vec![0u8; bytes.len() / src.size() * 4];
+    dtype::cast(src, DType::F32, bytes, &mut wide);
+    wide.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
 /// Where an output tensor's bytes come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -390,6 +467,8 @@ pub enum Source {
     View(StridedView),
     /// Chunks that tile a global tensor.
     Chunked(ChunkedTensor),
+    /// A LoRA-merged weight, produced as f32.
+    Lora(Box<LoraMerge>),
 }
 
 impl Source {
@@ -398,6 +477,7 @@ impl Source {
         match self {
             Source::View(v) => v.dtype,
             Source::Chunked(c) => c.dtype,
+            Source::Lora(_) => DType::F32,
         }
     }
 
@@ -406,6 +486,7 @@ impl Source {
         match self {
             Source::View(v) => v.numel(),
             Source::Chunked(c) => c.numel(),
+            Source::Lora(l) => l.rows * l.cols,
         }
     }
 
@@ -414,6 +495,7 @@ impl Source {
         match self {
             Source::View(_) => 1,
             Source::Chunked(c) => c.row,
+            Source::Lora(l) => l.cols.max(1),
         }
     }
 
@@ -421,6 +503,7 @@ impl Source {
         match self {
             Source::View(v) => v.read(inputs, start, count, out, &mut bufs.window),
             Source::Chunked(c) => c.read(inputs, start, count, out, bufs),
+            Source::Lora(l) => l.read(inputs, start, count, out, bufs),
         }
     }
 }
@@ -442,6 +525,10 @@ pub struct PlannedTensor {
 struct ChunkBuffers {
     window: Window,
     rows: Vec<u8>,
+    lora_raw: Vec<u8>,
+    lora_acc: Vec<f32>,
+    /// LoRA `A` in f32, keyed by the merge it belongs to.
+    lora_a: (usize, Vec<f32>),
 }
 
 /// Reusable buffers for band reads.
@@ -482,10 +569,19 @@ impl PlannedTensor {
 
     /// Indices of the inputs this tensor reads.
     pub fn inputs_used(&self) -> Vec<usize> {
-        let mut v: Vec<usize> = match &self.source {
-            Source::View(v) => vec![v.input],
-            Source::Chunked(c) => c.chunks.iter().map(|c| c.view.input).collect(),
-        };
+        fn collect(s: &Source, out: &mut Vec<usize>) {
+            match s {
+                Source::View(v) => out.push(v.input),
+                Source::Chunked(c) => out.extend(c.chunks.iter().map(|c| c.view.input)),
+                Source::Lora(l) => {
+                    collect(&l.base, out);
+                    collect(&l.a, out);
+                    collect(&l.b, out);
+                }
+            }
+        }
+        let mut v = Vec::new();
+        collect(&self.source, &mut v);
         v.sort_unstable();
         v.dedup();
         v
@@ -511,7 +607,7 @@ impl PlannedTensor {
                 let esz = v.dtype.size() as u64;
                 Some(vec![(v.input, v.data_start + (v.offset + start) * esz, count * esz)])
             }
-            Source::View(_) => None,
+            Source::View(_) | Source::Lora(_) => None,
             Source::Chunked(c) => c.verbatim_pieces(start, count),
         }
     }

@@ -331,10 +331,9 @@ fn check_replicated(inputs: &[Input], name: &str, parts: &[StridedView]) -> Resu
 pub fn plan_megatron(
     folder: &dyn Folder,
     dir: &str,
-    base: &BaseModel,
+    base: Option<&BaseModel>,
     opts: &PlanOptions,
 ) -> Result<(Planned, String)> {
-    let fam = family(base)?;
     let prefix = if dir.is_empty() { String::new() } else { format!("{dir}/") };
     let mut grid: Vec<(u64, u64, String)> = Vec::new();
     for f in folder.files() {
@@ -347,12 +346,22 @@ pub fn plan_megatron(
             grid.push((tp, pp, f.clone()));
         }
     }
-    let tp = grid.iter().map(|g| g.0).max().map_or(0, |m| m + 1);
-    let pp = grid.iter().map(|g| g.1).max().map_or(0, |m| m + 1);
+    grid.sort_by_key(|g| (g.1, g.0));
+    let mut tp = grid.iter().map(|g| g.0).max().map_or(0, |m| m + 1);
+    let mut pp = grid.iter().map(|g| g.1).max().map_or(0, |m| m + 1);
     if tp == 0 || tp * pp > 4096 {
         return Err(bad(format!("no usable mp_rank_* grid in {dir}")).in_file(folder.name()));
     }
-    let multi_pp = grid.iter().any(|g| g.2.contains(&format!("mp_rank_{:02}_", g.0)));
+    // The first rank's args say how big the grid should be, so a missing last rank is named as such.
+    let Some((t0, s0, rel0)) = grid.first() else {
+        return Err(bad(format!("no mp_rank_* folders in {dir}")).in_file(folder.name()));
+    };
+    let first = load_rank(folder, rel0, *t0, *s0, 0)?;
+    if let Some(a) = &first.1.args {
+        tp = tp.max(a.get("tensor_model_parallel_size").unwrap_or(0).min(4096));
+        pp = pp.max(a.get("pipeline_model_parallel_size").unwrap_or(0).min(4096));
+    }
+    let multi_pp = pp > 1 || grid.iter().any(|g| g.2.contains(&format!("mp_rank_{:02}_", g.0)));
     for s in 0..pp {
         for t in 0..tp {
             if !grid.iter().any(|g| g.0 == t && g.1 == s) {
@@ -364,10 +373,10 @@ pub fn plan_megatron(
             }
         }
     }
-    grid.sort_by_key(|g| (g.1, g.0));
-    let mut inputs = Vec::new();
-    let mut ranks = Vec::new();
-    for (t, s, rel) in &grid {
+    let (input0, rank0) = first;
+    let mut inputs = vec![input0];
+    let mut ranks = vec![rank0];
+    for (t, s, rel) in &grid[1..] {
         let (input, m) = load_rank(folder, rel, *t, *s, inputs.len())?;
         inputs.push(input);
         ranks.push(m);
@@ -390,9 +399,17 @@ pub fn plan_megatron(
         }
     }
     let layout = derive_layout(&ranks, args.as_ref(), base, tp, pp, &inputs[0].name)?;
-    let out_dtype_default = base.text("torch_dtype").or(base.text("dtype")).and_then(DType::from_torch_name);
+    // Without a base model (inspect only) the family is guessed from the layout and nothing is trimmed.
+    let fam = match base {
+        Some(b) => family(b)?,
+        None if layout.qk_norm => Family::Qwen3,
+        None if layout.qkv_bias => Family::Qwen2,
+        None => Family::Llama,
+    };
+    let out_dtype_default =
+        base.and_then(|b| b.text("torch_dtype").or(b.text("dtype"))).and_then(DType::from_torch_name);
     let target = opts.dtype.or(out_dtype_default);
-    let vocab = base.int("vocab_size").unwrap_or(layout.padded_vocab);
+    let vocab = base.and_then(|b| b.int("vocab_size")).unwrap_or(layout.padded_vocab);
 
     // Global layer order: virtual chunk, then stage, then local index.
     let chunks_per_stage = ranks.iter().map(|r| r.chunks.len()).max().unwrap_or(1);
@@ -463,7 +480,9 @@ pub fn plan_megatron(
         let qkv = need(get("self_attention.linear_qkv.weight", &mut used), &k("self_attention.linear_qkv.weight"))?;
         outs.extend(split_qkv(&hf("self_attn"), "weight", &qkv, &layout, hpg, hd)?);
         if let Some(b) = get("self_attention.linear_qkv.bias", &mut used) {
-            if fam == Family::Qwen3 || (fam == Family::Llama && base.flag("attention_bias") != Some(true)) {
+            if fam == Family::Qwen3
+                || (fam == Family::Llama && base.is_some_and(|b| b.flag("attention_bias") != Some(true)))
+            {
                 return Err(bad(format!(
                     "{} has a qkv bias but the base {fam:?} model has none",
                     k("self_attention.linear_qkv.bias")
@@ -708,12 +727,13 @@ fn split_gate_up(prefix: &str, parts: &[StridedView]) -> Result<Vec<Out>> {
 fn derive_layout(
     ranks: &[RankModel],
     args: Option<&Args>,
-    base: &BaseModel,
+    base: Option<&BaseModel>,
     tp: u64,
     pp: u64,
     file: &str,
 ) -> Result<Layout> {
-    let cfg = |k: &str| base.int(k);
+    let cfg = |k: &str| base.and_then(|b| b.int(k));
+    let base_name = base.map(|b| b.folder.name()).unwrap_or("");
     let shape_of = |key: &str| -> Option<Vec<u64>> {
         ranks
             .iter()
@@ -724,7 +744,7 @@ fn derive_layout(
         Error::new(ErrorKind::NotCheckpoint(format!(
             "the checkpoint has {what} = {ckpt} but the base config.json says {hf}: is the base model the one this checkpoint was trained from?"
         )))
-        .in_file(&format!("{}/config.json", base.folder.name()))
+        .in_file(&format!("{base_name}/config.json"))
     };
     let hidden = args.and_then(|a| a.get("hidden_size")).or(cfg("hidden_size")).ok_or_else(|| bad("no hidden_size"))?;
     let heads = args
@@ -799,7 +819,7 @@ fn derive_layout(
     {
         return Err(mismatch("padded_vocab_size", padded_vocab, v));
     }
-    if let Some(tie) = base.flag("tie_word_embeddings")
+    if let Some(tie) = base.and_then(|b| b.flag("tie_word_embeddings"))
         && tie != tied
     {
         return Err(mismatch("tied embeddings", tied as u64, tie as u64));

@@ -5,6 +5,7 @@
 //! library does); headers carry `__metadata__ {"format":"pt"}` and are padded with spaces to 8 bytes.
 
 use super::Sink;
+use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::Input;
 use crate::plan::{BandBuffers, Plan, PlannedTensor};
@@ -199,6 +200,64 @@ pub fn write(
     Ok(())
 }
 
+/// Largest safetensors header read back (HF files stay far below it).
+const MAX_HEADER: u64 = 100 << 20;
+
+/// Reads a safetensors header: every tensor's `(dtype, shape, [begin, end))` by name, and where data starts.
+/// Every number is checked: offsets must be contiguous from 0 and end exactly at the end of the file.
+#[allow(clippy::type_complexity)]
+pub fn read_header(input: &Input) -> Result<(BTreeMap<String, (DType, Vec<u64>, [u64; 2])>, u64)> {
+    let bad =
+        |m: String| Error::new(ErrorKind::NotCheckpoint(format!("bad safetensors file: {m}"))).in_file(&input.name);
+    let mut n = [0u8; 8];
+    input.read_exact_at(0, &mut n)?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_HEADER || n.checked_add(8).is_none_or(|e| e > input.len()) {
+        return Err(bad(format!("header length {n} does not fit the {}-byte file", input.len())));
+    }
+    let bytes = input.read_vec(8, n)?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| bad(format!("header JSON: {e}")))?;
+    let obj = v.as_object().ok_or_else(|| bad("header is not an object".into()))?;
+    let mut out = BTreeMap::new();
+    let mut ranges = Vec::new();
+    for (name, e) in obj {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = e.get("dtype").and_then(|d| d.as_str()).and_then(DType::from_safetensors_name);
+        let shape: Option<Vec<u64>> =
+            e.get("shape").and_then(|s| s.as_array()).and_then(|a| a.iter().map(|x| x.as_u64()).collect());
+        let offs: Option<Vec<u64>> =
+            e.get("data_offsets").and_then(|s| s.as_array()).and_then(|a| a.iter().map(|x| x.as_u64()).collect());
+        let (Some(dtype), Some(shape), Some(&[a, b])) = (dtype, shape, offs.as_deref()) else {
+            return Err(bad(format!("entry '{name}' lacks a known dtype, a shape or two data offsets")));
+        };
+        let numel = shape.iter().try_fold(1u64, |x, &d| x.checked_mul(d));
+        let want = numel.and_then(|x| x.checked_mul(dtype.size() as u64));
+        if b < a || Some(b - a) != want {
+            return Err(bad(format!(
+                "entry '{name}': offsets {a}..{b} do not hold a {shape:?} {}",
+                dtype.safetensors_name()
+            )));
+        }
+        ranges.push((a, b, name.clone()));
+        out.insert(name.clone(), (dtype, shape, [a, b]));
+    }
+    ranges.sort();
+    let mut at = 0;
+    for (a, b, name) in &ranges {
+        if *a != at {
+            return Err(bad(format!("entry '{name}' starts at {a}, expected {at} (gap or overlap)")));
+        }
+        at = *b;
+    }
+    let data_start = 8 + n;
+    if data_start + at != input.len() {
+        return Err(bad(format!("data ends at {} but the file has {} bytes", data_start + at, input.len())));
+    }
+    Ok((out, data_start))
+}
+
 /// Verbatim chunk handed to a sink that copies without buffering; it only bounds progress granularity.
 const COPY_CHUNK: u64 = 256 << 20;
 
@@ -253,7 +312,6 @@ fn stream_tensor(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dtype::DType;
     use crate::plan::{PlannedTensor, Source, StridedView};
     use crate::write::MemorySink;
 

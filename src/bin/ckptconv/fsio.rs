@@ -79,7 +79,7 @@ impl DirSink {
     }
 
     /// Fails if any of `names` exists and `--force` was not given.
-    pub fn check_free(&self, names: &[&str]) -> Result<()> {
+    pub fn check_free(&self, names: &[String]) -> Result<()> {
         if self.force {
             return Ok(());
         }
@@ -100,9 +100,15 @@ impl DirSink {
 
 impl Sink for DirSink {
     fn begin(&mut self, name: &str, _size: u64) -> Result<()> {
+        if name.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+            return Err(Error::new(ErrorKind::Output(format!("refusing the output name '{name}'"))));
+        }
         let fin = self.dir.join(name);
-        self.check_free(&[name])?;
-        let tmp = self.dir.join(format!(".{name}.ckptconv-partial"));
+        self.check_free(&[name.to_string()])?;
+        let parent = fin.parent().unwrap_or(&self.dir).to_path_buf();
+        std::fs::create_dir_all(&parent).map_err(|e| Self::out_err(&parent, e))?;
+        let file_name = fin.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = parent.join(format!(".{file_name}.ckptconv-partial"));
         let f = File::create(&tmp).map_err(|e| Self::out_err(&tmp, e))?;
         self.current = Some((f, tmp, fin));
         Ok(())

@@ -7,9 +7,13 @@ mod progress;
 
 use ckptconv::convert::{self, PlanOptions, Planned};
 use ckptconv::dtype::DType;
-use ckptconv::hf::BaseModel;
+use ckptconv::hf::{self, BaseModel, ExtraPt};
 use ckptconv::io::Input;
+use ckptconv::lora::{self, LoraMode, LoraOptions};
+use ckptconv::plan::{Plan, PlannedTensor};
+use ckptconv::rlinf;
 use ckptconv::select::Prefix;
+use ckptconv::write::Sink;
 use ckptconv::write::safetensors::{self, OutputLayout};
 use ckptconv::write::torch_save::{self, TorchSaveLayout};
 use ckptconv::{Error, ErrorKind};
@@ -73,6 +77,20 @@ enum Command {
         #[command(flatten)]
         out: OutArgs,
     },
+    /// Convert as RLinf's convert_pt_to_hf.py does, driven by its fsdp_model_convertor.yaml.
+    Pt2hf {
+        /// The YAML config (convertor.ckpt_path, convertor.save_path, model.model_path, model.is_lora, ...).
+        #[arg(long)]
+        config: PathBuf,
+        /// Flags given here override the file.
+        #[command(flatten)]
+        plan: PlanArgs,
+        /// Split into shards of at most this size plus an index.
+        #[arg(long, value_parser = parse_size, default_value = "4GiB")]
+        max_shard_size: u64,
+        #[command(flatten)]
+        out: OutArgs,
+    },
     /// Write the model state dict of a DCP folder as one torch.save file (like RLinf's convert_dcp_to_pt.py).
     #[command(name = "dcp-to-pt")]
     DcpToPt {
@@ -118,6 +136,36 @@ struct PlanArgs {
     /// (never its weights); Megatron checkpoints need it for names, vocabulary and dtype.
     #[arg(long)]
     base: Option<PathBuf>,
+    /// Write even when names or shapes differ from the base model's weights.
+    #[arg(long)]
+    allow_mismatch: bool,
+    /// PEFT LoRA tensors: merge them into the weights (default) or export a PEFT adapter.
+    #[arg(long, value_enum)]
+    lora: Option<LoraArg>,
+    /// LoRA alpha (default: adapter_config.json, else alpha = r as RLinf does).
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    /// LoRA rank r (default: adapter_config.json, else the lora_A shapes).
+    #[arg(long)]
+    lora_r: Option<u64>,
+    /// A folder holding the LoRA's adapter_config.json.
+    #[arg(long)]
+    lora_path: Option<PathBuf>,
+    /// Model type for per-model save helpers (e.g. openvla_oft).
+    #[arg(long)]
+    model_type: Option<String>,
+    /// openvla_oft: also write vision_backbone--0_checkpoint.pt.
+    #[arg(long)]
+    use_film: bool,
+    /// openvla_oft: also write proprio_projector--0_checkpoint.pt.
+    #[arg(long)]
+    use_proprio: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LoraArg {
+    Merge,
+    Adapter,
 }
 
 /// The parsed `--dtype` (a newtype, since clap reads a bare `Option` field as "flag may be absent").
@@ -135,6 +183,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 impl PlanArgs {
     fn options(&self) -> PlanOptions {
         PlanOptions {
+            require_base: true,
             dtype: self.dtype.0,
             prefix: match &self.prefix {
                 Some(p) => Prefix::Explicit(p.clone()),
@@ -161,14 +210,18 @@ fn with_base<T>(base: Option<&Path>, f: impl FnOnce(Option<&BaseModel>) -> ckptc
 }
 
 fn open_and_plan(path: &Path, base: Option<&BaseModel>, args: &PlanArgs) -> ckptconv::Result<Planned> {
+    plan_with(path, base, &args.options())
+}
+
+fn plan_with(path: &Path, base: Option<&BaseModel>, opts: &PlanOptions) -> ckptconv::Result<Planned> {
     let shown = path.display().to_string();
     let meta = std::fs::metadata(path).map_err(|e| Error::new(ErrorKind::Io(e.to_string())).in_file(&shown))?;
     if meta.is_dir() {
         let folder = fsio::DiskFolder::open(path)?;
-        convert::plan_folder(&folder, base, &args.options())
+        convert::plan_folder(&folder, base, opts)
     } else {
         let data = fsio::FileInput::open(path)?;
-        convert::plan_torch_file(Input::new(shown, Box::new(data)), &args.options())
+        convert::plan_torch_file(Input::new(shown, Box::new(data)), opts)
     }
 }
 
@@ -184,7 +237,8 @@ fn human(bytes: u64) -> String {
 }
 
 fn inspect(input: &Path, json: bool, args: &PlanArgs) -> ckptconv::Result<()> {
-    let planned = with_base(args.base.as_deref(), |base| open_and_plan(input, base, args))?;
+    let opts = PlanOptions { require_base: false, ..args.options() };
+    let planned = with_base(args.base.as_deref(), |base| plan_with(input, base, &opts))?;
     let plan = &planned.plan;
     if json {
         let tensors: Vec<_> = plan
@@ -239,50 +293,151 @@ fn convert(
     out: &OutArgs,
 ) -> ckptconv::Result<()> {
     with_base(args.base.as_deref(), |base| {
-        let planned = open_and_plan(input, base, args)?;
-        let package: Vec<&str> = base.map(|b| b.files.iter().map(String::as_str).collect()).unwrap_or_default();
-        let (mut sink, names) = match format {
+        let mut planned = open_and_plan(input, base, args)?;
+        let adapter = apply_lora(&mut planned, args, base)?;
+        if let Some(b) = base
+            && adapter.is_none()
+        {
+            if let Some(n) = hf::drop_tied_lm_head(&mut planned.plan, b, &planned.inputs)? {
+                planned.plan.notes.push(n);
+            }
+            if let Some(n) = hf::check_against_base(&planned.plan, b, args.allow_mismatch)? {
+                planned.plan.notes.push(n);
+            }
+        }
+        let helpers: Vec<ExtraPt> = match (&args.model_type, &adapter) {
+            (Some(mt), None) => hf::save_helpers(mt, &|f| {
+                (f == "use_film" && args.use_film) || (f == "use_proprio" && args.use_proprio)
+            }),
+            _ => Vec::new(),
+        };
+        let helper_plans: Vec<(String, Plan)> =
+            helpers.iter().map(|h| (h.file.clone(), sub_plan(&planned.plan, &h.prefix))).collect();
+        let package: Vec<String> = base.map(|b| b.files.clone()).unwrap_or_default();
+        let mut names: Vec<String> = Vec::new();
+        let total = planned.plan.total_bytes() + helper_plans.iter().map(|(_, p)| p.total_bytes()).sum::<u64>();
+        let mut bar = progress::Progress::new(total, !out.quiet);
+        let mut done = 0u64;
+        let mut sink;
+        match format {
             OutFormat::Safetensors => {
-                let layout: OutputLayout = safetensors::layout(&planned.plan, max_shard)?;
-                let mut names: Vec<&str> = layout.files.iter().map(|f| f.name.as_str()).collect();
-                names.extend(&package);
-                let mut sink = prepare(out_dir, &names, out, input, &planned)?;
-                let mut bar = progress::Progress::new(planned.plan.total_bytes(), !out.quiet);
+                let mut layout: OutputLayout = safetensors::layout(&planned.plan, max_shard)?;
+                if adapter.is_some() {
+                    // PEFT's layout: one adapter_model.safetensors beside its adapter_config.json.
+                    if layout.files.len() != 1 {
+                        return Err(Error::new(ErrorKind::Unsupported("a sharded LoRA adapter".into())));
+                    }
+                    layout.files[0].name = "lora_adapter/adapter_model.safetensors".into();
+                    names.push("lora_adapter/adapter_config.json".into());
+                }
+                names.extend(layout.files.iter().map(|f| f.name.clone()));
+                names.extend(helper_plans.iter().map(|(f, _)| f.clone()));
+                names.extend(package.iter().cloned());
+                sink = prepare(out_dir, &names, out, input, &planned)?;
                 safetensors::write(&planned.plan, &layout, &planned.inputs, &mut sink, &mut |d| bar.update(d))?;
-                bar.finish();
-                (sink, names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
             }
             OutFormat::Pt => {
-                if max_shard.is_some() {
+                if max_shard.is_some() || adapter.is_some() {
                     return Err(Error::new(ErrorKind::Unsupported(
-                        "--max-shard-size applies to safetensors output".into(),
+                        "--format pt writes one merged pytorch_model.bin (no shards, no adapter)".into(),
                     )));
                 }
-                let mut names = vec!["pytorch_model.bin"];
-                names.extend(&package);
-                let sink = write_pt(&planned, out_dir, "pytorch_model.bin", &names, out, input)?;
-                (sink, names.iter().map(|n| n.to_string()).collect())
+                names.push("pytorch_model.bin".into());
+                names.extend(helper_plans.iter().map(|(f, _)| f.clone()));
+                names.extend(package.iter().cloned());
+                sink = prepare(out_dir, &names, out, input, &planned)?;
+                write_pt(&planned.plan, &planned.inputs, "pytorch_model.bin", &mut sink, &mut |d| bar.update(d))?;
             }
-        };
+        }
+        done += planned.plan.total_bytes();
+        for (file, p) in &helper_plans {
+            write_pt(p, &planned.inputs, file, &mut sink, &mut |d| bar.update(done + d))?;
+            done += p.total_bytes();
+        }
+        bar.finish();
+        if let Some(cfg) = &adapter {
+            sink.begin("lora_adapter/adapter_config.json", cfg.len() as u64)?;
+            sink.write(cfg)?;
+            sink.end()?;
+        }
         if let Some(b) = base {
             b.copy_into(&mut sink)?;
         }
-        use ckptconv::write::Sink;
         sink.commit()?;
         report(&planned, out_dir, &names);
         Ok(())
     })
 }
 
+/// The tensors under `prefix`, renamed without it (for save helpers).
+fn sub_plan(plan: &Plan, prefix: &str) -> Plan {
+    let tensors = plan
+        .tensors
+        .iter()
+        .filter_map(|t| t.name.strip_prefix(prefix).map(|n| PlannedTensor { name: n.to_string(), ..t.clone() }))
+        .collect();
+    Plan { tensors, notes: Vec::new() }
+}
+
+/// Merges or exports PEFT LoRA tensors; returns the adapter_config.json bytes in adapter mode.
+fn apply_lora(planned: &mut Planned, args: &PlanArgs, base: Option<&BaseModel>) -> ckptconv::Result<Option<Vec<u8>>> {
+    if !lora::has_lora(&planned.plan) {
+        if args.lora.is_some() {
+            return Err(Error::new(ErrorKind::NoTensors(
+                "--lora was given but the checkpoint holds no LoRA tensors".into(),
+            )));
+        }
+        return Ok(None);
+    }
+    let mut adapter_config = None;
+    let mut places: Vec<PathBuf> = args.lora_path.iter().cloned().collect();
+    places.extend(args.base.iter().cloned());
+    for dir in places {
+        let f = dir.join("adapter_config.json");
+        if f.is_file() {
+            let text = std::fs::read(&f)
+                .map_err(|e| Error::new(ErrorKind::Io(e.to_string())).in_file(&f.display().to_string()))?;
+            let v: serde_json::Value = serde_json::from_slice(&text).map_err(|e| {
+                Error::new(ErrorKind::NotCheckpoint(format!("bad JSON: {e}"))).in_file(&f.display().to_string())
+            })?;
+            planned.plan.notes.push(format!("LoRA settings from {}", f.display()));
+            adapter_config = Some(v);
+            break;
+        }
+    }
+    let opts = LoraOptions {
+        mode: match args.lora {
+            Some(LoraArg::Adapter) => LoraMode::Adapter,
+            _ => LoraMode::Merge,
+        },
+        alpha: args.lora_alpha,
+        r: args.lora_r,
+        adapter_config,
+    };
+    let plan = std::mem::take(&mut planned.plan);
+    match opts.mode {
+        LoraMode::Merge => {
+            planned.plan = lora::merge(plan, &opts)?;
+            Ok(None)
+        }
+        LoraMode::Adapter => {
+            let base_name = base.map(|b| b.folder.name().to_string()).unwrap_or_default();
+            let (p, cfg) = lora::adapter(plan, &opts, &base_name)?;
+            planned.plan = p;
+            Ok(Some(cfg))
+        }
+    }
+}
+
 fn prepare(
     out_dir: &Path,
-    names: &[&str],
+    names: &[String],
     out: &OutArgs,
     input: &Path,
     planned: &Planned,
 ) -> ckptconv::Result<fsio::DirSink> {
     let mut seen = std::collections::HashSet::new();
-    if let Some(dup) = names.iter().find(|n| !seen.insert(**n)) {
+    if let Some(dup) = names.iter().find(|n| !seen.insert(n.as_str())) {
         return Err(Error::new(ErrorKind::Output(format!("two outputs are both named {dup}"))));
     }
     let sink = fsio::DirSink::new(out_dir, out.force)?;
@@ -304,22 +459,18 @@ fn report(planned: &Planned, out_dir: &Path, names: &[String]) {
     );
 }
 
-/// Writes `name` as a torch.save file; the caller commits the returned sink.
+/// Writes `plan` as the torch.save file `name` into `sink` (the caller commits).
 fn write_pt(
-    planned: &Planned,
-    out_dir: &Path,
+    plan: &Plan,
+    inputs: &[Input],
     name: &str,
-    names: &[&str],
-    out: &OutArgs,
-    input: &Path,
-) -> ckptconv::Result<fsio::DirSink> {
-    let root = Path::new(name).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or("archive".into());
-    let layout = TorchSaveLayout::new(&planned.plan, &root)?;
-    let mut sink = prepare(out_dir, names, out, input, planned)?;
-    let mut bar = progress::Progress::new(planned.plan.total_bytes(), !out.quiet);
-    torch_save::write(&planned.plan, &layout, name, &planned.inputs, &mut sink, &mut |d| bar.update(d))?;
-    bar.finish();
-    Ok(sink)
+    sink: &mut fsio::DirSink,
+    progress: &mut dyn FnMut(u64),
+) -> ckptconv::Result<()> {
+    let stem = Path::new(name).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or("archive".into());
+    let root = stem.replace(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'), "_");
+    let layout = TorchSaveLayout::new(plan, &root)?;
+    torch_save::write(plan, &layout, name, inputs, sink, progress)
 }
 
 fn dcp_to_pt(dcp_path: &Path, output_path: &Path, args: &PlanArgs, out: &OutArgs) -> ckptconv::Result<()> {
@@ -338,11 +489,46 @@ fn dcp_to_pt(dcp_path: &Path, output_path: &Path, args: &PlanArgs, out: &OutArgs
         );
     }
     let planned = open_and_plan(dcp_path, None, args)?;
-    let mut sink = write_pt(&planned, &dir, &name, &[name.as_str()], out, dcp_path)?;
-    use ckptconv::write::Sink;
+    let mut sink = prepare(&dir, std::slice::from_ref(&name), out, dcp_path, &planned)?;
+    let mut bar = progress::Progress::new(planned.plan.total_bytes(), !out.quiet);
+    write_pt(&planned.plan, &planned.inputs, &name, &mut sink, &mut |d| bar.update(d))?;
+    bar.finish();
     sink.commit()?;
     report(&planned, &dir, &[name]);
     Ok(())
+}
+
+/// Runs RLinf's convert_pt_to_hf.py job from its YAML config; flags given on the command line win.
+fn pt2hf(config: &Path, mut args: PlanArgs, max_shard: u64, out: &OutArgs) -> ckptconv::Result<()> {
+    let shown = config.display().to_string();
+    let text = std::fs::read_to_string(config).map_err(|e| Error::new(ErrorKind::Io(e.to_string())).in_file(&shown))?;
+    let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
+    let cfg = rlinf::parse(&text, &|rel| std::fs::read_to_string(dir.join(rel)).ok()).map_err(|e| e.in_file(&shown))?;
+    for n in &cfg.notes {
+        eprintln!("ckptconv: {shown}: {n}");
+    }
+    let need = |v: &Option<String>, key: &str| {
+        v.clone().ok_or_else(|| Error::new(ErrorKind::NotCheckpoint(format!("{key} is missing"))).in_file(&shown))
+    };
+    let ckpt = PathBuf::from(need(&cfg.ckpt_path, "convertor.ckpt_path")?);
+    let save = PathBuf::from(need(&cfg.save_path, "convertor.save_path")?);
+    if args.base.is_none() {
+        args.base = Some(PathBuf::from(need(&cfg.model_path, "model.model_path")?));
+    }
+    if args.lora.is_none() && cfg.is_lora == Some(true) {
+        args.lora = Some(if cfg.merge_lora.unwrap_or(true) { LoraArg::Merge } else { LoraArg::Adapter });
+    }
+    args.lora_r = args.lora_r.or(cfg.lora_rank);
+    if args.lora_path.is_none() {
+        args.lora_path = cfg.lora_path.map(PathBuf::from);
+    }
+    if args.model_type.is_none() {
+        args.model_type = cfg.model_type.clone();
+    }
+    args.use_film |= cfg.use_film == Some(true);
+    args.use_proprio |= cfg.use_proprio == Some(true);
+    // RLinf's model builder makes the LoRA with alpha = r; a config rank is the alpha too unless told.
+    convert(&ckpt, &save, &args, Some(max_shard), OutFormat::Safetensors, out)
 }
 
 fn run(cli: Cli) -> ckptconv::Result<()> {
@@ -356,6 +542,7 @@ fn run(cli: Cli) -> ckptconv::Result<()> {
             convert(&megatron_ckpt, &hf_out, &plan, Some(max_shard_size), OutFormat::Safetensors, &out)
         }
         Command::DcpToPt { dcp_path, output_path, plan, out } => dcp_to_pt(&dcp_path, &output_path, &plan, &out),
+        Command::Pt2hf { config, plan, max_shard_size, out } => pt2hf(&config, plan, max_shard_size, &out),
     }
 }
 
