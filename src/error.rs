@@ -40,6 +40,8 @@ pub enum ErrorKind {
         /// What is wrong.
         msg: String,
     },
+    /// The parts of a checkpoint disagree with each other or with the base model.
+    Inconsistent(String),
     /// Nothing to convert.
     NoTensors(String),
     /// A valid file with a feature ckptconv does not support.
@@ -93,6 +95,7 @@ impl Error {
             ErrorKind::UnsafeGlobal { .. } => "unsafe-global",
             ErrorKind::NotCheckpoint(_) => "not-checkpoint",
             ErrorKind::Tensor { .. } => "tensor",
+            ErrorKind::Inconsistent(_) => "inconsistent",
             ErrorKind::NoTensors(_) => "no-tensors",
             ErrorKind::Unsupported(_) => "unsupported",
             ErrorKind::Output(_) => "output",
@@ -114,6 +117,7 @@ impl fmt::Display for ErrorKind {
             ),
             ErrorKind::NotCheckpoint(m) => write!(f, "not a torch checkpoint: {m}"),
             ErrorKind::Tensor { name, msg } => write!(f, "tensor '{name}': {msg}"),
+            ErrorKind::Inconsistent(m) => write!(f, "inconsistent checkpoint: {m}"),
             ErrorKind::NoTensors(m) => write!(f, "no tensors to convert: {m}"),
             ErrorKind::Unsupported(m) => write!(f, "unsupported: {m}"),
             ErrorKind::Output(m) => write!(f, "cannot write output: {m}"),

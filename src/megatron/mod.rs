@@ -22,7 +22,11 @@ use std::collections::{BTreeMap, HashMap};
 const RANK_FILE: &str = "model_optim_rng.pt";
 
 fn bad(msg: impl Into<String>) -> Error {
-    Error::new(ErrorKind::NotCheckpoint(msg.into()))
+    Error::new(ErrorKind::Inconsistent(msg.into()))
+}
+
+fn show(v: Option<u64>) -> String {
+    v.map_or("absent".into(), |v| v.to_string())
 }
 
 /// Parses `mp_rank_TT[_PPP]` into `(tp, pp)`; expert parallelism (a third field) is refused.
@@ -390,7 +394,9 @@ pub fn plan_megatron(
                     .fields
                     .iter()
                     .filter(|(k, v)| b.fields.get(*k) != Some(v))
-                    .map(|(k, v)| format!("{k}: {v:?} vs {:?}", b.fields.get(k).copied().flatten()))
+                    .map(|(k, v)| {
+                        format!("{k}: {} on rank 0, {} here", show(*v), show(b.fields.get(k).copied().flatten()))
+                    })
                     .collect::<Vec<_>>()
                     .join(", "),
                 _ => "args present on one rank only".into(),
@@ -479,16 +485,21 @@ pub fn plan_megatron(
         // Attention.
         let qkv = need(get("self_attention.linear_qkv.weight", &mut used), &k("self_attention.linear_qkv.weight"))?;
         outs.extend(split_qkv(&hf("self_attn"), "weight", &qkv, &layout, hpg, hd)?);
+        // Qwen2 always has q/k/v biases; Qwen3 and Llama only with `attention_bias: true`.
+        let bias_flag = base.and_then(|b| b.flag("attention_bias"));
         if let Some(b) = get("self_attention.linear_qkv.bias", &mut used) {
-            if fam == Family::Qwen3
-                || (fam == Family::Llama && base.is_some_and(|b| b.flag("attention_bias") != Some(true)))
-            {
+            if fam != Family::Qwen2 && base.is_some() && bias_flag != Some(true) {
                 return Err(bad(format!(
-                    "{} has a qkv bias but the base {fam:?} model has none",
+                    "{} has a qkv bias, but the base {fam:?} config has no attention_bias: true",
                     k("self_attention.linear_qkv.bias")
                 )));
             }
             outs.extend(split_qkv(&hf("self_attn"), "bias", &b, &layout, hpg, hd)?);
+        } else if fam != Family::Qwen2 && bias_flag == Some(true) {
+            return Err(bad(format!(
+                "{} is missing, but the base {fam:?} config says attention_bias: true",
+                k("self_attention.linear_qkv.bias")
+            )));
         } else if fam == Family::Qwen2 {
             return Err(bad(format!(
                 "{} is missing: Qwen2 attention has q/k/v biases",

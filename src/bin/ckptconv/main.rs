@@ -160,6 +160,9 @@ struct PlanArgs {
     /// openvla_oft: also write proprio_projector--0_checkpoint.pt.
     #[arg(long)]
     use_proprio: bool,
+    /// Set by mg2hf: anything but a Megatron checkpoint is an error.
+    #[arg(skip)]
+    megatron_only: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -216,6 +219,19 @@ fn open_and_plan(path: &Path, base: Option<&BaseModel>, args: &PlanArgs) -> ckpt
 fn plan_with(path: &Path, base: Option<&BaseModel>, opts: &PlanOptions) -> ckptconv::Result<Planned> {
     let shown = path.display().to_string();
     let meta = std::fs::metadata(path).map_err(|e| Error::new(ErrorKind::Io(e.to_string())).in_file(&shown))?;
+    // One Megatron rank (a model_optim_rng.pt, or its mp_rank_* folder) is only part of the model: read
+    // the whole iteration folder it belongs to.
+    let rank_dir = if meta.is_dir() { Some(path) } else { path.parent() };
+    let is_rank_dir = rank_dir.and_then(Path::file_name).is_some_and(|n| n.to_string_lossy().starts_with("mp_rank_"));
+    let is_rank_file = meta.is_file() && path.file_name().is_some_and(|n| n == "model_optim_rng.pt");
+    if is_rank_dir
+        && (meta.is_dir() || is_rank_file)
+        && let Some(iter_dir) = rank_dir.and_then(Path::parent)
+    {
+        eprintln!("ckptconv: {shown} is one Megatron rank; reading every rank in {}", iter_dir.display());
+        let folder = fsio::DiskFolder::open(iter_dir)?;
+        return convert::plan_folder(&folder, base, opts);
+    }
     if meta.is_dir() {
         let folder = fsio::DiskFolder::open(path)?;
         convert::plan_folder(&folder, base, opts)
@@ -294,6 +310,13 @@ fn convert(
 ) -> ckptconv::Result<()> {
     with_base(args.base.as_deref(), |base| {
         let mut planned = open_and_plan(input, base, args)?;
+        if args.megatron_only && !planned.format.starts_with("Megatron") {
+            return Err(Error::new(ErrorKind::NotCheckpoint(format!(
+                "mg2hf converts Megatron checkpoints, and this is a {}",
+                planned.format
+            )))
+            .in_file(&input.display().to_string()));
+        }
         let adapter = apply_lora(&mut planned, args, base)?;
         if let Some(b) = base
             && adapter.is_none()
@@ -539,6 +562,7 @@ fn run(cli: Cli) -> ckptconv::Result<()> {
         }
         Command::Mg2hf { megatron_ckpt, hf_out, base_hf, mut plan, max_shard_size, out } => {
             plan.base = Some(base_hf);
+            plan.megatron_only = true;
             convert(&megatron_ckpt, &hf_out, &plan, Some(max_shard_size), OutFormat::Safetensors, &out)
         }
         Command::DcpToPt { dcp_path, output_path, plan, out } => dcp_to_pt(&dcp_path, &output_path, &plan, &out),

@@ -1,0 +1,253 @@
+"""Benchmark `ckptconv mg2hf` on a Qwen2-1.5B-shaped bf16 TP=2 Megatron legacy checkpoint against `cp` and torch.
+
+Owns: bench/bench_megatron.py (bench/data/ is a gitignored cache).
+The input is generated once into bench/data/megatron_qwen2_1.5b_tp2/: actor/latest_checkpointed_iteration.txt,
+actor/iter_0000001/mp_rank_0{0,1}/model_optim_rng.pt (~1.78 GB each) and base_hf/config.json. It needs no
+megatron-core: the key names, key order and the args Namespace are taken from the committed real fixture
+tests/fixtures/megatron/qwen2_tp2 (megatron-core's local spec), and every shape comes from one rule that is
+first checked against that fixture's real shapes. Values are cheap per-tensor constants (identical on both
+ranks, so replicated norms agree). Vocab 151936 is padded to 152064 (make_vocab_size_divisible_by 128 x TP 2).
+
+Each repetition runs, interleaved so drift hits all tools alike: cp of one file as large as both rank files
+(created once by concatenating them); ckptconv mg2hf; and, if torch is importable, the torch pipeline
+(torch.load(mmap=True) of both ranks, merge_to_hf from the fixture script = the FORMATS.md §3 rules, safetensors
+save_file) in a subprocess. `sync` runs before each timing; outputs are deleted between runs. Wall time and peak
+RSS (GNU time's %M when /usr/bin/time exists, else wait4) are recorded; medians are printed, then JSON. The first
+repetition also checks that ckptconv and torch wrote the same tensor names, dtypes and shapes.
+
+Run:  .venv/bin/python bench/bench_megatron.py [--reps 3] [--ckptconv target/release/ckptconv]
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DATA = HERE / "data"
+ROOT = DATA / "megatron_qwen2_1.5b_tp2"
+ACTOR = ROOT / "actor"
+ITER = ACTOR / "iter_0000001"
+BASE = ROOT / "base_hf"
+CP_SRC = DATA / "megatron_qwen2_1.5b_tp2_bytes.bin"
+FIXTURE = REPO / "tests" / "fixtures" / "megatron" / "qwen2_tp2"
+TP = 2
+
+# DeepSeek-R1-Distill-Qwen-1.5B (RLinf's model): Qwen2-1.5B shapes, untied lm_head, bf16.
+DIMS = dict(hidden=1536, layers=28, heads=12, groups=2, kv_channels=128, ffn=8960, vocab=151936, divisible=128)
+
+TORCH_PIPELINE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from make_megatron_fixtures import load_ranks, merge_to_hf
+from safetensors.torch import save_file
+ranks = load_ranks(sys.argv[2], mmap=True)
+cfg = json.load(open(sys.argv[3]))
+save_file(merge_to_hf(ranks, cfg), sys.argv[4], metadata={"format": "pt"})
+"""
+
+
+def padded_vocab(d, tp):
+    mult = d["divisible"] * tp
+    return -(-d["vocab"] // mult) * mult
+
+
+def shape_of(key, d, tp):
+    """Per-rank shape of a megatron-core local-spec GPT tensor (swiglu, GQA, qkv bias, no linear bias)."""
+    qkv_rows = (d["heads"] + 2 * d["groups"]) * d["kv_channels"]
+    suffix = key.split("decoder.layers.")[-1].split(".", 1)[-1] if "decoder.layers." in key else key
+    return {
+        "embedding.word_embeddings.weight": (padded_vocab(d, tp) // tp, d["hidden"]),
+        "output_layer.weight": (padded_vocab(d, tp) // tp, d["hidden"]),
+        "decoder.final_layernorm.weight": (d["hidden"],),
+        "input_layernorm.weight": (d["hidden"],),
+        "pre_mlp_layernorm.weight": (d["hidden"],),
+        "self_attention.linear_qkv.weight": (qkv_rows // tp, d["hidden"]),
+        "self_attention.linear_qkv.bias": (qkv_rows // tp,),
+        "self_attention.linear_proj.weight": (d["hidden"], d["heads"] * d["kv_channels"] // tp),
+        "mlp.linear_fc1.weight": (2 * d["ffn"] // tp, d["hidden"]),
+        "mlp.linear_fc2.weight": (d["hidden"], d["ffn"] // tp),
+    }[suffix]
+
+
+def template():
+    """The real fixture's rank-0 checkpoint, and its dims (read back from its own args)."""
+    import torch
+
+    ckpt = torch.load(FIXTURE / "actor" / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
+    a = ckpt["args"]
+    cfg = json.loads((FIXTURE / "base_hf" / "config.json").read_text())
+    d = dict(hidden=a.hidden_size, layers=a.num_layers, heads=a.num_attention_heads, groups=a.num_query_groups,
+             kv_channels=a.kv_channels, ffn=a.ffn_hidden_size, vocab=cfg["vocab_size"],
+             divisible=a.make_vocab_size_divisible_by)
+    assert a.tensor_model_parallel_size == TP and padded_vocab(d, TP) == a.padded_vocab_size
+    for k, v in ckpt["model"].items():  # the shape rule must reproduce what megatron-core really wrote
+        if torch.is_tensor(v):
+            assert tuple(v.shape) == shape_of(k, d, TP), f"shape rule wrong for {k}: {tuple(v.shape)}"
+    return ckpt, cfg
+
+
+def layer_keys(model_keys, n_layers):
+    """The fixture's key order, with its layer-0 block repeated for every layer of the big model."""
+    block = [k[len("decoder.layers.0."):] for k in model_keys if k.startswith("decoder.layers.0.")]
+    out, done = [], False
+    for k in model_keys:
+        if not k.startswith("decoder.layers."):
+            out.append(k)
+        elif not done:
+            out += [f"decoder.layers.{i}.{s}" for i in range(n_layers) for s in block]
+            done = True
+    return out
+
+
+def generate():
+    """Write the two rank files, the tracker file, base_hf/config.json and the cp source, once. A marker with
+    the expected sizes guards against a half-written cache."""
+    import torch
+
+    marker = ROOT / "ok"
+    files = [ITER / f"mp_rank_{r:02d}" / "model_optim_rng.pt" for r in range(TP)]
+    if marker.exists() and CP_SRC.exists() and all(f.exists() for f in files):
+        if marker.read_text() == json.dumps([f.stat().st_size for f in files] + [CP_SRC.stat().st_size]):
+            return
+    shutil.rmtree(ROOT, ignore_errors=True)
+    t0 = time.perf_counter()
+    tmpl, cfg = template()
+    keys = layer_keys(list(tmpl["model"]), DIMS["layers"])
+    for r in range(TP):
+        model = {}
+        for i, k in enumerate(keys):
+            src_key = k if k in tmpl["model"] else "decoder.layers.0." + k.split(".", 3)[3]
+            if not torch.is_tensor(tmpl["model"][src_key]):
+                model[k] = tmpl["model"][src_key]  # _extra_state: None, as megatron-core writes it
+                continue
+            # Cheap, non-zero fill: a per-key constant (same on both ranks, so replicated norms agree).
+            model[k] = torch.empty(shape_of(k, DIMS, TP), dtype=torch.bfloat16).fill_(0.001 * (i % 997 + 1))
+        args = tmpl["args"]
+        vars(args).update(
+            num_layers=DIMS["layers"], encoder_num_layers=DIMS["layers"], hidden_size=DIMS["hidden"],
+            ffn_hidden_size=DIMS["ffn"], num_attention_heads=DIMS["heads"], num_query_groups=DIMS["groups"],
+            kv_channels=DIMS["kv_channels"], make_vocab_size_divisible_by=DIMS["divisible"],
+            padded_vocab_size=padded_vocab(DIMS, TP), params_dtype=torch.bfloat16, bf16=True, fp16=False,
+            rotary_base=1000000, max_position_embeddings=131072, seq_length=4096, rank=r, local_rank=r)
+        ckpt = dict(tmpl, model=model, args=args)
+        files[r].parent.mkdir(parents=True, exist_ok=True)
+        torch.save(ckpt, files[r])
+        del ckpt, model
+    (ACTOR / "latest_checkpointed_iteration.txt").write_text("1")
+    BASE.mkdir(parents=True, exist_ok=True)
+    cfg.update(hidden_size=DIMS["hidden"], intermediate_size=DIMS["ffn"], num_attention_heads=DIMS["heads"],
+               num_key_value_heads=DIMS["groups"], num_hidden_layers=DIMS["layers"], max_window_layers=21,
+               vocab_size=DIMS["vocab"], torch_dtype="bfloat16", max_position_embeddings=131072,
+               bos_token_id=151643, eos_token_id=151643, rope_theta=1000000.0)
+    (BASE / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    with open(CP_SRC, "wb") as out:  # real pages, same size as the input: the cp baseline
+        for f in files:
+            with open(f, "rb") as src:
+                shutil.copyfileobj(src, out, 64 << 20)
+    marker.write_text(json.dumps([f.stat().st_size for f in files] + [CP_SRC.stat().st_size]))
+    total = sum(f.stat().st_size for f in files)
+    print(f"generated {ROOT} ({total / 2**30:.2f} GiB in {TP} rank files) in {time.perf_counter() - t0:.0f}s")
+
+
+def generate_in_child():
+    """Generate in a subprocess so the timing parent never imports torch (its peak RSS would otherwise leak
+    into the children's wait4 figures, see bench_pt.py)."""
+    subprocess.run([sys.executable, __file__, "--generate-only"], check=True)
+
+
+GNU_TIME = "/usr/bin/time" if Path("/usr/bin/time").exists() else None
+RSS_FILE = DATA / "rss_megatron.txt"
+
+
+def timed(argv):
+    """Run argv after `sync`; return (seconds, peak RSS MiB). Raises on nonzero exit."""
+    subprocess.run(["sync"], check=True)
+    if GNU_TIME:
+        argv = [GNU_TIME, "-f", "%M", "-o", str(RSS_FILE)] + argv
+    t0 = time.perf_counter()
+    pid = os.posix_spawnp(argv[0], argv, os.environ)
+    _, status, ru = os.wait4(pid, 0)
+    dt = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{argv} failed with status {os.waitstatus_to_exitcode(status)}")
+    if GNU_TIME:
+        return dt, int(RSS_FILE.read_text().split()[-1]) / 1024
+    return dt, ru.ru_maxrss / 1024  # Linux reports KiB
+
+
+def headers(out):
+    """{name: (dtype, shape)} over every safetensors file in out (header reads only)."""
+    got = {}
+    for f in sorted(out.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            h = json.loads(fh.read(n))
+        got.update({k: (v["dtype"], tuple(v["shape"])) for k, v in h.items() if k != "__metadata__"})
+    return got
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--ckptconv", default=os.environ.get("CKPTCONV", str(REPO / "target/release/ckptconv")))
+    ap.add_argument("--out", default=str(DATA / "out_megatron"), help="scratch output dir (deleted between runs)")
+    ap.add_argument("--no-torch", action="store_true", help="skip the torch pipeline")
+    ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.generate_only:
+        return generate()
+
+    generate_in_child()
+    have_torch = not args.no_torch and importlib.util.find_spec("torch") is not None
+    out = Path(args.out)
+    tools = {
+        "cp": lambda: ["cp", str(CP_SRC), str(out / "copy.bin")],
+        "ckptconv": lambda: [args.ckptconv, "mg2hf", str(ACTOR), str(out), str(BASE)],
+    }
+    if have_torch:
+        tools["torch"] = lambda: [sys.executable, "-c", TORCH_PIPELINE, str(REPO / "tests" / "fixtures"), str(ITER),
+                                  str(BASE / "config.json"), str(out / "model.safetensors")]
+
+    size = sum(f.stat().st_size for f in ITER.rglob("model_optim_rng.pt"))
+    runs = {name: [] for name in tools}
+    plans = {}
+    for rep in range(args.reps):
+        for name, argv in tools.items():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            secs, rss = timed(argv())
+            if name != "cp":
+                produced = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+                assert produced >= size * 0.9, f"{name} wrote only {produced} bytes"
+                if rep == 0:
+                    plans[name] = headers(out)
+            runs[name].append({"seconds": secs, "peak_rss_mib": rss})
+            print(f"rep {rep + 1}/{args.reps}  {name:<9} {secs:7.2f} s  {rss:8.1f} MiB", flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+    if "torch" in plans:
+        assert plans["ckptconv"] == plans["torch"], "ckptconv and torch wrote different names/dtypes/shapes"
+
+    med = {n: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "peak_rss_mib")} for n, rs in runs.items()}
+    floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_note = ("peak RSS measured by GNU time" if GNU_TIME
+                else f"RSS below {floor:.0f} MiB is the spawning parent's floor, not the tool's")
+    print(f"\ninput {ROOT.name}: {size / 2**30:.2f} GiB in {TP} rank files, medians of {args.reps} runs; {rss_note}")
+    print(f"{'tool':<10}{'seconds':>10}{'x cp':>8}{'GB/s':>8}{'peak RSS MiB':>15}")
+    for n, m in med.items():
+        print(f"{n:<10}{m['seconds']:>10.2f}{m['seconds'] / med['cp']['seconds']:>8.2f}{size / m['seconds'] / 1e9:>8.2f}{m['peak_rss_mib']:>15.1f}")
+    print(json.dumps({"input": str(ROOT), "input_bytes": size, "reps": args.reps, "rss_floor_mib": floor,
+                      "median": med, "runs": runs}))
+
+
+if __name__ == "__main__":
+    main()
