@@ -8,6 +8,14 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// An I/O error's text; under WASI a missing path is usually one outside the folders the host opened.
+pub fn io_text(e: &std::io::Error) -> String {
+    if cfg!(target_os = "wasi") && e.kind() == std::io::ErrorKind::NotFound {
+        return format!("{e} (under WASI only the folders given with --dir are visible)");
+    }
+    e.to_string()
+}
+
 /// A file opened for random-access reads.
 pub struct FileInput {
     file: File,
@@ -18,7 +26,7 @@ pub struct FileInput {
 
 impl FileInput {
     pub fn open(path: &Path) -> Result<FileInput> {
-        let io = |e: std::io::Error| Error::new(ErrorKind::Io(e.to_string())).in_file(&path.display().to_string());
+        let io = |e: std::io::Error| Error::new(ErrorKind::Io(io_text(&e))).in_file(&path.display().to_string());
         let file = File::open(path).map_err(io)?;
         let meta = file.metadata().map_err(io)?;
         if meta.is_dir() {
@@ -73,7 +81,8 @@ pub struct DirSink {
 impl DirSink {
     pub fn new(dir: &Path, force: bool) -> Result<DirSink> {
         std::fs::create_dir_all(dir).map_err(|e| {
-            Error::new(ErrorKind::Output(format!("cannot create the folder: {e}"))).in_file(&dir.display().to_string())
+            Error::new(ErrorKind::Output(format!("cannot create the folder: {}", io_text(&e))))
+                .in_file(&dir.display().to_string())
         })?;
         Ok(DirSink { dir: dir.to_path_buf(), force, current: None, staged: Vec::new(), committed: false })
     }

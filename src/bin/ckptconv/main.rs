@@ -218,7 +218,7 @@ fn open_and_plan(path: &Path, base: Option<&BaseModel>, args: &PlanArgs) -> ckpt
 
 fn plan_with(path: &Path, base: Option<&BaseModel>, opts: &PlanOptions) -> ckptconv::Result<Planned> {
     let shown = path.display().to_string();
-    let meta = std::fs::metadata(path).map_err(|e| Error::new(ErrorKind::Io(e.to_string())).in_file(&shown))?;
+    let meta = std::fs::metadata(path).map_err(|e| Error::new(ErrorKind::Io(fsio::io_text(&e))).in_file(&shown))?;
     // One Megatron rank (a model_optim_rng.pt, or its mp_rank_* folder) is only part of the model: read
     // the whole iteration folder it belongs to.
     let rank_dir = if meta.is_dir() { Some(path) } else { path.parent() };
