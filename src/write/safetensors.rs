@@ -8,7 +8,7 @@ use super::Sink;
 use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::Input;
-use crate::plan::{BandBuffers, Plan, PlannedTensor};
+use crate::plan::{BandBuffers, Plan};
 use std::collections::BTreeMap;
 
 /// One file of the output, with its exact size.
@@ -156,7 +156,153 @@ pub fn layout(plan: &Plan, max_shard: Option<u64>) -> Result<OutputLayout> {
     Ok(OutputLayout { files })
 }
 
-/// Streams every file of `layout` into `sink`; the caller commits once every output file is written. `progress` gets the bytes written so far.
+/// One step of a streamed output, in file order.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Piece<'a> {
+    /// A file starts; exactly `size` bytes follow before its `End`.
+    Begin {
+        /// File name inside the output folder.
+        name: &'a str,
+        /// Exact size.
+        size: u64,
+    },
+    /// Header or index bytes.
+    Header(&'a [u8]),
+    /// Tensor bytes.
+    Data(&'a [u8]),
+    /// Tensor bytes to be copied verbatim from `input` at `offset` (only when the puller allows copies).
+    Copy {
+        /// Input index.
+        input: usize,
+        /// Byte offset in that input.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+    /// The current file is complete.
+    End,
+}
+
+enum Stage {
+    Begin,
+    Head,
+    Tensors { k: usize, start: u64 },
+    End,
+    Done,
+}
+
+/// Produces the bytes of every file of a layout on demand, one band at a time: the pull side of the writer,
+/// for consumers that must await each write (a JS stream) as well as for [`write`].
+pub struct Puller<'a> {
+    plan: &'a Plan,
+    layout: &'a OutputLayout,
+    inputs: &'a [Input],
+    allow_copy: bool,
+    file: usize,
+    stage: Stage,
+    pending: std::collections::VecDeque<(usize, u64, u64)>,
+    bufs: BandBuffers,
+    band: Vec<u8>,
+    written: u64,
+}
+
+impl<'a> Puller<'a> {
+    /// A puller over `layout`; with `allow_copy`, verbatim tensor ranges come as [`Piece::Copy`].
+    pub fn new(plan: &'a Plan, layout: &'a OutputLayout, inputs: &'a [Input], allow_copy: bool) -> Self {
+        Puller {
+            plan,
+            layout,
+            inputs,
+            allow_copy,
+            file: 0,
+            stage: Stage::Begin,
+            pending: Default::default(),
+            bufs: BandBuffers::default(),
+            band: Vec::new(),
+            written: 0,
+        }
+    }
+
+    /// The next piece, or `None` after the last file's `End`.
+    pub fn next_piece(&mut self) -> Result<Option<Piece<'_>>> {
+        loop {
+            if let Some((input, offset, len)) = self.pending.pop_front() {
+                self.written += len;
+                return Ok(Some(Piece::Copy { input, offset, len }));
+            }
+            let Some(file) = self.layout.files.get(self.file) else { return Ok(None) };
+            match &mut self.stage {
+                Stage::Done => return Ok(None),
+                Stage::Begin => {
+                    self.stage = Stage::Head;
+                    self.written = 0;
+                    return Ok(Some(Piece::Begin { name: &file.name, size: file.size }));
+                }
+                Stage::Head => {
+                    let bytes = match &file.content {
+                        Content::Bytes(b) => {
+                            self.stage = Stage::End;
+                            b
+                        }
+                        Content::Tensors { header, .. } => {
+                            self.stage = Stage::Tensors { k: 0, start: 0 };
+                            header
+                        }
+                    };
+                    self.written += bytes.len() as u64;
+                    return Ok(Some(Piece::Header(bytes)));
+                }
+                Stage::Tensors { k, start } => {
+                    let Content::Tensors { order, .. } = &file.content else {
+                        self.stage = Stage::End;
+                        continue;
+                    };
+                    let Some(&i) = order.get(*k) else {
+                        self.stage = Stage::End;
+                        continue;
+                    };
+                    let t = &self.plan.tensors[i];
+                    let n = t.numel();
+                    if *start >= n {
+                        t.release(self.inputs);
+                        *k += 1;
+                        *start = 0;
+                        continue;
+                    }
+                    let esz = t.dtype.size() as u64;
+                    if self.allow_copy && t.verbatim_pieces(*start, 0).is_some() {
+                        // Whole band units, so a tensor never mixes copies and bands mid-way.
+                        let chunk = (COPY_CHUNK / esz / t.band_elems()).max(1) * t.band_elems();
+                        let count = chunk.min(n - *start);
+                        self.pending.extend(t.verbatim_pieces(*start, count).unwrap_or_default());
+                        *start += count;
+                        continue;
+                    }
+                    let count = t.band_elems().min(n - *start);
+                    self.band.resize((count * esz) as usize, 0);
+                    t.read_band(self.inputs, *start, count, &mut self.band, &mut self.bufs)?;
+                    *start += count;
+                    self.written += self.band.len() as u64;
+                    return Ok(Some(Piece::Data(&self.band)));
+                }
+                Stage::End => {
+                    if self.written != file.size {
+                        return Err(Error::new(ErrorKind::Output(format!(
+                            "internal size mismatch for {}: planned {} bytes, wrote {}",
+                            file.name, file.size, self.written
+                        ))));
+                    }
+                    self.file += 1;
+                    self.stage = if self.file < self.layout.files.len() { Stage::Begin } else { Stage::Done };
+                    return Ok(Some(Piece::End));
+                }
+            }
+        }
+    }
+}
+
+/// Streams every file of `layout` into `sink` (the caller commits once every output file is written).
+/// Verbatim ranges go to the sink's own copy when it has one. `progress` gets the tensor bytes written so far.
 pub fn write(
     plan: &Plan,
     layout: &OutputLayout,
@@ -164,38 +310,37 @@ pub fn write(
     sink: &mut dyn Sink,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
-    let mut bufs = BandBuffers::default();
-    let mut band: Vec<u8> = Vec::new();
+    let mut puller = Puller::new(plan, layout, inputs, true);
     let mut done = 0u64;
-    for file in &layout.files {
-        sink.begin(&file.name, file.size)?;
-        let mut written = 0u64;
-        match &file.content {
-            Content::Bytes(b) => {
+    let mut buf = Vec::new();
+    while let Some(piece) = puller.next_piece()? {
+        match piece {
+            Piece::Begin { name, size } => sink.begin(name, size)?,
+            Piece::Header(b) => sink.write(b)?,
+            Piece::Data(b) => {
                 sink.write(b)?;
-                written += b.len() as u64;
+                done += b.len() as u64;
+                progress(done);
             }
-            Content::Tensors { header, order } => {
-                sink.write(header)?;
-                written += header.len() as u64;
-                for &i in order {
-                    let t = &plan.tensors[i];
-                    stream_tensor(t, inputs, sink, &mut bufs, &mut band, &mut |n| {
-                        done += n;
-                        progress(done);
-                    })?;
-                    t.release(inputs);
-                    written += t.nbytes();
+            Piece::Copy { input, offset, len } => {
+                let src = inputs
+                    .get(input)
+                    .ok_or_else(|| Error::new(ErrorKind::Output(format!("plan refers to missing input {input}"))))?;
+                if !sink.copy_range(src, offset, len)? {
+                    let mut at = 0;
+                    while at < len {
+                        let n = (len - at).min(crate::plan::BAND_BYTES as u64);
+                        buf.resize(n as usize, 0);
+                        src.read_exact_at(offset + at, &mut buf)?;
+                        sink.write(&buf)?;
+                        at += n;
+                    }
                 }
+                done += len;
+                progress(done);
             }
+            Piece::End => sink.end()?,
         }
-        if written != file.size {
-            return Err(Error::new(ErrorKind::Output(format!(
-                "internal size mismatch for {}: planned {} bytes, wrote {written}",
-                file.name, file.size
-            ))));
-        }
-        sink.end()?;
     }
     Ok(())
 }
@@ -258,56 +403,8 @@ pub fn read_header(input: &Input) -> Result<(BTreeMap<String, (DType, Vec<u64>, 
     Ok((out, data_start))
 }
 
-/// Verbatim chunk handed to a sink that copies without buffering; it only bounds progress granularity.
+/// Verbatim chunk handed out as one copy; it only bounds progress granularity.
 const COPY_CHUNK: u64 = 256 << 20;
-
-/// Writes one tensor's bytes: verbatim chunks when the sink copies them itself, bounded bands otherwise.
-fn stream_tensor(
-    t: &PlannedTensor,
-    inputs: &[Input],
-    sink: &mut dyn Sink,
-    bufs: &mut BandBuffers,
-    band: &mut Vec<u8>,
-    advanced: &mut dyn FnMut(u64),
-) -> Result<()> {
-    let n = t.numel();
-    let esz = t.dtype.size() as u64;
-    let mut start = 0u64;
-    if t.verbatim_pieces(0, 0).is_some() {
-        // Chunks must stay whole band units for the fallback below, so they are multiples of band_elems.
-        let chunk = (COPY_CHUNK / esz / t.band_elems()).max(1) * t.band_elems();
-        let mut copied_any = false;
-        'copy: while start < n {
-            let count = chunk.min(n - start);
-            for (idx, offset, len) in t.verbatim_pieces(start, count).unwrap_or_default() {
-                let input = inputs.get(idx);
-                if !(match input {
-                    Some(input) => sink.copy_range(input, offset, len)?,
-                    None => false,
-                }) {
-                    // A sink declines from the first piece on; declining later would leave a hole.
-                    if !copied_any {
-                        break 'copy;
-                    }
-                    return Err(Error::new(ErrorKind::Output("the sink stopped copying mid-tensor".into())));
-                }
-                copied_any = true;
-            }
-            advanced(count * esz);
-            start += count;
-        }
-    }
-    let step = t.band_elems();
-    while start < n {
-        let count = step.min(n - start);
-        band.resize((count * esz) as usize, 0);
-        t.read_band(inputs, start, count, band, bufs)?;
-        sink.write(band)?;
-        advanced(band.len() as u64);
-        start += count;
-    }
-    Ok(())
-}
 
 #[cfg(test)]
 mod tests {
