@@ -6,6 +6,7 @@ use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result};
 use crate::hf::BaseModel;
 use crate::io::{Folder, Input};
+use crate::lora::{self, LoraMode, LoraOptions};
 use crate::plan::{Plan, PlannedTensor, Source};
 use crate::select::{self, Prefix, Selection, TensorPath};
 use crate::torch::TorchFile;
@@ -19,6 +20,43 @@ pub struct PlanOptions {
     pub prefix: Prefix,
     /// Refuse checkpoints that need a base model when none is given (conversions; `inspect` can do without).
     pub require_base: bool,
+    /// What to do with PEFT LoRA tensors.
+    pub lora: LoraOptions,
+    /// Write even when the output's names or shapes differ from the base model's weights.
+    pub allow_mismatch: bool,
+}
+
+/// Applies what comes after planning: merges or exports LoRA, then, against the base model, drops a tied
+/// `lm_head.weight` and checks names and shapes. Returns the `adapter_config.json` bytes in adapter mode.
+pub fn finish(planned: &mut Planned, base: Option<&BaseModel>, opts: &PlanOptions) -> Result<Option<Vec<u8>>> {
+    let mut adapter = None;
+    if lora::has_lora(&planned.plan) {
+        let plan = std::mem::take(&mut planned.plan);
+        match opts.lora.mode {
+            LoraMode::Merge => planned.plan = lora::merge(plan, &opts.lora)?,
+            LoraMode::Adapter => {
+                let base_name = base.map(|b| b.folder.name().to_string()).unwrap_or_default();
+                let (p, cfg) = lora::adapter(plan, &opts.lora, &base_name)?;
+                planned.plan = p;
+                adapter = Some(cfg);
+            }
+        }
+    } else if opts.lora.explicit {
+        return Err(Error::new(ErrorKind::NoTensors(
+            "--lora was given but the checkpoint holds no LoRA tensors".into(),
+        )));
+    }
+    if let Some(b) = base
+        && adapter.is_none()
+    {
+        if let Some(n) = crate::hf::drop_tied_lm_head(&mut planned.plan, b, &planned.inputs)? {
+            planned.plan.notes.push(n);
+        }
+        if let Some(n) = crate::hf::check_against_base(&planned.plan, b, opts.allow_mismatch)? {
+            planned.plan.notes.push(n);
+        }
+    }
+    Ok(adapter)
 }
 
 /// A group of entries in the checkpoint (e.g. `fsdp_checkpoint.optimizers`), for `inspect`.

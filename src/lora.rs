@@ -25,10 +25,14 @@ pub enum LoraMode {
 pub struct LoraOptions {
     /// Merge or export.
     pub mode: LoraMode,
+    /// The user chose the mode (then a checkpoint without LoRA tensors is an error).
+    pub explicit: bool,
     /// `lora_alpha`.
     pub alpha: Option<f64>,
     /// `r`.
     pub r: Option<u64>,
+    /// Where `r` came from, for messages (default: `--lora-r`).
+    pub r_origin: Option<String>,
     /// An `adapter_config.json` found next to the checkpoint or the base model.
     pub adapter_config: Option<serde_json::Value>,
 }
@@ -66,7 +70,7 @@ fn resolve_alpha_r(opts: &LoraOptions, r_seen: u64) -> Result<(f64, u64, bool, S
     let cfg_alpha = cfg.and_then(|c| c.get("lora_alpha")).and_then(|v| v.as_f64());
     let rslora = cfg.and_then(|c| c.get("use_rslora")).and_then(|v| v.as_bool()).unwrap_or(false);
     let (r, r_from) = match (opts.r, cfg_r) {
-        (Some(r), _) => (r, "--lora-r"),
+        (Some(r), _) => (r, opts.r_origin.as_deref().unwrap_or("--lora-r")),
         (None, Some(r)) => (r, "adapter_config.json"),
         (None, None) => (r_seen, "the lora_A shapes"),
     };

@@ -192,11 +192,9 @@ enum Stage {
 }
 
 /// Produces the bytes of every file of a layout on demand, one band at a time: the pull side of the writer,
-/// for consumers that must await each write (a JS stream) as well as for [`write`].
-pub struct Puller<'a> {
-    plan: &'a Plan,
-    layout: &'a OutputLayout,
-    inputs: &'a [Input],
+/// for consumers that must await each write (a JS stream) as well as for [`write`]. It holds only its
+/// position and buffers; the plan, layout and inputs are passed to each call, so it can live beside them.
+pub struct Puller {
     allow_copy: bool,
     file: usize,
     stage: Stage,
@@ -206,13 +204,10 @@ pub struct Puller<'a> {
     written: u64,
 }
 
-impl<'a> Puller<'a> {
-    /// A puller over `layout`; with `allow_copy`, verbatim tensor ranges come as [`Piece::Copy`].
-    pub fn new(plan: &'a Plan, layout: &'a OutputLayout, inputs: &'a [Input], allow_copy: bool) -> Self {
+impl Puller {
+    /// A puller at the start of a layout; with `allow_copy`, verbatim tensor ranges come as [`Piece::Copy`].
+    pub fn new(allow_copy: bool) -> Self {
         Puller {
-            plan,
-            layout,
-            inputs,
             allow_copy,
             file: 0,
             stage: Stage::Begin,
@@ -223,14 +218,19 @@ impl<'a> Puller<'a> {
         }
     }
 
-    /// The next piece, or `None` after the last file's `End`.
-    pub fn next_piece(&mut self) -> Result<Option<Piece<'_>>> {
+    /// The next piece, or `None` after the last file's `End`. Pass the same plan, layout and inputs each time.
+    pub fn next_piece<'s>(
+        &'s mut self,
+        plan: &'s Plan,
+        layout: &'s OutputLayout,
+        inputs: &'s [Input],
+    ) -> Result<Option<Piece<'s>>> {
         loop {
             if let Some((input, offset, len)) = self.pending.pop_front() {
                 self.written += len;
                 return Ok(Some(Piece::Copy { input, offset, len }));
             }
-            let Some(file) = self.layout.files.get(self.file) else { return Ok(None) };
+            let Some(file) = layout.files.get(self.file) else { return Ok(None) };
             match &mut self.stage {
                 Stage::Done => return Ok(None),
                 Stage::Begin => {
@@ -261,10 +261,10 @@ impl<'a> Puller<'a> {
                         self.stage = Stage::End;
                         continue;
                     };
-                    let t = &self.plan.tensors[i];
+                    let t = &plan.tensors[i];
                     let n = t.numel();
                     if *start >= n {
-                        t.release(self.inputs);
+                        t.release(inputs);
                         *k += 1;
                         *start = 0;
                         continue;
@@ -280,7 +280,7 @@ impl<'a> Puller<'a> {
                     }
                     let count = t.band_elems().min(n - *start);
                     self.band.resize((count * esz) as usize, 0);
-                    t.read_band(self.inputs, *start, count, &mut self.band, &mut self.bufs)?;
+                    t.read_band(inputs, *start, count, &mut self.band, &mut self.bufs)?;
                     *start += count;
                     self.written += self.band.len() as u64;
                     return Ok(Some(Piece::Data(&self.band)));
@@ -293,7 +293,7 @@ impl<'a> Puller<'a> {
                         ))));
                     }
                     self.file += 1;
-                    self.stage = if self.file < self.layout.files.len() { Stage::Begin } else { Stage::Done };
+                    self.stage = if self.file < layout.files.len() { Stage::Begin } else { Stage::Done };
                     return Ok(Some(Piece::End));
                 }
             }
@@ -310,10 +310,10 @@ pub fn write(
     sink: &mut dyn Sink,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
-    let mut puller = Puller::new(plan, layout, inputs, true);
+    let mut puller = Puller::new(true);
     let mut done = 0u64;
     let mut buf = Vec::new();
-    while let Some(piece) = puller.next_piece()? {
+    while let Some(piece) = puller.next_piece(plan, layout, inputs)? {
         match piece {
             Piece::Begin { name, size } => sink.begin(name, size)?,
             Piece::Header(b) => sink.write(b)?,

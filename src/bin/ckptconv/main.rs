@@ -9,7 +9,7 @@ use ckptconv::convert::{self, PlanOptions, Planned};
 use ckptconv::dtype::DType;
 use ckptconv::hf::{self, BaseModel, ExtraPt};
 use ckptconv::io::Input;
-use ckptconv::lora::{self, LoraMode, LoraOptions};
+use ckptconv::lora::{LoraMode, LoraOptions};
 use ckptconv::plan::{Plan, PlannedTensor};
 use ckptconv::rlinf;
 use ckptconv::select::Prefix;
@@ -163,6 +163,9 @@ struct PlanArgs {
     /// Set by mg2hf: anything but a Megatron checkpoint is an error.
     #[arg(skip)]
     megatron_only: bool,
+    /// Where --lora-r came from when pt2hf took it from the config.
+    #[arg(skip)]
+    lora_r_origin: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -187,6 +190,8 @@ impl PlanArgs {
     fn options(&self) -> PlanOptions {
         PlanOptions {
             require_base: true,
+            allow_mismatch: self.allow_mismatch,
+            lora: LoraOptions::default(),
             dtype: self.dtype.0,
             prefix: match &self.prefix {
                 Some(p) => Prefix::Explicit(p.clone()),
@@ -317,17 +322,8 @@ fn convert(
             )))
             .in_file(&input.display().to_string()));
         }
-        let adapter = apply_lora(&mut planned, args, base)?;
-        if let Some(b) = base
-            && adapter.is_none()
-        {
-            if let Some(n) = hf::drop_tied_lm_head(&mut planned.plan, b, &planned.inputs)? {
-                planned.plan.notes.push(n);
-            }
-            if let Some(n) = hf::check_against_base(&planned.plan, b, args.allow_mismatch)? {
-                planned.plan.notes.push(n);
-            }
-        }
+        let opts = PlanOptions { lora: lora_options(args)?, ..args.options() };
+        let adapter = convert::finish(&mut planned, base, &opts)?;
         let helpers: Vec<ExtraPt> = match (&args.model_type, &adapter) {
             (Some(mt), None) => hf::save_helpers(mt, &|f| {
                 (f == "use_film" && args.use_film) || (f == "use_proprio" && args.use_proprio)
@@ -402,54 +398,31 @@ fn sub_plan(plan: &Plan, prefix: &str) -> Plan {
     Plan { tensors, notes: Vec::new() }
 }
 
-/// Merges or exports PEFT LoRA tensors; returns the adapter_config.json bytes in adapter mode.
-fn apply_lora(planned: &mut Planned, args: &PlanArgs, base: Option<&BaseModel>) -> ckptconv::Result<Option<Vec<u8>>> {
-    if !lora::has_lora(&planned.plan) {
-        if args.lora.is_some() {
-            return Err(Error::new(ErrorKind::NoTensors(
-                "--lora was given but the checkpoint holds no LoRA tensors".into(),
-            )));
-        }
-        return Ok(None);
-    }
+/// The LoRA settings of the command line, with an adapter_config.json from `--lora-path` or the base folder.
+fn lora_options(args: &PlanArgs) -> ckptconv::Result<LoraOptions> {
     let mut adapter_config = None;
-    let mut places: Vec<PathBuf> = args.lora_path.iter().cloned().collect();
-    places.extend(args.base.iter().cloned());
-    for dir in places {
+    for dir in args.lora_path.iter().chain(args.base.iter()) {
         let f = dir.join("adapter_config.json");
         if f.is_file() {
-            let text = std::fs::read(&f)
-                .map_err(|e| Error::new(ErrorKind::Io(e.to_string())).in_file(&f.display().to_string()))?;
-            let v: serde_json::Value = serde_json::from_slice(&text).map_err(|e| {
-                Error::new(ErrorKind::NotCheckpoint(format!("bad JSON: {e}"))).in_file(&f.display().to_string())
-            })?;
-            planned.plan.notes.push(format!("LoRA settings from {}", f.display()));
+            let shown = f.display().to_string();
+            let text = std::fs::read(&f).map_err(|e| Error::new(ErrorKind::Io(fsio::io_text(&e))).in_file(&shown))?;
+            let v: serde_json::Value = serde_json::from_slice(&text)
+                .map_err(|e| Error::new(ErrorKind::NotCheckpoint(format!("bad JSON: {e}"))).in_file(&shown))?;
             adapter_config = Some(v);
             break;
         }
     }
-    let opts = LoraOptions {
+    Ok(LoraOptions {
         mode: match args.lora {
             Some(LoraArg::Adapter) => LoraMode::Adapter,
             _ => LoraMode::Merge,
         },
+        explicit: args.lora.is_some(),
         alpha: args.lora_alpha,
         r: args.lora_r,
+        r_origin: args.lora_r_origin.clone(),
         adapter_config,
-    };
-    let plan = std::mem::take(&mut planned.plan);
-    match opts.mode {
-        LoraMode::Merge => {
-            planned.plan = lora::merge(plan, &opts)?;
-            Ok(None)
-        }
-        LoraMode::Adapter => {
-            let base_name = base.map(|b| b.folder.name().to_string()).unwrap_or_default();
-            let (p, cfg) = lora::adapter(plan, &opts, &base_name)?;
-            planned.plan = p;
-            Ok(Some(cfg))
-        }
-    }
+    })
 }
 
 fn prepare(
@@ -541,7 +514,10 @@ fn pt2hf(config: &Path, mut args: PlanArgs, max_shard: u64, out: &OutArgs) -> ck
     if args.lora.is_none() && cfg.is_lora == Some(true) {
         args.lora = Some(if cfg.merge_lora.unwrap_or(true) { LoraArg::Merge } else { LoraArg::Adapter });
     }
-    args.lora_r = args.lora_r.or(cfg.lora_rank);
+    if args.lora_r.is_none() && cfg.lora_rank.is_some() {
+        args.lora_r = cfg.lora_rank;
+        args.lora_r_origin = Some(format!("model.lora_rank in {shown}"));
+    }
     if args.lora_path.is_none() {
         args.lora_path = cfg.lora_path.map(PathBuf::from);
     }
