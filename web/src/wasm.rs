@@ -1,0 +1,356 @@
+//! The wasm-bindgen API (browser only).
+
+use ckptconv::convert::{self, PlanOptions, Planned};
+use ckptconv::dtype::DType;
+use ckptconv::hf::BaseModel;
+use ckptconv::io::{Folder, Input, ReadAt};
+use ckptconv::lora::{LoraMode, LoraOptions};
+use ckptconv::select::Prefix;
+use ckptconv::write::safetensors::{self, OutputLayout, Piece, Puller};
+use ckptconv::{Error, ErrorKind};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use wasm_bindgen::prelude::*;
+
+/// Reads below this size go through a cached block; bigger ones go straight into the caller's buffer.
+const SMALL_READ: usize = 64 << 10;
+/// The cached block: one `FileReaderSync` call costs about a millisecond whatever its size.
+const BLOCK: u64 = 1 << 20;
+
+/// A `Blob` read with `FileReaderSync` (dedicated workers only).
+struct BlobReadAt {
+    blob: web_sys::Blob,
+    len: u64,
+    reader: web_sys::FileReaderSync,
+    block: RefCell<(u64, Vec<u8>)>,
+}
+
+impl BlobReadAt {
+    fn new(blob: web_sys::Blob) -> Result<Self, JsValue> {
+        let len = blob.size() as u64;
+        Ok(BlobReadAt { blob, len, reader: web_sys::FileReaderSync::new()?, block: RefCell::new((0, Vec::new())) })
+    }
+
+    fn raw(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let end = offset + buf.len() as u64;
+        let slice = self
+            .blob
+            .slice_with_f64_and_f64(offset as f64, end as f64)
+            .map_err(|e| std::io::Error::other(format!("Blob.slice failed: {e:?}")))?;
+        let ab = self
+            .reader
+            .read_as_array_buffer(&slice)
+            .map_err(|e| std::io::Error::other(format!("FileReaderSync failed: {e:?}")))?;
+        let arr = js_sys::Uint8Array::new(&ab);
+        if arr.length() as usize != buf.len() {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "short read from the file"));
+        }
+        arr.copy_to(buf);
+        Ok(())
+    }
+}
+
+impl ReadAt for BlobReadAt {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= self.len);
+        if end.is_none() {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "read past the end of the file"));
+        }
+        if buf.len() >= SMALL_READ {
+            return self.raw(offset, buf);
+        }
+        let mut block = self.block.borrow_mut();
+        let (start, data) = &mut *block;
+        let hit = !data.is_empty() && offset >= *start && offset + buf.len() as u64 <= *start + data.len() as u64;
+        if !hit {
+            let s = offset / BLOCK * BLOCK;
+            let e = (s + 2 * BLOCK).min(self.len);
+            data.resize((e - s) as usize, 0);
+            self.raw(s, data)?;
+            *start = s;
+        }
+        let at = (offset - *start) as usize;
+        buf.copy_from_slice(&data[at..at + buf.len()]);
+        Ok(())
+    }
+
+    fn release(&self) {
+        *self.block.borrow_mut() = (0, Vec::new());
+    }
+}
+
+/// Files with their relative paths, as a folder.
+struct JsFolder {
+    name: String,
+    files: BTreeMap<String, web_sys::Blob>,
+}
+
+impl JsFolder {
+    /// From an array of `{path, file}`; a common top folder becomes the folder's name.
+    fn from_js(entries: &js_sys::Array, fallback: &str) -> Result<JsFolder, JsError> {
+        let mut files = BTreeMap::new();
+        for e in entries.iter() {
+            let path = js_sys::Reflect::get(&e, &"path".into())
+                .ok()
+                .and_then(|p| p.as_string())
+                .ok_or_else(|| JsError::new("each input needs a string `path`"))?;
+            let file: web_sys::Blob = js_sys::Reflect::get(&e, &"file".into())
+                .ok()
+                .and_then(|f| f.dyn_into().ok())
+                .ok_or_else(|| JsError::new(&format!("input '{path}' has no `file` Blob")))?;
+            files.insert(path.trim_start_matches('/').to_string(), file);
+        }
+        // Strip a top folder shared by every path, so a dropped `global_step_50/` reads as that folder.
+        let top = files.keys().next().and_then(|k| k.split_once('/')).map(|(t, _)| format!("{t}/"));
+        let name = match top {
+            Some(t) if !files.is_empty() && files.keys().all(|k| k.starts_with(&t)) => {
+                files = files.into_iter().map(|(k, v)| (k[t.len()..].to_string(), v)).collect();
+                t.trim_end_matches('/').to_string()
+            }
+            _ => fallback.to_string(),
+        };
+        Ok(JsFolder { name, files })
+    }
+}
+
+impl Folder for JsFolder {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn files(&self) -> Vec<String> {
+        self.files.keys().cloned().collect()
+    }
+    fn open(&self, rel: &str) -> ckptconv::Result<Input> {
+        let blob = self.files.get(rel).ok_or_else(|| {
+            Error::new(ErrorKind::Io("no such file among the inputs".into())).in_file(&format!("{}/{rel}", self.name))
+        })?;
+        let r = BlobReadAt::new(blob.clone())
+            .map_err(|e| Error::new(ErrorKind::Io(format!("{e:?}"))).in_file(&format!("{}/{rel}", self.name)))?;
+        Ok(Input::new(format!("{}/{rel}", self.name), Box::new(r)))
+    }
+}
+
+fn js_err(e: Error) -> JsError {
+    JsError::new(&e.to_string())
+}
+
+fn opt_str(o: &JsValue, k: &str) -> Option<String> {
+    js_sys::Reflect::get(o, &k.into()).ok().and_then(|v| v.as_string())
+}
+
+fn opt_f64(o: &JsValue, k: &str) -> Option<f64> {
+    js_sys::Reflect::get(o, &k.into()).ok().and_then(|v| v.as_f64())
+}
+
+/// One output file after the model files: bytes in memory, or a base-model file copied through.
+enum Extra {
+    Bytes(String, Vec<u8>),
+    Copy(String, Input),
+}
+
+/// A conversion: planned when constructed, then pulled piece by piece with `next()`.
+#[wasm_bindgen]
+pub struct Job {
+    planned: Planned,
+    layout: OutputLayout,
+    extras: Vec<Extra>,
+    puller: Puller,
+    /// Index into `extras` once the model files are done, and the byte position in it.
+    extra_at: Option<(usize, u64, bool)>,
+    chunk: Vec<u8>,
+}
+
+#[wasm_bindgen]
+impl Job {
+    /// Plans a conversion. `files`: array of `{path, file}` (a single file, or a dropped folder);
+    /// `base`: the same for an optional base-model folder (or `null`); `options`: `{dtype, lora, loraAlpha,
+    /// loraR, maxShardSize, prefix, allowMismatch}`.
+    #[wasm_bindgen(constructor)]
+    pub fn new(files: js_sys::Array, base: JsValue, options: JsValue) -> Result<Job, JsError> {
+        let folder = JsFolder::from_js(&files, "input")?;
+        let base_folder = match base.dyn_ref::<js_sys::Array>() {
+            Some(a) if a.length() > 0 => Some(JsFolder::from_js(a, "base")?),
+            _ => None,
+        };
+        let base_model = match &base_folder {
+            Some(f) => Some(BaseModel::open(f).map_err(js_err)?),
+            None => None,
+        };
+        let dtype = match opt_str(&options, "dtype") {
+            Some(d) => DType::from_cli(&d).map_err(|e| JsError::new(&e))?,
+            None => None,
+        };
+        let lora_mode = opt_str(&options, "lora");
+        let adapter_config = match &base_folder {
+            Some(f) if f.files.contains_key("adapter_config.json") => {
+                let i = f.open("adapter_config.json").map_err(js_err)?;
+                let bytes = i.read_vec(0, i.len().min(1 << 20)).map_err(js_err)?;
+                serde_json::from_slice(&bytes).ok()
+            }
+            _ => None,
+        };
+        let opts = PlanOptions {
+            dtype,
+            prefix: match opt_str(&options, "prefix") {
+                Some(p) => Prefix::Explicit(p),
+                None => Prefix::Auto,
+            },
+            require_base: true,
+            allow_mismatch: js_sys::Reflect::get(&options, &"allowMismatch".into()).ok().and_then(|v| v.as_bool())
+                == Some(true),
+            lora: LoraOptions {
+                mode: if lora_mode.as_deref() == Some("adapter") { LoraMode::Adapter } else { LoraMode::Merge },
+                explicit: lora_mode.is_some(),
+                alpha: opt_f64(&options, "loraAlpha"),
+                r: opt_f64(&options, "loraR").map(|r| r as u64),
+                r_origin: None,
+                adapter_config,
+            },
+        };
+        // A single file can only be a torch.save file; anything else is a folder.
+        let mut planned = if folder.files.len() == 1 {
+            let rel = folder.files().into_iter().next().unwrap_or_default();
+            convert::plan_torch_file(folder.open(&rel).map_err(js_err)?, &opts).map_err(js_err)?
+        } else {
+            convert::plan_folder(&folder, base_model.as_ref(), &opts).map_err(js_err)?
+        };
+        let adapter = convert::finish(&mut planned, base_model.as_ref(), &opts).map_err(js_err)?;
+        let max_shard = match opt_str(&options, "maxShardSize") {
+            Some(s) if !s.is_empty() => Some(safetensors::parse_size(&s).map_err(|e| JsError::new(&e))?),
+            _ => None,
+        };
+        let mut layout = safetensors::layout(&planned.plan, max_shard).map_err(js_err)?;
+        let mut extras = Vec::new();
+        if let Some(cfg) = adapter {
+            if layout.files.len() != 1 {
+                return Err(JsError::new("a sharded LoRA adapter is not supported"));
+            }
+            layout.files[0].name = "lora_adapter/adapter_model.safetensors".into();
+            extras.push(Extra::Bytes("lora_adapter/adapter_config.json".into(), cfg));
+        }
+        if let (Some(b), Some(f)) = (&base_model, &base_folder) {
+            for name in &b.files {
+                extras.push(Extra::Copy(name.clone(), f.open(name).map_err(js_err)?));
+            }
+        }
+        Ok(Job { planned, layout, extras, puller: Puller::new(false), extra_at: None, chunk: Vec::new() })
+    }
+
+    /// The plan as JSON: format, notes, groups, tensors (name, dtype, shape, bytes) and output files.
+    #[wasm_bindgen(js_name = planJson)]
+    pub fn plan_json(&self) -> String {
+        let p = &self.planned;
+        let tensors: Vec<_> = p
+            .plan
+            .tensors
+            .iter()
+            .map(|t| serde_json::json!({"name": t.name, "dtype": t.dtype.safetensors_name(), "shape": t.shape, "bytes": t.nbytes()}))
+            .collect();
+        let groups: Vec<_> = p
+            .groups
+            .iter()
+            .map(|g| serde_json::json!({"name": g.name, "tensors": g.tensors, "bytes": g.bytes, "others": g.others}))
+            .collect();
+        serde_json::json!({
+            "format": p.format, "notes": p.plan.notes, "groups": groups, "tensors": tensors,
+            "totalBytes": p.plan.total_bytes(), "outputs": self.outputs(),
+        })
+        .to_string()
+    }
+
+    fn outputs(&self) -> Vec<serde_json::Value> {
+        let mut v: Vec<_> =
+            self.layout.files.iter().map(|f| serde_json::json!({"name": f.name, "size": f.size})).collect();
+        for e in &self.extras {
+            let (name, size) = match e {
+                Extra::Bytes(n, b) => (n.as_str(), b.len() as u64),
+                Extra::Copy(n, i) => (n.as_str(), i.len()),
+            };
+            v.push(serde_json::json!({"name": name, "size": size}));
+        }
+        v
+    }
+
+    /// The next piece: `{kind: "begin", name, size}`, `{kind: "data", bytes}` (a view into wasm memory,
+    /// valid until the next call: copy or write it at once), `{kind: "end"}`, or `null` when done.
+    #[wasm_bindgen(js_name = next)]
+    pub fn next_piece(&mut self) -> Result<JsValue, JsError> {
+        let obj = js_sys::Object::new();
+        let set = |k: &str, v: JsValue| js_sys::Reflect::set(&obj, &k.into(), &v).map(|_| ());
+        if self.extra_at.is_none() {
+            let piece =
+                self.puller.next_piece(&self.planned.plan, &self.layout, &self.planned.inputs).map_err(js_err)?;
+            match piece {
+                Some(Piece::Begin { name, size }) => {
+                    set("kind", "begin".into()).ok();
+                    set("name", name.into()).ok();
+                    set("size", (size as f64).into()).ok();
+                }
+                Some(Piece::Header(b) | Piece::Data(b)) => {
+                    set("kind", "data".into()).ok();
+                    // A copy: the band buffer in wasm memory is reused by the next call.
+                    set("bytes", js_sys::Uint8Array::from(b).into()).ok();
+                }
+                Some(Piece::Copy { .. }) => return Err(JsError::new("internal: copies are off in the browser")),
+                Some(Piece::End) => set("kind", "end".into()).ok().unwrap_or(()),
+                None => self.extra_at = Some((0, 0, false)),
+            }
+            if self.extra_at.is_none() {
+                return Ok(obj.into());
+            }
+        }
+        let Some((i, pos, begun)) = self.extra_at else { return Ok(JsValue::NULL) };
+        let Some(extra) = self.extras.get(i) else { return Ok(JsValue::NULL) };
+        let (name, size) = match extra {
+            Extra::Bytes(n, b) => (n.clone(), b.len() as u64),
+            Extra::Copy(n, inp) => (n.clone(), inp.len()),
+        };
+        if !begun {
+            self.extra_at = Some((i, 0, true));
+            set("kind", "begin".into()).ok();
+            set("name", name.into()).ok();
+            set("size", (size as f64).into()).ok();
+            return Ok(obj.into());
+        }
+        if pos >= size {
+            self.extra_at = Some((i + 1, 0, false));
+            set("kind", "end".into()).ok();
+            return Ok(obj.into());
+        }
+        let n = (size - pos).min(4 << 20);
+        match extra {
+            Extra::Bytes(_, b) => {
+                self.chunk.clear();
+                self.chunk.extend_from_slice(&b[pos as usize..(pos + n) as usize]);
+            }
+            Extra::Copy(_, inp) => {
+                self.chunk.resize(n as usize, 0);
+                inp.read_exact_at(pos, &mut self.chunk).map_err(js_err)?;
+            }
+        }
+        self.extra_at = Some((i, pos + n, true));
+        set("kind", "data".into()).ok();
+        set("bytes", js_sys::Uint8Array::from(&self.chunk[..]).into()).ok();
+        Ok(obj.into())
+    }
+
+    /// Bytes of wasm linear memory in use now (it only grows), for reports.
+    #[wasm_bindgen(js_name = memoryBytes)]
+    pub fn memory_bytes() -> f64 {
+        let mem: js_sys::WebAssembly::Memory = wasm_bindgen::memory().unchecked_into();
+        let buf: js_sys::ArrayBuffer = mem.buffer().unchecked_into();
+        buf.byte_length() as f64
+    }
+}
+
+/// Plans without converting: the plan JSON for `files` (and an optional base folder).
+#[wasm_bindgen]
+pub fn inspect(files: js_sys::Array, base: JsValue, options: JsValue) -> Result<String, JsError> {
+    let opts = if options.is_object() { options } else { js_sys::Object::new().into() };
+    let job = Job::new(files, base, opts)?;
+    Ok(job.plan_json())
+}
