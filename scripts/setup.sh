@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Installs everything the tests need: wasm targets, cargo-nextest, and a Python venv with torch,
-# safetensors, transformers and pytest (the reference implementations the tests compare against).
-# Idempotent: each step is skipped when its tool is already there.
+# Installs everything the tests need, each step skipped when already there:
+# - Rust: the two wasm targets, cargo-nextest, and wasm-bindgen-cli at the web crate's pinned version;
+# - Debian's Chromium (the browser tests drive it with npm playwright-core);
+# - npm packages from package-lock.json;
+# - a Python venv with the reference implementations the tests compare against (torch, safetensors,
+#   transformers, peft, megatron-core, zstandard) and PyPI's wasmtime engine for the WASI tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,11 +12,26 @@ installed=$(rustup target list --installed)
 for t in wasm32-unknown-unknown wasm32-wasip1; do
   grep -qx "$t" <<<"$installed" || rustup target add "$t"
 done
-
 command -v cargo-nextest >/dev/null 2>&1 || cargo install cargo-nextest --locked
 
+want=$(grep -m1 -o 'wasm-bindgen = "=[0-9.]*"' web/Cargo.toml | grep -o '[0-9][0-9.]*')
+wasm-bindgen --version 2>/dev/null | grep -q "$want" || cargo install wasm-bindgen-cli --version "$want"
+
+if ! [ -x /usr/bin/chromium ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+
+if [ -f package-lock.json ]; then
+  stamp=node_modules/.lock-stamp
+  if ! [ -f "$stamp" ] || ! cmp -s package-lock.json "$stamp"; then
+    npm ci --no-audit --no-fund
+    cp package-lock.json "$stamp"
+  fi
+fi
+
 [ -x .venv/bin/python ] || python3 -m venv .venv
-if ! .venv/bin/python -c "import torch, safetensors, transformers, pytest, numpy, zstandard, peft" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import torch, safetensors, transformers, pytest, numpy, zstandard, peft, megatron.core, wasmtime" >/dev/null 2>&1; then
   .venv/bin/pip install --quiet --upgrade pip
   .venv/bin/pip install --quiet -r tests/requirements.txt
 fi
