@@ -48,6 +48,8 @@ pub enum ErrorKind {
     Unsupported(String),
     /// The output cannot be written as asked.
     Output(String),
+    /// A written output does not check out.
+    Verify(String),
 }
 
 /// A failure, naming the file it concerns when known.
@@ -99,6 +101,7 @@ impl Error {
             ErrorKind::NoTensors(_) => "no-tensors",
             ErrorKind::Unsupported(_) => "unsupported",
             ErrorKind::Output(_) => "output",
+            ErrorKind::Verify(_) => "verify",
         }
     }
 }
@@ -121,6 +124,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::NoTensors(m) => write!(f, "no tensors to convert: {m}"),
             ErrorKind::Unsupported(m) => write!(f, "unsupported: {m}"),
             ErrorKind::Output(m) => write!(f, "cannot write output: {m}"),
+            ErrorKind::Verify(m) => write!(f, "verification failed: {m}"),
         }
     }
 }

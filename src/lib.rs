@@ -22,5 +22,6 @@ pub mod plan;
 pub mod rlinf;
 pub mod select;
 pub mod torch;
+pub mod verify;
 pub mod verl;
 pub mod write;

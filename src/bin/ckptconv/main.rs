@@ -8,15 +8,15 @@ mod progress;
 use ckptconv::convert::{self, PlanOptions, Planned};
 use ckptconv::dtype::DType;
 use ckptconv::hf::{self, BaseModel, ExtraPt};
-use ckptconv::io::Input;
+use ckptconv::io::{Folder, Input};
 use ckptconv::lora::{LoraMode, LoraOptions};
 use ckptconv::plan::{Plan, PlannedTensor};
-use ckptconv::rlinf;
 use ckptconv::select::Prefix;
 use ckptconv::write::Sink;
 use ckptconv::write::safetensors::{self, OutputLayout};
 use ckptconv::write::torch_save::{self, TorchSaveLayout};
 use ckptconv::{Error, ErrorKind};
+use ckptconv::{rlinf, verify};
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -77,6 +77,17 @@ enum Command {
         #[command(flatten)]
         out: OutArgs,
     },
+    /// Re-read an output folder and check it: headers, offsets, sizes and index; with --against, every tensor's
+    /// bytes against the input (give the same flags as the conversion).
+    Verify {
+        /// The folder `convert` wrote.
+        out_dir: PathBuf,
+        /// The input it was converted from.
+        #[arg(long)]
+        against: Option<PathBuf>,
+        #[command(flatten)]
+        plan: PlanArgs,
+    },
     /// Convert as RLinf's convert_pt_to_hf.py does, driven by its fsdp_model_convertor.yaml.
     Pt2hf {
         /// The YAML config (convertor.ckpt_path, convertor.save_path, model.model_path, model.is_lora, ...).
@@ -118,6 +129,9 @@ struct OutArgs {
     /// Overwrite output files that already exist.
     #[arg(long)]
     force: bool,
+    /// After writing, re-derive every tensor from the input and compare (default: a structural check).
+    #[arg(long)]
+    verify: bool,
     /// Never show a progress bar.
     #[arg(long)]
     quiet: bool,
@@ -384,8 +398,44 @@ fn convert(
         }
         sink.commit()?;
         report(&planned, out_dir, &names);
+        if format == OutFormat::Safetensors {
+            let folder = fsio::DiskFolder::open(out_dir)?;
+            let sub = if adapter.is_some() { "lora_adapter" } else { "" };
+            let r = if out.verify {
+                verify::against(&folder, sub, &planned.plan, &planned.inputs)?
+            } else {
+                verify::structural(&folder, sub)?
+            };
+            eprintln!("ckptconv: verified {}", describe(&r));
+        }
         Ok(())
     })
+}
+
+fn describe(r: &verify::VerifyReport) -> String {
+    let what = if r.compared > 0 {
+        format!(", every byte compared with the input ({})", human(r.compared))
+    } else {
+        String::new()
+    };
+    format!("{} file(s), {} tensors, {}{what}", r.files, r.tensors, human(r.bytes))
+}
+
+fn verify_cmd(out_dir: &Path, against: Option<&Path>, args: &PlanArgs) -> ckptconv::Result<()> {
+    let folder = fsio::DiskFolder::open(out_dir)?;
+    let sub =
+        if folder.files().iter().any(|f| f == "lora_adapter/adapter_model.safetensors") { "lora_adapter" } else { "" };
+    let r = match against {
+        None => verify::structural(&folder, sub)?,
+        Some(input) => with_base(args.base.as_deref(), |base| {
+            let mut planned = open_and_plan(input, base, args)?;
+            let opts = PlanOptions { lora: lora_options(args)?, ..args.options() };
+            convert::finish(&mut planned, base, &opts)?;
+            verify::against(&folder, sub, &planned.plan, &planned.inputs)
+        })?,
+    };
+    println!("ok: {}", describe(&r));
+    Ok(())
 }
 
 /// The tensors under `prefix`, renamed without it (for save helpers).
@@ -543,6 +593,7 @@ fn run(cli: Cli) -> ckptconv::Result<()> {
         }
         Command::DcpToPt { dcp_path, output_path, plan, out } => dcp_to_pt(&dcp_path, &output_path, &plan, &out),
         Command::Pt2hf { config, plan, max_shard_size, out } => pt2hf(&config, plan, max_shard_size, &out),
+        Command::Verify { out_dir, against, plan } => verify_cmd(&out_dir, against.as_deref(), &plan),
     }
 }
 
