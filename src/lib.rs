@@ -11,6 +11,8 @@ pub mod convert;
 pub mod dcp;
 pub mod dtype;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hf;
 pub mod io;
 pub mod lora;

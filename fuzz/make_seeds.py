@@ -1,0 +1,57 @@
+"""Builds the fuzz seed corpora from the real fixtures (written by torch, DCP, megatron-core, transformers).
+
+Owns: fuzz/corpus/<target>/ (committed, small). Run: .venv/bin/python fuzz/make_seeds.py
+Only the standard library is needed: seeds are bytes cut from the fixture files, never made by ckptconv.
+"""
+
+import hashlib
+import io
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+FIX = ROOT.parent / "tests" / "fixtures"
+MAX = 64 << 10  # seeds stay small so the fuzzer mutates structure, not bulk data
+
+
+def put(target, data, limit=MAX):
+    if not data or len(data) > limit:
+        return
+    d = ROOT / "corpus" / target
+    d.mkdir(parents=True, exist_ok=True)
+    (d / hashlib.sha1(data).hexdigest()[:16]).write_bytes(data)
+
+
+def main():
+    for p in sorted((FIX / "pt").glob("*.pt")) + sorted((FIX / "hostile").glob("*.pt")):
+        data = p.read_bytes()
+        put("torch_file", data)
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as z:
+                for n in z.namelist():
+                    if n.endswith("data.pkl"):
+                        put("pickle", z.read(n))
+        except zipfile.BadZipFile:
+            put("pickle", data[:MAX])
+    for p in sorted(FIX.glob("dcp/**/.metadata")):
+        put("dcp_metadata", p.read_bytes())
+        put("pickle", p.read_bytes())
+    for case in ["qwen2_tp2", "qwen3_tp2", "llama_tp2"]:
+        ranks = sorted((FIX / "megatron" / case).glob("actor/iter_*/mp_rank_*/model_optim_rng.pt"))
+        if len(ranks) == 2:
+            a, b = ranks[0].read_bytes(), ranks[1].read_bytes()
+            # The fuzz entry point reads rank 0's length first, then both files.
+            put("megatron", len(a).to_bytes(4, "little") + a + b, limit=1 << 20)
+    for p in sorted(FIX.glob("**/*.safetensors")):
+        data = p.read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        # The header plus a little data: enough for every structural check.
+        put("safetensors_header", data[: 8 + n + 64])
+        put("safetensors_header", data)
+    for t in ["pickle", "torch_file", "dcp_metadata", "megatron", "safetensors_header"]:
+        n = len(list((ROOT / "corpus" / t).glob("*")))
+        print(f"{t}: {n} seeds")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+//! Entry points shared by the `cargo fuzz` targets (fuzz/) and the replay tests (tests/fuzz_replay.rs): each
+//! takes arbitrary bytes, must never panic, hang or allocate without bound, and may only return errors.
+#![allow(missing_docs)]
+
+use crate::convert::PlanOptions;
+use crate::io::{Input, MemoryFolder};
+
+fn input(data: &[u8], name: &str) -> Input {
+    Input::new(name, Box::new(data.to_vec()))
+}
+
+/// The pickle VM on a raw stream.
+pub fn pickle(data: &[u8]) {
+    let i = input(data, "fuzz.pkl");
+    if let Ok(mut cur) = crate::io::ByteCursor::new(&i, 0, i.len()) {
+        let _ = crate::pickle::parse(&mut cur, crate::pickle::Limits::default());
+    }
+}
+
+/// The torch.save reader (zip and legacy), then a plan and the first bands of every tensor.
+pub fn torch_file(data: &[u8]) {
+    let Ok(planned) = crate::convert::plan_torch_file(input(data, "fuzz.pt"), &PlanOptions::default()) else {
+        return;
+    };
+    read_some(&planned.plan, &planned.inputs);
+}
+
+/// Reads the first band of each planned tensor, as a writer would (a band is at most 16 MiB).
+fn read_some(plan: &crate::plan::Plan, inputs: &[Input]) {
+    let mut bufs = crate::plan::BandBuffers::default();
+    let mut out = Vec::new();
+    for t in &plan.tensors {
+        let n = t.numel().min(t.band_elems());
+        out.resize((n * t.dtype.size() as u64) as usize, 0);
+        let _ = t.read_band(inputs, 0, n, &mut out, &mut bufs);
+    }
+}
+
+/// A DCP `.metadata` file (with an empty data file beside it).
+pub fn dcp_metadata(data: &[u8]) {
+    let mut f = MemoryFolder { name: "fuzz_dcp".into(), ..Default::default() };
+    f.files.insert(".metadata".into(), data.to_vec());
+    f.files.insert("__0_0.distcp".into(), Vec::new());
+    if let Ok(p) = crate::convert::plan_dcp(&f, "", &PlanOptions::default()) {
+        read_some(&p.plan, &p.inputs);
+    }
+}
+
+/// A Megatron iteration folder of two rank files, against a fixed base config. The input is a little-endian
+/// u32 length of rank 0's file, then rank 0's bytes, then rank 1's.
+pub fn megatron(data: &[u8]) {
+    let Some((len, rest)) = data.split_first_chunk::<4>() else { return };
+    let cut = (u32::from_le_bytes(*len) as usize).min(rest.len());
+    let (a, b) = rest.split_at(cut);
+    let mut f = MemoryFolder { name: "fuzz_mg".into(), ..Default::default() };
+    f.files.insert("mp_rank_00/model_optim_rng.pt".into(), a.to_vec());
+    f.files.insert("mp_rank_01/model_optim_rng.pt".into(), b.to_vec());
+    let mut base = MemoryFolder { name: "fuzz_base".into(), ..Default::default() };
+    base.files.insert(
+        "config.json".into(),
+        br#"{"model_type":"qwen2","hidden_size":32,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"intermediate_size":64,"vocab_size":128,"tie_word_embeddings":false}"#.to_vec(),
+    );
+    let Ok(base) = crate::hf::BaseModel::open(&base) else { return };
+    if let Ok((p, _)) = crate::megatron::plan_megatron(&f, "", Some(&base), &PlanOptions::default()) {
+        read_some(&p.plan, &p.inputs);
+    }
+}
+
+/// The safetensors header reader used by `verify` and base-model checks.
+pub fn safetensors_header(data: &[u8]) {
+    let _ = crate::write::safetensors::read_header(&input(data, "fuzz.safetensors"));
+}
