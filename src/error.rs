@@ -50,6 +50,8 @@ pub enum ErrorKind {
     Output(String),
     /// A written output does not check out.
     Verify(String),
+    /// A configuration file or option is missing or wrong.
+    Config(String),
 }
 
 /// A failure, naming the file it concerns when known.
@@ -102,6 +104,7 @@ impl Error {
             ErrorKind::Unsupported(_) => "unsupported",
             ErrorKind::Output(_) => "output",
             ErrorKind::Verify(_) => "verify",
+            ErrorKind::Config(_) => "config",
         }
     }
 }
@@ -125,6 +128,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Unsupported(m) => write!(f, "unsupported: {m}"),
             ErrorKind::Output(m) => write!(f, "cannot write output: {m}"),
             ErrorKind::Verify(m) => write!(f, "verification failed: {m}"),
+            ErrorKind::Config(m) => write!(f, "bad configuration: {m}"),
         }
     }
 }

@@ -75,10 +75,9 @@ fn resolve_alpha_r(opts: &LoraOptions, r_seen: u64) -> Result<(f64, u64, bool, S
         (None, None) => (r_seen, "the lora_A shapes"),
     };
     if r != r_seen {
-        return Err(Error::new(ErrorKind::Tensor {
-            name: "lora_A".into(),
-            msg: format!("the LoRA tensors have rank {r_seen} but {r_from} says r = {r}"),
-        }));
+        return Err(Error::new(ErrorKind::Inconsistent(format!(
+            "the LoRA tensors have rank {r_seen} but {r_from} says r = {r}"
+        ))));
     }
     let (alpha, alpha_from) = match (opts.alpha, cfg_alpha) {
         (Some(a), _) => (a, "--lora-alpha".to_string()),

@@ -404,44 +404,55 @@ pub struct LoraMerge {
 
 impl Eq for LoraMerge {}
 
-/// Columns processed together so a tile of the output row stays in L1 while the rank loop runs.
-const LORA_TILE: usize = 512;
-
 impl LoraMerge {
     fn read(&self, inputs: &[Input], start: u64, count: u64, out: &mut [u8], bufs: &mut ChunkBuffers) -> Result<()> {
         let (cols, rank) = (self.cols as usize, self.rank as usize);
         let (r0, r1) = (start / self.cols, (start + count) / self.cols);
+        let rows = (r1 - r0) as usize;
         let mut raw = std::mem::take(&mut bufs.lora_raw);
         let mut acc = std::mem::take(&mut bufs.lora_acc);
+        let mut b = std::mem::take(&mut bufs.lora_b);
         // A is read once per tensor and kept in f32.
         let key = self as *const LoraMerge as usize;
         if bufs.lora_a.0 != key {
             let n = self.rank * self.cols;
             raw.resize((n * self.a.dtype().size() as u64) as usize, 0);
             self.a.read(inputs, 0, n, &mut raw, bufs)?;
-            bufs.lora_a = (key, to_f32(self.a.dtype(), &raw));
+            let mut a = std::mem::take(&mut bufs.lora_a.1);
+            to_f32(self.a.dtype(), &raw, &mut a);
+            bufs.lora_a = (key, a);
         }
         let a = std::mem::take(&mut bufs.lora_a.1);
         let nb = (r1 - r0) * self.rank;
         raw.resize((nb * self.b.dtype().size() as u64) as usize, 0);
         self.b.read(inputs, r0 * self.rank, nb, &mut raw, bufs)?;
-        let b = to_f32(self.b.dtype(), &raw);
+        to_f32(self.b.dtype(), &raw, &mut b);
         raw.resize((count * self.base.dtype().size() as u64) as usize, 0);
         self.base.read(inputs, start, count, &mut raw, bufs)?;
-        acc.clear();
-        acc.extend(to_f32(self.base.dtype(), &raw));
-        for (i, row) in acc.chunks_exact_mut(cols).enumerate() {
-            let coef: Vec<f32> = b[i * rank..(i + 1) * rank].iter().map(|x| x * self.scale).collect();
-            for t0 in (0..cols).step_by(LORA_TILE) {
-                let t1 = (t0 + LORA_TILE).min(cols);
-                let tile = &mut row[t0..t1];
-                for (k, &c) in coef.iter().enumerate() {
-                    let a_tile = &a[k * cols + t0..k * cols + t1];
-                    for (o, &x) in tile.iter_mut().zip(a_tile) {
-                        *o += c * x;
-                    }
-                }
-            }
+        to_f32(self.base.dtype(), &raw, &mut acc);
+        if acc.len() != rows * cols || b.len() != rows * rank || a.len() != rank * cols {
+            return Err(Error::new(ErrorKind::Output("internal: LoRA band sizes disagree".into())));
+        }
+        // acc (rows x cols) += scale * b (rows x rank) @ a (rank x cols), all row-major f32.
+        // SAFETY: the three slices were just checked to hold exactly these matrix shapes, and acc does not
+        // alias a or b (separate buffers).
+        unsafe {
+            matrixmultiply::sgemm(
+                rows,
+                rank,
+                cols,
+                self.scale,
+                b.as_ptr(),
+                rank as isize,
+                1,
+                a.as_ptr(),
+                cols as isize,
+                1,
+                1.0,
+                acc.as_mut_ptr(),
+                cols as isize,
+                1,
+            );
         }
         for (o, v) in out.chunks_exact_mut(4).zip(&acc) {
             o.copy_from_slice(&v.to_le_bytes());
@@ -449,15 +460,25 @@ impl LoraMerge {
         bufs.lora_a.1 = a;
         bufs.lora_raw = raw;
         bufs.lora_acc = acc;
+        bufs.lora_b = b;
         Ok(())
     }
 }
 
-/// Little-endian elements of a float type as f32 (exact for f16/bf16/f32).
-fn to_f32(src: DType, bytes: &[u8]) -> Vec<f32> {
-    let mut wide = vec![0u8; bytes.len() / src.size() * 4];
-    dtype::cast(src, DType::F32, bytes, &mut wide);
-    wide.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+/// Little-endian elements of a float type into `out` as f32 (exact for f16/bf16/f32), reusing its allocation.
+fn to_f32(src: DType, bytes: &[u8], out: &mut Vec<f32>) {
+    out.clear();
+    match src {
+        DType::BF16 => {
+            out.extend(bytes.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)))
+        }
+        DType::F32 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        _ => {
+            let mut wide = vec![0u8; bytes.len() / src.size() * 4];
+            dtype::cast(src, DType::F32, bytes, &mut wide);
+            out.extend(wide.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+        }
+    }
 }
 
 /// Where an output tensor's bytes come from.
@@ -527,6 +548,7 @@ struct ChunkBuffers {
     rows: Vec<u8>,
     lora_raw: Vec<u8>,
     lora_acc: Vec<f32>,
+    lora_b: Vec<f32>,
     /// LoRA `A` in f32, keyed by the merge it belongs to.
     lora_a: (usize, Vec<f32>),
 }

@@ -36,7 +36,7 @@ pub struct ConvertorConfig {
 }
 
 fn bad(msg: String) -> Error {
-    Error::new(ErrorKind::NotCheckpoint(format!("bad convertor config: {msg}")))
+    Error::new(ErrorKind::Config(msg))
 }
 
 fn load(text: &str) -> Result<Yaml> {

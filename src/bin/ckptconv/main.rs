@@ -221,7 +221,8 @@ fn with_base<T>(base: Option<&Path>, f: impl FnOnce(Option<&BaseModel>) -> ckptc
         None => f(None),
         Some(p) => {
             if !p.is_dir() {
-                return Err(Error::new(ErrorKind::NotCheckpoint("the base model is not a folder".into()))
+                let what = if p.exists() { "is not a folder" } else { "does not exist" };
+                return Err(Error::new(ErrorKind::Config(format!("the base model folder {what}")))
                     .in_file(&p.display().to_string()));
             }
             let folder = fsio::DiskFolder::open(p)?;
@@ -451,6 +452,12 @@ fn sub_plan(plan: &Plan, prefix: &str) -> Plan {
 /// The LoRA settings of the command line, with an adapter_config.json from `--lora-path` or the base folder.
 fn lora_options(args: &PlanArgs) -> ckptconv::Result<LoraOptions> {
     let mut adapter_config = None;
+    if let Some(dir) = &args.lora_path
+        && !dir.join("adapter_config.json").is_file()
+    {
+        return Err(Error::new(ErrorKind::Config("the LoRA path holds no adapter_config.json".into()))
+            .in_file(&dir.display().to_string()));
+    }
     for dir in args.lora_path.iter().chain(args.base.iter()) {
         let f = dir.join("adapter_config.json");
         if f.is_file() {
@@ -554,7 +561,7 @@ fn pt2hf(config: &Path, mut args: PlanArgs, max_shard: u64, out: &OutArgs) -> ck
         eprintln!("ckptconv: {shown}: {n}");
     }
     let need = |v: &Option<String>, key: &str| {
-        v.clone().ok_or_else(|| Error::new(ErrorKind::NotCheckpoint(format!("{key} is missing"))).in_file(&shown))
+        v.clone().ok_or_else(|| Error::new(ErrorKind::Config(format!("{key} is missing"))).in_file(&shown))
     };
     let ckpt = PathBuf::from(need(&cfg.ckpt_path, "convertor.ckpt_path")?);
     let save = PathBuf::from(need(&cfg.save_path, "convertor.save_path")?);
@@ -564,12 +571,14 @@ fn pt2hf(config: &Path, mut args: PlanArgs, max_shard: u64, out: &OutArgs) -> ck
     if args.lora.is_none() && cfg.is_lora == Some(true) {
         args.lora = Some(if cfg.merge_lora.unwrap_or(true) { LoraArg::Merge } else { LoraArg::Adapter });
     }
-    if args.lora_r.is_none() && cfg.lora_rank.is_some() {
-        args.lora_r = cfg.lora_rank;
-        args.lora_r_origin = Some(format!("model.lora_rank in {shown}"));
-    }
+    // As RLinf's model builder: a lora_path adapter (PeftModel.from_pretrained) decides r and alpha; only
+    // without one is the LoRA built from model.lora_rank (with alpha = r).
     if args.lora_path.is_none() {
         args.lora_path = cfg.lora_path.map(PathBuf::from);
+    }
+    if args.lora_path.is_none() && args.lora_r.is_none() && cfg.lora_rank.is_some() {
+        args.lora_r = cfg.lora_rank;
+        args.lora_r_origin = Some(format!("model.lora_rank in {shown}"));
     }
     if args.model_type.is_none() {
         args.model_type = cfg.model_type.clone();
