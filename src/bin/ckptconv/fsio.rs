@@ -73,7 +73,7 @@ impl ReadAt for FileInput {
 pub struct DirSink {
     dir: PathBuf,
     force: bool,
-    current: Option<(File, PathBuf, PathBuf)>,
+    current: Option<(FileWriter, PathBuf, PathBuf)>,
     staged: Vec<(PathBuf, PathBuf)>,
     committed: bool,
 }
@@ -119,13 +119,13 @@ impl Sink for DirSink {
         let file_name = fin.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
         let tmp = parent.join(format!(".{file_name}.ckptconv-partial"));
         let f = File::create(&tmp).map_err(|e| Self::out_err(&tmp, e))?;
-        self.current = Some((f, tmp, fin));
+        self.current = Some((FileWriter::new(f), tmp, fin));
         Ok(())
     }
 
     fn write(&mut self, buf: &[u8]) -> Result<()> {
         match &mut self.current {
-            Some((f, tmp, _)) => f.write_all(buf).map_err(|e| Self::out_err(tmp, e)),
+            Some((f, tmp, _)) => f.write(buf).map_err(|e| Self::out_err(tmp, e)),
             None => Err(Error::new(ErrorKind::Output("write outside a file".into()))),
         }
     }
@@ -134,7 +134,7 @@ impl Sink for DirSink {
         // No fsync: like cp and safetensors' own writer, durability is left to the OS; the rename
         // after the last byte is what keeps an interrupted run from leaving a complete-looking file.
         if let Some((f, tmp, fin)) = self.current.take() {
-            drop(f);
+            f.finish().map_err(|e| Self::out_err(&tmp, e))?;
             self.staged.push((tmp, fin));
         }
         Ok(())
@@ -144,7 +144,6 @@ impl Sink for DirSink {
     /// kernel, as with `cp`. Elsewhere (WASI included) the caller's buffered path is as fast.
     #[cfg(target_os = "linux")]
     fn copy_range(&mut self, input: &ckptconv::io::Input, offset: u64, len: u64) -> Result<bool> {
-        use std::io::{Read, Seek, SeekFrom};
         let Some(src) = input.data.as_any().and_then(|a| a.downcast_ref::<FileInput>()) else {
             return Ok(false);
         };
@@ -153,18 +152,12 @@ impl Sink for DirSink {
             return Ok(false);
         }
         let Some((dst, tmp, _)) = &mut self.current else { return Ok(false) };
-        let read_err =
-            |e: std::io::Error| Error::new(ErrorKind::Io(format!("read at {offset}: {e}"))).in_file(&input.name);
-        let mut from = &src.file;
-        from.seek(SeekFrom::Start(offset)).map_err(read_err)?;
-        let n = std::io::copy(&mut from.take(len), dst).map_err(|e| Self::out_err(tmp, e))?;
-        if n != len {
-            return Err(Error::new(ErrorKind::Truncated(format!(
-                "needs bytes {offset}..{} but the file ended after {n}",
-                offset + len
-            )))
-            .in_file(&input.name));
-        }
+        let from = src.file.try_clone().map_err(|e| Error::new(ErrorKind::Io(e.to_string())).in_file(&input.name))?;
+        // A short source surfaces as UnexpectedEof from the writer; name both files then.
+        dst.copy(from, offset, len).map_err(|e| {
+            Error::new(ErrorKind::Output(format!("copying bytes {offset}..{} of {}: {e}", offset + len, input.name)))
+                .in_file(&tmp.display().to_string())
+        })?;
         Ok(true)
     }
 
@@ -250,5 +243,111 @@ impl ckptconv::io::Folder for DiskFolder {
         let path = self.root.join(rel);
         let data = FileInput::open(&path)?;
         Ok(ckptconv::io::Input::new(path.display().to_string(), Box::new(data)))
+    }
+}
+
+/// Writes one output file. Natively a thread does the writing, so the next band is read, cast or merged
+/// while the previous one goes to disk (a rendezvous channel: at most one band in flight). WASI has no
+/// threads and writes in place.
+pub struct FileWriter {
+    #[cfg(not(target_os = "wasi"))]
+    tx: Option<std::sync::mpsc::SyncSender<Job>>,
+    #[cfg(not(target_os = "wasi"))]
+    pool: std::sync::mpsc::Receiver<Vec<u8>>,
+    #[cfg(not(target_os = "wasi"))]
+    handle: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    #[cfg(target_os = "wasi")]
+    file: File,
+}
+
+/// Work for the writer thread.
+#[cfg(not(target_os = "wasi"))]
+enum Job {
+    Data(Vec<u8>),
+    #[cfg(target_os = "linux")]
+    Copy(File, u64, u64),
+}
+
+#[cfg(target_os = "linux")]
+fn copy_into(dst: &mut File, mut from: File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    from.seek(SeekFrom::Start(offset))?;
+    // On Linux, std's io::copy between files is copy_file_range: the bytes never leave the kernel.
+    let n = std::io::copy(&mut (&mut from).take(len), dst)?;
+    if n != len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("the source ended after {n} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "wasi"))]
+impl FileWriter {
+    fn new(mut file: File) -> FileWriter {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(0);
+        let (back, pool) = std::sync::mpsc::channel::<Vec<u8>>();
+        let handle = std::thread::spawn(move || -> std::io::Result<()> {
+            for job in rx {
+                match job {
+                    Job::Data(v) => {
+                        file.write_all(&v)?;
+                        let _ = back.send(v);
+                    }
+                    #[cfg(target_os = "linux")]
+                    Job::Copy(from, offset, len) => copy_into(&mut file, from, offset, len)?,
+                }
+            }
+            Ok(())
+        });
+        FileWriter { tx: Some(tx), pool, handle: Some(handle) }
+    }
+
+    fn send(&mut self, job: Job) -> std::io::Result<()> {
+        let sent = self.tx.as_ref().map(|tx| tx.send(job).is_ok()).unwrap_or(false);
+        if sent {
+            return Ok(());
+        }
+        // The writer stopped: its error says why.
+        self.tx = None;
+        match self.handle.take().map(|h| h.join()) {
+            Some(Ok(Err(e))) => Err(e),
+            _ => Err(std::io::Error::other("the writer thread stopped")),
+        }
+    }
+
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        let mut v = self.pool.try_recv().unwrap_or_default();
+        v.clear();
+        v.extend_from_slice(buf);
+        self.send(Job::Data(v))
+    }
+
+    #[cfg(target_os = "linux")]
+    fn copy(&mut self, from: File, offset: u64, len: u64) -> std::io::Result<()> {
+        self.send(Job::Copy(from, offset, len))
+    }
+
+    fn finish(mut self) -> std::io::Result<()> {
+        self.tx = None;
+        match self.handle.take().map(|h| h.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(std::io::Error::other("the writer thread panicked")),
+            None => Err(std::io::Error::other("the writer thread stopped")),
+        }
+    }
+}
+
+#[cfg(target_os = "wasi")]
+impl FileWriter {
+    fn new(file: File) -> FileWriter {
+        FileWriter { file }
+    }
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.file.write_all(buf)
+    }
+    fn finish(self) -> std::io::Result<()> {
+        Ok(())
     }
 }
