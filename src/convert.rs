@@ -249,7 +249,7 @@ pub fn plan_folder(folder: &dyn Folder, base: Option<&BaseModel>, opts: &PlanOpt
         Found::Megatron(dir) => {
             if base.is_none() && opts.require_base {
                 return Err(Error::new(ErrorKind::NotCheckpoint(
-                    "a Megatron checkpoint needs its base Hugging Face model: pass --base HF_DIR (or use mg2hf)".into(),
+                    "a Megatron checkpoint needs the base Hugging Face model it was trained from (its config.json and tokenizer): give it as the base model (--base HF_DIR, mg2hf's third argument, or the page's base-model folder)".into(),
                 ))
                 .in_file(folder.name()));
             }

@@ -14,8 +14,9 @@ use wasm_bindgen::prelude::*;
 
 /// Reads below this size go through a cached block; bigger ones go straight into the caller's buffer.
 const SMALL_READ: usize = 64 << 10;
-/// The cached block: one `FileReaderSync` call costs about a millisecond whatever its size.
-const BLOCK: u64 = 1 << 20;
+/// The cached block for small reads. One `FileReaderSync` call costs about a millisecond whatever its size,
+/// but planning touches many scattered headers (zip entries), so a miss fetches only a small block.
+const BLOCK: u64 = 64 << 10;
 
 /// A `Blob` read with `FileReaderSync` (dedicated workers only).
 struct BlobReadAt {
@@ -69,6 +70,7 @@ impl ReadAt for BlobReadAt {
         if !hit {
             let s = offset / BLOCK * BLOCK;
             let e = (s + 2 * BLOCK).min(self.len);
+            // Two blocks, so a small read that straddles a block boundary still hits.
             data.resize((e - s) as usize, 0);
             self.raw(s, data)?;
             *start = s;
@@ -117,6 +119,13 @@ impl JsFolder {
     }
 }
 
+impl JsFolder {
+    /// How messages name a file: its path inside the dropped folder (or just its name for a lone file).
+    fn display(&self, rel: &str) -> String {
+        if self.name.is_empty() { rel.to_string() } else { format!("{}/{rel}", self.name) }
+    }
+}
+
 impl Folder for JsFolder {
     fn name(&self) -> &str {
         &self.name
@@ -125,12 +134,14 @@ impl Folder for JsFolder {
         self.files.keys().cloned().collect()
     }
     fn open(&self, rel: &str) -> ckptconv::Result<Input> {
-        let blob = self.files.get(rel).ok_or_else(|| {
-            Error::new(ErrorKind::Io("no such file among the inputs".into())).in_file(&format!("{}/{rel}", self.name))
-        })?;
-        let r = BlobReadAt::new(blob.clone())
-            .map_err(|e| Error::new(ErrorKind::Io(format!("{e:?}"))).in_file(&format!("{}/{rel}", self.name)))?;
-        Ok(Input::new(format!("{}/{rel}", self.name), Box::new(r)))
+        let shown = self.display(rel);
+        let blob = self
+            .files
+            .get(rel)
+            .ok_or_else(|| Error::new(ErrorKind::Io("no such file among the inputs".into())).in_file(&shown))?;
+        let r =
+            BlobReadAt::new(blob.clone()).map_err(|e| Error::new(ErrorKind::Io(format!("{e:?}"))).in_file(&shown))?;
+        Ok(Input::new(shown, Box::new(r)))
     }
 }
 
@@ -171,7 +182,8 @@ impl Job {
     /// loraR, maxShardSize, prefix, allowMismatch}`.
     #[wasm_bindgen(constructor)]
     pub fn new(files: js_sys::Array, base: JsValue, options: JsValue) -> Result<Job, JsError> {
-        let folder = JsFolder::from_js(&files, "input")?;
+        // A lone file is named by itself in messages; a folder without a shared top folder as "input".
+        let folder = JsFolder::from_js(&files, if files.length() == 1 { "" } else { "input" })?;
         let base_folder = match base.dyn_ref::<js_sys::Array>() {
             Some(a) if a.length() > 0 => Some(JsFolder::from_js(a, "base")?),
             _ => None,
@@ -275,8 +287,8 @@ impl Job {
         v
     }
 
-    /// The next piece: `{kind: "begin", name, size}`, `{kind: "data", bytes}` (a view into wasm memory,
-    /// valid until the next call: copy or write it at once), `{kind: "end"}`, or `null` when done.
+    /// The next piece: `{kind: "begin", name, size}`, `{kind: "data", bytes}` (a fresh `Uint8Array` the
+    /// caller owns and may transfer), `{kind: "end"}`, or `null` when done.
     #[wasm_bindgen(js_name = next)]
     pub fn next_piece(&mut self) -> Result<JsValue, JsError> {
         let obj = js_sys::Object::new();

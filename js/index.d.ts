@@ -1,0 +1,81 @@
+// Types of the ckptconv npm package (hand-written; the wasm-bindgen types of the engine stay internal).
+
+/** One input file with its path relative to the dropped folder (a shared top folder is stripped). */
+export interface InputFile {
+  path: string;
+  file: Blob;
+}
+
+/**
+ * Inputs: a single File (a torch.save file), or the files of a folder: a FileList from
+ * `<input type=file webkitdirectory>` (their `webkitRelativePath` is kept), an array of Files, or `{path, file}` pairs.
+ */
+export type Inputs = Blob | FileList | ReadonlyArray<File | InputFile>;
+
+export interface Options {
+  /** Output dtype for float tensors; `keep` (the default) writes them as saved. */
+  dtype?: 'keep' | 'bf16' | 'fp16' | 'fp32';
+  /** LoRA weights: merge them into the base weights (the default when present) or export a PEFT adapter. */
+  lora?: 'merge' | 'adapter';
+  loraAlpha?: number;
+  loraR?: number;
+  /** Shard the output, in HF's units: `5GB` is 5·10⁹ bytes, `5GiB` 5·2³⁰. Default: one file. */
+  maxShardSize?: string;
+  /** A dotted prefix to convert (`''` keeps every tensor with its full path). Default: found automatically. */
+  prefix?: string;
+  /** Accept names or shapes that differ from the base model's. */
+  allowMismatch?: boolean;
+  /** A Hugging Face model folder (config.json, tokenizer…): names, config and files to package with the output. */
+  base?: Inputs;
+}
+
+export interface PlannedTensor {
+  name: string;
+  /** safetensors dtype name: F32, BF16, F16, I64, … */
+  dtype: string;
+  shape: number[];
+  bytes: number;
+}
+
+export interface Plan {
+  /** The detected input format, e.g. "torch.save zip (archive 'full_weights/')". */
+  format: string;
+  /** What the engine found or decided: the Megatron TP × PP grid, which file of a folder it used, … */
+  notes: string[];
+  /** Groups of the checkpoint (model, optimizer state, …) with their tensor counts and sizes. */
+  groups: { name: string; tensors: number; bytes: number; others: number }[];
+  tensors: PlannedTensor[];
+  /** Sum of the planned tensors' bytes. */
+  totalBytes: number;
+  /** Every file the conversion writes, in the order they are produced; sizes are exact. */
+  outputs: { name: string; size: number }[];
+}
+
+export interface OutputFile {
+  /** Relative path of the file; may contain `/` (e.g. `lora_adapter/adapter_model.safetensors`). */
+  name: string;
+  size: number;
+  /**
+   * The file's bytes, pulled from the worker one chunk at a time. Call it once per file, in order; each stream
+   * starts producing once the previous one has ended. Cancelling a stream stops the whole conversion.
+   */
+  stream(): ReadableStream<Uint8Array>;
+}
+
+export interface Conversion {
+  plan: Plan;
+  files: OutputFile[];
+  /** Peak wasm memory of the engine so far, in bytes. */
+  memoryBytes(): Promise<number>;
+  /** Stops the worker; streams still open error. */
+  terminate(): void;
+}
+
+/** Plans a conversion without writing anything. Rejects with the engine's message (naming the file) on bad input. */
+export function inspect(files: Inputs, options?: Options): Promise<Plan>;
+
+/** Plans a conversion and returns its output files, to be streamed in order. */
+export function convert(files: Inputs, options?: Options): Promise<Conversion>;
+
+/** The engine's input list for `files`, as inspect() and convert() build it. */
+export function toInputs(files: Inputs | null | undefined): InputFile[];

@@ -1,0 +1,165 @@
+// The npm package as a user gets it: `npm pack`, installed offline from the tarball into a scratch project, its
+// exports resolved by Node, then a tiny page in that project imports it from node_modules and converts fixtures in
+// the package's worker under a strict CSP. Bytes must match the native CLI's.
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { FIXTURES, ROOT, ensureBuilt, hashTree, launch, nativeOutput } from './harness.mjs';
+import { serve } from './serve.mjs';
+
+const PT = join(FIXTURES, 'pt/qwen2_tiny_full_weights.pt');
+const MEGATRON = join(FIXTURES, 'megatron/qwen2_tp2/actor');
+const BASE = join(FIXTURES, 'megatron/qwen2_tp2/base_hf');
+const HOSTILE = join(FIXTURES, 'hostile/pickle_os_system.pt');
+
+const SHIPPED = [
+  'README.md',
+  'js/index.d.ts',
+  'js/index.js',
+  'js/worker.js',
+  'package.json',
+  'web/pkg/ckptconv_web.d.ts',
+  'web/pkg/ckptconv_web.js',
+  'web/pkg/ckptconv_web_bg.wasm',
+];
+
+// The scratch project's page: three inputs, and a function the test calls to convert with the package.
+const PAGE = `<!doctype html>
+<meta charset="utf-8">
+<title>ckptconv package test</title>
+<input type="file" id="file">
+<input type="file" id="dir" webkitdirectory>
+<input type="file" id="base" webkitdirectory>
+<script type="module" src="app.js"></script>`;
+
+const APP = `import { convert, inspect } from './node_modules/ckptconv/js/index.js';
+async function hex(buf) {
+  return [...new Uint8Array(await crypto.subtle.digest('SHA-256', buf))].map((b) => b.toString(16).padStart(2, '0')).join('');
+}
+// Streams every output in order; returns {name: sha256} plus the stream's chunk count and the engine's memory.
+window.run = async (inputId, withBase) => {
+  const input = document.getElementById(inputId).files;
+  const base = withBase ? document.getElementById('base').files : undefined;
+  const plan = await inspect(input, { base });
+  const conversion = await convert(input, { base });
+  const hashes = {};
+  let chunks = 0;
+  for (const file of conversion.files) {
+    const parts = [];
+    const reader = file.stream().getReader();
+    for (let r; !(r = await reader.read()).done; ) parts.push(r.value), chunks++;
+    const bytes = await new Blob(parts).arrayBuffer();
+    if (bytes.byteLength !== file.size) throw new Error(file.name + ': ' + bytes.byteLength + ' of ' + file.size);
+    hashes[file.name] = await hex(bytes);
+  }
+  return { hashes, chunks, tensors: plan.tensors.length, memory: await conversion.memoryBytes() };
+};
+window.fails = async (inputId) => {
+  try {
+    await convert(document.getElementById(inputId).files);
+    return null;
+  } catch (e) {
+    return e.message;
+  }
+};
+window.outOfOrder = async () => {
+  const c = await convert(document.getElementById('file').files, { maxShardSize: '100KB' });
+  try {
+    c.files.at(-1).stream();
+    return 'accepted';
+  } catch (e) {
+    return e.message;
+  } finally {
+    c.terminate();
+  }
+};`;
+
+let scratch, server, browser, tarball;
+
+before(async () => {
+  ensureBuilt();
+  scratch = await mkdtemp(join(tmpdir(), 'ckptconv-package-test-'));
+  const packed = JSON.parse(
+    execFileSync('npm', ['pack', '--json', '--pack-destination', scratch], { cwd: ROOT }).toString(),
+  );
+  tarball = { path: join(scratch, packed[0].filename), files: packed[0].files.map((f) => f.path).sort() };
+  const project = join(scratch, 'app');
+  execFileSync('mkdir', ['-p', project]);
+  writeFileSync(join(project, 'package.json'), JSON.stringify({ name: 'scratch', private: true, type: 'module' }));
+  execFileSync('npm', ['install', tarball.path, '--offline', '--no-audit', '--no-fund'], {
+    cwd: project,
+    stdio: 'pipe',
+  });
+  writeFileSync(join(project, 'index.html'), PAGE);
+  writeFileSync(join(project, 'app.js'), APP);
+  server = await serve({ '/': project });
+  browser = await launch();
+});
+
+after(async () => {
+  await browser?.close();
+  await server?.close();
+  if (scratch) await rm(scratch, { recursive: true, force: true });
+});
+
+describe('the npm package', () => {
+  test('the tarball ships only the engine, the JS, the types and the README', () => {
+    assert.deepEqual(tarball.files, SHIPPED);
+  });
+
+  test('Node resolves its exports from the installed copy', () => {
+    const project = join(scratch, 'app');
+    const script = `
+      const m = await import('ckptconv');
+      console.log(JSON.stringify({
+        api: Object.keys(m).sort(),
+        worker: import.meta.resolve('ckptconv/worker').endsWith('/node_modules/ckptconv/js/worker.js'),
+        wasm: import.meta.resolve('ckptconv/ckptconv_web_bg.wasm').endsWith('/web/pkg/ckptconv_web_bg.wasm'),
+      }));`;
+    const out = JSON.parse(execFileSync('node', ['--input-type=module', '-e', script], { cwd: project }).toString());
+    assert.deepEqual(out, { api: ['convert', 'inspect', 'toInputs'], worker: true, wasm: true });
+  });
+
+  test('a page imports it from node_modules and converts a .pt and a Megatron folder byte-identically', async () => {
+    const page = await browser.context.newPage();
+    const foreign = [];
+    page.on(
+      'request',
+      (r) => !r.url().startsWith(server.url) && !/^(blob|data):/.test(r.url()) && foreign.push(r.url()),
+    );
+    await page.goto(server.url);
+    await page.waitForFunction(() => typeof window.run === 'function');
+
+    await page.setInputFiles('#file', PT);
+    const pt = await page.evaluate(() => window.run('file', false));
+    assert.equal(pt.tensors, 27);
+    assert.deepEqual(pt.hashes, hashTree(await nativeOutput('convert', PT, 'OUT')));
+    assert.ok(pt.memory > 0);
+
+    await page.setInputFiles('#dir', MEGATRON);
+    await page.setInputFiles('#base', BASE);
+    const mg = await page.evaluate(() => window.run('dir', true));
+    const native = hashTree(await nativeOutput('mg2hf', MEGATRON, 'OUT', BASE));
+    assert.deepEqual(Object.fromEntries(Object.entries(mg.hashes).sort(([a], [b]) => a.localeCompare(b))), native);
+    assert.deepEqual(foreign, []);
+    await page.close();
+  });
+
+  test("bad input rejects with the core's message; outputs must be read in order", async () => {
+    const page = await browser.context.newPage();
+    await page.goto(server.url);
+    await page.waitForFunction(() => typeof window.run === 'function');
+    await page.setInputFiles('#file', HOSTILE);
+    assert.match(await page.evaluate(() => window.fails('file')), /^pickle_os_system\.pt: refused to call os\.system/);
+    await page.setInputFiles('#file', PT);
+    assert.match(
+      await page.evaluate(() => window.outOfOrder()),
+      /read the outputs in order: open model-00001-of-\d+\.safetensors first/,
+    );
+    await page.close();
+  });
+});

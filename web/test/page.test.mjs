@@ -1,0 +1,340 @@
+// The page in headless Chromium: inputs by drop, file input and folder input; outputs read back from OPFS (and
+// one download) must be byte-identical to the native CLI's; cancel and failures leave nothing finished-looking in
+// OPFS; bad input shows the core's message; nothing is fetched from anywhere but the page's origin.
+// UPDATE_SCREENSHOTS=1 writes web/screenshots/{before,during,after}.png (else they go to a temp folder).
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { copyFileSync, mkdirSync, readFileSync, statSync, truncateSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { basename, dirname, join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import {
+  FIXTURES,
+  NATIVE,
+  ROOT,
+  ensureBuilt,
+  hashTree,
+  launch,
+  makeBigPt,
+  nativeOutput,
+  nativeOutputIn,
+  sha256,
+} from './harness.mjs';
+import { PAGE_MOUNTS, serve } from './serve.mjs';
+
+const PT = join(FIXTURES, 'pt/qwen2_tiny_full_weights.pt');
+const STEP = join(FIXTURES, 'dcp/fsdp2_ws2/global_step_1');
+const DCP = join(STEP, 'actor/dcp_checkpoint');
+const MEGATRON = join(FIXTURES, 'megatron/qwen2_tp2/actor');
+const BASE = join(FIXTURES, 'megatron/qwen2_tp2/base_hf');
+const HOSTILE = join(FIXTURES, 'hostile/pickle_os_system.pt');
+const LORA = join(FIXTURES, 'lora/full_weights.pt');
+const LORA_BASE = join(FIXTURES, 'lora/base_qwen2');
+
+let server, browser, scratch, bigPt;
+
+before(async () => {
+  ensureBuilt();
+  scratch = await mkdtemp(join(tmpdir(), 'ckptconv-page-test-'));
+  bigPt = makeBigPt(join(scratch, 'qwen2_small_bf16.pt'));
+  server = await serve(PAGE_MOUNTS);
+  browser = await launch();
+});
+
+after(async () => {
+  await browser?.close();
+  await server?.close();
+  if (scratch) await rm(scratch, { recursive: true, force: true });
+});
+
+/** A fresh tab on the page that records every request and page error, for clean() to check. */
+async function openPage(query = '') {
+  const page = await browser.context.newPage();
+  const foreign = [];
+  const errors = [];
+  page.on('request', (r) => {
+    if (!/^(blob|data):/.test(r.url()) && !r.url().startsWith(server.url)) foreign.push(r.url());
+  });
+  page.on('pageerror', (e) => errors.push(e.message));
+  await page.goto(server.url + query);
+  page.clean = async () => {
+    assert.deepEqual(foreign, [], 'the page fetched from another origin');
+    assert.deepEqual(errors, [], 'uncaught errors on the page');
+    await page.close();
+  };
+  return page;
+}
+
+async function waitState(page, states, timeout = 120_000) {
+  await page.waitForFunction((s) => s.includes(document.body.dataset.state), states, { timeout });
+  return page.evaluate(() => document.body.dataset.state);
+}
+
+const errorText = (page) => page.textContent('#error');
+const opfs = (page) => page.evaluate(() => window.ckptconvTest.list());
+
+/** OPFS entries that were not there in `before`: other tabs' jobs may come and go meanwhile. */
+async function newInOpfs(page, before) {
+  const old = new Set(before.map((f) => f.path));
+  return (await opfs(page)).filter((f) => !old.has(f.path));
+}
+
+/** Converts what the page has planned; returns the job and {output name: sha256} read back from OPFS. */
+async function convertOnPage(page) {
+  assert.equal(await waitState(page, ['ready', 'invalid']), 'ready', await errorText(page));
+  const before = await opfs(page);
+  await page.click('#convert');
+  assert.equal(await waitState(page, ['done', 'failed']), 'done', await errorText(page));
+  const job = await page.evaluate(() => window.ckptconvTest.job());
+  const hashes = {};
+  for (const o of job.outputs) hashes[o.name] = await page.evaluate((n) => window.ckptconvTest.sha256(n), o.name);
+  // Finished outputs carry their final names, and nothing else is left in the job folder.
+  if (job.store === 'opfs') {
+    assert.deepEqual(
+      (await newInOpfs(page, before)).map((f) => f.path).sort(),
+      job.outputs.map((o) => `${job.id}/${o.name}`).sort(),
+    );
+  } else {
+    assert.deepEqual(await newInOpfs(page, before), []);
+  }
+  return { job, hashes: Object.fromEntries(Object.entries(hashes).sort(([a], [b]) => a.localeCompare(b))) };
+}
+
+/** Dispatches a real drop event carrying Files built inside the page from these bytes. */
+async function dropFiles(page, files) {
+  const payload = files.map(({ name, bytes }) => ({ name, b64: bytes.toString('base64') }));
+  await page.evaluate((payload) => {
+    const dt = new DataTransfer();
+    for (const { name, b64 } of payload)
+      dt.items.add(new File([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))], name));
+    const zone = document.getElementById('drop');
+    for (const type of ['dragenter', 'dragover', 'drop']) {
+      zone.dispatchEvent(new DragEvent(type, { dataTransfer: dt, bubbles: true, cancelable: true }));
+    }
+  }, payload);
+}
+
+describe('the page', () => {
+  test('a dropped .pt converts byte-identically to the CLI; plan table and a download link work', async () => {
+    const page = await openPage();
+    await dropFiles(page, [{ name: basename(PT), bytes: readFileSync(PT) }]);
+    await waitState(page, ['ready', 'invalid']);
+    assert.match(await page.textContent('#plan-format'), /torch\.save zip/);
+    assert.equal(await page.locator('#plan-tensors tbody tr').count(), 27);
+    assert.equal(await page.textContent('#tensors-count'), '27 tensors');
+    assert.match(
+      await page.textContent('#plan-tensors tbody tr:first-child'),
+      /model\.embed_tokens\.weight\s*F32\s*\[128, 64\]/,
+    );
+    const { hashes } = await convertOnPage(page);
+    assert.deepEqual(hashes, hashTree(await nativeOutput('convert', PT, 'OUT')));
+
+    // The download link hands over the OPFS file itself.
+    const [download] = await Promise.all([page.waitForEvent('download'), page.click('#outputs a')]);
+    assert.equal(download.suggestedFilename(), 'model.safetensors');
+    assert.equal(sha256(readFileSync(await download.path())), hashes['model.safetensors']);
+    await page.clean();
+  });
+
+  test("options reach the engine: bf16 and sharding give the CLI's shards and index", async () => {
+    const page = await openPage();
+    await page.setInputFiles('#files-input', PT);
+    await waitState(page, ['ready', 'invalid']);
+    await page.selectOption('select[name=dtype]', 'bf16');
+    await page.fill('input[name=maxShardSize]', '100KB');
+    await page.dispatchEvent('#options', 'change');
+    const { hashes } = await convertOnPage(page);
+    const native = hashTree(await nativeOutput('convert', PT, 'OUT', '--dtype', 'bf16', '--max-shard-size', '100KB'));
+    assert.ok(Object.keys(native).length > 2, 'the fixture should shard');
+    assert.deepEqual(hashes, native);
+    await page.clean();
+  });
+
+  for (const [label, dir] of [
+    ['a DCP folder', DCP],
+    ['an RLinf global_step folder', STEP],
+  ]) {
+    test(`${label} through the folder input converts byte-identically to the CLI`, async () => {
+      const page = await openPage();
+      await page.setInputFiles('#folder-input', dir);
+      const { hashes } = await convertOnPage(page);
+      assert.deepEqual(hashes, hashTree(await nativeOutput('convert', dir, 'OUT')));
+      await page.clean();
+    });
+  }
+
+  test('a Megatron TP=2 folder with its base folder matches `ckptconv mg2hf`, config and tokenizer included', async () => {
+    const page = await openPage();
+    await page.setInputFiles('#folder-input', MEGATRON);
+    await waitState(page, ['ready', 'invalid']);
+    // Without a base the engine explains what it needs.
+    assert.match(await errorText(page), /base/i);
+    await page.setInputFiles('#base-input', BASE);
+    assert.equal(await waitState(page, ['ready']), 'ready');
+    assert.match(await page.textContent('#plan-notes'), /TP=2/);
+    const { hashes } = await convertOnPage(page);
+    const native = hashTree(await nativeOutput('mg2hf', MEGATRON, 'OUT', BASE));
+    assert.ok('config.json' in native && 'tokenizer.json' in native);
+    assert.deepEqual(hashes, native);
+    await page.clean();
+  });
+
+  test('a LoRA adapter export (names with a folder) matches the CLI, and "Save all to a folder" writes that tree', async () => {
+    const page = await openPage();
+    await page.setInputFiles('#files-input', LORA);
+    await page.setInputFiles('#base-input', LORA_BASE);
+    await page.selectOption('select[name=lora]', 'adapter');
+    const { hashes } = await convertOnPage(page);
+    // adapter_config.json records the base as given: the CLI gets the bare folder name, as the page does.
+    const native = hashTree(
+      await nativeOutputIn(
+        dirname(LORA_BASE),
+        'convert',
+        LORA,
+        'OUT',
+        '--lora',
+        'adapter',
+        '--base',
+        basename(LORA_BASE),
+      ),
+    );
+    assert.ok('lora_adapter/adapter_model.safetensors' in native);
+    assert.deepEqual(hashes, native);
+
+    // The folder picker needs a person; hand the page an OPFS folder instead, which takes the same writes.
+    const exported = await page.evaluate(async () => {
+      const target = await (await navigator.storage.getDirectory()).getDirectoryHandle('export-test', { create: true });
+      window.showDirectoryPicker = async () => target;
+      document.getElementById('save-folder').click();
+      for (let i = 0; !/^Saved/.test(document.getElementById('status').textContent); i++) {
+        if (i > 400) throw new Error(`not saved: ${document.getElementById('error').textContent}`);
+        await new Promise((ok) => setTimeout(ok, 50));
+      }
+      const out = {};
+      const walk = async (dir, prefix) => {
+        for await (const [name, h] of dir.entries()) {
+          if (h.kind === 'directory') await walk(h, `${prefix}${name}/`);
+          else out[prefix + name] = await window.ckptconvTest.hash(await h.getFile());
+        }
+      };
+      await walk(target, '');
+      return out;
+    });
+    assert.deepEqual(Object.fromEntries(Object.entries(exported).sort(([a], [b]) => a.localeCompare(b))), native);
+    await page.clean();
+  });
+
+  test('without OPFS (?store=memory) outputs come back as Blobs, still byte-identical', async () => {
+    const page = await openPage('?store=memory');
+    await page.setInputFiles('#folder-input', DCP);
+    const { job, hashes } = await convertOnPage(page);
+    assert.equal(job.store, 'memory');
+    assert.deepEqual(hashes, hashTree(await nativeOutput('convert', DCP, 'OUT')));
+    await page.clean();
+  });
+
+  test("a hostile pickle is refused with the core's message; nothing is written", async () => {
+    const page = await openPage();
+    const before = await opfs(page);
+    await page.setInputFiles('#files-input', HOSTILE);
+    assert.equal(await waitState(page, ['ready', 'invalid']), 'invalid');
+    const native = (() => {
+      try {
+        execFileSync(NATIVE, ['inspect', HOSTILE], { stdio: 'pipe' });
+      } catch (e) {
+        return e.stderr.toString();
+      }
+      assert.fail('the CLI accepted a hostile pickle');
+    })();
+    // Same message as the CLI, naming the file (the CLI gives its full path, the page the dropped name).
+    const message = native.trim().replace(/^ckptconv: error: .*?pickle_os_system\.pt: /, '');
+    assert.equal(await errorText(page), `Error: pickle_os_system.pt: ${message}`);
+    assert.ok(await page.isDisabled('#convert'));
+    assert.deepEqual(await newInOpfs(page, before), []);
+    await page.clean();
+  });
+
+  test('cancel stops the worker and deletes the partial files; only .partial names exist mid-way', async () => {
+    const page = await openPage();
+    await page.setInputFiles('#files-input', bigPt);
+    assert.equal(await waitState(page, ['ready', 'invalid']), 'ready', await errorText(page));
+    const before = await opfs(page);
+    await page.click('#convert');
+    await page.waitForFunction(() => document.getElementById('progress').value > 0);
+    const midway = await newInOpfs(page, before);
+    assert.equal(midway.length, 1);
+    assert.match(midway[0].path, /^[^/]+\/\.model\.safetensors\.partial$/);
+    assert.equal(await waitState(page, ['converting', 'done']), 'converting', 'finished before it could be cancelled');
+    await page.click('#cancel');
+    assert.equal(await waitState(page, ['cancelled']), 'cancelled');
+    assert.match(await page.textContent('#status'), /Cancelled/);
+    assert.deepEqual(await newInOpfs(page, before), []);
+    assert.ok(await page.isEnabled('#convert'));
+    await page.clean();
+  });
+
+  test('an input that breaks mid-way fails with a message and leaves nothing in OPFS', async () => {
+    const page = await openPage();
+    const victim = join(scratch, 'changing.pt');
+    copyFileSync(bigPt, victim);
+    await page.setInputFiles('#files-input', victim);
+    assert.equal(await waitState(page, ['ready', 'invalid']), 'ready', await errorText(page));
+    const before = await opfs(page);
+    await page.click('#convert');
+    await page.waitForFunction(() => document.getElementById('progress').value > 0);
+    assert.equal((await newInOpfs(page, before)).length, 1);
+    // The file changes under the browser: its File snapshot no longer reads.
+    truncateSync(victim, Math.floor(statSync(victim).size / 2));
+    assert.equal(await waitState(page, ['failed', 'done']), 'failed');
+    assert.match(await errorText(page), /changing\.pt/);
+    assert.deepEqual(await newInOpfs(page, before), []);
+    await page.clean();
+  });
+
+  test('a reload sweeps the folders of jobs no tab holds any more', async () => {
+    const page = await openPage();
+    await page.setInputFiles('#files-input', PT);
+    const { job } = await convertOnPage(page);
+    const url = page.url();
+    await page.reload();
+    assert.equal(url, page.url());
+    await page.waitForFunction(
+      async (id) => !(await window.ckptconvTest.list()).some((f) => f.path.startsWith(`${id}/`)),
+      job.id,
+      { polling: 100, timeout: 10_000 },
+    );
+    await page.clean();
+  });
+
+  test('keyboard: the drop zone is focusable and Enter opens the file chooser', async () => {
+    const page = await openPage();
+    // Listen before focusing: Playwright turns on file-chooser interception asynchronously.
+    const opened = page.waitForEvent('filechooser', { timeout: 10_000 });
+    await page.focus('#drop');
+    await page.keyboard.press('Enter');
+    assert.ok((await opened).isMultiple());
+    await page.clean();
+  });
+
+  test('screenshots before, during and after a 400 MB conversion, in bounded wasm memory', async () => {
+    const dir = process.env.UPDATE_SCREENSHOTS ? join(ROOT, 'web/screenshots') : join(scratch, 'screenshots');
+    mkdirSync(dir, { recursive: true });
+    const page = await openPage();
+    await page.setInputFiles('#files-input', bigPt);
+    assert.equal(await waitState(page, ['ready', 'invalid']), 'ready', await errorText(page));
+    await page.screenshot({ path: join(dir, 'before.png') });
+    await page.click('#convert');
+    await page.waitForFunction(() => document.getElementById('progress').value > 0.3);
+    await page.locator('#convert-title').scrollIntoViewIfNeeded();
+    await page.screenshot({ path: join(dir, 'during.png') });
+    assert.equal(await waitState(page, ['done', 'failed']), 'done', await errorText(page));
+    await page.locator('#outputs-section').scrollIntoViewIfNeeded();
+    await page.screenshot({ path: join(dir, 'after.png') });
+    for (const name of ['before', 'during', 'after']) assert.ok(statSync(join(dir, `${name}.png`)).size > 0);
+    // The engine streams: a 400 MB conversion stays far below the 128 MiB budget of wasm memory.
+    const { run } = await page.evaluate(() => window.ckptconvTest.job());
+    assert.ok(run.memoryBytes < 128 * 2 ** 20, `wasm memory grew to ${run.memoryBytes} bytes`);
+    await page.clean();
+  });
+});

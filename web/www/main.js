@@ -1,0 +1,329 @@
+// The page's controller: collects inputs and options, asks a worker for the plan, runs the conversion in that same
+// worker (or a fresh one if the options changed), shows progress, and offers the outputs (download links backed by
+// OPFS files, or a folder export).
+// State lives in `state`; the phase is mirrored on <body data-state> for styling and for the tests.
+import { describeFiles, filesFromDrop, filesFromInput } from './entries.js';
+import { formatBytes, formatDuration, progressLine } from './format.js';
+import { holdJob, listAll, newJobId, outputHandle, removeJob, saveToFolder, sha256, sweepJobs } from './opfs.js';
+import { hidePlan, showOutputs, showPlan } from './planview.js';
+
+const $ = (id) => document.getElementById(id);
+// `?store=memory` forces the no-OPFS path (outputs kept as in-memory Blobs), to try what old browsers get.
+const forceMemory = new URLSearchParams(location.search).get('store') === 'memory';
+
+const state = {
+  files: [],
+  base: [],
+  plan: null,
+  planWorker: null,
+  job: null, // {id, worker, release, store, outputs, urls, memoryFiles}
+};
+
+function setPhase(phase) {
+  document.body.dataset.state = phase;
+  const busy = phase === 'converting';
+  // Enabled while planning: a click on Convert blurs a just-edited option, which re-plans; the click must still count.
+  // The conversion's own plan is the one that counts (see convert()).
+  $('convert').disabled = busy || phase === 'invalid' || state.files.length === 0;
+  $('cancel').hidden = !busy;
+  for (const id of ['choose-files', 'choose-folder', 'choose-base', 'clear-base']) $(id).disabled = busy;
+  for (const el of $('options').elements) el.disabled = busy;
+}
+
+function showError(message) {
+  $('error').hidden = !message;
+  $('error').textContent = message ? `Error: ${message}` : '';
+}
+
+function say(text) {
+  $('status').textContent = text;
+}
+
+function readOptions() {
+  const form = new FormData($('options'));
+  const options = { dtype: form.get('dtype') || 'keep' };
+  if (form.get('lora')) options.lora = form.get('lora');
+  const shard = String(form.get('maxShardSize') ?? '').trim();
+  if (shard) options.maxShardSize = shard;
+  return options;
+}
+
+function spawnWorker() {
+  return new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
+}
+
+/** What a plan depends on besides the inputs (which reset it): the options. */
+const planKey = (options) => JSON.stringify(options);
+
+/** Re-plans whenever the inputs or options change; a newer request replaces an older one still running. */
+function replan() {
+  state.planWorker?.terminate();
+  state.plan = null;
+  const options = readOptions();
+  state.requestedKey = planKey(options);
+  showError('');
+  if (state.files.length === 0) {
+    hidePlan();
+    $('plan-status').textContent = 'Choose a checkpoint to see what will be written.';
+    return setPhase('idle');
+  }
+  setPhase('planning');
+  $('plan-status').textContent = 'Reading the checkpoint…';
+  const worker = spawnWorker();
+  state.planWorker = worker;
+  const drop = () => {
+    worker.terminate();
+    if (state.planWorker === worker) state.planWorker = null;
+  };
+  // On success the worker stays up holding the planned job, so Convert starts at once (see convert()).
+  worker.onmessage = ({ data }) => {
+    if (state.planWorker !== worker) return;
+    if (data.type === 'plan') {
+      state.plan = data.plan;
+      state.planKey = planKey(options);
+      showPlan(data.plan);
+      $('plan-status').textContent = 'Ready to convert.';
+      setPhase('ready');
+    } else {
+      drop();
+      hidePlan();
+      $('plan-status').textContent = 'This input cannot be converted.';
+      showError(data.message);
+      setPhase('invalid');
+    }
+  };
+  worker.onerror = (e) => {
+    drop();
+    showError(`the engine failed to start (${e.message || 'worker error'})`);
+    setPhase('invalid');
+  };
+  worker.postMessage({ type: 'plan', files: state.files, base: state.base, options });
+}
+
+async function clearJob() {
+  const job = state.job;
+  if (!job) return;
+  state.job = null;
+  job.worker?.terminate();
+  for (const url of job.urls) URL.revokeObjectURL(url);
+  $('outputs-section').hidden = true;
+  if (job.store === 'opfs') await removeJob(job.id).catch(() => {});
+  job.release();
+}
+
+async function convert() {
+  if (state.files.length === 0 || document.body.dataset.state === 'converting') return;
+  // Read before setPhase disables the form: FormData skips disabled controls.
+  const options = readOptions();
+  // Converting from the first moment, so a double click cannot start two jobs.
+  setPhase('converting');
+  const current = state.plan && state.planKey === planKey(options) ? state.plan : null;
+  // The worker that planned these options already holds the job; any other plan is superseded.
+  const warm = current ? state.planWorker : null;
+  if (!warm) state.planWorker?.terminate();
+  state.planWorker = null;
+  await clearJob();
+  showError('');
+  const total = current ? current.outputs.reduce((n, o) => n + o.size, 0) : 0;
+  if (current && !forceMemory && navigator.storage?.estimate) {
+    const { quota = Infinity, usage = 0 } = await navigator.storage.estimate();
+    if (quota - usage < total) {
+      warm?.terminate();
+      showError(
+        `not enough browser storage: the output needs ${formatBytes(total)}, ${formatBytes(quota - usage)} is free`,
+      );
+      return setPhase('failed');
+    }
+  }
+  const id = newJobId();
+  const job = { id, store: forceMemory ? 'memory' : 'opfs', plan: current, urls: [], memoryFiles: [], outputs: null };
+  job.release = await holdJob(id);
+  job.worker = warm ?? spawnWorker();
+  state.job = job;
+  $('progress-box').hidden = false;
+  $('progress').value = 0;
+  $('progress-text').textContent = current ? progressLine(0, total, 0) : '';
+  say(current ? `Converting ${formatBytes(total)}…` : 'Converting…');
+  $('plan-status').textContent = current ? 'Converting with this plan.' : 'Reading the checkpoint…';
+  let tenth = 0;
+  job.worker.onmessage = async ({ data }) => {
+    if (state.job !== job) return;
+    if (data.type === 'plan') {
+      job.plan = state.plan = data.plan;
+      state.planKey = planKey(options);
+      showPlan(data.plan);
+      $('plan-status').textContent = 'Converting with this plan.';
+    } else if (data.type === 'progress') {
+      $('progress').value = data.done / data.total;
+      $('progress-text').textContent = progressLine(data.done, data.total, data.ms);
+      const t = Math.floor((data.done / data.total) * 10);
+      if (t > tenth) say(`Converting: ${(tenth = t) * 10}%`);
+    } else if (data.type === 'file') {
+      job.memoryFiles.push({ name: data.name, size: data.size, parts: [] });
+      job.store = 'memory';
+    } else if (data.type === 'chunk') {
+      job.memoryFiles.at(-1).parts.push(data.bytes);
+    } else if (data.type === 'done') {
+      job.worker.terminate();
+      job.worker = null;
+      await finished(job, data).catch((e) => failed(job, `could not open the outputs: ${e.message}`));
+    } else if (data.type === 'error') {
+      await failed(job, data.message);
+    }
+  };
+  job.worker.onerror = (e) => failed(job, `the engine stopped (${e.message || 'worker error'})`);
+  if (warm) job.worker.postMessage({ type: 'run', jobId: id, store: job.store });
+  else
+    job.worker.postMessage({
+      type: 'convert',
+      files: state.files,
+      base: state.base,
+      options,
+      jobId: id,
+      store: job.store,
+    });
+}
+
+async function finished(job, data) {
+  job.outputs = job.plan.outputs;
+  job.memoryFiles = job.memoryFiles.map((m) => ({ name: m.name, blob: new Blob(m.parts) }));
+  const files = [];
+  for (const o of job.outputs) {
+    const mem = job.memoryFiles.find((m) => m.name === o.name);
+    // OPFS Files are disk-backed: a link to one streams from disk, however big.
+    const blob = mem ? mem.blob : await (await outputHandle(job.id, o.name)).getFile();
+    const url = URL.createObjectURL(blob);
+    job.urls.push(url);
+    files.push({ ...o, url });
+  }
+  showOutputs(files);
+  $('outputs-section').hidden = false;
+  $('save-folder').hidden = typeof window.showDirectoryPicker !== 'function';
+  $('progress').value = 1;
+  const secs = data.ms / 1000;
+  $('progress-text').textContent =
+    `${formatBytes(data.total)} in ${formatDuration(secs)} · ${formatBytes(data.total / Math.max(secs, 1e-3))}/s`;
+  say(`Done: ${files.length} file${files.length === 1 ? '' : 's'}, ${formatBytes(data.total)}.`);
+  job.run = { ms: data.ms, engineMs: data.engineMs, waitMs: data.waitMs, memoryBytes: data.memoryBytes };
+  setPhase('done');
+}
+
+async function failed(job, message) {
+  if (state.job !== job) return;
+  job.worker?.terminate();
+  // Delete before telling the user: once the page says "failed", nothing partial is left.
+  await clearJob();
+  $('progress-box').hidden = true;
+  say('Conversion failed.');
+  showError(message);
+  setPhase('failed');
+}
+
+async function cancel() {
+  const job = state.job;
+  if (!job || job.outputs) return;
+  job.worker.terminate();
+  say('Cancelling…');
+  await clearJob();
+  $('progress-box').hidden = true;
+  say('Cancelled; partial files deleted.');
+  setPhase('cancelled');
+}
+
+function setFiles(files) {
+  if (document.body.dataset.state === 'converting') return;
+  state.files = files;
+  $('input-summary').textContent = describeFiles(files, formatBytes);
+  replan();
+}
+
+function setBase(files) {
+  state.base = files;
+  $('base-summary').textContent = files.length ? describeFiles(files, formatBytes) : 'none';
+  $('clear-base').hidden = files.length === 0;
+  if (state.files.length) replan();
+}
+
+async function exportToFolder() {
+  const job = state.job;
+  const fileOf = async (name) =>
+    job.store === 'memory'
+      ? job.memoryFiles.find((m) => m.name === name).blob
+      : (await outputHandle(job.id, name)).getFile();
+  try {
+    const saved = await saveToFolder(job.outputs, fileOf, (i, o) =>
+      say(`Saving ${o.name} (${i + 1} of ${job.outputs.length})…`),
+    );
+    if (saved) say(`Saved ${job.outputs.length} file${job.outputs.length === 1 ? '' : 's'}.`);
+  } catch (e) {
+    showError(`saving failed: ${e.message}`);
+  }
+}
+
+function wire() {
+  const drop = $('drop');
+  // The browser would open a file dropped anywhere else on the page.
+  for (const type of ['dragover', 'drop']) window.addEventListener(type, (e) => e.preventDefault());
+  drop.addEventListener('dragover', (e) => {
+    e.preventDefault();
+    drop.classList.add('over');
+  });
+  drop.addEventListener('dragleave', () => drop.classList.remove('over'));
+  drop.addEventListener('drop', (e) => {
+    e.preventDefault();
+    drop.classList.remove('over');
+    filesFromDrop(e.dataTransfer).then(setFiles, (err) => showError(`could not read the drop: ${err.message}`));
+  });
+  drop.addEventListener('click', () => $('files-input').click());
+  drop.addEventListener('keydown', (e) => {
+    if (e.key === 'Enter' || e.key === ' ') {
+      e.preventDefault();
+      $('files-input').click();
+    }
+  });
+  $('choose-files').onclick = () => $('files-input').click();
+  $('choose-folder').onclick = () => $('folder-input').click();
+  $('choose-base').onclick = () => $('base-input').click();
+  $('clear-base').onclick = () => setBase([]);
+  // Each input is emptied once read, so choosing the same file again still fires `change` (and re-plans).
+  const take = (use) => (e) => {
+    const files = filesFromInput(e.target.files);
+    e.target.value = '';
+    use(files);
+  };
+  $('files-input').onchange = take(setFiles);
+  $('folder-input').onchange = take(setFiles);
+  $('base-input').onchange = take(setBase);
+  // Re-plan only when an option really changed: a blur fires `change` again for the same value.
+  $('options').addEventListener('change', () => {
+    if (state.files.length && planKey(readOptions()) !== state.requestedKey) replan();
+  });
+  $('options').addEventListener('submit', (e) => e.preventDefault());
+  $('convert').onclick = convert;
+  $('cancel').onclick = cancel;
+  $('save-folder').onclick = exportToFolder;
+  $('clear-outputs').onclick = async () => {
+    await clearJob();
+    say('Deleted the outputs from browser storage.');
+  };
+  window.addEventListener('beforeunload', (e) => {
+    if (document.body.dataset.state === 'converting') e.preventDefault();
+  });
+}
+
+// For the browser tests: what is in OPFS, and the outputs' bytes.
+window.ckptconvTest = {
+  list: listAll,
+  hash: sha256,
+  job: () => state.job && { id: state.job.id, store: state.job.store, outputs: state.job.outputs, run: state.job.run },
+  async sha256(name) {
+    const job = state.job;
+    const m = job.memoryFiles.find((f) => f.name === name);
+    return sha256(m ? m.blob : await (await outputHandle(job.id, name)).getFile());
+  },
+};
+
+wire();
+setPhase('idle');
+// Folders of jobs no tab holds are leftovers (a closed tab, a crash): free their space.
+sweepJobs().catch(() => {});

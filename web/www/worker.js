@@ -1,0 +1,139 @@
+// The page's engine worker (a dedicated module worker: FileReaderSync exists only here). One worker per input and
+// options, terminated afterwards, since wasm memory never shrinks: it plans ('plan'), then converts the planned job
+// ('run') when the page asks, or does both at once ('convert'). Chunks go to a nested writer worker (writer.js) that
+// writes them into OPFS while the engine makes the next; a bounded number in flight is the backpressure.
+import init, { Job } from './pkg/ckptconv_web.js';
+
+// Without OPFS (old engines, some private modes) outputs up to this size are handed to the page as Blobs.
+const MEMORY_LIMIT = 256 << 20;
+const PROGRESS_EVERY_MS = 100;
+// Chunks (up to 16 MiB each) the writer may hold: enough to overlap engine and disk, not enough to pile up.
+const IN_FLIGHT = 3;
+
+let ready;
+let job = null;
+let plan = null;
+
+self.onmessage = async ({ data }) => {
+  let sink;
+  try {
+    ready ??= init({ module_or_path: new URL('./pkg/ckptconv_web_bg.wasm', import.meta.url) });
+    await ready;
+    if (data.type === 'plan' || data.type === 'convert') {
+      job = new Job(data.files, data.base ?? null, data.options ?? {});
+      plan = JSON.parse(job.planJson());
+      postMessage({ type: 'plan', plan, memoryBytes: Job.memoryBytes() });
+    }
+    if (data.type !== 'run' && data.type !== 'convert') return;
+    const total = plan.outputs.reduce((n, o) => n + o.size, 0);
+    const opfs = data.store !== 'memory' && typeof FileSystemSyncAccessHandle !== 'undefined';
+    sink = opfs ? await opfsSink(data.jobId) : memorySink(total);
+    await run(sink, total);
+  } catch (e) {
+    await sink?.abort().catch(() => {});
+    postMessage({ type: 'error', message: e instanceof Error ? e.message : String(e) });
+  }
+};
+
+async function run(sink, total) {
+  const t0 = performance.now();
+  let shown = 0;
+  // Where the time goes, for the bench: inside the engine (reading, converting) or waiting for the writer.
+  let engineMs = 0;
+  let waitMs = 0;
+  for (;;) {
+    const t = performance.now();
+    await sink.room();
+    const t1 = performance.now();
+    const piece = job.next();
+    waitMs += t1 - t;
+    engineMs += performance.now() - t1;
+    if (piece === null) break;
+    if (piece.kind === 'begin') sink.begin(piece.name, piece.size);
+    else if (piece.kind === 'end') sink.end();
+    else sink.write(piece.bytes);
+    if (t1 - shown >= PROGRESS_EVERY_MS) {
+      shown = t1;
+      postMessage({ type: 'progress', done: sink.done(), total, ms: t1 - t0 });
+    }
+  }
+  await sink.finish();
+  const ms = performance.now() - t0;
+  postMessage({ type: 'done', done: sink.done(), total, ms, engineMs, waitMs, memoryBytes: Job.memoryBytes() });
+}
+
+/** Feeds the nested OPFS writer; room() waits while IN_FLIGHT chunks are not yet on disk. */
+async function opfsSink(jobId) {
+  const writer = new Worker(new URL('./writer.js', import.meta.url), { type: 'module' });
+  let inFlight = 0;
+  let written = 0;
+  let failure = null;
+  let wake = () => {};
+  const settled = new Promise((ok) => {
+    writer.onmessage = ({ data }) => {
+      if (data.type === 'written') {
+        inFlight--;
+        written += data.bytes;
+      } else if (data.type === 'error') {
+        failure = new Error(data.message);
+      } else if (data.type === 'finished' || data.type === 'aborted') {
+        ok(data.type);
+      }
+      wake();
+    };
+  });
+  writer.onerror = (e) => {
+    failure = new Error(`the OPFS writer failed: ${e.message || 'could not start'}`);
+    wake();
+  };
+  const until = async (cond) => {
+    while (!cond() && !failure) await new Promise((ok) => (wake = ok));
+    if (failure) throw failure;
+  };
+  writer.postMessage({ type: 'open', jobId });
+  return {
+    room: () => until(() => inFlight < IN_FLIGHT),
+    begin: (name, size) => writer.postMessage({ type: 'begin', name, size }),
+    write(bytes) {
+      inFlight++;
+      // Each chunk is a fresh copy out of wasm memory: transfer it, don't clone it.
+      writer.postMessage({ type: 'data', bytes }, [bytes.buffer]);
+    },
+    end: () => writer.postMessage({ type: 'end' }),
+    done: () => written,
+    async finish() {
+      writer.postMessage({ type: 'finish' });
+      await until(() => inFlight === 0);
+      if ((await settled) !== 'finished') throw failure ?? new Error('the OPFS writer stopped');
+      if (failure) throw failure;
+    },
+    async abort() {
+      failure ??= new Error('aborted');
+      writer.postMessage({ type: 'abort', jobId });
+      await Promise.race([settled, new Promise((ok) => setTimeout(ok, 5000))]);
+      writer.terminate();
+    },
+  };
+}
+
+/** Hands each output to the page in pieces (transferred, not copied); only for small outputs. */
+function memorySink(total) {
+  if (total > MEMORY_LIMIT) {
+    throw new Error(
+      `this browser cannot write files from a worker (no OPFS), and ${total} bytes is too much to keep in memory`,
+    );
+  }
+  let sent = 0;
+  return {
+    room: async () => {},
+    begin: (name, size) => postMessage({ type: 'file', name, size }),
+    write(bytes) {
+      sent += bytes.length;
+      postMessage({ type: 'chunk', bytes }, [bytes.buffer]);
+    },
+    end() {},
+    done: () => sent,
+    async finish() {},
+    async abort() {},
+  };
+}
