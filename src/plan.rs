@@ -7,6 +7,15 @@ use crate::dtype::{self, DType};
 use crate::error::{Error, ErrorKind, Result, tensor_err};
 use crate::io::Input;
 
+/// Sizes a reusable buffer to `n` bytes. Capacity grows to exactly what is asked, never doubled (a Vec's
+/// amortized growth would turn a 16 MiB band into a 32 MiB allocation), and only new bytes are zeroed.
+pub fn fit(v: &mut Vec<u8>, n: usize) {
+    if v.capacity() < n {
+        v.reserve_exact(n - v.len());
+    }
+    v.resize(n, 0);
+}
+
 /// Largest band a writer pulls at once, in bytes.
 pub const BAND_BYTES: usize = 16 << 20;
 /// Largest window of source bytes cached for gathering non-contiguous views.
@@ -208,7 +217,7 @@ impl Window {
             && !self.buf.is_empty();
         if !hit {
             let want = WINDOW_BYTES.min(limit.saturating_sub(at)).max(len);
-            self.buf.resize(want as usize, 0);
+            fit(&mut self.buf, want as usize);
             input.read_exact_at(at, &mut self.buf)?;
             self.input = input_index;
             self.start = at;
@@ -331,7 +340,7 @@ impl ChunkedTensor {
                 c.view.read(inputs, local_start, local_count, &mut out[dst..dst + len], &mut bufs.window)?;
                 continue;
             }
-            bufs.rows.resize((local_count * esz) as usize, 0);
+            fit(&mut bufs.rows, (local_count * esz) as usize);
             c.view.read(inputs, local_start, local_count, &mut bufs.rows, &mut bufs.window)?;
             // Scatter runs along the last dimension into their global positions.
             let last = nd - 1;
@@ -416,7 +425,7 @@ impl LoraMerge {
         let key = self as *const LoraMerge as usize;
         if bufs.lora_a.0 != key {
             let n = self.rank * self.cols;
-            raw.resize((n * self.a.dtype().size() as u64) as usize, 0);
+            fit(&mut raw, (n * self.a.dtype().size() as u64) as usize);
             self.a.read(inputs, 0, n, &mut raw, bufs)?;
             let mut a = std::mem::take(&mut bufs.lora_a.1);
             to_f32(self.a.dtype(), &raw, &mut a);
@@ -424,36 +433,20 @@ impl LoraMerge {
         }
         let a = std::mem::take(&mut bufs.lora_a.1);
         let nb = (r1 - r0) * self.rank;
-        raw.resize((nb * self.b.dtype().size() as u64) as usize, 0);
+        fit(&mut raw, (nb * self.b.dtype().size() as u64) as usize);
         self.b.read(inputs, r0 * self.rank, nb, &mut raw, bufs)?;
         to_f32(self.b.dtype(), &raw, &mut b);
-        raw.resize((count * self.base.dtype().size() as u64) as usize, 0);
+        fit(&mut raw, (count * self.base.dtype().size() as u64) as usize);
         self.base.read(inputs, start, count, &mut raw, bufs)?;
         to_f32(self.base.dtype(), &raw, &mut acc);
         if acc.len() != rows * cols || b.len() != rows * rank || a.len() != rank * cols {
             return Err(Error::new(ErrorKind::Output("internal: LoRA band sizes disagree".into())));
         }
-        // acc (rows x cols) += scale * b (rows x rank) @ a (rank x cols), all row-major f32.
-        // SAFETY: the three slices were just checked to hold exactly these matrix shapes, and acc does not
-        // alias a or b (separate buffers).
-        unsafe {
-            matrixmultiply::sgemm(
-                rows,
-                rank,
-                cols,
-                self.scale,
-                b.as_ptr(),
-                rank as isize,
-                1,
-                a.as_ptr(),
-                cols as isize,
-                1,
-                1.0,
-                acc.as_mut_ptr(),
-                cols as isize,
-                1,
-            );
+        // acc (rows x cols) += (scale * b) (rows x rank) @ a (rank x cols), all row-major f32.
+        for c in b.iter_mut() {
+            *c *= self.scale;
         }
+        lora_gemm(&mut acc, &b, &a, rank, cols);
         for (o, v) in out.chunks_exact_mut(4).zip(&acc) {
             o.copy_from_slice(&v.to_le_bytes());
         }
@@ -462,6 +455,67 @@ impl LoraMerge {
         bufs.lora_acc = acc;
         bufs.lora_b = b;
         Ok(())
+    }
+}
+
+/// `acc += coef @ a` with a fixed order of operations: every element adds its rank terms one by one, in
+/// order, as separate multiplies and adds (never fused). The result is therefore the same bits on every
+/// target and whatever the vector width, so native, WASI and browser outputs stay byte-identical.
+fn lora_gemm(acc: &mut [f32], coef: &[f32], a: &[f32], rank: usize, cols: usize) {
+    if cols == 0 || rank == 0 {
+        return;
+    }
+    let rows = acc.len() / cols;
+    // Natively the rows split across two threads; each element is computed the same way either way.
+    #[cfg(not(target_family = "wasm"))]
+    if rows >= 64 {
+        let half = rows / 2;
+        let (top, bottom) = acc.split_at_mut(half * cols);
+        let (c_top, c_bottom) = coef.split_at(half * rank);
+        std::thread::scope(|s| {
+            s.spawn(|| lora_rows(top, c_top, a, rank, cols));
+            lora_rows(bottom, c_bottom, a, rank, cols);
+        });
+        return;
+    }
+    lora_rows(acc, coef, a, rank, cols);
+}
+
+fn lora_rows(acc: &mut [f32], coef: &[f32], a: &[f32], rank: usize, cols: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        unsafe { lora_rows_avx2(acc, coef, a, rank, cols) };
+        return;
+    }
+    lora_rows_plain(acc, coef, a, rank, cols);
+}
+
+/// The same loop compiled with AVX2 enabled (wider vectors, same operations in the same order).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn lora_rows_avx2(acc: &mut [f32], coef: &[f32], a: &[f32], rank: usize, cols: usize) {
+    lora_rows_plain(acc, coef, a, rank, cols);
+}
+
+/// Columns of an output tile: a tile of four rows stays in L1 while the rank loop runs over it.
+const LORA_TILE: usize = 256;
+
+#[inline(always)]
+fn lora_rows_plain(acc: &mut [f32], coef: &[f32], a: &[f32], rank: usize, cols: usize) {
+    for (rows4, c4) in acc.chunks_mut(4 * cols).zip(coef.chunks(4 * rank)) {
+        for j0 in (0..cols).step_by(LORA_TILE) {
+            let j1 = (j0 + LORA_TILE).min(cols);
+            for k in 0..rank {
+                let a_tile = &a[k * cols + j0..k * cols + j1];
+                for (row, c) in rows4.chunks_mut(cols).zip(c4.chunks(rank)) {
+                    let ck = c[k];
+                    for (o, &x) in row[j0..j1].iter_mut().zip(a_tile) {
+                        *o += ck * x;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -647,7 +701,7 @@ impl PlannedTensor {
         if src_dtype == self.dtype {
             return self.source.read(inputs, start, count, out, &mut bufs.chunk);
         }
-        bufs.src.resize((count * src_dtype.size() as u64) as usize, 0);
+        fit(&mut bufs.src, (count * src_dtype.size() as u64) as usize);
         self.source.read(inputs, start, count, &mut bufs.src, &mut bufs.chunk)?;
         dtype::cast(src_dtype, self.dtype, &bufs.src, out);
         Ok(())

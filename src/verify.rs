@@ -141,8 +141,8 @@ pub fn against(folder: &dyn Folder, sub: &str, plan: &Plan, inputs: &[Input]) ->
         let mut start = 0;
         while start < t.numel() {
             let n = step.min(t.numel() - start);
-            want.resize((n * esz) as usize, 0);
-            got.resize((n * esz) as usize, 0);
+            crate::plan::fit(&mut want, (n * esz) as usize);
+            crate::plan::fit(&mut got, (n * esz) as usize);
             t.read_band(inputs, start, n, &mut want, &mut bufs)?;
             out.read_exact_at(l.start + start * esz, &mut got)?;
             if want != got {

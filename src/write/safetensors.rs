@@ -279,7 +279,7 @@ impl Puller {
                         continue;
                     }
                     let count = t.band_elems().min(n - *start);
-                    self.band.resize((count * esz) as usize, 0);
+                    crate::plan::fit(&mut self.band, (count * esz) as usize);
                     t.read_band(inputs, *start, count, &mut self.band, &mut self.bufs)?;
                     *start += count;
                     self.written += self.band.len() as u64;
@@ -330,7 +330,7 @@ pub fn write(
                     let mut at = 0;
                     while at < len {
                         let n = (len - at).min(crate::plan::BAND_BYTES as u64);
-                        buf.resize(n as usize, 0);
+                        crate::plan::fit(&mut buf, n as usize);
                         src.read_exact_at(offset + at, &mut buf)?;
                         sink.write(&buf)?;
                         at += n;

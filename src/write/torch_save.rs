@@ -280,7 +280,7 @@ pub fn write(
                 let mut start = 0u64;
                 while start < t.numel() {
                     let count = step.min(t.numel() - start);
-                    band.resize((count * esz) as usize, 0);
+                    crate::plan::fit(&mut band, (count * esz) as usize);
                     t.read_band(inputs, start, count, &mut band, &mut bufs)?;
                     crc.update(&band);
                     sink.write(&band)?;

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 
 /// An I/O error's text; under WASI a missing path is usually one outside the folders the host opened.
 pub fn io_text(e: &std::io::Error) -> String {
-    if cfg!(target_os = "wasi") && e.kind() == std::io::ErrorKind::NotFound {
+    let outside = matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied);
+    if cfg!(target_os = "wasi") && outside {
         return format!("{e} (under WASI only the folders given with --dir are visible)");
     }
     e.to_string()

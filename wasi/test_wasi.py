@@ -1,0 +1,700 @@
+"""The WASI build (target/wasi/ckptconv.wasm, from wasi/build.sh) against the native binary, under wasmtime.
+
+Owns: wasi/test_wasi.py. Shows that
+  1. every end-to-end fixture the native suite converts gives byte-identical output files under WASI (same
+     command, the input folder mounted as /in and an empty host folder as /out; listings and bytes compared
+     recursively), plus --dtype, --max-shard-size, --format pt and dcp-to-pt variants and, when
+     tests/fixtures/lora exists, the merge / adapter / pt2hf / openvla_oft commands of tests/e2e/test_lora.py
+     (outputs that record a path they were given, e.g. adapter_config.json's base_model_name_or_path, run with
+     the same relative paths both ways); inspect prints the same report; content refusals give the same error;
+  2. the module cannot reach outside its preopens: host paths, `..` and symlink escapes fail with exit 1, writes
+     outside /out fail and create nothing on the host; every hostile / broken input is refused with exit 1 and
+     its expected message under a 256 MiB linear-memory cap (134 = a trap, e.g. an allocation over the cap);
+  3. exit codes under WASI: 0 ok, 1 error, 2 usage;
+  4. converting fixtures, and inputs larger than 64 MiB (generated here with torch: .pt incl. --dtype/shards/
+     --format pt, DCP, dcp-to-pt, non-contiguous views), runs within a 64 MiB linear-memory cap (-W
+     max-memory-size, so any runner enforces it) with the same bytes as native; run.py also reports the peak.
+
+Runner: env CKPTCONV_WASM_RUNNER (a command line, e.g. "wasmtime run"); else `wasmtime run` when the wasmtime
+CLI is on PATH; else `python wasi/run.py` (PyPI wasmtime, same flags). Both are called with the `wasmtime run`
+spelling: `--dir HOST::GUEST`, `-W max-memory-size=BYTES`, before the module. Module: env CKPTCONV_WASM
+(default target/wasi/ckptconv.wasm); native binary: env CKPTCONV (default target/release/ckptconv).
+Run: .venv/bin/python -m pytest wasi   (or with the native suite: pytest tests/e2e wasi)
+"""
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+PT, DCP, VERL, MG, LORA = (FIXTURES / d for d in ("pt", "dcp", "verl", "megatron", "lora"))
+HOSTILE = FIXTURES / "hostile"
+INDEX = "model.safetensors.index.json"
+MiB = 1 << 20
+HOSTILE_CAP = 268435456  # 256 MiB, the brief's cap for hostile inputs
+MEMORY_TARGET = 64 * MiB  # the issue's bound on peak linear memory
+CANARY = Path("/tmp/ckptconv_hostile_canary")  # what the hostile payloads would create if ever run
+
+
+def _path_from_env(var, default):
+    p = Path(os.environ.get(var, default))
+    return p if p.is_absolute() else REPO / p
+
+
+WASM = _path_from_env("CKPTCONV_WASM", "target/wasi/ckptconv.wasm")
+NATIVE = _path_from_env("CKPTCONV", "target/release/ckptconv")
+
+
+def runner_prefix():
+    env = os.environ.get("CKPTCONV_WASM_RUNNER")
+    if env:
+        return shlex.split(env)
+    if shutil.which("wasmtime"):
+        return ["wasmtime", "run"]
+    return [sys.executable, str(REPO / "wasi" / "run.py")]
+
+
+RUNNER = runner_prefix()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def built():
+    for what, p, how in (("WASI module", WASM, "bash wasi/build.sh"), ("native binary", NATIVE, "cargo build --release")):
+        if not p.is_file():
+            pytest.fail(f"{what} not found at {p}: run `{how}`")
+    # Same source? Both must report the same version (a stale .wasm would make byte comparisons meaningless).
+    native = subprocess.run([str(NATIVE), "--version"], capture_output=True, text=True).stdout.strip()
+    wasm = run_wasm(["--version"]).stdout.strip()
+    assert native.split()[-1:] == wasm.split()[-1:], f"native {native!r} vs wasm {wasm!r}"
+    if WASM.stat().st_mtime < NATIVE.stat().st_mtime - 60:
+        warnings.warn(f"{WASM} is older than {NATIVE}: if the source changed in between, rebuild it (bash wasi/build.sh)")
+
+
+# --- running -------------------------------------------------------------------------------------------------
+
+def wasm_argv(args, dirs=(), limits=None):
+    """The runner command line, spelled as `wasmtime run` spells it (run.py accepts the same)."""
+    argv = list(RUNNER)
+    for host, guest in dirs:
+        argv += ["--dir", f"{host}::{guest}"]
+    for k, v in (limits or {}).items():
+        argv += ["-W", f"{k}={v}"]
+    return argv + [str(WASM)] + [str(a) for a in args]
+
+
+def run_wasm(args, dirs=(), limits=None, timeout=300, memory_report=None):
+    env = dict(os.environ)
+    env.pop("CKPTCONV_WASM_MEMORY_REPORT", None)
+    if memory_report:
+        env["CKPTCONV_WASM_MEMORY_REPORT"] = str(memory_report)
+    return subprocess.run(wasm_argv(args, dirs, limits), capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def run_native(args, timeout=300, cwd=None):
+    return subprocess.run([str(NATIVE)] + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+class Arg(str):
+    """An argument naming a path inside a mount ("in", "out", or an extra one): HOST_ROOT/rel natively, /MOUNT/rel
+    under WASI; or, in relative mode, MOUNT/rel for both (natively from a folder of symlinks MOUNT -> HOST_ROOT)."""
+
+    def __new__(cls, mount, rel=""):
+        s = super().__new__(cls, rel)
+        s.mount = mount
+        return s
+
+
+def In(rel=""):
+    return Arg("in", rel)
+
+
+def Out(rel=""):
+    return Arg("out", rel)
+
+
+def resolve(args, roots, style):
+    """style: "host" (absolute host paths), "guest" (/mount/rel) or "relative" (mount/rel)."""
+    res = []
+    for a in args:
+        if isinstance(a, Arg):
+            base = {"host": lambda: str(roots[a.mount]), "guest": lambda: f"/{a.mount}", "relative": lambda: a.mount}[style]()
+            res.append(f"{base}/{a}" if a else base)
+        else:
+            res.append(str(a))
+    return res
+
+
+def tree(root):
+    """{relative path: bytes, or None for a folder}, recursively, symlinks not followed."""
+    root = Path(root)
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        out[rel] = None if p.is_dir() and not p.is_symlink() else (f"-> {os.readlink(p)}" if p.is_symlink() else p.read_bytes())
+    return out
+
+
+def stat_tree(root):
+    root = Path(root)
+    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def first_difference(a, b):
+    n = min(len(a), len(b))
+    for i in range(0, n, 4096):
+        if a[i:i + 4096] != b[i:i + 4096]:
+            return i + next(j for j in range(4096) if a[i + j] != b[i + j])
+    return n
+
+
+def assert_same_tree(native_root, wasm_root, what):
+    a, b = tree(native_root), tree(wasm_root)
+    assert sorted(a) == sorted(b), (f"{what}: output listings differ\n native only: {sorted(set(a) - set(b))}\n"
+                                    f" wasi only: {sorted(set(b) - set(a))}")
+    assert a, f"{what}: no output at all"
+    for rel in a:
+        if a[rel] != b[rel]:
+            x, y = a[rel], b[rel]
+            if x is None or y is None:
+                raise AssertionError(f"{what}: {rel} is a folder on one side only")
+            raise AssertionError(f"{what}: {rel} differs: native {len(x)} B, wasi {len(y)} B, first difference at byte "
+                                 f"{first_difference(x, y)}")
+
+
+def both(tmp_path, in_root, args, extra=None, relative=False, limits=None, memory_report=None, timeout=300):
+    """Run ckptconv natively and under WASI on the same inputs; both must exit 0 and leave every input mount
+    untouched. in_root is mounted as /in, an empty folder as /out, extra {mount: host folder} as /mount.
+    relative=True spells every path mount/rel in both runs (natively from a folder of symlinks), for outputs
+    that record a path they were given (a PEFT adapter_config's base_model_name_or_path, pt2hf's YAML).
+    Returns (native_out_root, wasm_out_root, wasm CompletedProcess)."""
+    nat_out, wasm_out = tmp_path / "native", tmp_path / "wasi"
+    nat_out.mkdir()
+    wasm_out.mkdir()
+    inputs = {"in": Path(in_root), **(extra or {})}
+    before = {m: stat_tree(h) for m, h in inputs.items()}
+    cwd = None
+    if relative:
+        cwd = tmp_path / "native_view"
+        cwd.mkdir()
+        for m, h in {**inputs, "out": nat_out}.items():
+            (cwd / m).symlink_to(h)
+        native_args = resolve(args, None, "relative")
+    else:
+        native_args = resolve(args, {**inputs, "out": nat_out}, "host")
+    n = run_native(native_args, timeout=timeout, cwd=cwd)
+    assert n.returncode == 0, f"native {native_args} failed ({n.returncode}):\n{n.stderr[-3000:]}"
+    w = run_wasm(resolve(args, None, "relative" if relative else "guest"),
+                 dirs=[(h, f"/{m}") for m, h in {**inputs, "out": wasm_out}.items()],
+                 limits=limits, memory_report=memory_report, timeout=timeout)
+    assert w.returncode == 0, f"wasi {args} failed ({w.returncode}):\n{w.stderr[-3000:]}"
+    assert "panicked" not in w.stderr, w.stderr
+    assert {m: stat_tree(h) for m, h in inputs.items()} == before, "an input folder changed"
+    return nat_out, wasm_out, w
+
+
+# --- 1. same bytes -------------------------------------------------------------------------------------------
+
+def _dirs(parent):
+    return sorted(p for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
+
+
+def same_bytes_cases():
+    """Every conversion tests/e2e checks, as case(id, folder mounted as /in, args, ...)."""
+    cases = []
+    for src in sorted(PT.glob("*.pt")):
+        cases.append(case(f"pt/{src.name}", PT, ["convert", In(src.name), Out("hf")]))
+    cases.append(case("sample/full_weights.pt", FIXTURES / "sample", ["convert", In("full_weights.pt"), Out("hf")]))
+
+    ws2 = DCP / "fsdp2_ws2"
+    dcp_folders = [("fsdp2_ws2/global_step_1/actor/dcp_checkpoint", ws2, "global_step_1/actor/dcp_checkpoint"),
+                   ("fsdp2_ws2/global_step_1", ws2, "global_step_1"),
+                   ("fsdp2_ws2/global_step_1/actor", ws2, "global_step_1/actor")]
+    for group in ("layouts", "variants"):
+        dcp_folders += [(f"{group}/{d.name}", d, "") for d in _dirs(DCP / group)]
+    for ident, root, rel in dcp_folders:
+        cases.append(case(f"dcp/{ident}", root, ["convert", In(rel), Out("hf")]))
+        cases.append(case(f"dcp/{ident}:dcp-to-pt", root, ["dcp-to-pt", "--dcp_path", In(rel), "--output_path", Out("model.pt")]))
+    cases.append(case("dcp/fsdp2_ws2:format-pt", ws2, ["convert", In("global_step_1/actor/dcp_checkpoint"), Out("hf"), "--format", "pt"]))
+    cases.append(case("dcp/fsdp2_ws2:bf16", ws2, ["convert", In("global_step_1/actor/dcp_checkpoint"), Out("hf"), "--dtype", "bf16"]))
+    cases.append(case("dcp/fsdp2_ws2:shards", ws2, ["convert", In("global_step_1/actor/dcp_checkpoint"), Out("hf"),
+                                                "--max-shard-size", "100KB"]))
+    cases.append(case("dcp/mesh2d_ws4:prefix-empty", DCP / "layouts" / "mesh2d_ws4", ["convert", In(""), Out("hf"), "--prefix", ""]))
+
+    for ident, root, rel in [("verl/fsdp2_ws2", VERL / "fsdp2_ws2", ""), ("verl/fsdp2_ws2/actor", VERL / "fsdp2_ws2", "actor"),
+                             ("verl/layouts_ws4", VERL / "layouts_ws4", "")]:
+        cases.append(case(ident, root, ["convert", In(rel), Out("hf")]))
+
+    mg_manifest = json.loads((MG / "manifest.json").read_text()) if (MG / "manifest.json").exists() else {}
+    for name in sorted(mg_manifest):
+        cases.append(case(f"megatron/{name}", MG / name, ["mg2hf", In("actor"), Out("hf"), In("base_hf")]))
+    cases.append(case("megatron/qwen2_tp2_pp2:convert-base-shards", MG / "qwen2_tp2_pp2",
+                  ["convert", In("actor"), Out("hf"), "--base", In("base_hf"), "--max-shard-size", "100KB"]))
+    cases.append(case("megatron/qwen2_tp2:bf16", MG / "qwen2_tp2", ["convert", In("actor"), Out("hf"), "--base", In("base_hf"), "--dtype", "bf16"]))
+
+    qwen = "qwen2_tiny_full_weights.pt"
+    for flags, tag in [(["--dtype", "bf16"], "bf16"), (["--dtype", "fp16"], "fp16"), (["--max-shard-size", "20KB"], "shards"),
+                       (["--format", "pt"], "format-pt"), (["--format", "pt", "--dtype", "bf16"], "format-pt-bf16")]:
+        cases.append(case(f"pt/{qwen}:{tag}", PT, ["convert", In(qwen), Out("hf")] + flags))
+    cases.append(case("pt/dtypes_all.pt:bf16", PT, ["convert", In("dtypes_all.pt"), Out("hf"), "--dtype", "bf16"]))
+    cases.append(case("pt/lightning_style.pt:prefix-empty", PT, ["convert", In("lightning_style.pt"), Out("hf"), "--prefix", ""]))
+    return cases + lora_cases()
+
+
+def _copy_base_with_adapter_config(tmp_path):
+    base = tmp_path / "base_with_adapter_config"
+    shutil.copytree(LORA / "base_qwen2", base)
+    shutil.copy(LORA / "lora_path" / "adapter_config.json", base)
+    return {"base": base}
+
+
+def _pt2hf_config(ckpt, model, lora, extra=None, beside=False):
+    """RLinf's fsdp_model_convertor.yaml with its /path/to placeholders replaced by relative paths (the same text
+    for both runs), in a folder mounted as /cfg; beside=True also puts model/openvla_oft.yaml next to it."""
+    def setup(tmp_path):
+        cfg = tmp_path / "cfg"
+        cfg.mkdir()
+        text = (LORA / "configs" / "fsdp_model_convertor.yaml").read_text()
+        subst = {"/path/to/full_weights.pt": ckpt, "/path/to/save": "out/save",
+                 "/path/to/Openvla-oft-SFT-libero-goal-traj1": model, "/path/to/lora_adapter": lora, **(extra or {})}
+        for old, new in subst.items():
+            assert old in text, f"{old!r} not in RLinf's YAML"
+            text = text.replace(old, new)
+        (cfg / "c.yaml").write_text(text)
+        if beside:
+            (cfg / "model").mkdir()
+            shutil.copy(LORA / "configs" / "model" / "openvla_oft.yaml", cfg / "model" / "openvla_oft.yaml")
+        return {"cfg": cfg}
+    return setup
+
+
+def lora_cases():
+    """The commands of tests/e2e/test_lora.py on the committed fixtures (when tests/fixtures/lora exists)."""
+    if not (LORA / "full_weights.pt").exists():
+        return []
+    ckpt, bf16, tied = In("full_weights.pt"), In("full_weights_bf16.pt"), In("full_weights_tied.pt")
+    base, lp = In("base_qwen2"), In("lora_path")
+    conv = lambda src, *rest: ["convert", src, Out("hf"), *rest]
+    c = [
+        case("lora/merge-lora-path", LORA, conv(ckpt, "--base", base, "--lora-path", lp)),
+        case("lora/merge-flags", LORA, conv(ckpt, "--base", base, "--lora-alpha", "8", "--lora-r", "4")),
+        case("lora/merge-base-adapter-config", LORA, conv(ckpt, "--base", Arg("base")), setup=_copy_base_with_adapter_config),
+        case("lora/merge-default-alpha", LORA, conv(ckpt, "--base", base)),
+        case("lora/merge-no-base", LORA, conv(ckpt, "--lora-alpha", "8")),
+        case("lora/merge-explicit", LORA, conv(ckpt, "--lora-alpha", "8", "--lora", "merge")),
+        case("lora/merge-bf16", LORA, conv(bf16, "--base", base, "--lora-path", lp)),
+        case("lora/merge-to-bf16", LORA, conv(ckpt, "--base", base, "--lora-path", lp, "--dtype", "bf16")),
+        case("lora/merge-to-fp16", LORA, conv(ckpt, "--base", base, "--lora-path", lp, "--dtype", "fp16")),
+        case("lora/merge-bf16-to-fp32", LORA, conv(bf16, "--base", base, "--lora-path", lp, "--dtype", "fp32")),
+        case("lora/merge-lora-path-only", LORA, conv(ckpt, "--lora-path", lp)),
+        case("lora/merge-tied", LORA, conv(tied, "--base", In("base_qwen2_tied"), "--lora-path", lp)),
+        case("lora/merge-shards", LORA, conv(ckpt, "--base", base, "--lora-path", lp, "--max-shard-size", "50KB")),
+        case("lora/adapter-base", LORA, conv(ckpt, "--base", base, "--lora", "adapter", "--lora-path", lp), relative=True),
+        case("lora/adapter-alpha-flag", LORA, conv(ckpt, "--lora", "adapter", "--lora-alpha", "8")),
+        case("lora/adapter-bf16", LORA, conv(bf16, "--lora", "adapter", "--lora-path", lp)),
+        case("lora/pt2hf-rlinf-yaml", LORA, ["pt2hf", "--config", Arg("cfg", "c.yaml")], relative=True,
+             setup=_pt2hf_config("in/full_weights.pt", "in/base_qwen2", "in/lora_path")),
+        case("lora/pt2hf-lora-path-null", LORA, ["pt2hf", "--config", Arg("cfg", "c.yaml")], relative=True,
+             setup=_pt2hf_config("in/full_weights.pt", "in/base_qwen2", "null", {"lora_rank: 32": "lora_rank: 4"})),
+        case("lora/pt2hf-alpha-override", LORA, ["pt2hf", "--config", Arg("cfg", "c.yaml"), "--lora-alpha", "8"], relative=True,
+             setup=_pt2hf_config("in/full_weights.pt", "in/base_qwen2", "null", {"lora_rank: 32": "lora_rank: 4"})),
+        case("lora/pt2hf-adapter-override", LORA, ["pt2hf", "--config", Arg("cfg", "c.yaml"), "--lora", "adapter"], relative=True,
+             setup=_pt2hf_config("in/full_weights.pt", "in/base_qwen2", "in/lora_path", {"lora_rank: 32": "lora_rank: 4"})),
+        case("lora/pt2hf-adapter", LORA, ["pt2hf", "--config", Arg("cfg", "c.yaml")], relative=True,
+             setup=_pt2hf_config("in/full_weights.pt", "in/base_qwen2", "in/lora_path",
+                                 {"merge_lora_weighs: True": "merge_lora_weighs: False"})),
+        case("lora/pt2hf-openvla-defaults-beside", LORA, ["pt2hf", "--config", Arg("cfg", "c.yaml")], relative=True,
+             setup=_pt2hf_config("in/openvla_toy/full_weights.pt", "in/openvla_toy/base", "null", {"lora_rank: 32": "lora_rank: 8"},
+                                 beside=True)),
+    ]
+    if (LORA / "openvla_toy" / "full_weights.pt").exists():
+        for film in (False, True):
+            for proprio in (False, True):
+                flags = ["--model-type", "openvla_oft"] + ["--use-film"] * film + ["--use-proprio"] * proprio
+                c.append(case(f"lora/openvla_oft-film{int(film)}-proprio{int(proprio)}", LORA / "openvla_toy",
+                              conv(In("full_weights.pt"), "--base", In("base"), *flags)))
+    return c
+
+
+def case(ident, in_root, args, relative=False, setup=None):
+    return {"id": ident, "in_root": in_root, "args": args, "relative": relative, "setup": setup}
+
+
+CASES = same_bytes_cases()
+
+
+@pytest.mark.parametrize("c", [pytest.param(c, id=c["id"]) for c in CASES])
+def test_same_bytes(tmp_path, c):
+    extra = c["setup"](tmp_path) if c["setup"] else None
+    nat, wasm, _ = both(tmp_path, c["in_root"], c["args"], extra=extra, relative=c["relative"])
+    assert_same_tree(nat, wasm, " ".join(c["args"]))
+
+
+INSPECT = [("pt/qwen2_tiny_full_weights.pt", PT, ["inspect", In("qwen2_tiny_full_weights.pt")]),
+           ("dcp/fsdp2_ws2", DCP / "fsdp2_ws2", ["inspect", In("global_step_1/actor/dcp_checkpoint")]),
+           ("verl/layouts_ws4", VERL / "layouts_ws4", ["inspect", In("")]),
+           ("megatron/qwen2_tp2_pp2", MG / "qwen2_tp2_pp2", ["inspect", In("actor"), "--base", In("base_hf")])]
+
+
+@pytest.mark.parametrize("in_root,args", [c[1:] for c in INSPECT], ids=[c[0] for c in INSPECT])
+def test_inspect_same_text(in_root, args):
+    """inspect prints the same report under WASI, the input path aside."""
+    n = run_native(resolve(args, {"in": in_root}, "host"))
+    w = run_wasm(resolve(args, None, "guest"), dirs=[(in_root, "/in")])
+    assert n.returncode == 0 and w.returncode == 0, (n.stderr, w.stderr)
+    norm = lambda s, root: s.replace(str(root).rstrip("/") + "/", "/in/").replace(str(root), "/in")
+    assert norm(n.stdout, in_root) == w.stdout
+    assert norm(n.stderr, in_root) == w.stderr
+
+
+# --- 2. sandbox ----------------------------------------------------------------------------------------------
+
+def assert_error(r, *needles):
+    assert r.returncode == 1, f"exit {r.returncode} (want 1)\nstderr:\n{r.stderr[-3000:]}"
+    assert "panicked" not in r.stderr and "wasm trap" not in r.stderr, r.stderr
+    for n in needles:
+        assert n in r.stderr, f"stderr does not mention {n!r}:\n{r.stderr}"
+
+
+def test_host_path_not_visible():
+    r = run_wasm(["inspect", "/etc/passwd"], dirs=[(PT, "/in")])
+    assert_error(r, "/etc/passwd")
+
+
+def test_host_path_not_visible_convert(tmp_path):
+    r = run_wasm(["convert", "/etc/passwd", "/out/hf"], dirs=[(PT, "/in"), (tmp_path, "/out")])
+    assert_error(r, "/etc/passwd")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_absolute_host_path_of_a_real_fixture_not_visible(tmp_path):
+    """The host path of a file that exists (and converts natively) means nothing inside the sandbox."""
+    src = PT / "parameters.pt"
+    r = run_wasm(["convert", src, "/out/hf"], dirs=[(FIXTURES / "sample", "/in"), (tmp_path, "/out")])
+    assert_error(r, str(src))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dotdot_escape_from_in(tmp_path):
+    """/in is tests/fixtures/pt; /in/../sample/full_weights.pt exists on the host but not in the sandbox."""
+    assert (PT / ".." / "sample" / "full_weights.pt").exists()
+    r = run_wasm(["convert", "/in/../sample/full_weights.pt", "/out/hf"], dirs=[(PT, "/in"), (tmp_path, "/out")])
+    assert_error(r, "full_weights.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_symlink_escape_from_in(tmp_path):
+    """A symlink inside the mount that points at a host file outside it is not followed out."""
+    mount = tmp_path / "in"
+    mount.mkdir()
+    (mount / "abs.pt").symlink_to(PT / "parameters.pt")
+    (mount / "rel.pt").symlink_to(os.path.relpath(PT / "parameters.pt", mount))
+    (mount / "dir").symlink_to(PT)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("abs.pt", "rel.pt", "dir/parameters.pt"):
+        assert run_native(["inspect", mount / name]).returncode == 0  # the links work on the host
+        r = run_wasm(["convert", f"/in/{name}", f"/out/{name.replace('/', '_')}"], dirs=[(mount, "/in"), (out, "/out")])
+        assert_error(r, name)
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("dest", ["/etc/ckptconv_wasi_probe", "/out/../escaped", "/out/sub/../../escaped", "/escaped", "/"])
+def test_output_outside_out_refused(tmp_path, dest):
+    """The output may only go under a preopen: nothing is created on the host outside the out folder. (/in itself
+    is writable: `wasmtime run --dir` has no read-only spelling, so the input mount is protected by convention
+    only; both() checks every conversion leaves it untouched.)"""
+    host_probe = Path("/etc/ckptconv_wasi_probe")
+    assert not host_probe.exists()
+    outer = tmp_path / "outer"
+    out = outer / "out"
+    out.mkdir(parents=True)
+    mount_in = tmp_path / "in"
+    mount_in.mkdir()
+    shutil.copy(PT / "parameters.pt", mount_in / "parameters.pt")
+    before_in = stat_tree(mount_in)
+    r = run_wasm(["convert", "/in/parameters.pt", dest], dirs=[(mount_in, "/in"), (out, "/out")])
+    assert_error(r)
+    assert not host_probe.exists(), "created a file under the host's /etc"
+    assert sorted(p.name for p in outer.iterdir()) == ["out"], f"created {sorted(p.name for p in outer.iterdir())} outside /out"
+    assert stat_tree(mount_in) == before_in
+    assert not list(out.rglob("*.safetensors")), "wrote output"
+    assert not Path("/escaped").exists() and not (tmp_path / "escaped").exists()
+
+
+@pytest.mark.parametrize("dest", ["/out/../escaped.pt", "/etc/ckptconv_wasi_probe.pt"])
+def test_dcp_to_pt_outside_out_refused(tmp_path, dest):
+    outer = tmp_path / "outer"
+    out = outer / "out"
+    out.mkdir(parents=True)
+    r = run_wasm(["dcp-to-pt", "--dcp_path", "/in", "--output_path", dest],
+                 dirs=[(DCP / "layouts" / "shard1_ws2", "/in"), (out, "/out")])
+    assert_error(r)
+    assert sorted(p.name for p in outer.iterdir()) == ["out"] and list(out.iterdir()) == []
+    assert not Path("/etc/ckptconv_wasi_probe.pt").exists()
+
+
+def test_base_outside_preopens_refused(tmp_path):
+    """--base pointing at a host folder is refused too (its config is read, its files copied)."""
+    r = run_wasm(["mg2hf", "/in/actor", "/out/hf", MG / "qwen2_tp2" / "base_hf"], dirs=[(MG / "qwen2_tp2", "/in"), (tmp_path, "/out")])
+    assert_error(r, "base_hf")
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
+HOSTILE_EXPECTED = json.loads((HOSTILE / "expected.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(k for k in HOSTILE_EXPECTED if not k.startswith("_")))
+def test_hostile_refused_under_cap(tmp_path, name):
+    """Same refusal as natively (tests/e2e/test_pt.py::test_hostile_refused), under a 256 MiB linear-memory cap:
+    exit 1 with the expected message, never a trap (134) from allocating past the cap."""
+    spec = HOSTILE_EXPECTED[name]
+    CANARY.unlink(missing_ok=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    r = run_wasm(["convert", f"/in/{name}", "/out/hf"], dirs=[(HOSTILE, "/in"), (out, "/out")],
+                 limits={"max-memory-size": HOSTILE_CAP}, timeout=120)
+    err = r.stderr.lower()
+    assert r.returncode == 1, f"exit {r.returncode} (134 = trap), stderr:\n{r.stderr[-3000:]}"
+    assert name.lower() in err, f"stderr does not name the input file:\n{r.stderr}"
+    msg = err.replace(f"/in/{name}".lower(), "").replace(name.lower(), "")
+    assert any(s.lower() in msg for s in spec["expect"]), f"expected one of {spec['expect']} ({spec['why']}) in:\n{r.stderr}"
+    assert "panicked" not in err and "trap" not in err, r.stderr
+    assert not [p for p in out.rglob("*") if p.suffix == ".safetensors" or p.name == INDEX], "output left behind"
+    assert not CANARY.exists(), "a hostile payload was executed"
+
+
+def test_hostile_inspect_refused_under_cap():
+    r = run_wasm(["inspect", "/in/zip_os_system.pt"], dirs=[(HOSTILE, "/in")], limits={"max-memory-size": HOSTILE_CAP})
+    assert_error(r, "os.system")
+
+
+DCP_BROKEN = DCP / "broken"
+DCP_BROKEN_EXPECTED = json.loads((DCP_BROKEN / "expected.json").read_text()) if (DCP_BROKEN / "expected.json").exists() else {}
+
+
+@pytest.mark.parametrize("name", sorted(k for k in DCP_BROKEN_EXPECTED if not k.startswith("_")))
+def test_broken_dcp_refused_under_cap(tmp_path, name):
+    spec = DCP_BROKEN_EXPECTED[name]
+    out = tmp_path / "out"
+    out.mkdir()
+    r = run_wasm(["convert", "/in", "/out/hf"], dirs=[(DCP_BROKEN / name, "/in"), (out, "/out")],
+                 limits={"max-memory-size": HOSTILE_CAP}, timeout=120)
+    err = r.stderr.lower()
+    assert r.returncode == 1, f"exit {r.returncode} (134 = trap), stderr:\n{r.stderr[-3000:]}"
+    assert "panicked" not in err and "trap" not in err, r.stderr
+    assert any(n.lower() in err for n in spec["names"]), f"stderr names none of {spec['names']}:\n{r.stderr}"
+    msg = err.replace(name.lower(), "")
+    assert any(s in msg for s in spec["expect"]), f"expected one of {spec['expect']} ({spec['why']}) in:\n{r.stderr}"
+    assert not list(out.rglob("*.safetensors")), "output left behind"
+
+
+MG_BROKEN = MG / "broken"
+MG_BROKEN_EXPECTED = json.loads((MG_BROKEN / "expected.json").read_text()) if (MG_BROKEN / "expected.json").exists() else {}
+
+
+@pytest.mark.parametrize("name", sorted(k for k in MG_BROKEN_EXPECTED if not k.startswith("_")))
+def test_broken_megatron_refused_under_cap(tmp_path, name):
+    spec = MG_BROKEN_EXPECTED[name]
+    out = tmp_path / "out"
+    out.mkdir()
+    r = run_wasm(["mg2hf", "/in/actor", "/out/hf", "/in/base_hf"], dirs=[(MG_BROKEN / name, "/in"), (out, "/out")],
+                 limits={"max-memory-size": HOSTILE_CAP}, timeout=120)
+    err = r.stderr.lower()
+    assert r.returncode == 1, f"exit {r.returncode} (134 = trap), stderr:\n{r.stderr[-3000:]}"
+    assert "panicked" not in err and "trap" not in err, r.stderr
+    assert any(s.lower() in err for s in spec["expect"]), f"none of {spec['expect']} in stderr:\n{r.stderr[-2000:]}"
+    assert not list(out.rglob("*.safetensors")), "output left behind"
+
+
+def last_error(stderr, roots):
+    """The `ckptconv: error:` line, with host folders spelled as their guest mounts."""
+    lines = [l for l in stderr.splitlines() if l.startswith("ckptconv: error:")]
+    assert len(lines) == 1, f"expected one error line:\n{stderr}"
+    line = lines[0]
+    for m, h in roots.items():
+        line = line.replace(str(h), f"/{m}")
+    return line
+
+
+SAME_REFUSAL = [
+    ("verl/single-rank-file", VERL / "fsdp2_ws2", ["convert", In("actor/model_world_size_2_rank_1.pt"), Out("hf")]),
+    ("megatron/mg2hf-not-megatron", PT, ["mg2hf", In("parameters.pt"), Out("hf"), In("")]),
+] + ([(f"lora/rank_mismatch-{mode}", LORA, ["convert", In("bad/rank_mismatch.pt"), Out("hf"), "--base", In("base_qwen2"),
+                                             "--lora", mode, "--lora-path", In("lora_path")]) for mode in ("merge", "adapter")]
+     if (LORA / "bad" / "rank_mismatch.pt").exists() else [])
+
+
+@pytest.mark.parametrize("in_root,args", [c[1:] for c in SAME_REFUSAL], ids=[c[0] for c in SAME_REFUSAL])
+def test_same_refusal(tmp_path, in_root, args):
+    """Inputs ckptconv refuses for what they hold (not for I/O): exit 1 both ways, the same error line, no output."""
+    nat_out, wasm_out = tmp_path / "native", tmp_path / "wasi"
+    nat_out.mkdir()
+    wasm_out.mkdir()
+    n = run_native(resolve(args, {"in": in_root, "out": nat_out}, "host"))
+    w = run_wasm(resolve(args, None, "guest"), dirs=[(in_root, "/in"), (wasm_out, "/out")], limits={"max-memory-size": HOSTILE_CAP})
+    assert n.returncode == 1, f"native exit {n.returncode}:\n{n.stderr}"
+    assert_error(w)
+    assert last_error(n.stderr, {"in": in_root, "out": nat_out}) == last_error(w.stderr, {})
+    assert not [p for p in wasm_out.rglob("*") if p.is_file()], "output left behind"
+
+
+# --- 3. exit codes -------------------------------------------------------------------------------------------
+
+def test_exit_0_ok(tmp_path):
+    r = run_wasm(["convert", "/in/parameters.pt", "/out/hf"], dirs=[(PT, "/in"), (tmp_path, "/out")])
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    for args in (["--help"], ["--version"], ["convert", "--help"]):
+        r = run_wasm(args)
+        assert r.returncode == 0, (args, r.stderr)
+        assert r.stdout.strip(), args
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["convert", "/in/does_not_exist.pt", "/out/hf"], "does_not_exist.pt"),
+    (["inspect", "/in/does_not_exist.pt"], "does_not_exist.pt"),
+    (["convert", "/in/random_bytes.pt", "/out/hf"], "random_bytes.pt"),
+    (["dcp-to-pt", "--dcp_path", "/in/does_not_exist", "--output_path", "/out/model.pt"], "does_not_exist"),
+])
+def test_exit_1_error(tmp_path, args, needle):
+    mount = tmp_path / "in"
+    mount.mkdir()
+    shutil.copy(HOSTILE / "random_bytes.pt", mount)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert_error(run_wasm(args, dirs=[(mount, "/in"), (out, "/out")]), needle)
+    assert not list(out.rglob("*.safetensors")) and not list(out.rglob("*.pt"))
+
+
+def test_exit_1_existing_output_without_force(tmp_path):
+    """As natively: an existing output file is an error (1, untouched) unless --force, which overwrites it."""
+    args = ["convert", "/in/parameters.pt", "/out/hf"]
+    dirs = [(PT, "/in"), (tmp_path, "/out")]
+    assert run_wasm(args, dirs=dirs).returncode == 0
+    good = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"old")
+    r = run_wasm(args, dirs=dirs)
+    assert_error(r, "--force")
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == b"old"
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["model.safetensors"], "temp files left behind"
+    r = run_wasm(args + ["--force"], dirs=dirs)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == good
+
+
+@pytest.mark.parametrize("args", [
+    ["convert", "/in/parameters.pt", "/out/hf", "--no-such-flag"],
+    ["convert", "/in/parameters.pt", "/out/hf", "--dtype", "int3"],
+    ["convert", "/in/parameters.pt", "/out/hf", "--format", "npz"],
+    ["convert"],
+    ["no-such-command"],
+    ["dcp-to-pt", "--dcp_path", "/in"],
+    [],
+])
+def test_exit_2_usage(tmp_path, args):
+    r = run_wasm(args, dirs=[(PT, "/in"), (tmp_path, "/out")])
+    assert r.returncode == 2, f"{args}: exit {r.returncode}\n{r.stderr}"
+    assert "panicked" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_native_and_wasi_exit_codes_agree(tmp_path):
+    """The same table natively: so the WASI codes above are the CLI's, not the runner's."""
+    for args, want in [(["convert", "{IN}/does_not_exist.pt", "{OUT}/a"], 1), (["convert"], 2), (["--version"], 0)]:
+        n = run_native([a.replace("{IN}", str(PT)).replace("{OUT}", str(tmp_path)) for a in args])
+        w = run_wasm([a.replace("{IN}", "/in").replace("{OUT}", "/out") for a in args], dirs=[(PT, "/in"), (tmp_path, "/out")])
+        assert (n.returncode, w.returncode) == (want, want), (args, n.stderr, w.stderr)
+
+
+# --- 4. memory -----------------------------------------------------------------------------------------------
+
+def peak_of(report):
+    return int(report.read_text()) if report.exists() else None
+
+
+MEMORY_CASES = [c for c in CASES if c["id"] in (
+    "pt/qwen2_tiny_full_weights.pt", "sample/full_weights.pt", "dcp/fsdp2_ws2/global_step_1/actor/dcp_checkpoint",
+    "megatron/qwen2_tp2_pp2", "verl/layouts_ws4", "lora/merge-lora-path")]
+
+
+@pytest.mark.parametrize("c", [pytest.param(c, id=c["id"]) for c in MEMORY_CASES])
+def test_fixture_within_64mib(tmp_path, c):
+    report = tmp_path / "peak"
+    nat, wasm, _ = both(tmp_path, c["in_root"], c["args"], limits={"max-memory-size": MEMORY_TARGET}, memory_report=report)
+    assert_same_tree(nat, wasm, " ".join(c["args"]))
+    peak = peak_of(report)
+    if peak is not None:
+        print(f"peak linear memory {peak / MiB:.1f} MiB")
+        assert peak <= MEMORY_TARGET
+
+
+@pytest.fixture(scope="module")
+def big_inputs(tmp_path_factory):
+    """Inputs larger than the 64 MiB cap, made by torch in a child process: a .pt (~200 MB: one 100 MB tensor,
+    several 16 MB ones, bf16, int64, and a non-contiguous view) and a one-rank DCP folder of the same dict."""
+    root = tmp_path_factory.mktemp("wasi_big")
+    code = r"""
+import sys, torch, warnings
+from pathlib import Path
+root = Path(sys.argv[1])
+g = torch.Generator().manual_seed(11)
+sd = {
+    "big.weight": torch.randn(25_000_000, generator=g),                 # 100 MB, one tensor > the cap
+    **{f"layers.{i}.w": torch.randn(2048, 2048, generator=g) for i in range(4)},   # 16 MiB each
+    "bf16.weight": torch.randn(4096, 3000, generator=g).to(torch.bfloat16),
+    "ids": torch.arange(3_000_000, dtype=torch.int64),
+}
+torch.save(sd, root / "big.pt")
+import torch.distributed.checkpoint as dcp
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    dcp.save({"model": sd}, checkpoint_id=str(root / "big_dcp"), no_dist=True)
+base = torch.randn(2048, 2048, generator=g)
+torch.save({"t.weight": base.t(), "slice.weight": base[::2, 1:]}, root / "views.pt")
+"""
+    r = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=600)
+    if r.returncode != 0 and "No module named 'torch'" in r.stderr:
+        pytest.skip("torch is needed to generate the >64 MiB inputs")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root
+
+
+@pytest.mark.parametrize("args", [
+    ["convert", In("big.pt"), Out("hf")],
+    ["convert", In("big.pt"), Out("hf"), "--dtype", "bf16"],
+    ["convert", In("big.pt"), Out("hf"), "--max-shard-size", "50MB"],
+    ["convert", In("big.pt"), Out("hf"), "--format", "pt"],
+    ["convert", In("big_dcp"), Out("hf")],
+    ["dcp-to-pt", "--dcp_path", In("big_dcp"), "--output_path", Out("model.pt")],
+], ids=["pt", "pt-bf16", "pt-shards", "pt-format-pt", "dcp", "dcp-to-pt"])
+def test_input_larger_than_cap_within_64mib(tmp_path, big_inputs, args):
+    """Streaming, not loading: ~200 MB in, under -W max-memory-size=64 MiB, same bytes as native."""
+    report = tmp_path / "peak"
+    src = big_inputs / args[1 if args[0] == "convert" else 2]
+    size = src.stat().st_size if src.is_file() else sum(p.stat().st_size for p in src.iterdir())
+    assert size > 2 * MEMORY_TARGET
+    nat, wasm, _ = both(tmp_path, big_inputs, args, limits={"max-memory-size": MEMORY_TARGET}, memory_report=report)
+    assert_same_tree(nat, wasm, " ".join(args))
+    peak = peak_of(report)
+    if peak is not None:
+        print(f"{size / MiB:.0f} MiB input: peak linear memory {peak / MiB:.1f} MiB")
+        assert peak <= MEMORY_TARGET
+
+
+def test_views_larger_than_buffers(tmp_path, big_inputs):
+    """A 16 MiB transposed view and a strided slice (gathered, not copied in one run) under the 64 MiB cap."""
+    report = tmp_path / "peak"
+    nat, wasm, _ = both(tmp_path, big_inputs, ["convert", In("views.pt"), Out("hf")], limits={"max-memory-size": MEMORY_TARGET},
+                        memory_report=report)
+    assert_same_tree(nat, wasm, "views.pt")
+    peak = peak_of(report)
+    if peak is not None:
+        print(f"views: peak linear memory {peak / MiB:.1f} MiB")
