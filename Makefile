@@ -1,4 +1,4 @@
-.PHONY: setup test sample bench
+.PHONY: setup test sample bench bench-all
 
 setup:
 	bash scripts/setup.sh
@@ -12,3 +12,14 @@ sample:
 bench: setup
 	cargo build --release
 	.venv/bin/python bench/bench_pt.py
+
+bench-all: setup
+	cargo build --release
+	bash wasi/build.sh
+	bash web/build.sh
+	.venv/bin/python bench/bench_pt.py
+	.venv/bin/python bench/bench_dcp.py
+	.venv/bin/python bench/bench_megatron.py
+	.venv/bin/python bench/bench_lora.py
+	.venv/bin/python bench/bench_wasi.py
+	node bench/bench_web.mjs
