@@ -152,6 +152,9 @@ impl StridedView {
             let at = self.data_start + (self.offset + start) * esz;
             return input.read_exact_at(at, out);
         }
+        if let Some(done) = self.read_transposed(input, start, count, out, window)? {
+            return Ok(done);
+        }
         // General views: walk the innermost dimension run by run, through a cached source window.
         let ndim = self.shape.len();
         let inner = ndim - 1;
@@ -198,6 +201,44 @@ impl StridedView {
             }
         }
         Ok(())
+    }
+}
+
+impl StridedView {
+    /// A transposed matrix (2-d, unit stride on dim 0) read in source order: for each source row, the run of
+    /// output rows in the band is contiguous in the storage, so a band costs one window pass over the source
+    /// instead of one window load per element. Handles whole output rows; `None` leaves the rest to the
+    /// general path.
+    fn read_transposed(
+        &self,
+        input: &Input,
+        start: u64,
+        count: u64,
+        out: &mut [u8],
+        window: &mut Window,
+    ) -> Result<Option<()>> {
+        let ([n0, n1], [s0, s1]) = (self.shape.as_slice(), self.strides.as_slice()) else { return Ok(None) };
+        let (n0, n1, s0, s1) = (*n0, *n1, *s0, *s1);
+        if s0 != 1 || s1 <= 1 || n1 < 2 || start % n1 != 0 || count % n1 != 0 {
+            return Ok(None);
+        }
+        let esz = self.dtype.size() as u64;
+        let (ra, rb) = (start / n1, (start + count) / n1);
+        let run = (rb - ra) * esz;
+        if rb > n0 || run > WINDOW_BYTES {
+            return Ok(None);
+        }
+        let e = esz as usize;
+        let limit = self.data_start + self.storage_bytes;
+        for j in 0..n1 {
+            let at = self.data_start + (self.offset + ra * s0 + j * s1) * esz;
+            let src = window.get(input, self.input, at, run, limit)?;
+            for (i, chunk) in src.chunks_exact(e).enumerate() {
+                let o = ((i as u64 * n1 + j) * esz) as usize;
+                out[o..o + e].copy_from_slice(chunk);
+            }
+        }
+        Ok(Some(()))
     }
 }
 
