@@ -219,7 +219,7 @@ impl StridedView {
     ) -> Result<Option<()>> {
         let ([n0, n1], [s0, s1]) = (self.shape.as_slice(), self.strides.as_slice()) else { return Ok(None) };
         let (n0, n1, s0, s1) = (*n0, *n1, *s0, *s1);
-        if s0 != 1 || s1 <= 1 || n1 < 2 || start % n1 != 0 || count % n1 != 0 {
+        if s0 != 1 || s1 <= 1 || n1 < 2 || !start.is_multiple_of(n1) || !count.is_multiple_of(n1) {
             return Ok(None);
         }
         let esz = self.dtype.size() as u64;
