@@ -506,10 +506,10 @@ fn lora_gemm(acc: &mut [f32], coef: &[f32], a: &[f32], rank: usize, cols: usize)
     if cols == 0 || rank == 0 {
         return;
     }
-    let rows = acc.len() / cols;
     // Natively the rows split across two threads; each element is computed the same way either way.
     #[cfg(not(target_family = "wasm"))]
-    if rows >= 64 {
+    if acc.len() / cols >= 64 {
+        let rows = acc.len() / cols;
         let half = rows / 2;
         let (top, bottom) = acc.split_at_mut(half * cols);
         let (c_top, c_bottom) = coef.split_at(half * rank);
