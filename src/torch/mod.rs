@@ -103,6 +103,16 @@ const MAX_DIMS: usize = 64;
 const MAX_WALK_DEPTH: usize = 256;
 /// Most containers and values visited when looking for tensors (bounds billion-laughs graphs).
 const MAX_WALK_VISITS: u64 = 20_000_000;
+/// Most paths through which one container may be reached. Real checkpoints share tensors (tied weights), not
+/// containers; a list reached through thousands of paths is a self-multiplying graph, refused early.
+const MAX_CONTAINER_PATHS: u32 = 1000;
+
+/// What a walk has visited so far.
+#[derive(Default)]
+struct WalkBudget {
+    total: u64,
+    containers: HashMap<Id, u32>,
+}
 /// Most tensors one file may name (the largest public models have about 100,000; each costs a few hundred bytes of plan).
 pub const MAX_TENSORS: usize = 400_000;
 /// Most bytes of tensor names in one file.
@@ -260,7 +270,7 @@ impl TorchFile {
     pub fn tensors_at(&self, input: &Input, input_index: usize, id: Id, path: Vec<String>) -> Result<Vec<FoundTensor>> {
         let mut path = path;
         let mut found = Vec::new();
-        let mut visits = 0u64;
+        let mut visits = WalkBudget::default();
         let mut cache: HashMap<String, (u64, u64)> = HashMap::new();
         let mut name_bytes = 0usize;
         self.walk(id, &mut path, 0, &mut visits, &mut |path, leaf| {
@@ -288,14 +298,24 @@ impl TorchFile {
         id: Id,
         path: &mut Vec<String>,
         depth: usize,
-        visits: &mut u64,
+        visits: &mut WalkBudget,
         emit: &mut dyn FnMut(&[String], Leaf) -> Result<()>,
     ) -> Result<()> {
-        *visits += 1;
-        if *visits > MAX_WALK_VISITS {
+        visits.total += 1;
+        if visits.total > MAX_WALK_VISITS {
             return Err(Error::new(ErrorKind::Limit(format!(
                 "the pickled object has more than {MAX_WALK_VISITS} reachable values (a self-multiplying 'billion laughs' graph?)"
             ))));
+        }
+        if matches!(self.heap.get(id), Node::Dict(_) | Node::List(_) | Node::Tuple(_) | Node::Object { .. }) {
+            let n = visits.containers.entry(id).or_insert(0);
+            *n += 1;
+            if *n > MAX_CONTAINER_PATHS {
+                return Err(Error::new(ErrorKind::Limit(format!(
+                    "one container is reached through more than {MAX_CONTAINER_PATHS} paths (a self-multiplying 'billion laughs' graph) at '{}'",
+                    shorten(&path.join("."), 80)
+                ))));
+            }
         }
         if depth > MAX_WALK_DEPTH {
             return Err(Error::new(ErrorKind::Limit(format!(
