@@ -39,7 +39,9 @@ save_file(sd, sys.argv[2], metadata={"format": "pt"})
 """
 
 
-def shapes():
+def shapes(vocab=VOCAB, hidden=HIDDEN, layers=LAYERS, heads=HEADS, kv_heads=KV_HEADS, inter=INTER):
+    """Names and shapes of a Qwen2-style model (DeepSeek-R1-Distill-Qwen-1.5B by default)."""
+    VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS, INTER = vocab, hidden, layers, heads, kv_heads, inter
     kv = HIDDEN // HEADS * KV_HEADS
     yield "model.embed_tokens.weight", (VOCAB, HIDDEN)
     for i in range(LAYERS):

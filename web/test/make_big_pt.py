@@ -5,31 +5,16 @@ Run: .venv/bin/python web/test/make_big_pt.py OUT.pt
 """
 
 import sys
+from pathlib import Path
 
 import torch
 
-VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS, INTER = 32000, 1024, 12, 16, 4, 2816
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from bench_pt import shapes as qwen2_shapes  # noqa: E402  (one definition of the Qwen2 layout)
 
 
 def shapes():
-    kv = HIDDEN // HEADS * KV_HEADS
-    yield "model.embed_tokens.weight", (VOCAB, HIDDEN)
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        yield p + "input_layernorm.weight", (HIDDEN,)
-        yield p + "self_attn.q_proj.weight", (HIDDEN, HIDDEN)
-        yield p + "self_attn.q_proj.bias", (HIDDEN,)
-        yield p + "self_attn.k_proj.weight", (kv, HIDDEN)
-        yield p + "self_attn.k_proj.bias", (kv,)
-        yield p + "self_attn.v_proj.weight", (kv, HIDDEN)
-        yield p + "self_attn.v_proj.bias", (kv,)
-        yield p + "self_attn.o_proj.weight", (HIDDEN, HIDDEN)
-        yield p + "post_attention_layernorm.weight", (HIDDEN,)
-        yield p + "mlp.gate_proj.weight", (INTER, HIDDEN)
-        yield p + "mlp.up_proj.weight", (INTER, HIDDEN)
-        yield p + "mlp.down_proj.weight", (HIDDEN, INTER)
-    yield "model.norm.weight", (HIDDEN,)
-    yield "lm_head.weight", (VOCAB, HIDDEN)
+    return qwen2_shapes(vocab=32000, hidden=1024, layers=12, heads=16, kv_heads=4, inter=2816)
 
 
 if __name__ == "__main__":
