@@ -139,12 +139,18 @@ impl Heap {
 
     /// Looks up a string key in a dict node, or in an object's dict state.
     pub fn dict_get(&self, id: Id, key: &str) -> Option<Id> {
-        let items = match self.get(id) {
-            Node::Dict(items) => items,
-            Node::Object { state: Some(s), .. } => return self.dict_get(*s, key),
-            _ => return None,
-        };
-        items.iter().rev().find(|(k, _)| self.as_str(*k) == Some(key)).map(|(_, v)| *v)
+        // Objects hold their fields in a state dict; a few hops at most (a hostile state can point at itself).
+        let mut at = id;
+        for _ in 0..8 {
+            match self.get(at) {
+                Node::Dict(items) => {
+                    return items.iter().rev().find(|(k, _)| self.as_str(*k) == Some(key)).map(|(_, v)| *v);
+                }
+                Node::Object { state: Some(s), .. } => at = *s,
+                _ => return None,
+            }
+        }
+        None
     }
 
     /// A short human description of a node, for messages and `inspect`.
@@ -168,7 +174,11 @@ impl Heap {
             Node::Dict(v) => format!("<dict of {}>", v.len()),
             Node::Set(v) => format!("<set of {}>", v.len()),
             Node::Global { module, name } => format!("{module}.{name}"),
-            Node::Object { callable, .. } => format!("<{} object>", self.describe(*callable)),
+            // Not recursive: a hostile pickle can chain calls of calls arbitrarily deep.
+            Node::Object { callable, .. } => match self.global_name(*callable) {
+                Some(n) => format!("<{n} object>"),
+                None => "<object>".into(),
+            },
             Node::PersistentId(_) => "<persistent id>".into(),
             Node::Tensor(t) => format!("<tensor {:?}>", t.shape),
         }

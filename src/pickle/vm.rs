@@ -881,6 +881,14 @@ mod tests {
     }
 
     #[test]
+    fn an_object_whose_state_is_itself_does_not_recurse() {
+        // Namespace() with BUILD(state = the object itself), then a field lookup (found by fuzzing).
+        let (heap, root) = run(b"cargparse\nNamespace\n)R2b.").unwrap();
+        assert_eq!(heap.dict_get(root, "x"), None);
+        assert_eq!(heap.describe(root), "<argparse.Namespace object>");
+    }
+
+    #[test]
     fn mark_nesting_is_capped() {
         let mut p = vec![0x80, 2];
         p.extend(std::iter::repeat_n(b'(', 20_000));
