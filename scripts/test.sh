@@ -4,6 +4,8 @@
 # native), and the browser tests in headless Chromium.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# On failure, print what the machine had (a full disk or a memory limit explains many odd failures).
+trap 'rc=$?; if [ "$rc" -ne 0 ]; then echo "--- test.sh failed (exit $rc); machine:"; df -h . /tmp; free -m; fi' EXIT
 
 cargo fmt --all --check
 cargo clippy --all-targets -- -D warnings

@@ -56,9 +56,16 @@ def load_module(engine, path, config_key):
             pass
     module = wasmtime.Module(engine, data)
     tmp = f"{cached}.{os.getpid()}.partial"
-    with open(tmp, "wb") as f:
-        f.write(module.serialize())
-    os.replace(tmp, cached)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(module.serialize())
+        os.replace(tmp, cached)
+    except OSError as e:  # a cache, not a result: a full disk or read-only folder only costs the next run a compile
+        print(f"run.py: not caching compiled module at {cached}: {e}", file=sys.stderr)
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
     return module
 
 

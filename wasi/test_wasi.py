@@ -72,8 +72,11 @@ def built():
             pytest.fail(f"{what} not found at {p}: run `{how}`")
     # Same source? Both must report the same version (a stale .wasm would make byte comparisons meaningless).
     native = subprocess.run([str(NATIVE), "--version"], capture_output=True, text=True).stdout.strip()
-    wasm = run_wasm(["--version"]).stdout.strip()
-    assert native.split()[-1:] == wasm.split()[-1:], f"native {native!r} vs wasm {wasm!r}"
+    r = run_wasm(["--version"])
+    wasm = r.stdout.strip()
+    assert native.split()[-1:] == wasm.split()[-1:], (
+        f"native {native!r} vs wasm {wasm!r} (runner {RUNNER}, exit {r.returncode}, stderr {r.stderr[-2000:]!r})"
+    )
     if WASM.stat().st_mtime < NATIVE.stat().st_mtime - 60:
         warnings.warn(f"{WASM} is older than {NATIVE}: if the source changed in between, rebuild it (bash wasi/build.sh)")
 
