@@ -23,7 +23,7 @@ def put(target, data, limit=MAX):
 
 
 def main():
-    for p in sorted((FIX / "pt").glob("*.pt")) + sorted((FIX / "hostile").glob("*.pt")):
+    for p in sorted((FIX / "pt").glob("*.pt")) + sorted((FIX.parent / "hostile").glob("*.pt")):
         data = p.read_bytes()
         put("torch_file", data)
         try:

@@ -250,8 +250,13 @@ fn family(base: &BaseModel) -> Result<Family> {
     })
 }
 
+/// The ranks of one checkpoint (or the checkpoint and its base model) disagree about tensor `name`.
+fn ranks_disagree(name: &str, msg: String) -> Error {
+    Error::new(ErrorKind::Inconsistent(format!("tensor '{name}': {msg}")))
+}
+
 /// Concatenates `parts` along `dim` into one chunked tensor.
-fn concat(name: &str, parts: &[StridedView], dim: usize) -> Result<(Vec<u64>, Vec<Chunk>)> {
+fn concat(inputs: &[Input], name: &str, parts: &[StridedView], dim: usize) -> Result<(Vec<u64>, Vec<Chunk>)> {
     let first = parts.first().ok_or_else(|| tensor_err(name, "no parts"))?;
     let mut shape = first.shape.clone();
     if dim >= shape.len() {
@@ -264,10 +269,17 @@ fn concat(name: &str, parts: &[StridedView], dim: usize) -> Result<(Vec<u64>, Ve
             || p.shape.iter().zip(&first.shape).enumerate().any(|(d, (a, b))| d != dim && a != b)
             || p.dtype != first.dtype
         {
-            return Err(tensor_err(
+            return Err(ranks_disagree(
                 name,
-                format!("tensor-parallel parts disagree: {:?} vs {:?}", p.shape, first.shape),
-            ));
+                format!(
+                    "tensor-parallel parts disagree: {:?} {} vs {:?} {}",
+                    p.shape,
+                    p.dtype.torch_name(),
+                    first.shape,
+                    first.dtype.torch_name()
+                ),
+            )
+            .in_file(&inputs[p.input].name));
         }
         let mut offsets = vec![0u64; shape.len()];
         offsets[dim] = shape[dim];
@@ -305,10 +317,11 @@ fn check_replicated(inputs: &[Input], name: &str, parts: &[StridedView]) -> Resu
     let mut b = Vec::new();
     for (r, p) in parts.iter().enumerate().skip(1) {
         if p.shape != first.shape || p.dtype != first.dtype {
-            return Err(tensor_err(
+            return Err(ranks_disagree(
                 name,
                 format!("tensor-parallel rank {r} has shape {:?}, rank 0 {:?}", p.shape, first.shape),
-            ));
+            )
+            .in_file(&inputs[p.input].name));
         }
         let mut at = 0;
         while at < n {
@@ -318,12 +331,13 @@ fn check_replicated(inputs: &[Input], name: &str, parts: &[StridedView]) -> Resu
             first.read(inputs, at, c, &mut a, &mut window)?;
             p.read(inputs, at, c, &mut b, &mut window)?;
             if a != b {
-                return Err(tensor_err(
+                return Err(ranks_disagree(
                     name,
                     format!(
                         "replicated across tensor-parallel ranks, but rank {r} differs from rank 0 (corrupt or mismatched shards)"
                     ),
-                ));
+                )
+                .in_file(&inputs[p.input].name));
             }
             at += c;
         }
@@ -474,7 +488,7 @@ pub fn plan_megatron(
     let (es, ev) =
         find_stage(emb_key).ok_or_else(|| bad(format!("no {emb_key} on any stage")).in_file(folder.name()))?;
     let emb = need(parts(es, ev, emb_key, &mut used), emb_key)?;
-    outs.push(vocab_out("model.embed_tokens.weight", &emb, vocab)?);
+    outs.push(vocab_out(&inputs, "model.embed_tokens.weight", &emb, vocab)?);
 
     let hd = layout.kv_channels;
     let hpg = layout.heads / layout.groups;
@@ -484,7 +498,7 @@ pub fn plan_megatron(
         let get = |suffix: &str, used: &mut HashMap<(u64, usize, String), bool>| parts(s, v, &k(suffix), used);
         // Attention.
         let qkv = need(get("self_attention.linear_qkv.weight", &mut used), &k("self_attention.linear_qkv.weight"))?;
-        outs.extend(split_qkv(&hf("self_attn"), "weight", &qkv, &layout, hpg, hd)?);
+        outs.extend(split_qkv(&inputs, &hf("self_attn"), "weight", &qkv, &layout, hpg, hd)?);
         // Qwen2 always has q/k/v biases; Qwen3 and Llama only with `attention_bias: true`.
         let bias_flag = base.and_then(|b| b.flag("attention_bias"));
         if let Some(b) = get("self_attention.linear_qkv.bias", &mut used) {
@@ -494,7 +508,7 @@ pub fn plan_megatron(
                     k("self_attention.linear_qkv.bias")
                 )));
             }
-            outs.extend(split_qkv(&hf("self_attn"), "bias", &b, &layout, hpg, hd)?);
+            outs.extend(split_qkv(&inputs, &hf("self_attn"), "bias", &b, &layout, hpg, hd)?);
         } else if fam != Family::Qwen2 && bias_flag == Some(true) {
             return Err(bad(format!(
                 "{} is missing, but the base {fam:?} config says attention_bias: true",
@@ -521,16 +535,16 @@ pub fn plan_megatron(
             }
         }
         let proj = need(get("self_attention.linear_proj.weight", &mut used), &k("self_attention.linear_proj.weight"))?;
-        let (shape, chunks) = concat(&hf("self_attn.o_proj.weight"), &proj, 1)?;
+        let (shape, chunks) = concat(&inputs, &hf("self_attn.o_proj.weight"), &proj, 1)?;
         outs.push(Out { name: hf("self_attn.o_proj.weight"), shape, dtype: proj[0].dtype, chunks });
         // MLP.
         let fc1 = need(get("mlp.linear_fc1.weight", &mut used), &k("mlp.linear_fc1.weight"))?;
         if !layout.swiglu {
             return Err(Error::new(ErrorKind::Unsupported("non-gated MLPs have no Qwen/Llama equivalent".into())));
         }
-        outs.extend(split_gate_up(&hf("mlp"), &fc1)?);
+        outs.extend(split_gate_up(&inputs, &hf("mlp"), &fc1)?);
         let fc2 = need(get("mlp.linear_fc2.weight", &mut used), &k("mlp.linear_fc2.weight"))?;
-        let (shape, chunks) = concat(&hf("mlp.down_proj.weight"), &fc2, 1)?;
+        let (shape, chunks) = concat(&inputs, &hf("mlp.down_proj.weight"), &fc2, 1)?;
         outs.push(Out { name: hf("mlp.down_proj.weight"), shape, dtype: fc2[0].dtype, chunks });
         // Norms: local spec names, or Transformer Engine's fused ones.
         for (names, hf_name) in [
@@ -568,7 +582,7 @@ pub fn plan_megatron(
         let out = need(parts(s, v, out_key, &mut used), out_key)?;
         // With tied embeddings the last stage keeps a copy for its own use; HF has no lm_head then.
         if !layout.tied {
-            outs.push(vocab_out("lm_head.weight", &out, vocab)?);
+            outs.push(vocab_out(&inputs, "lm_head.weight", &out, vocab)?);
         }
     } else if !layout.tied {
         return Err(bad("untied embeddings but no output_layer.weight on any stage").in_file(folder.name()));
@@ -583,7 +597,7 @@ pub fn plan_megatron(
         }
     }
     for (name, p) in &replicated {
-        check_replicated(&inputs, name, p).map_err(|e| e.in_file(folder.name()))?;
+        check_replicated(&inputs, name, p)?;
     }
     let mut groups = Vec::new();
     let mut items = Vec::new();
@@ -636,10 +650,10 @@ fn whole(v: &StridedView) -> Chunk {
 }
 
 /// A vocabulary-parallel tensor stacked on dim 0 and cut to the first `vocab` rows.
-fn vocab_out(name: &str, parts: &[StridedView], vocab: u64) -> Result<Out> {
-    let (mut shape, chunks) = concat(name, parts, 0)?;
+fn vocab_out(inputs: &[Input], name: &str, parts: &[StridedView], vocab: u64) -> Result<Out> {
+    let (mut shape, chunks) = concat(inputs, name, parts, 0)?;
     if vocab > shape[0] {
-        return Err(tensor_err(
+        return Err(ranks_disagree(
             name,
             format!("the base config's vocab_size {vocab} exceeds the checkpoint's {} rows", shape[0]),
         ));
@@ -662,7 +676,15 @@ fn vocab_out(name: &str, parts: &[StridedView], vocab: u64) -> Result<Out> {
 }
 
 /// Splits each rank's fused QKV (`[groups_r][q heads, k, v][head_dim]` rows) into q, k and v.
-fn split_qkv(prefix: &str, what: &str, parts: &[StridedView], l: &Layout, hpg: u64, hd: u64) -> Result<Vec<Out>> {
+fn split_qkv(
+    inputs: &[Input],
+    prefix: &str,
+    what: &str,
+    parts: &[StridedView],
+    l: &Layout,
+    hpg: u64,
+    hd: u64,
+) -> Result<Vec<Out>> {
     let tp = parts.len() as u64;
     let groups_r = l.groups / tp;
     let per_group = (hpg + 2) * hd;
@@ -672,13 +694,14 @@ fn split_qkv(prefix: &str, what: &str, parts: &[StridedView], l: &Layout, hpg: u
     let name = format!("{prefix}.qkv.{what}");
     for (r, p) in parts.iter().enumerate() {
         if p.shape.first() != Some(&(groups_r * per_group)) {
-            return Err(tensor_err(
+            return Err(ranks_disagree(
                 &name,
                 format!(
                     "rank {r} holds {:?} but {groups_r} groups x ({hpg} q + k + v) x {hd} rows were expected",
                     p.shape
                 ),
-            ));
+            )
+            .in_file(&inputs[p.input].name));
         }
         for lg in 0..groups_r {
             let g = r as u64 * groups_r + lg;
@@ -706,7 +729,7 @@ fn split_qkv(prefix: &str, what: &str, parts: &[StridedView], l: &Layout, hpg: u
 }
 
 /// Splits each rank's SwiGLU fc1 (`[gate_r; up_r]`) into gate_proj and up_proj.
-fn split_gate_up(prefix: &str, parts: &[StridedView]) -> Result<Vec<Out>> {
+fn split_gate_up(inputs: &[Input], prefix: &str, parts: &[StridedView]) -> Result<Vec<Out>> {
     let name = format!("{prefix}.linear_fc1");
     let mut gate = Vec::new();
     let mut up = Vec::new();
@@ -714,7 +737,8 @@ fn split_gate_up(prefix: &str, parts: &[StridedView]) -> Result<Vec<Out>> {
     for p in parts {
         let rows = p.shape.first().copied().unwrap_or(0);
         if rows % 2 != 0 {
-            return Err(tensor_err(&name, format!("fc1 has an odd number of rows ({rows}) for a gated MLP")));
+            return Err(tensor_err(&name, format!("fc1 has an odd number of rows ({rows}) for a gated MLP"))
+                .in_file(&inputs[p.input].name));
         }
         let half = rows / 2;
         for (dst, from) in [(&mut gate, 0), (&mut up, half)] {
@@ -752,7 +776,7 @@ fn derive_layout(
             .find_map(|r| r.chunks.iter().find_map(|m| m.get(key).map(|v| v.shape.clone())))
     };
     let mismatch = |what: &str, ckpt: u64, hf: u64| {
-        Error::new(ErrorKind::NotCheckpoint(format!(
+        Error::new(ErrorKind::Inconsistent(format!(
             "the checkpoint has {what} = {ckpt} but the base config.json says {hf}: is the base model the one this checkpoint was trained from?"
         )))
         .in_file(&format!("{base_name}/config.json"))

@@ -73,8 +73,17 @@ impl ZipIndex {
     }
 
     fn read_inner(input: &Input, base: u64, len: u64) -> Result<ZipIndex> {
+        // A file that starts like a zip (a local header) but has no end record was cut short.
+        let starts_like_zip = len >= 4 && u32_at(&input.read_vec(base, 4)?, 0)? == LOCAL_SIG;
+        let cut = |what: String| {
+            if starts_like_zip {
+                Error::new(ErrorKind::Truncated(format!("a zip (it starts with a local header) without {what}")))
+            } else {
+                zerr(format!("{what}: the file is not a zip"))
+            }
+        };
         if len < 22 {
-            return Err(zerr(format!("{len} bytes is too short to be a zip (cut short?)")));
+            return Err(cut(format!("room for an end record ({len} bytes)")));
         }
         // torch writes no zip comment, so a short tail almost always holds the end record.
         let find = |tail_len: u64| -> Result<Option<(Vec<u8>, u64, usize)>> {
@@ -88,32 +97,48 @@ impl ZipIndex {
             None if len > 1024 => find(len.min(22 + 65535))?,
             None => None,
         };
-        let (tail, tail_start, eocd) =
-            found.ok_or_else(|| zerr("no end-of-central-directory record: the file is truncated or not a zip"))?;
+        let (tail, tail_start, eocd) = found.ok_or_else(|| cut("an end-of-central-directory record".into()))?;
         let rec = &tail[eocd..];
         let mut count = u16_at(rec, 10)? as u64;
         let mut cd_size = u32_at(rec, 12)? as u64;
         let mut cd_offset = u32_at(rec, 16)? as u64;
         let eocd_abs = tail_start + eocd as u64;
         let mut cd_limit = eocd_abs;
-        if count == 0xFFFF || cd_size == 0xFFFF_FFFF || cd_offset == 0xFFFF_FFFF {
-            let loc_abs = eocd_abs.checked_sub(20).ok_or_else(|| zerr("zip64 fields without a zip64 locator"))?;
-            let loc = input.read_vec(base + loc_abs, 20)?;
-            if u32_at(&loc, 0)? != ZIP64_LOCATOR_SIG {
-                return Err(zerr("zip64 fields without a zip64 locator"));
+        let saturated = count == 0xFFFF || cd_size == 0xFFFF_FFFF || cd_offset == 0xFFFF_FFFF;
+        // torch.save always writes a zip64 locator and end record, and torch's reader (miniz) trusts them over the
+        // 32-bit record, so they are read whenever present: a lying zip64 record must not convert here when torch
+        // itself refuses the file.
+        let loc = match eocd_abs.checked_sub(20) {
+            Some(loc_abs) => Some((loc_abs, input.read_vec(base + loc_abs, 20)?)),
+            None => None,
+        };
+        match loc.filter(|(_, l)| u32_at(l, 0).ok() == Some(ZIP64_LOCATOR_SIG)) {
+            Some((loc_abs, loc)) => {
+                let z64_abs = u64_at(&loc, 8)?;
+                if z64_abs.checked_add(56).is_none_or(|e| e > loc_abs) {
+                    return Err(zerr(format!("zip64 end record offset {z64_abs} lies outside the file")));
+                }
+                let z = input.read_vec(base + z64_abs, 56)?;
+                if u32_at(&z, 0)? != ZIP64_EOCD_SIG {
+                    return Err(zerr(format!("no zip64 end record at offset {z64_abs}")));
+                }
+                let (count64, size64, offset64) = (u64_at(&z, 32)?, u64_at(&z, 40)?, u64_at(&z, 48)?);
+                for (what, short, long, sat) in [
+                    ("entry count", count, count64, 0xFFFF),
+                    ("central directory size", cd_size, size64, 0xFFFF_FFFF),
+                    ("central directory offset", cd_offset, offset64, 0xFFFF_FFFF),
+                ] {
+                    if short != sat && short != long {
+                        return Err(zerr(format!(
+                            "the zip64 end record gives {what} {long} but the end record gives {short}"
+                        )));
+                    }
+                }
+                (count, cd_size, cd_offset) = (count64, size64, offset64);
+                cd_limit = z64_abs;
             }
-            let z64_abs = u64_at(&loc, 8)?;
-            if z64_abs.checked_add(56).is_none_or(|e| e > loc_abs) {
-                return Err(zerr(format!("zip64 end record offset {z64_abs} lies outside the file")));
-            }
-            let z = input.read_vec(base + z64_abs, 56)?;
-            if u32_at(&z, 0)? != ZIP64_EOCD_SIG {
-                return Err(zerr(format!("no zip64 end record at offset {z64_abs}")));
-            }
-            count = u64_at(&z, 32)?;
-            cd_size = u64_at(&z, 40)?;
-            cd_offset = u64_at(&z, 48)?;
-            cd_limit = z64_abs;
+            None if saturated => return Err(zerr("zip64 fields without a zip64 locator")),
+            None => {}
         }
         let cd_end = cd_offset
             .checked_add(cd_size)
@@ -206,7 +231,13 @@ fn parse_cdir_record(cd: &[u8], at: &mut usize, cd_offset: u64) -> Result<ZipEnt
     let name_start = base + 46;
     let name_bytes =
         cd.get(name_start..name_start + name_len).ok_or_else(|| zerr("central directory record cut short"))?;
-    let name = String::from_utf8_lossy(name_bytes).into_owned();
+    let name = String::from_utf8(name_bytes.to_vec()).map_err(|_| {
+        zerr(format!(
+            "the name of the entry at central-directory offset {} is not UTF-8 ('{}')",
+            cd_offset + base as u64,
+            String::from_utf8_lossy(name_bytes).escape_debug()
+        ))
+    })?;
     let extra = cd
         .get(name_start + name_len..name_start + name_len + extra_len)
         .ok_or_else(|| zerr("central directory record cut short"))?;

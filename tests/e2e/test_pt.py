@@ -19,9 +19,7 @@ from safetensors import safe_open
 from conftest import FIXTURES, INDEX, assert_same, expected_tensors, load_output, read_header, shard_files, tensor_bytes
 
 PT_FILES = sorted((FIXTURES / "pt").glob("*.pt")) + [FIXTURES / "sample" / "full_weights.pt"]
-HOSTILE = FIXTURES / "hostile"
-HOSTILE_EXPECTED = json.loads((HOSTILE / "expected.json").read_text())
-CANARY = Path("/tmp/ckptconv_hostile_canary")  # what the hostile payloads would create if ever run
+HOSTILE = FIXTURES.parent / "hostile"
 DTYPE_FLAGS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CASTABLE = {torch.float64, torch.float32, torch.float16, torch.bfloat16}  # float8 is kept as is
 QWEN_PT = FIXTURES / "pt" / "qwen2_tiny_full_weights.pt"
@@ -235,25 +233,7 @@ def test_deterministic(run, tmp_path, flags):
         assert x.read_bytes() == y.read_bytes(), f"{x.name} differs between runs"
 
 
-@pytest.mark.parametrize("name", sorted(k for k in HOSTILE_EXPECTED if not k.startswith("_")))
-def test_hostile_refused(run, tmp_path, name):
-    src = HOSTILE / name
-    spec = HOSTILE_EXPECTED[name]
-    CANARY.unlink(missing_ok=True)
-    out = tmp_path / "out"
-    r = run("convert", src, out, timeout=60, mem_limit=4 << 30)
-    err = r.stderr.lower()
-    assert r.returncode == 1, f"exit {r.returncode}, stderr:\n{r.stderr}"
-    assert name.lower() in err, f"stderr does not name the input file:\n{r.stderr}"
-    # File names like truncated_half.pt contain the very words searched for: match the message without them.
-    msg = err.replace(str(src).lower(), "").replace(name.lower(), "")
-    assert any(s.lower() in msg for s in spec["expect"]), f"expected one of {spec['expect']} ({spec['why']}) in:\n{r.stderr}"
-    assert "traceback" not in err and "panicked" not in err, r.stderr
-    if out.exists():
-        left = [p.name for p in out.iterdir() if p.suffix == ".safetensors" or p.name == INDEX]
-        assert not left, f"output left behind: {left}"
-    assert not CANARY.exists(), "a hostile payload was executed"
-
+# Every hostile input through `convert`: tests/e2e/test_hostile.py.
 
 def test_hostile_inspect_refused(run):
     r = run("inspect", HOSTILE / "zip_os_system.pt", timeout=60, mem_limit=4 << 30)

@@ -14,7 +14,7 @@ import { serve } from './serve.mjs';
 const PT = join(FIXTURES, 'pt/qwen2_tiny_full_weights.pt');
 const MEGATRON = join(FIXTURES, 'megatron/qwen2_tp2/actor');
 const BASE = join(FIXTURES, 'megatron/qwen2_tp2/base_hf');
-const HOSTILE = join(FIXTURES, 'hostile/pickle_os_system.pt');
+const HOSTILE = join(FIXTURES, '../hostile/pickle_os_system.pt');
 
 const SHIPPED = [
   'README.md',

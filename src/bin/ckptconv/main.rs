@@ -616,7 +616,7 @@ fn main() -> ExitCode {
     match std::panic::catch_unwind(|| run(cli)) {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
-            eprintln!("ckptconv: error: {e}");
+            eprintln!("ckptconv: error[{}]: {e}", e.label());
             ExitCode::from(1)
         }
         Err(_) => ExitCode::from(1),
