@@ -31,9 +31,9 @@ def main():
                 for n in z.namelist():
                     if n.endswith("data.pkl"):
                         put("pickle", z.read(n))
-        except zipfile.BadZipFile:
+        except (zipfile.BadZipFile, UnicodeDecodeError, ValueError, OSError):  # hostile zips Python refuses too
             put("pickle", data[:MAX])
-    for p in sorted(FIX.glob("dcp/**/.metadata")):
+    for p in sorted(FIX.glob("dcp/**/.metadata")) + sorted((FIX.parent / "hostile").glob("dcp/**/.metadata")):
         put("dcp_metadata", p.read_bytes())
         put("pickle", p.read_bytes())
     for case in ["qwen2_tp2", "qwen3_tp2", "llama_tp2"]:
