@@ -178,14 +178,12 @@ pub const ALL: [DType; 15] = [
 ];
 
 /// float32 -> bfloat16 exactly as torch's `round_to_nearest_even` does.
-#[inline]
+#[inline(always)]
 pub fn f32_to_bf16_bits(x: f32) -> u16 {
-    if x.is_nan() {
-        return 0x7FC0;
-    }
     let bits = x.to_bits();
-    let bias = 0x7FFF + ((bits >> 16) & 1);
-    (bits.wrapping_add(bias) >> 16) as u16
+    let rounded = (bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16) as u16;
+    // A select rather than an early return, so loops over it vectorize.
+    if x.is_nan() { 0x7FC0 } else { rounded }
 }
 
 /// Applies `f` element-wise; generic over sizes so each (source, target) pair compiles to its own loop.
@@ -198,7 +196,7 @@ fn map<const SI: usize, const DI: usize>(input: &[u8], out: &mut [u8], f: impl F
     }
 }
 
-#[inline]
+#[inline(always)]
 fn bf16_to_f32(b: [u8; 2]) -> f32 {
     f32::from_bits((u16::from_le_bytes(b) as u32) << 16)
 }
@@ -211,6 +209,47 @@ fn f16_to_f32(b: [u8; 2]) -> f32 {
 #[inline]
 fn f32_to_f16_bytes(v: f32) -> [u8; 2] {
     f16::from_f32(v).to_bits().to_le_bytes()
+}
+
+/// Widens little-endian float elements of type `src` into `out` (exact for f16, bf16 and f32; f64 rounds to
+/// nearest, as torch's narrowing does). `out` holds as many elements as `input`.
+#[inline(always)]
+pub fn widen_to_f32(src: DType, input: &[u8], out: &mut [f32]) {
+    #[inline(always)]
+    fn each<const N: usize>(input: &[u8], out: &mut [f32], f: impl Fn([u8; N]) -> f32) {
+        for (i, o) in input.chunks_exact(N).zip(out.iter_mut()) {
+            let mut a = [0u8; N];
+            a.copy_from_slice(i);
+            *o = f(a);
+        }
+    }
+    match src {
+        DType::BF16 => each(input, out, bf16_to_f32),
+        DType::F16 => each(input, out, f16_to_f32),
+        DType::F32 => each(input, out, f32::from_le_bytes),
+        DType::F64 => each(input, out, |b: [u8; 8]| f64::from_le_bytes(b) as f32),
+        // Callers only widen the float types; anything else leaves `out` as it was.
+        _ => {}
+    }
+}
+
+/// Narrows f32 values into little-endian elements of `dst`, with the same rounding as [`cast`] from F32
+/// (so `narrow_from_f32(v, d, out)` equals `cast(F32, d, bytes of v, out)`).
+#[inline(always)]
+pub fn narrow_from_f32(values: &[f32], dst: DType, out: &mut [u8]) {
+    #[inline(always)]
+    fn each<const N: usize>(values: &[f32], out: &mut [u8], f: impl Fn(f32) -> [u8; N]) {
+        for (v, o) in values.iter().zip(out.chunks_exact_mut(N)) {
+            o.copy_from_slice(&f(*v));
+        }
+    }
+    match dst {
+        DType::BF16 => each(values, out, |v| f32_to_bf16_bits(v).to_le_bytes()),
+        DType::F16 => each(values, out, f32_to_f16_bytes),
+        DType::F64 => each(values, out, |v| (v as f64).to_le_bytes()),
+        // F32, and (never asked for) anything else: the f32 bytes.
+        _ => each(values, out, f32::to_le_bytes),
+    }
 }
 
 /// Converts little-endian elements of `src` into `dst`. Both types must be castable floats,

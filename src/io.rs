@@ -23,6 +23,11 @@ pub trait ReadAt {
     }
     /// Drops caches and decoder state; called when a tensor that read this source is done.
     fn release(&self) {}
+    /// A second handle on the same bytes that another thread may read from, when this source can give one
+    /// (a native file: another descriptor); work that splits across threads then reads in parallel.
+    fn sendable(&self) -> Option<Box<dyn ReadAt + Send + Sync>> {
+        None
+    }
 }
 
 /// An input shared by several readers (a `.distcp` file and the compressed items inside it).
@@ -66,6 +71,21 @@ fn eof() -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "read past end")
 }
 
+/// Reads exactly `buf.len()` bytes at `offset` of `data`, with a clear error naming `name` on a short file.
+pub fn read_exact_named(name: &str, data: &dyn ReadAt, offset: u64, buf: &mut [u8]) -> Result<()> {
+    let end = offset
+        .checked_add(buf.len() as u64)
+        .ok_or_else(|| Error::new(ErrorKind::Truncated(format!("offset {offset} overflows"))).in_file(name))?;
+    if end > data.len() {
+        return Err(Error::new(ErrorKind::Truncated(format!(
+            "needs bytes {offset}..{end} but the file has {}",
+            data.len()
+        )))
+        .in_file(name));
+    }
+    data.read_at(offset, buf).map_err(|e| Error::new(ErrorKind::Io(format!("read at {offset}: {e}"))).in_file(name))
+}
+
 /// A named input: the name is what errors and reports show.
 pub struct Input {
     /// Display name (a path on disk, a relative path in a dropped folder).
@@ -82,19 +102,7 @@ impl Input {
 
     /// Reads exactly `buf.len()` bytes at `offset`, with a clear error on a short file.
     pub fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let end = offset.checked_add(buf.len() as u64).ok_or_else(|| {
-            Error::new(ErrorKind::Truncated(format!("offset {offset} overflows"))).in_file(&self.name)
-        })?;
-        if end > self.data.len() {
-            return Err(Error::new(ErrorKind::Truncated(format!(
-                "needs bytes {offset}..{end} but the file has {}",
-                self.data.len()
-            )))
-            .in_file(&self.name));
-        }
-        self.data
-            .read_at(offset, buf)
-            .map_err(|e| Error::new(ErrorKind::Io(format!("read at {offset}: {e}"))).in_file(&self.name))
+        read_exact_named(&self.name, &*self.data, offset, buf)
     }
 
     /// Reads `len` bytes at `offset` into a new buffer; `len` is checked against the file first.

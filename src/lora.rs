@@ -188,7 +188,7 @@ pub fn merge(plan: Plan, opts: &LoraOptions) -> Result<Plan> {
             return Err(tensor_err(&t.name, "LoRA on a non-float weight"));
         }
         let (Some(a), Some(b)) = (p.a, p.b) else { continue };
-        let merge = LoraMerge { base: t.source, a: a.source, b: b.source, scale, rows, cols, rank };
+        let merge = LoraMerge { base: t.source, a: a.source, b: b.source, scale, rows, cols, rank, out: t.dtype };
         out.push(PlannedTensor {
             name: plain_name(&t.name),
             dtype: t.dtype,

@@ -450,6 +450,8 @@ pub struct LoraMerge {
     pub cols: u64,
     /// LoRA rank.
     pub rank: u64,
+    /// Output element type: the f32 result is rounded once, straight to it.
+    pub out: DType,
 }
 
 impl Eq for LoraMerge {}
@@ -459,70 +461,182 @@ impl LoraMerge {
         let (cols, rank) = (self.cols as usize, self.rank as usize);
         let (r0, r1) = (start / self.cols, (start + count) / self.cols);
         let rows = (r1 - r0) as usize;
-        let mut raw = std::mem::take(&mut bufs.lora_raw);
-        let mut acc = std::mem::take(&mut bufs.lora_acc);
-        let mut b = std::mem::take(&mut bufs.lora_b);
         // A is read once per tensor and kept in f32.
         let key = self as *const LoraMerge as usize;
         if bufs.lora_a.0 != key {
             let n = self.rank * self.cols;
+            let mut raw = std::mem::take(&mut bufs.lora_small);
             fit(&mut raw, (n * self.a.dtype().size() as u64) as usize);
             self.a.read(inputs, 0, n, &mut raw, bufs)?;
             let mut a = std::mem::take(&mut bufs.lora_a.1);
-            to_f32(self.a.dtype(), &raw, &mut a);
+            a.resize(n as usize, 0.0);
+            dtype::widen_to_f32(self.a.dtype(), &raw, &mut a);
             bufs.lora_a = (key, a);
+            bufs.lora_small = raw;
         }
-        let a = std::mem::take(&mut bufs.lora_a.1);
+        // B's rows for this band, times the scale (exact for alpha = r; the same rounding everywhere otherwise).
         let nb = (r1 - r0) * self.rank;
+        let mut raw = std::mem::take(&mut bufs.lora_small);
         fit(&mut raw, (nb * self.b.dtype().size() as u64) as usize);
         self.b.read(inputs, r0 * self.rank, nb, &mut raw, bufs)?;
-        to_f32(self.b.dtype(), &raw, &mut b);
-        fit(&mut raw, (count * self.base.dtype().size() as u64) as usize);
-        self.base.read(inputs, start, count, &mut raw, bufs)?;
-        to_f32(self.base.dtype(), &raw, &mut acc);
-        if acc.len() != rows * cols || b.len() != rows * rank || a.len() != rank * cols {
-            return Err(Error::new(ErrorKind::Output("internal: LoRA band sizes disagree".into())));
-        }
-        // acc (rows x cols) += (scale * b) (rows x rank) @ a (rank x cols), all row-major f32.
+        let mut b = std::mem::take(&mut bufs.lora_b);
+        b.resize(nb as usize, 0.0);
+        dtype::widen_to_f32(self.b.dtype(), &raw, &mut b);
+        bufs.lora_small = raw;
         for c in b.iter_mut() {
             *c *= self.scale;
         }
-        lora_gemm(&mut acc, &b, &a, rank, cols);
-        for (o, v) in out.chunks_exact_mut(4).zip(&acc) {
-            o.copy_from_slice(&v.to_le_bytes());
+        // W's rows, raw. A contiguous W in a file that can be shared is read by the workers themselves, block by
+        // block; otherwise it is read here, whole, first.
+        let wsz = self.base.dtype().size();
+        let shared = match &self.base {
+            Source::View(v) if v.is_contiguous() => inputs.get(v.input).and_then(|i| {
+                let reader = i.data.sendable()?;
+                Some((i.name.as_str(), reader, v.data_start + (v.offset + start) * wsz as u64))
+            }),
+            _ => None,
+        };
+        let mut raw = std::mem::take(&mut bufs.lora_raw);
+        if shared.is_none() {
+            fit(&mut raw, (count as usize) * wsz);
+            self.base.read(inputs, start, count, &mut raw, bufs)?;
         }
+        let w = match &shared {
+            Some((name, reader, offset)) => WRows::File { name, reader: &**reader, offset: *offset },
+            None => WRows::Mem(&raw),
+        };
+        let mut acc = std::mem::take(&mut bufs.lora_acc);
+        acc.resize(rows * cols, 0.0);
+        let a = std::mem::take(&mut bufs.lora_a.1);
+        let sizes_agree = b.len() == rows * rank
+            && a.len() == rank * cols
+            && (shared.is_some() || raw.len() == rows * cols * wsz)
+            && out.len() == rows * cols * self.out.size();
+        let result = if sizes_agree {
+            let band = Band { w, w_dtype: self.base.dtype(), coef: &b, a: &a, rank, cols, out_dtype: self.out };
+            lora_band(&band, &mut acc, out)
+        } else {
+            Err(Error::new(ErrorKind::Output("internal: LoRA band sizes disagree".into())))
+        };
         bufs.lora_a.1 = a;
         bufs.lora_raw = raw;
         bufs.lora_acc = acc;
         bufs.lora_b = b;
-        Ok(())
+        result
     }
+}
+
+/// Where a band's W rows are: already in memory, or in a file each worker reads its own blocks from.
+enum WRows<'a> {
+    Mem(&'a [u8]),
+    File { name: &'a str, reader: &'a (dyn crate::io::ReadAt + Send + Sync), offset: u64 },
+}
+
+/// One band of a LoRA merge: `out = narrow(widen(w) + coef @ a)`, row-major.
+struct Band<'a> {
+    w: WRows<'a>,
+    w_dtype: DType,
+    coef: &'a [f32],
+    a: &'a [f32],
+    rank: usize,
+    cols: usize,
+    out_dtype: DType,
+}
+
+/// Runs a band in blocks of rows small enough (about 256 KiB of f32) that reading, widening, merging and
+/// narrowing a block all happen in one core's cache. Natively two workers take blocks from a shared queue, so
+/// they stay balanced while the writer thread takes its share of the CPU; every element is computed the same
+/// way whoever computes it.
+fn lora_band(band: &Band, acc: &mut [f32], out: &mut [u8]) -> Result<()> {
+    let cols = band.cols;
+    if cols == 0 {
+        return Ok(());
+    }
+    let osz = band.out_dtype.size();
+    let rows = acc.len() / cols;
+    let block = ((256 << 10) / (cols * 4)).max(1).next_multiple_of(4);
+    let queue = std::sync::Mutex::new(acc.chunks_mut(block * cols).zip(out.chunks_mut(block * cols * osz)).enumerate());
+    let work = || -> Result<()> {
+        let mut wbuf = Vec::new();
+        loop {
+            // A poisoned queue means the other worker panicked; the scope re-raises that panic.
+            let Some((i, (acc, out))) = queue.lock().ok().and_then(|mut q| q.next()) else { return Ok(()) };
+            lora_block(band, i * block, acc, out, &mut wbuf)?;
+        }
+    };
+    #[cfg(not(target_family = "wasm"))]
+    if rows >= 64 {
+        return std::thread::scope(|s| {
+            let other = s.spawn(work);
+            let mine = work();
+            let theirs = other.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            mine.and(theirs)
+        });
+    }
+    let _ = rows; // one worker in wasm
+    work()
+}
+
+/// Rows `first..first + acc.len() / cols` of a band.
+fn lora_block(band: &Band, first: usize, acc: &mut [f32], out: &mut [u8], wbuf: &mut Vec<u8>) -> Result<()> {
+    let (cols, rank) = (band.cols, band.rank);
+    let rows = acc.len() / cols;
+    let wsz = band.w_dtype.size();
+    let w: &[u8] = match band.w {
+        WRows::Mem(raw) => &raw[first * cols * wsz..(first + rows) * cols * wsz],
+        WRows::File { name, reader, offset } => {
+            fit(wbuf, rows * cols * wsz);
+            crate::io::read_exact_named(name, reader, offset + (first * cols * wsz) as u64, wbuf)?;
+            wbuf
+        }
+    };
+    let coef = &band.coef[first * rank..(first + rows) * rank];
+    #[cfg(target_arch = "x86_64")]
+    if band.w_dtype == DType::BF16 && band.out_dtype == DType::BF16 && std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports AVX-512F, checked just above.
+        unsafe { lora_rows_avx512_bf16(w, coef, band.a, rank, cols, out) };
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        unsafe {
+            widen_avx2(band.w_dtype, w, acc);
+            lora_rows(acc, coef, band.a, rank, cols);
+            narrow_avx2(acc, band.out_dtype, out);
+        }
+        return Ok(());
+    }
+    dtype::widen_to_f32(band.w_dtype, w, acc);
+    lora_rows(acc, coef, band.a, rank, cols);
+    dtype::narrow_from_f32(acc, band.out_dtype, out);
+    Ok(())
+}
+
+/// [`dtype::widen_to_f32`] compiled with AVX2 (the same element function, in wider vectors).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn widen_avx2(src: DType, input: &[u8], out: &mut [f32]) {
+    dtype::widen_to_f32(src, input, out);
+}
+
+/// [`dtype::narrow_from_f32`] compiled with AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn narrow_avx2(values: &[f32], dst: DType, out: &mut [u8]) {
+    dtype::narrow_from_f32(values, dst, out);
 }
 
 /// `acc += coef @ a` with a fixed order of operations: every element adds its rank terms one by one, in
 /// order, as separate multiplies and adds (never fused). The result is therefore the same bits on every
 /// target and whatever the vector width, so native, WASI and browser outputs stay byte-identical.
-fn lora_gemm(acc: &mut [f32], coef: &[f32], a: &[f32], rank: usize, cols: usize) {
-    if cols == 0 || rank == 0 {
-        return;
-    }
-    // Natively the rows split across two threads; each element is computed the same way either way.
-    #[cfg(not(target_family = "wasm"))]
-    if acc.len() / cols >= 64 {
-        let rows = acc.len() / cols;
-        let half = rows / 2;
-        let (top, bottom) = acc.split_at_mut(half * cols);
-        let (c_top, c_bottom) = coef.split_at(half * rank);
-        std::thread::scope(|s| {
-            s.spawn(|| lora_rows(top, c_top, a, rank, cols));
-            lora_rows(bottom, c_bottom, a, rank, cols);
-        });
-        return;
-    }
-    lora_rows(acc, coef, a, rank, cols);
-}
-
 fn lora_rows(acc: &mut [f32], coef: &[f32], a: &[f32], rank: usize, cols: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports AVX-512F, checked just above.
+        unsafe { lora_rows_avx512(acc, coef, a, rank, cols) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
@@ -532,16 +646,254 @@ fn lora_rows(acc: &mut [f32], coef: &[f32], a: &[f32], rank: usize, cols: usize)
     lora_rows_plain(acc, coef, a, rank, cols);
 }
 
-/// The same loop compiled with AVX2 enabled (wider vectors, same operations in the same order).
+/// Columns of `A` kept hot in L1 while every row group of the band passes over them (rank x 192 f32 = 24 KiB at r = 32).
+#[cfg(target_arch = "x86_64")]
+const LORA_COL_BLOCK: usize = 192;
+
+/// The AVX2 kernel: a 4-row x 24-column tile of `acc` lives in twelve registers while the rank loop runs, so each
+/// element still gets `acc = acc + c_k * a_kj` for k = 0, 1, ... in order, as separate multiplies and adds (no FMA):
+/// the same bits as [`lora_rows_plain`], with the loads and stores of `acc` done once instead of `rank` times.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn lora_rows_avx2(acc: &mut [f32], coef: &[f32], a: &[f32], rank: usize, cols: usize) {
-    lora_rows_plain(acc, coef, a, rank, cols);
+    use std::arch::x86_64::*;
+    let rows = acc.len() / cols;
+    let groups = rows / 4;
+    assert!(coef.len() >= rows * rank && a.len() >= rank * cols);
+    let (accp, cp, ap) = (acc.as_mut_ptr(), coef.as_ptr(), a.as_ptr());
+    for jb in (0..cols).step_by(LORA_COL_BLOCK) {
+        let je = (jb + LORA_COL_BLOCK).min(cols);
+        let wide_end = jb + (je - jb) / 24 * 24;
+        for g in 0..groups {
+            let r = g * 4;
+            let mut j = jb;
+            while j < wide_end {
+                // SAFETY: rows r..r+4 exist (g < rows / 4) and columns j..j+24 lie inside the row (j + 24 <= je <=
+                // cols); A holds rank rows of cols columns and coef rows x rank values (asserted above).
+                unsafe {
+                    let o = [
+                        accp.add(r * cols + j),
+                        accp.add((r + 1) * cols + j),
+                        accp.add((r + 2) * cols + j),
+                        accp.add((r + 3) * cols + j),
+                    ];
+                    let mut t = [[_mm256_setzero_ps(); 3]; 4];
+                    for (ti, &op) in t.iter_mut().zip(&o) {
+                        for (v, tv) in ti.iter_mut().enumerate() {
+                            *tv = _mm256_loadu_ps(op.add(8 * v));
+                        }
+                    }
+                    for k in 0..rank {
+                        let ak = ap.add(k * cols + j);
+                        let av = [_mm256_loadu_ps(ak), _mm256_loadu_ps(ak.add(8)), _mm256_loadu_ps(ak.add(16))];
+                        for (i, ti) in t.iter_mut().enumerate() {
+                            let c = _mm256_set1_ps(*cp.add((r + i) * rank + k));
+                            for (tv, &x) in ti.iter_mut().zip(&av) {
+                                *tv = _mm256_add_ps(*tv, _mm256_mul_ps(c, x));
+                            }
+                        }
+                    }
+                    for (ti, &op) in t.iter().zip(&o) {
+                        for (v, tv) in ti.iter().enumerate() {
+                            _mm256_storeu_ps(op.add(8 * v), *tv);
+                        }
+                    }
+                }
+                j += 24;
+            }
+            // Columns left over in this block: one element at a time, same order.
+            for row in r..r + 4 {
+                let c = &coef[row * rank..(row + 1) * rank];
+                for jj in wide_end..je {
+                    let mut v = acc[row * cols + jj];
+                    for (k, &ck) in c.iter().enumerate() {
+                        v += ck * a[k * cols + jj];
+                    }
+                    acc[row * cols + jj] = v;
+                }
+            }
+        }
+    }
+    // Rows left over (fewer than four).
+    let done = groups * 4 * cols;
+    lora_rows_plain(&mut acc[done..], &coef[groups * 4 * rank..], a, rank, cols);
 }
 
-/// Columns of an output tile: a tile of four rows stays in L1 while the rank loop runs over it.
+/// The AVX-512 kernel: the AVX2 kernel's scheme with 16-lane vectors, a 4-row x 64-column tile in sixteen
+/// registers; the same operations in the same order per element, so the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn lora_rows_avx512(acc: &mut [f32], coef: &[f32], a: &[f32], rank: usize, cols: usize) {
+    use std::arch::x86_64::*;
+    const BLOCK: usize = 256; // rank x 256 f32 = 32 KiB of A at r = 32
+    let rows = acc.len() / cols;
+    let groups = rows / 4;
+    assert!(coef.len() >= rows * rank && a.len() >= rank * cols);
+    let (accp, cp, ap) = (acc.as_mut_ptr(), coef.as_ptr(), a.as_ptr());
+    for jb in (0..cols).step_by(BLOCK) {
+        let je = (jb + BLOCK).min(cols);
+        let wide_end = jb + (je - jb) / 64 * 64;
+        for g in 0..groups {
+            let r = g * 4;
+            let mut j = jb;
+            while j < wide_end {
+                // SAFETY: as in lora_rows_avx2, with 64 columns (j + 64 <= je <= cols).
+                unsafe {
+                    let o = [
+                        accp.add(r * cols + j),
+                        accp.add((r + 1) * cols + j),
+                        accp.add((r + 2) * cols + j),
+                        accp.add((r + 3) * cols + j),
+                    ];
+                    let mut t = [[_mm512_setzero_ps(); 4]; 4];
+                    for (ti, &op) in t.iter_mut().zip(&o) {
+                        for (v, tv) in ti.iter_mut().enumerate() {
+                            *tv = _mm512_loadu_ps(op.add(16 * v));
+                        }
+                    }
+                    for k in 0..rank {
+                        let ak = ap.add(k * cols + j);
+                        let av = [
+                            _mm512_loadu_ps(ak),
+                            _mm512_loadu_ps(ak.add(16)),
+                            _mm512_loadu_ps(ak.add(32)),
+                            _mm512_loadu_ps(ak.add(48)),
+                        ];
+                        for (i, ti) in t.iter_mut().enumerate() {
+                            let c = _mm512_set1_ps(*cp.add((r + i) * rank + k));
+                            for (tv, &x) in ti.iter_mut().zip(&av) {
+                                *tv = _mm512_add_ps(*tv, _mm512_mul_ps(c, x));
+                            }
+                        }
+                    }
+                    for (ti, &op) in t.iter().zip(&o) {
+                        for (v, tv) in ti.iter().enumerate() {
+                            _mm512_storeu_ps(op.add(16 * v), *tv);
+                        }
+                    }
+                }
+                j += 64;
+            }
+            for row in r..r + 4 {
+                let c = &coef[row * rank..(row + 1) * rank];
+                for jj in wide_end..je {
+                    let mut v = acc[row * cols + jj];
+                    for (k, &ck) in c.iter().enumerate() {
+                        v += ck * a[k * cols + jj];
+                    }
+                    acc[row * cols + jj] = v;
+                }
+            }
+        }
+    }
+    let done = groups * 4 * cols;
+    lora_rows_plain(&mut acc[done..], &coef[groups * 4 * rank..], a, rank, cols);
+}
+
+/// bf16 in, bf16 out, with AVX-512: the AVX-512 kernel's tiles, but W is widened from bf16 as a tile is loaded and
+/// the sum is rounded to bf16 as it is stored (round to nearest even, NaN to 0x7FC0: [`dtype::f32_to_bf16_bits`]
+/// in vector form), so no f32 copy of the band exists. Per element: widen, add the rank terms in order, round once:
+/// the same bits as widening, [`lora_rows_plain`] and narrowing.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn lora_rows_avx512_bf16(w: &[u8], coef: &[f32], a: &[f32], rank: usize, cols: usize, out: &mut [u8]) {
+    use std::arch::x86_64::*;
+    const BLOCK: usize = 256;
+    let rows = w.len() / 2 / cols;
+    let groups = rows / 4;
+    assert!(coef.len() >= rows * rank && a.len() >= rank * cols && out.len() >= rows * cols * 2);
+    let (wp, op, cp, ap) = (w.as_ptr(), out.as_mut_ptr(), coef.as_ptr(), a.as_ptr());
+    // SAFETY (both helpers): `p` points at 16 bf16 values inside the band (checked by the callers' bounds).
+    let load = |p: *const u8| unsafe {
+        let h = _mm256_loadu_si256(p as *const __m256i);
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+    };
+    let store = |p: *mut u8, v: __m512| unsafe {
+        let bits = _mm512_castps_si512(v);
+        let lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+        let bias = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb);
+        let rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
+        let nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        let r = _mm512_mask_blend_epi32(nan, rounded, _mm512_set1_epi32(0x7FC0));
+        _mm256_storeu_si256(p as *mut __m256i, _mm512_cvtepi32_epi16(r));
+    };
+    for jb in (0..cols).step_by(BLOCK) {
+        let je = (jb + BLOCK).min(cols);
+        let wide_end = jb + (je - jb) / 64 * 64;
+        for g in 0..groups {
+            let r = g * 4;
+            let mut j = jb;
+            while j < wide_end {
+                // SAFETY: rows r..r+4 and columns j..j+64 lie inside the band (j + 64 <= je <= cols).
+                unsafe {
+                    let at = [r * cols + j, (r + 1) * cols + j, (r + 2) * cols + j, (r + 3) * cols + j];
+                    let mut t = [[_mm512_setzero_ps(); 4]; 4];
+                    for (ti, &e) in t.iter_mut().zip(&at) {
+                        for (v, tv) in ti.iter_mut().enumerate() {
+                            *tv = load(wp.add(2 * (e + 16 * v)));
+                        }
+                    }
+                    for k in 0..rank {
+                        let ak = ap.add(k * cols + j);
+                        let av = [
+                            _mm512_loadu_ps(ak),
+                            _mm512_loadu_ps(ak.add(16)),
+                            _mm512_loadu_ps(ak.add(32)),
+                            _mm512_loadu_ps(ak.add(48)),
+                        ];
+                        for (i, ti) in t.iter_mut().enumerate() {
+                            let c = _mm512_set1_ps(*cp.add((r + i) * rank + k));
+                            for (tv, &x) in ti.iter_mut().zip(&av) {
+                                *tv = _mm512_add_ps(*tv, _mm512_mul_ps(c, x));
+                            }
+                        }
+                    }
+                    for (ti, &e) in t.iter().zip(&at) {
+                        for (v, tv) in ti.iter().enumerate() {
+                            store(op.add(2 * (e + 16 * v)), *tv);
+                        }
+                    }
+                }
+                j += 64;
+            }
+            for row in r..r + 4 {
+                bf16_tail(w, coef, a, rank, cols, out, row, wide_end..je);
+            }
+        }
+    }
+    for row in groups * 4..rows {
+        bf16_tail(w, coef, a, rank, cols, out, row, 0..cols);
+    }
+}
+
+/// One row's columns `range` of a bf16 merge, an element at a time (the same operations as the vector paths).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn bf16_tail(
+    w: &[u8],
+    coef: &[f32],
+    a: &[f32],
+    rank: usize,
+    cols: usize,
+    out: &mut [u8],
+    row: usize,
+    range: std::ops::Range<usize>,
+) {
+    let c = &coef[row * rank..(row + 1) * rank];
+    for j in range {
+        let e = row * cols + j;
+        let mut v = f32::from_bits((u16::from_le_bytes([w[2 * e], w[2 * e + 1]]) as u32) << 16);
+        for (k, &ck) in c.iter().enumerate() {
+            v += ck * a[k * cols + j];
+        }
+        out[2 * e..2 * e + 2].copy_from_slice(&dtype::f32_to_bf16_bits(v).to_le_bytes());
+    }
+}
+
+/// Columns of an output tile in the portable kernel: a tile of four rows stays in L1 while the rank loop runs over it.
 const LORA_TILE: usize = 256;
 
+/// The portable kernel (WASI, the browser, CPUs without AVX2), and the reference order of operations.
 #[inline(always)]
 fn lora_rows_plain(acc: &mut [f32], coef: &[f32], a: &[f32], rank: usize, cols: usize) {
     for (rows4, c4) in acc.chunks_mut(4 * cols).zip(coef.chunks(4 * rank)) {
@@ -556,22 +908,6 @@ fn lora_rows_plain(acc: &mut [f32], coef: &[f32], a: &[f32], rank: usize, cols: 
                     }
                 }
             }
-        }
-    }
-}
-
-/// Little-endian elements of a float type into `out` as f32 (exact for f16/bf16/f32), reusing its allocation.
-fn to_f32(src: DType, bytes: &[u8], out: &mut Vec<f32>) {
-    out.clear();
-    match src {
-        DType::BF16 => {
-            out.extend(bytes.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)))
-        }
-        DType::F32 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
-        _ => {
-            let mut wide = vec![0u8; bytes.len() / src.size() * 4];
-            dtype::cast(src, DType::F32, bytes, &mut wide);
-            out.extend(wide.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
         }
     }
 }
@@ -593,7 +929,7 @@ impl Source {
         match self {
             Source::View(v) => v.dtype,
             Source::Chunked(c) => c.dtype,
-            Source::Lora(_) => DType::F32,
+            Source::Lora(l) => l.out,
         }
     }
 
@@ -641,7 +977,10 @@ pub struct PlannedTensor {
 struct ChunkBuffers {
     window: Window,
     rows: Vec<u8>,
+    /// W's raw rows for a LoRA band.
     lora_raw: Vec<u8>,
+    /// A's or B's raw bytes (kept apart from `lora_raw` so neither buffer shrinks and regrows every band).
+    lora_small: Vec<u8>,
     lora_acc: Vec<f32>,
     lora_b: Vec<f32>,
     /// LoRA `A` in f32, keyed by the merge it belongs to.
@@ -679,7 +1018,8 @@ impl PlannedTensor {
     /// Elements per band: at most [`BAND_BYTES`] of source or output, in whole band units (one row of a
     /// chunked tensor at least, so a single row wider than the band is read whole).
     pub fn band_elems(&self) -> u64 {
-        let widest = self.dtype.size().max(self.source.dtype().size()) as u64;
+        let accumulator = if matches!(self.source, Source::Lora(_)) { 4 } else { 1 }; // LoRA bands are merged in f32
+        let widest = self.dtype.size().max(self.source.dtype().size()).max(accumulator) as u64;
         let unit = self.source.band_unit();
         ((BAND_BYTES as u64 / widest) / unit).max(1) * unit
     }
@@ -817,5 +1157,93 @@ mod tests {
         let mut out = vec![0u8; 4];
         s.read(&inputs, 0, 1, &mut out, &mut Window::default()).unwrap();
         assert_eq!(f32::from_le_bytes(out.try_into().unwrap()), 7.0);
+    }
+
+    /// The register-blocked AVX2 kernel and the threaded split give the same bits as the one-element-at-a-time loop,
+    /// on shapes that leave partial row groups, partial 24-column tiles and partial column blocks.
+    #[test]
+    fn lora_kernels_agree_bit_for_bit() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            // Values of mixed magnitude, so that the order of additions matters to the last bit.
+            ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * if seed & 1 == 0 { 1.0 } else { 1e-3 }
+        };
+        for (rows, cols, rank) in
+            [(1, 5, 1), (7, 23, 3), (9, 200, 8), (130, 413, 32), (66, 24, 16), (4, 192 + 24 + 7, 5)]
+        {
+            let mut w: Vec<f32> = (0..rows * cols).map(|_| next()).collect();
+            // Values the rounding must get right too: NaN, infinity, and the largest finite f32 (rounds to infinity).
+            for (i, x) in [f32::NAN, f32::INFINITY, f32::MAX, -0.0].into_iter().enumerate() {
+                if let Some(v) = w.get_mut(i * 37 % (rows * cols)) {
+                    *v = x;
+                }
+            }
+            let coef: Vec<f32> = (0..rows * rank).map(|_| next()).collect();
+            let a: Vec<f32> = (0..rank * cols).map(|_| next()).collect();
+            let mut want = w.clone();
+            for r in 0..rows {
+                for j in 0..cols {
+                    let mut v = want[r * cols + j];
+                    for k in 0..rank {
+                        v += coef[r * rank + k] * a[k * cols + j];
+                    }
+                    want[r * cols + j] = v;
+                }
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let mut plain = w.clone();
+            lora_rows_plain(&mut plain, &coef, &a, rank, cols);
+            let mut dispatched = w.clone();
+            lora_rows(&mut dispatched, &coef, &a, rank, cols);
+            #[cfg(target_arch = "x86_64")]
+            for (feature, kernel) in [
+                ("avx2", lora_rows_avx2 as unsafe fn(&mut [f32], &[f32], &[f32], usize, usize)),
+                ("avx512f", lora_rows_avx512),
+            ] {
+                let on = match feature {
+                    "avx2" => std::arch::is_x86_feature_detected!("avx2"),
+                    _ => std::arch::is_x86_feature_detected!("avx512f"),
+                };
+                if on {
+                    let mut v = w.clone();
+                    // SAFETY: the CPU has the feature, checked just above.
+                    unsafe { kernel(&mut v, &coef, &a, rank, cols) };
+                    assert_eq!(bits(&v), bits(&want), "{feature} kernel, {rows}x{cols} r{rank}");
+                }
+            }
+            // The whole band path (widen, two threads, narrow to f32) on f32 bytes of W.
+            let wb: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let band =
+                Band { w: WRows::Mem(&wb), w_dtype: DType::F32, coef: &coef, a: &a, rank, cols, out_dtype: DType::F32 };
+            let (mut acc, mut out) = (vec![0f32; rows * cols], vec![0u8; rows * cols * 4]);
+            lora_band(&band, &mut acc, &mut out).unwrap();
+            let banded: Vec<f32> = out.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            assert_eq!(bits(&banded), bits(&want), "band path, {rows}x{cols} r{rank}");
+            // bf16 in and out (the fused AVX-512 path where the CPU has it): W rounded to bf16 first, then merged and
+            // rounded once; compared with widening, the reference loop and torch-exact narrowing.
+            let wb16: Vec<u8> = w.iter().flat_map(|&x| dtype::f32_to_bf16_bits(x).to_le_bytes()).collect();
+            let mut want16 = vec![0f32; rows * cols];
+            dtype::widen_to_f32(DType::BF16, &wb16, &mut want16);
+            lora_rows_plain(&mut want16, &coef, &a, rank, cols);
+            let mut want16_bytes = vec![0u8; rows * cols * 2];
+            dtype::narrow_from_f32(&want16, DType::BF16, &mut want16_bytes);
+            let band = Band {
+                w: WRows::Mem(&wb16),
+                w_dtype: DType::BF16,
+                coef: &coef,
+                a: &a,
+                rank,
+                cols,
+                out_dtype: DType::BF16,
+            };
+            let (mut acc, mut out16) = (vec![0f32; rows * cols], vec![0u8; rows * cols * 2]);
+            lora_band(&band, &mut acc, &mut out16).unwrap();
+            assert_eq!(out16, want16_bytes, "bf16 band path, {rows}x{cols} r{rank}");
+            assert_eq!(bits(&plain), bits(&want), "plain kernel, {rows}x{cols} r{rank}");
+            assert_eq!(bits(&dispatched), bits(&want), "dispatched kernel, {rows}x{cols} r{rank}");
+        }
     }
 }

@@ -17,6 +17,11 @@ pub trait Sink {
     fn begin(&mut self, name: &str, size: u64) -> Result<()>;
     /// Appends bytes to the current file.
     fn write(&mut self, buf: &[u8]) -> Result<()>;
+    /// Appends a whole buffer the caller is done with. A sink that writes in the background may take the
+    /// buffer and leave another in its place (of any length and content) instead of copying it.
+    fn write_owned(&mut self, buf: &mut Vec<u8>) -> Result<()> {
+        self.write(buf)
+    }
     /// Ends the current file.
     fn end(&mut self) -> Result<()>;
     /// Publishes every file ended so far; called once after the last file.

@@ -205,6 +205,12 @@ pub struct Puller {
 }
 
 impl Puller {
+    /// The buffer the last [`Piece::Data`] came from, for a sink that takes it over ([`Sink::write_owned`]);
+    /// whatever is left in its place is resized before the next band is read into it.
+    pub fn band_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.band
+    }
+
     /// A puller at the start of a layout; with `allow_copy`, verbatim tensor ranges come as [`Piece::Copy`].
     pub fn new(allow_copy: bool) -> Self {
         Puller {
@@ -318,8 +324,8 @@ pub fn write(
             Piece::Begin { name, size } => sink.begin(name, size)?,
             Piece::Header(b) => sink.write(b)?,
             Piece::Data(b) => {
-                sink.write(b)?;
                 done += b.len() as u64;
+                sink.write_owned(puller.band_mut())?;
                 progress(done);
             }
             Piece::Copy { input, offset, len } => {
@@ -332,7 +338,7 @@ pub fn write(
                         let n = (len - at).min(crate::plan::BAND_BYTES as u64);
                         crate::plan::fit(&mut buf, n as usize);
                         src.read_exact_at(offset + at, &mut buf)?;
-                        sink.write(&buf)?;
+                        sink.write_owned(&mut buf)?;
                         at += n;
                     }
                 }

@@ -53,6 +53,12 @@ impl ReadAt for FileInput {
     }
 
     #[cfg(unix)]
+    fn sendable(&self) -> Option<Box<dyn ReadAt + Send + Sync>> {
+        let file = self.file.try_clone().ok()?;
+        Some(Box::new(FileInput { file, len: self.len }))
+    }
+
+    #[cfg(unix)]
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)
     }
@@ -127,6 +133,13 @@ impl Sink for DirSink {
     fn write(&mut self, buf: &[u8]) -> Result<()> {
         match &mut self.current {
             Some((f, tmp, _)) => f.write(buf).map_err(|e| Self::out_err(tmp, e)),
+            None => Err(Error::new(ErrorKind::Output("write outside a file".into()))),
+        }
+    }
+
+    fn write_owned(&mut self, buf: &mut Vec<u8>) -> Result<()> {
+        match &mut self.current {
+            Some((f, tmp, _)) => f.write_owned(buf).map_err(|e| Self::out_err(tmp, e)),
             None => Err(Error::new(ErrorKind::Output("write outside a file".into()))),
         }
     }
@@ -287,7 +300,7 @@ fn copy_into(dst: &mut File, mut from: File, offset: u64, len: u64) -> std::io::
 #[cfg(not(target_os = "wasi"))]
 impl FileWriter {
     fn new(mut file: File) -> FileWriter {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(0);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(2);
         let (back, pool) = std::sync::mpsc::channel::<Vec<u8>>();
         let handle = std::thread::spawn(move || -> std::io::Result<()> {
             for job in rx {
@@ -325,6 +338,13 @@ impl FileWriter {
         self.send(Job::Data(v))
     }
 
+    /// Hands `buf` itself to the writer thread and leaves a used buffer (or an empty one) in its place.
+    fn write_owned(&mut self, buf: &mut Vec<u8>) -> std::io::Result<()> {
+        let mut v = self.pool.try_recv().unwrap_or_default();
+        std::mem::swap(&mut v, buf);
+        self.send(Job::Data(v))
+    }
+
     #[cfg(target_os = "linux")]
     fn copy(&mut self, from: File, offset: u64, len: u64) -> std::io::Result<()> {
         self.send(Job::Copy(from, offset, len))
@@ -346,6 +366,9 @@ impl FileWriter {
         FileWriter { file }
     }
     fn write(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.file.write_all(buf)
+    }
+    fn write_owned(&mut self, buf: &mut Vec<u8>) -> std::io::Result<()> {
         self.file.write_all(buf)
     }
     fn finish(self) -> std::io::Result<()> {
