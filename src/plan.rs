@@ -505,8 +505,6 @@ impl LoraMerge {
             Some((name, reader, offset)) => WRows::File { name, reader: &**reader, offset: *offset },
             None => WRows::Mem(&raw),
         };
-        let mut acc = std::mem::take(&mut bufs.lora_acc);
-        acc.resize(rows * cols, 0.0);
         let a = std::mem::take(&mut bufs.lora_a.1);
         let sizes_agree = b.len() == rows * rank
             && a.len() == rank * cols
@@ -514,13 +512,12 @@ impl LoraMerge {
             && out.len() == rows * cols * self.out.size();
         let result = if sizes_agree {
             let band = Band { w, w_dtype: self.base.dtype(), coef: &b, a: &a, rank, cols, out_dtype: self.out };
-            lora_band(&band, &mut acc, out)
+            lora_band(&band, out)
         } else {
             Err(Error::new(ErrorKind::Output("internal: LoRA band sizes disagree".into())))
         };
         bufs.lora_a.1 = a;
         bufs.lora_raw = raw;
-        bufs.lora_acc = acc;
         bufs.lora_b = b;
         result
     }
@@ -547,21 +544,21 @@ struct Band<'a> {
 /// narrowing a block all happen in one core's cache. Natively two workers take blocks from a shared queue, so
 /// they stay balanced while the writer thread takes its share of the CPU; every element is computed the same
 /// way whoever computes it.
-fn lora_band(band: &Band, acc: &mut [f32], out: &mut [u8]) -> Result<()> {
+fn lora_band(band: &Band, out: &mut [u8]) -> Result<()> {
     let cols = band.cols;
     if cols == 0 {
         return Ok(());
     }
     let osz = band.out_dtype.size();
-    let rows = acc.len() / cols;
+    let rows = out.len() / (cols * osz);
     let block = ((256 << 10) / (cols * 4)).max(1).next_multiple_of(4);
-    let queue = std::sync::Mutex::new(acc.chunks_mut(block * cols).zip(out.chunks_mut(block * cols * osz)).enumerate());
+    let queue = std::sync::Mutex::new(out.chunks_mut(block * cols * osz).enumerate());
     let work = || -> Result<()> {
-        let mut wbuf = Vec::new();
+        let (mut wbuf, mut acc) = (Vec::new(), Vec::new());
         loop {
             // A poisoned queue means the other worker panicked; the scope re-raises that panic.
-            let Some((i, (acc, out))) = queue.lock().ok().and_then(|mut q| q.next()) else { return Ok(()) };
-            lora_block(band, i * block, acc, out, &mut wbuf)?;
+            let Some((i, out)) = queue.lock().ok().and_then(|mut q| q.next()) else { return Ok(()) };
+            lora_block(band, i * block, out, &mut wbuf, &mut acc)?;
         }
     };
     #[cfg(not(target_family = "wasm"))]
@@ -577,10 +574,10 @@ fn lora_band(band: &Band, acc: &mut [f32], out: &mut [u8]) -> Result<()> {
     work()
 }
 
-/// Rows `first..first + acc.len() / cols` of a band.
-fn lora_block(band: &Band, first: usize, acc: &mut [f32], out: &mut [u8], wbuf: &mut Vec<u8>) -> Result<()> {
+/// The rows of a band that `out` holds, from row `first`; `wbuf` and `acc` are the worker's scratch buffers.
+fn lora_block(band: &Band, first: usize, out: &mut [u8], wbuf: &mut Vec<u8>, acc: &mut Vec<f32>) -> Result<()> {
     let (cols, rank) = (band.cols, band.rank);
-    let rows = acc.len() / cols;
+    let rows = out.len() / (cols * band.out_dtype.size());
     let wsz = band.w_dtype.size();
     let w: &[u8] = match band.w {
         WRows::Mem(raw) => &raw[first * cols * wsz..(first + rows) * cols * wsz],
@@ -597,6 +594,7 @@ fn lora_block(band: &Band, first: usize, acc: &mut [f32], out: &mut [u8], wbuf: 
         unsafe { lora_rows_avx512_bf16(w, coef, band.a, rank, cols, out) };
         return Ok(());
     }
+    acc.resize(rows * cols, 0.0);
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
@@ -981,7 +979,6 @@ struct ChunkBuffers {
     lora_raw: Vec<u8>,
     /// A's or B's raw bytes (kept apart from `lora_raw` so neither buffer shrinks and regrows every band).
     lora_small: Vec<u8>,
-    lora_acc: Vec<f32>,
     lora_b: Vec<f32>,
     /// LoRA `A` in f32, keyed by the merge it belongs to.
     lora_a: (usize, Vec<f32>),
@@ -1218,8 +1215,8 @@ mod tests {
             let wb: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
             let band =
                 Band { w: WRows::Mem(&wb), w_dtype: DType::F32, coef: &coef, a: &a, rank, cols, out_dtype: DType::F32 };
-            let (mut acc, mut out) = (vec![0f32; rows * cols], vec![0u8; rows * cols * 4]);
-            lora_band(&band, &mut acc, &mut out).unwrap();
+            let mut out = vec![0u8; rows * cols * 4];
+            lora_band(&band, &mut out).unwrap();
             let banded: Vec<f32> = out.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
             assert_eq!(bits(&banded), bits(&want), "band path, {rows}x{cols} r{rank}");
             // bf16 in and out (the fused AVX-512 path where the CPU has it): W rounded to bf16 first, then merged and
@@ -1239,8 +1236,8 @@ mod tests {
                 cols,
                 out_dtype: DType::BF16,
             };
-            let (mut acc, mut out16) = (vec![0f32; rows * cols], vec![0u8; rows * cols * 2]);
-            lora_band(&band, &mut acc, &mut out16).unwrap();
+            let mut out16 = vec![0u8; rows * cols * 2];
+            lora_band(&band, &mut out16).unwrap();
             assert_eq!(out16, want16_bytes, "bf16 band path, {rows}x{cols} r{rank}");
             assert_eq!(bits(&plain), bits(&want), "plain kernel, {rows}x{cols} r{rank}");
             assert_eq!(bits(&dispatched), bits(&want), "dispatched kernel, {rows}x{cols} r{rank}");
