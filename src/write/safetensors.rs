@@ -307,6 +307,10 @@ impl Puller {
     }
 }
 
+/// Piece size when verbatim bytes pass through the caller (no in-kernel copy: WASI, or a sink without one): small
+/// enough to stay in the CPU's cache between the read and the write.
+const COPY_BUF: u64 = 256 << 10;
+
 /// Streams every file of `layout` into `sink` (the caller commits once every output file is written).
 /// Verbatim ranges go to the sink's own copy when it has one. `progress` gets the tensor bytes written so far.
 pub fn write(
@@ -335,7 +339,7 @@ pub fn write(
                 if !sink.copy_range(src, offset, len)? {
                     let mut at = 0;
                     while at < len {
-                        let n = (len - at).min(crate::plan::BAND_BYTES as u64);
+                        let n = (len - at).min(COPY_BUF);
                         crate::plan::fit(&mut buf, n as usize);
                         src.read_exact_at(offset + at, &mut buf)?;
                         sink.write_owned(&mut buf)?;
