@@ -701,14 +701,7 @@ unsafe fn lora_rows_avx2(acc: &mut [f32], coef: &[f32], a: &[f32], rank: usize, 
             }
             // Columns left over in this block: one element at a time, same order.
             for row in r..r + 4 {
-                let c = &coef[row * rank..(row + 1) * rank];
-                for jj in wide_end..je {
-                    let mut v = acc[row * cols + jj];
-                    for (k, &ck) in c.iter().enumerate() {
-                        v += ck * a[k * cols + jj];
-                    }
-                    acc[row * cols + jj] = v;
-                }
+                f32_tail(acc, coef, a, rank, cols, row, wide_end..je);
             }
         }
     }
@@ -773,14 +766,7 @@ unsafe fn lora_rows_avx512(acc: &mut [f32], coef: &[f32], a: &[f32], rank: usize
                 j += 64;
             }
             for row in r..r + 4 {
-                let c = &coef[row * rank..(row + 1) * rank];
-                for jj in wide_end..je {
-                    let mut v = acc[row * cols + jj];
-                    for (k, &ck) in c.iter().enumerate() {
-                        v += ck * a[k * cols + jj];
-                    }
-                    acc[row * cols + jj] = v;
-                }
+                f32_tail(acc, coef, a, rank, cols, row, wide_end..je);
             }
         }
     }
@@ -861,6 +847,27 @@ unsafe fn lora_rows_avx512_bf16(w: &[u8], coef: &[f32], a: &[f32], rank: usize, 
     }
     for row in groups * 4..rows {
         bf16_tail(w, coef, a, rank, cols, out, row, 0..cols);
+    }
+}
+
+/// One row's columns `range` of an f32 merge, an element at a time (the same operations as the vector paths).
+#[cfg(target_arch = "x86_64")]
+fn f32_tail(
+    acc: &mut [f32],
+    coef: &[f32],
+    a: &[f32],
+    rank: usize,
+    cols: usize,
+    row: usize,
+    range: std::ops::Range<usize>,
+) {
+    let c = &coef[row * rank..(row + 1) * rank];
+    for j in range {
+        let mut v = acc[row * cols + j];
+        for (k, &ck) in c.iter().enumerate() {
+            v += ck * a[k * cols + j];
+        }
+        acc[row * cols + j] = v;
     }
 }
 
