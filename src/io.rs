@@ -30,6 +30,20 @@ pub trait ReadAt {
     }
 }
 
+/// Positional writes into one output file, from any thread (native files: `pwrite`).
+pub trait WriteAt {
+    /// Writes all of `buf` at `offset`.
+    fn write_all_at(&self, offset: u64, buf: &[u8]) -> std::io::Result<()>;
+}
+
+/// An output file open for positional writes, with the name its errors carry.
+pub struct Positional {
+    /// The (temporary) file name.
+    pub name: String,
+    /// The writer.
+    pub file: Box<dyn WriteAt + Send + Sync>,
+}
+
 /// An input shared by several readers (a `.distcp` file and the compressed items inside it).
 pub struct SharedInput(pub std::rc::Rc<Input>);
 

@@ -458,9 +458,28 @@ impl Eq for LoraMerge {}
 
 impl LoraMerge {
     fn read(&self, inputs: &[Input], start: u64, count: u64, out: &mut [u8], bufs: &mut ChunkBuffers) -> Result<()> {
+        self.run(inputs, start, count, Dest::Mem(out), bufs).map(|_| ())
+    }
+
+    /// Elements `[start, start + count)` (whole rows) into `dest`. A positional destination needs W readable by
+    /// the workers themselves (else nothing is done and the answer is `false`: the caller goes band by band).
+    fn run(&self, inputs: &[Input], start: u64, count: u64, dest: Dest, bufs: &mut ChunkBuffers) -> Result<bool> {
         let (cols, rank) = (self.cols as usize, self.rank as usize);
         let (r0, r1) = (start / self.cols, (start + count) / self.cols);
         let rows = (r1 - r0) as usize;
+        let wsz = self.base.dtype().size();
+        // A contiguous W in a file that can be shared is read by the workers themselves, block by block;
+        // otherwise it is read here, whole, first.
+        let shared = match &self.base {
+            Source::View(v) if v.is_contiguous() => inputs.get(v.input).and_then(|i| {
+                let reader = i.data.sendable()?;
+                Some((i.name.as_str(), reader, v.data_start + (v.offset + start) * wsz as u64))
+            }),
+            _ => None,
+        };
+        if shared.is_none() && matches!(dest, Dest::File { .. }) {
+            return Ok(false);
+        }
         // A is read once per tensor and kept in f32.
         let key = self as *const LoraMerge as usize;
         if bufs.lora_a.0 != key {
@@ -486,16 +505,6 @@ impl LoraMerge {
         for c in b.iter_mut() {
             *c *= self.scale;
         }
-        // W's rows, raw. A contiguous W in a file that can be shared is read by the workers themselves, block by
-        // block; otherwise it is read here, whole, first.
-        let wsz = self.base.dtype().size();
-        let shared = match &self.base {
-            Source::View(v) if v.is_contiguous() => inputs.get(v.input).and_then(|i| {
-                let reader = i.data.sendable()?;
-                Some((i.name.as_str(), reader, v.data_start + (v.offset + start) * wsz as u64))
-            }),
-            _ => None,
-        };
         let mut raw = std::mem::take(&mut bufs.lora_raw);
         if shared.is_none() {
             fit(&mut raw, (count as usize) * wsz);
@@ -509,10 +518,13 @@ impl LoraMerge {
         let sizes_agree = b.len() == rows * rank
             && a.len() == rank * cols
             && (shared.is_some() || raw.len() == rows * cols * wsz)
-            && out.len() == rows * cols * self.out.size();
+            && match &dest {
+                Dest::Mem(out) => out.len() == rows * cols * self.out.size(),
+                Dest::File { .. } => true,
+            };
         let result = if sizes_agree {
             let band = Band { w, w_dtype: self.base.dtype(), coef: &b, a: &a, rank, cols, out_dtype: self.out };
-            lora_band(&band, out)
+            lora_band(&band, rows, dest).map(|_| true)
         } else {
             Err(Error::new(ErrorKind::Output("internal: LoRA band sizes disagree".into())))
         };
@@ -521,6 +533,13 @@ impl LoraMerge {
         bufs.lora_b = b;
         result
     }
+}
+
+/// Where a band's result goes: a buffer, or straight to its place in the output file (each worker writes its
+/// own blocks; `offset` is where the band's first element goes).
+enum Dest<'a> {
+    Mem(&'a mut [u8]),
+    File { target: &'a crate::io::Positional, offset: u64 },
 }
 
 /// Where a band's W rows are: already in memory, or in a file each worker reads its own blocks from.
@@ -544,21 +563,39 @@ struct Band<'a> {
 /// narrowing a block all happen in one core's cache. Natively two workers take blocks from a shared queue, so
 /// they stay balanced while the writer thread takes its share of the CPU; every element is computed the same
 /// way whoever computes it.
-fn lora_band(band: &Band, out: &mut [u8]) -> Result<()> {
+fn lora_band(band: &Band, rows: usize, dest: Dest) -> Result<()> {
     let cols = band.cols;
     if cols == 0 {
         return Ok(());
     }
     let osz = band.out_dtype.size();
-    let rows = out.len() / (cols * osz);
     let block = ((256 << 10) / (cols * 4)).max(1).next_multiple_of(4);
-    let queue = std::sync::Mutex::new(out.chunks_mut(block * cols * osz).enumerate());
+    type Blocks<'b> = Box<dyn Iterator<Item = (usize, Option<&'b mut [u8]>)> + Send + 'b>;
+    let (blocks, target): (Blocks, _) = match dest {
+        Dest::Mem(out) => (Box::new(out.chunks_mut(block * cols * osz).map(Some).enumerate()), None),
+        Dest::File { target, offset } => {
+            (Box::new((0..rows.div_ceil(block)).map(|i| (i, None))), Some((target, offset)))
+        }
+    };
+    let queue = std::sync::Mutex::new(blocks);
     let work = || -> Result<()> {
-        let (mut wbuf, mut acc) = (Vec::new(), Vec::new());
+        let (mut wbuf, mut acc, mut obuf) = (Vec::new(), Vec::new(), Vec::new());
         loop {
             // A poisoned queue means the other worker panicked; the scope re-raises that panic.
-            let Some((i, out)) = queue.lock().ok().and_then(|mut q| q.next()) else { return Ok(()) };
-            lora_block(band, i * block, out, &mut wbuf, &mut acc)?;
+            let Some((i, slot)) = queue.lock().ok().and_then(|mut q| q.next()) else { return Ok(()) };
+            let first = i * block;
+            match (slot, target) {
+                (Some(out), _) => lora_block(band, first, out, &mut wbuf, &mut acc)?,
+                (None, Some((t, offset))) => {
+                    fit(&mut obuf, block.min(rows - first) * cols * osz);
+                    lora_block(band, first, &mut obuf, &mut wbuf, &mut acc)?;
+                    let at = offset + (first * cols * osz) as u64;
+                    t.file.write_all_at(at, &obuf).map_err(|e| {
+                        Error::new(ErrorKind::Output(format!("writing at byte {at}: {e}"))).in_file(&t.name)
+                    })?;
+                }
+                (None, None) => return Ok(()),
+            }
         }
     };
     #[cfg(not(target_family = "wasm"))]
@@ -570,7 +607,6 @@ fn lora_band(band: &Band, out: &mut [u8]) -> Result<()> {
             mine.and(theirs)
         });
     }
-    let _ = rows; // one worker in wasm
     work()
 }
 
@@ -1073,6 +1109,23 @@ impl PlannedTensor {
         }
     }
 
+    /// Computes the whole tensor with several workers that write their blocks straight to `offset` in `target`,
+    /// when its source allows it (a LoRA merge whose W the workers can read); `false` means nothing was done.
+    pub fn write_whole_at(
+        &self,
+        inputs: &[Input],
+        target: &crate::io::Positional,
+        offset: u64,
+        bufs: &mut BandBuffers,
+    ) -> Result<bool> {
+        match &self.source {
+            Source::Lora(l) if l.out == self.dtype => {
+                l.run(inputs, 0, self.numel(), Dest::File { target, offset }, &mut bufs.chunk)
+            }
+            _ => Ok(false),
+        }
+    }
+
     /// Fills `out` with output elements `[start, start + count)` (whole band units), reading and casting.
     pub fn read_band(
         &self,
@@ -1223,7 +1276,7 @@ mod tests {
             let band =
                 Band { w: WRows::Mem(&wb), w_dtype: DType::F32, coef: &coef, a: &a, rank, cols, out_dtype: DType::F32 };
             let mut out = vec![0u8; rows * cols * 4];
-            lora_band(&band, &mut out).unwrap();
+            lora_band(&band, rows, Dest::Mem(&mut out)).unwrap();
             let banded: Vec<f32> = out.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
             assert_eq!(bits(&banded), bits(&want), "band path, {rows}x{cols} r{rank}");
             // bf16 in and out (the fused AVX-512 path where the CPU has it): W rounded to bf16 first, then merged and
@@ -1244,7 +1297,7 @@ mod tests {
                 out_dtype: DType::BF16,
             };
             let mut out16 = vec![0u8; rows * cols * 2];
-            lora_band(&band, &mut out16).unwrap();
+            lora_band(&band, rows, Dest::Mem(&mut out16)).unwrap();
             assert_eq!(out16, want16_bytes, "bf16 band path, {rows}x{cols} r{rank}");
             assert_eq!(bits(&plain), bits(&want), "plain kernel, {rows}x{cols} r{rank}");
             assert_eq!(bits(&dispatched), bits(&want), "dispatched kernel, {rows}x{cols} r{rank}");

@@ -7,7 +7,7 @@
 pub mod safetensors;
 pub mod torch_save;
 
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 use crate::io::Input;
 use std::collections::BTreeMap;
 
@@ -21,6 +21,16 @@ pub trait Sink {
     /// buffer and leave another in its place (of any length and content) instead of copying it.
     fn write_owned(&mut self, buf: &mut Vec<u8>) -> Result<()> {
         self.write(buf)
+    }
+    /// The current file for positional writes from worker threads, when this sink can give one. A tensor
+    /// written that way is then passed over with [`Sink::skip`].
+    fn positional(&mut self) -> Option<crate::io::Positional> {
+        None
+    }
+    /// Moves past `len` bytes that were written positionally (only called after [`Sink::positional`] gave a file).
+    fn skip(&mut self, len: u64) -> Result<()> {
+        let _ = len;
+        Err(Error::new(ErrorKind::Output("internal: this sink has no positional writes".into())))
     }
     /// Ends the current file.
     fn end(&mut self) -> Result<()>;

@@ -179,6 +179,8 @@ pub enum Piece<'a> {
         /// Length.
         len: u64,
     },
+    /// Tensor bytes already written at their place through the sink's positional file; the sink moves past them.
+    Written(u64),
     /// The current file is complete.
     End,
 }
@@ -202,6 +204,7 @@ pub struct Puller {
     bufs: BandBuffers,
     band: Vec<u8>,
     written: u64,
+    direct: Option<crate::io::Positional>,
 }
 
 impl Puller {
@@ -221,7 +224,14 @@ impl Puller {
             bufs: BandBuffers::default(),
             band: Vec::new(),
             written: 0,
+            direct: None,
         }
+    }
+
+    /// The current file for positional writes (or none): a tensor that can be computed by several workers
+    /// at once (a LoRA merge) is then written whole, straight to its place, and comes as [`Piece::Written`].
+    pub fn set_direct(&mut self, direct: Option<crate::io::Positional>) {
+        self.direct = direct;
     }
 
     /// The next piece, or `None` after the last file's `End`. Pass the same plan, layout and inputs each time.
@@ -284,6 +294,14 @@ impl Puller {
                         *start += count;
                         continue;
                     }
+                    if *start == 0
+                        && let Some(d) = &self.direct
+                        && t.write_whole_at(inputs, d, self.written, &mut self.bufs)?
+                    {
+                        *start = n;
+                        self.written += n * esz;
+                        return Ok(Some(Piece::Written(n * esz)));
+                    }
                     let count = t.band_elems().min(n - *start);
                     crate::plan::fit(&mut self.band, (count * esz) as usize);
                     t.read_band(inputs, *start, count, &mut self.band, &mut self.bufs)?;
@@ -325,7 +343,11 @@ pub fn write(
     let mut buf = Vec::new();
     while let Some(piece) = puller.next_piece(plan, layout, inputs)? {
         match piece {
-            Piece::Begin { name, size } => sink.begin(name, size)?,
+            Piece::Begin { name, size } => {
+                sink.begin(name, size)?;
+                let direct = sink.positional();
+                puller.set_direct(direct);
+            }
             Piece::Header(b) => sink.write(b)?,
             Piece::Data(b) => {
                 done += b.len() as u64;
@@ -349,7 +371,15 @@ pub fn write(
                 done += len;
                 progress(done);
             }
-            Piece::End => sink.end()?,
+            Piece::Written(len) => {
+                sink.skip(len)?;
+                done += len;
+                progress(done);
+            }
+            Piece::End => {
+                puller.set_direct(None);
+                sink.end()?
+            }
         }
     }
     Ok(())

@@ -307,7 +307,9 @@ impl Job {
                     // A copy: the band buffer in wasm memory is reused by the next call.
                     set("bytes", js_sys::Uint8Array::from(b).into()).ok();
                 }
-                Some(Piece::Copy { .. }) => return Err(JsError::new("internal: copies are off in the browser")),
+                Some(Piece::Copy { .. } | Piece::Written(_)) => {
+                    return Err(JsError::new("internal: copies and positional writes are off in the browser"));
+                }
                 Some(Piece::End) => set("kind", "end".into()).ok().unwrap_or(()),
                 None => self.extra_at = Some((0, 0, false)),
             }

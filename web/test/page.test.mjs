@@ -299,8 +299,15 @@ describe('the page', () => {
     const url = page.url();
     await page.reload();
     assert.equal(url, page.url());
+    // The sweep may delete a folder while list() walks it (NotFoundError): that poll just tries again.
     await page.waitForFunction(
-      async (id) => !(await window.ckptconvTest.list()).some((f) => f.path.startsWith(`${id}/`)),
+      async (id) => {
+        try {
+          return !(await window.ckptconvTest.list()).some((f) => f.path.startsWith(`${id}/`));
+        } catch {
+          return false;
+        }
+      },
       job.id,
       { polling: 100, timeout: 10_000 },
     );

@@ -152,6 +152,21 @@ impl Sink for DirSink {
         }
     }
 
+    /// Another descriptor on the temp file, for workers that `pwrite` whole tensors at their place.
+    #[cfg(unix)]
+    fn positional(&mut self) -> Option<ckptconv::io::Positional> {
+        let (f, tmp, _) = self.current.as_ref()?;
+        let file = f.pos.as_ref()?.try_clone().ok()?;
+        Some(ckptconv::io::Positional { name: tmp.display().to_string(), file: Box::new(PosFile(file)) })
+    }
+
+    fn skip(&mut self, len: u64) -> Result<()> {
+        match &mut self.current {
+            Some((f, tmp, _)) => f.skip(len).map_err(|e| Self::out_err(tmp, e)),
+            None => Err(Error::new(ErrorKind::Output("write outside a file".into()))),
+        }
+    }
+
     fn end(&mut self) -> Result<()> {
         // No fsync: like cp and safetensors' own writer, durability is left to the OS; the rename
         // after the last byte is what keeps an interrupted run from leaving a complete-looking file.
@@ -271,13 +286,27 @@ impl ckptconv::io::Folder for DiskFolder {
 /// Writes one output file. Natively a thread does the writing, so the next band is read, cast or merged
 /// while the previous one goes to disk (a rendezvous channel: at most one band in flight). WASI has no
 /// threads and writes in place.
+/// A file written with `pwrite` from worker threads.
+#[cfg(unix)]
+struct PosFile(File);
+
+#[cfg(unix)]
+impl ckptconv::io::WriteAt for PosFile {
+    fn write_all_at(&self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(&self.0, buf, offset)
+    }
+}
+
 pub struct FileWriter {
+    /// Another descriptor on the same file, for positional writes (the writer thread's own one keeps the cursor).
+    #[cfg(unix)]
+    pos: Option<File>,
     #[cfg(not(target_os = "wasi"))]
     tx: Option<std::sync::mpsc::SyncSender<Job>>,
     #[cfg(not(target_os = "wasi"))]
     pool: std::sync::mpsc::Receiver<Vec<u8>>,
     #[cfg(not(target_os = "wasi"))]
-    handle: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
     #[cfg(target_os = "wasi")]
     file: File,
 }
@@ -286,6 +315,8 @@ pub struct FileWriter {
 #[cfg(not(target_os = "wasi"))]
 enum Job {
     Data(Vec<u8>),
+    /// Bytes written positionally by others: move the cursor past them.
+    Skip(u64),
     #[cfg(target_os = "linux")]
     Copy(File, u64, u64),
 }
@@ -308,14 +339,22 @@ fn copy_into(dst: &mut File, mut from: File, offset: u64, len: u64) -> std::io::
 #[cfg(not(target_os = "wasi"))]
 impl FileWriter {
     fn new(mut file: File) -> FileWriter {
+        // If the clone fails, positional writes are simply not offered (see DirSink::positional).
+        #[cfg(unix)]
+        let pos = file.try_clone().ok();
         let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(2);
         let (back, pool) = std::sync::mpsc::channel::<Vec<u8>>();
-        let handle = std::thread::spawn(move || -> std::io::Result<()> {
+        let thread = std::thread::spawn(move || -> std::io::Result<()> {
             for job in rx {
                 match job {
                     Job::Data(v) => {
                         file.write_all(&v)?;
                         let _ = back.send(v);
+                    }
+                    Job::Skip(n) => {
+                        use std::io::Seek;
+                        let n = i64::try_from(n).map_err(std::io::Error::other)?;
+                        file.seek(std::io::SeekFrom::Current(n))?;
                     }
                     #[cfg(target_os = "linux")]
                     Job::Copy(from, offset, len) => copy_into(&mut file, from, offset, len)?,
@@ -323,7 +362,13 @@ impl FileWriter {
             }
             Ok(())
         });
-        FileWriter { tx: Some(tx), pool, handle: Some(handle) }
+        FileWriter {
+            tx: Some(tx),
+            pool,
+            thread: Some(thread),
+            #[cfg(unix)]
+            pos,
+        }
     }
 
     fn send(&mut self, job: Job) -> std::io::Result<()> {
@@ -333,7 +378,7 @@ impl FileWriter {
         }
         // The writer stopped: its error says why.
         self.tx = None;
-        match self.handle.take().map(|h| h.join()) {
+        match self.thread.take().map(|h| h.join()) {
             Some(Ok(Err(e))) => Err(e),
             _ => Err(std::io::Error::other("the writer thread stopped")),
         }
@@ -358,9 +403,13 @@ impl FileWriter {
         self.send(Job::Copy(from, offset, len))
     }
 
+    fn skip(&mut self, len: u64) -> std::io::Result<()> {
+        self.send(Job::Skip(len))
+    }
+
     fn finish(mut self) -> std::io::Result<()> {
         self.tx = None;
-        match self.handle.take().map(|h| h.join()) {
+        match self.thread.take().map(|h| h.join()) {
             Some(Ok(r)) => r,
             Some(Err(_)) => Err(std::io::Error::other("the writer thread panicked")),
             None => Err(std::io::Error::other("the writer thread stopped")),
@@ -378,6 +427,11 @@ impl FileWriter {
     }
     fn write_owned(&mut self, buf: &mut Vec<u8>) -> std::io::Result<()> {
         self.write(buf)
+    }
+    fn skip(&mut self, len: u64) -> std::io::Result<()> {
+        use std::io::Seek;
+        let n = i64::try_from(len).map_err(std::io::Error::other)?;
+        self.file.seek(std::io::SeekFrom::Current(n)).map(|_| ())
     }
     fn finish(self) -> std::io::Result<()> {
         Ok(())
