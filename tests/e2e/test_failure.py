@@ -4,7 +4,8 @@ Owns: tests/e2e/test_failure.py. Inputs are written by real torch in the test's 
 - SIGKILL at random points during a conversion, 20 times: afterwards no final output name exists unless the
   whole output is there and checks out (a kill between renames can leave shards without their index, never an
   index without its shards), and a rerun with --force succeeds and equals an uninterrupted run.
-- A small tmpfs that fills up: exit 1 with the OS's "No space left" named, no output file left, rerun elsewhere works.
+- A small tmpfs that fills up: exit 1 with the OS's "No space left" named, no output file left, rerun elsewhere works;
+  for a plain .pt and for a LoRA merge (whose workers write merged tensors positionally into the temp file).
 """
 
 import os
@@ -28,6 +29,21 @@ def big_pt(tmp_path_factory):
     p = tmp_path_factory.mktemp("big") / "big.pt"
     g = torch.Generator().manual_seed(7)
     torch.save({f"layer.{i}.weight": torch.randn(1000, 2000, generator=g) for i in range(12)}, p)
+    return p
+
+
+@pytest.fixture(scope="module")
+def big_lora_pt(tmp_path_factory):
+    """About 50 MB of PEFT-named LoRA weights (as RLinf's torch.save of a PeftModel names them)."""
+    p = tmp_path_factory.mktemp("big_lora") / "full_weights.pt"
+    g = torch.Generator().manual_seed(8)
+    sd = {}
+    for i in range(6):
+        m = f"base_model.model.layers.{i}.proj"
+        sd[f"{m}.base_layer.weight"] = torch.randn(1000, 2000, generator=g)
+        sd[f"{m}.lora_A.default.weight"] = torch.randn(8, 2000, generator=g)
+        sd[f"{m}.lora_B.default.weight"] = torch.randn(1000, 8, generator=g)
+    torch.save(sd, p)
     return p
 
 
@@ -72,7 +88,9 @@ def test_sigkill_never_leaves_a_complete_looking_output(binary, run, big_pt, tmp
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (CI runs as root)")
-def test_disk_full_is_a_clear_error_and_leaves_nothing(run, big_pt, tmp_path):
+@pytest.mark.parametrize("kind", ["plain", "lora-merge"])
+def test_disk_full_is_a_clear_error_and_leaves_nothing(run, big_pt, big_lora_pt, tmp_path, kind):
+    src, flags = (big_pt, ()) if kind == "plain" else (big_lora_pt, ("--lora", "merge"))
     mnt = tmp_path / "small"
     mnt.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True, text=True)
@@ -80,7 +98,7 @@ def test_disk_full_is_a_clear_error_and_leaves_nothing(run, big_pt, tmp_path):
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     try:
         out = mnt / "out"
-        r = run("convert", big_pt, out)
+        r = run("convert", src, out, *flags)
         assert r.returncode == 1, r.stderr
         assert "no space left" in r.stderr.lower(), r.stderr
         assert "panicked" not in r.stderr
@@ -88,6 +106,6 @@ def test_disk_full_is_a_clear_error_and_leaves_nothing(run, big_pt, tmp_path):
         assert left == [], f"left behind on the full disk: {left}"
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
-    r = run("convert", big_pt, tmp_path / "roomy")
+    r = run("convert", src, tmp_path / "roomy", *flags)
     assert r.returncode == 0, r.stderr
     assert finals(tmp_path / "roomy") == ["model.safetensors"]
