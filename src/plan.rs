@@ -680,135 +680,90 @@ fn lora_rows(acc: &mut [f32], coef: &[f32], a: &[f32], rank: usize, cols: usize)
     lora_rows_plain(acc, coef, a, rank, cols);
 }
 
-/// Columns of `A` kept hot in L1 while every row group of the band passes over them (rank x 192 f32 = 24 KiB at r = 32).
-#[cfg(target_arch = "x86_64")]
-const LORA_COL_BLOCK: usize = 192;
-
-/// The AVX2 kernel: a 4-row x 24-column tile of `acc` lives in twelve registers while the rank loop runs, so each
-/// element still gets `acc = acc + c_k * a_kj` for k = 0, 1, ... in order, as separate multiplies and adds (no FMA):
-/// the same bits as [`lora_rows_plain`], with the loads and stores of `acc` done once instead of `rank` times.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn lora_rows_avx2(acc: &mut [f32], coef: &[f32], a: &[f32], rank: usize, cols: usize) {
-    use std::arch::x86_64::*;
-    let rows = acc.len() / cols;
-    let groups = rows / 4;
-    assert!(coef.len() >= rows * rank && a.len() >= rank * cols);
-    let (accp, cp, ap) = (acc.as_mut_ptr(), coef.as_ptr(), a.as_ptr());
-    for jb in (0..cols).step_by(LORA_COL_BLOCK) {
-        let je = (jb + LORA_COL_BLOCK).min(cols);
-        let wide_end = jb + (je - jb) / 24 * 24;
-        for g in 0..groups {
-            let r = g * 4;
-            let mut j = jb;
-            while j < wide_end {
-                // SAFETY: rows r..r+4 exist (g < rows / 4) and columns j..j+24 lie inside the row (j + 24 <= je <=
-                // cols); A holds rank rows of cols columns and coef rows x rank values (asserted above).
-                unsafe {
-                    let o = [
-                        accp.add(r * cols + j),
-                        accp.add((r + 1) * cols + j),
-                        accp.add((r + 2) * cols + j),
-                        accp.add((r + 3) * cols + j),
-                    ];
-                    let mut t = [[_mm256_setzero_ps(); 3]; 4];
-                    for (ti, &op) in t.iter_mut().zip(&o) {
-                        for (v, tv) in ti.iter_mut().enumerate() {
-                            *tv = _mm256_loadu_ps(op.add(8 * v));
-                        }
-                    }
-                    for k in 0..rank {
-                        let ak = ap.add(k * cols + j);
-                        let av = [_mm256_loadu_ps(ak), _mm256_loadu_ps(ak.add(8)), _mm256_loadu_ps(ak.add(16))];
-                        for (i, ti) in t.iter_mut().enumerate() {
-                            let c = _mm256_set1_ps(*cp.add((r + i) * rank + k));
-                            for (tv, &x) in ti.iter_mut().zip(&av) {
-                                *tv = _mm256_add_ps(*tv, _mm256_mul_ps(c, x));
+/// Defines a register-blocked kernel: a 4-row x (`$nv` vectors of `$lanes`) tile of `acc` lives in registers while
+/// the rank loop runs, so each element still gets `acc = acc + c_k * a_kj` for k = 0, 1, ... in order, as separate
+/// multiplies and adds (no FMA): the same bits as [`lora_rows_plain`], with the loads and stores of `acc` done once
+/// instead of `rank` times. Columns are taken in blocks of `$block` so that the block of A stays in L1.
+macro_rules! lora_kernel {
+    ($(#[$doc:meta])* $name:ident, $feature:literal, $lanes:literal, $nv:literal, $block:literal,
+     $zero:ident, $load:ident, $store:ident, $set1:ident, $add:ident, $mul:ident) => {
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        unsafe fn $name(acc: &mut [f32], coef: &[f32], a: &[f32], rank: usize, cols: usize) {
+            use std::arch::x86_64::*;
+            const WIDE: usize = $lanes * $nv;
+            let rows = acc.len() / cols;
+            let groups = rows / 4;
+            assert!(coef.len() >= rows * rank && a.len() >= rank * cols);
+            let (accp, cp, ap) = (acc.as_mut_ptr(), coef.as_ptr(), a.as_ptr());
+            for jb in (0..cols).step_by($block) {
+                let je = (jb + $block).min(cols);
+                let wide_end = jb + (je - jb) / WIDE * WIDE;
+                for g in 0..groups {
+                    let r = g * 4;
+                    let mut j = jb;
+                    while j < wide_end {
+                        // SAFETY: rows r..r+4 exist (g < rows / 4) and columns j..j+WIDE lie inside the row
+                        // (j + WIDE <= je <= cols); A holds rank rows of cols columns and coef rows x rank values
+                        // (asserted above).
+                        unsafe {
+                            let o = [
+                                accp.add(r * cols + j),
+                                accp.add((r + 1) * cols + j),
+                                accp.add((r + 2) * cols + j),
+                                accp.add((r + 3) * cols + j),
+                            ];
+                            let mut t = [[$zero(); $nv]; 4];
+                            for (ti, &op) in t.iter_mut().zip(&o) {
+                                for (v, tv) in ti.iter_mut().enumerate() {
+                                    *tv = $load(op.add($lanes * v));
+                                }
+                            }
+                            for k in 0..rank {
+                                let ak = ap.add(k * cols + j);
+                                let mut av = [$zero(); $nv];
+                                for (v, x) in av.iter_mut().enumerate() {
+                                    *x = $load(ak.add($lanes * v));
+                                }
+                                for (i, ti) in t.iter_mut().enumerate() {
+                                    let c = $set1(*cp.add((r + i) * rank + k));
+                                    for (tv, &x) in ti.iter_mut().zip(&av) {
+                                        *tv = $add(*tv, $mul(c, x));
+                                    }
+                                }
+                            }
+                            for (ti, &op) in t.iter().zip(&o) {
+                                for (v, tv) in ti.iter().enumerate() {
+                                    $store(op.add($lanes * v), *tv);
+                                }
                             }
                         }
+                        j += WIDE;
                     }
-                    for (ti, &op) in t.iter().zip(&o) {
-                        for (v, tv) in ti.iter().enumerate() {
-                            _mm256_storeu_ps(op.add(8 * v), *tv);
-                        }
+                    // Columns left over in this block: one element at a time, same order.
+                    for row in r..r + 4 {
+                        f32_tail(acc, coef, a, rank, cols, row, wide_end..je);
                     }
                 }
-                j += 24;
             }
-            // Columns left over in this block: one element at a time, same order.
-            for row in r..r + 4 {
-                f32_tail(acc, coef, a, rank, cols, row, wide_end..je);
-            }
+            // Rows left over (fewer than four).
+            let done = groups * 4 * cols;
+            lora_rows_plain(&mut acc[done..], &coef[groups * 4 * rank..], a, rank, cols);
         }
-    }
-    // Rows left over (fewer than four).
-    let done = groups * 4 * cols;
-    lora_rows_plain(&mut acc[done..], &coef[groups * 4 * rank..], a, rank, cols);
+    };
 }
 
-/// The AVX-512 kernel: the AVX2 kernel's scheme with 16-lane vectors, a 4-row x 64-column tile in sixteen
-/// registers; the same operations in the same order per element, so the same bits.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn lora_rows_avx512(acc: &mut [f32], coef: &[f32], a: &[f32], rank: usize, cols: usize) {
-    use std::arch::x86_64::*;
-    const BLOCK: usize = 256; // rank x 256 f32 = 32 KiB of A at r = 32
-    let rows = acc.len() / cols;
-    let groups = rows / 4;
-    assert!(coef.len() >= rows * rank && a.len() >= rank * cols);
-    let (accp, cp, ap) = (acc.as_mut_ptr(), coef.as_ptr(), a.as_ptr());
-    for jb in (0..cols).step_by(BLOCK) {
-        let je = (jb + BLOCK).min(cols);
-        let wide_end = jb + (je - jb) / 64 * 64;
-        for g in 0..groups {
-            let r = g * 4;
-            let mut j = jb;
-            while j < wide_end {
-                // SAFETY: as in lora_rows_avx2, with 64 columns (j + 64 <= je <= cols).
-                unsafe {
-                    let o = [
-                        accp.add(r * cols + j),
-                        accp.add((r + 1) * cols + j),
-                        accp.add((r + 2) * cols + j),
-                        accp.add((r + 3) * cols + j),
-                    ];
-                    let mut t = [[_mm512_setzero_ps(); 4]; 4];
-                    for (ti, &op) in t.iter_mut().zip(&o) {
-                        for (v, tv) in ti.iter_mut().enumerate() {
-                            *tv = _mm512_loadu_ps(op.add(16 * v));
-                        }
-                    }
-                    for k in 0..rank {
-                        let ak = ap.add(k * cols + j);
-                        let av = [
-                            _mm512_loadu_ps(ak),
-                            _mm512_loadu_ps(ak.add(16)),
-                            _mm512_loadu_ps(ak.add(32)),
-                            _mm512_loadu_ps(ak.add(48)),
-                        ];
-                        for (i, ti) in t.iter_mut().enumerate() {
-                            let c = _mm512_set1_ps(*cp.add((r + i) * rank + k));
-                            for (tv, &x) in ti.iter_mut().zip(&av) {
-                                *tv = _mm512_add_ps(*tv, _mm512_mul_ps(c, x));
-                            }
-                        }
-                    }
-                    for (ti, &op) in t.iter().zip(&o) {
-                        for (v, tv) in ti.iter().enumerate() {
-                            _mm512_storeu_ps(op.add(16 * v), *tv);
-                        }
-                    }
-                }
-                j += 64;
-            }
-            for row in r..r + 4 {
-                f32_tail(acc, coef, a, rank, cols, row, wide_end..je);
-            }
-        }
-    }
-    let done = groups * 4 * cols;
-    lora_rows_plain(&mut acc[done..], &coef[groups * 4 * rank..], a, rank, cols);
-}
+lora_kernel!(
+    /// AVX2: a 4 x 24 tile in twelve registers; 192 columns of A (24 KiB at r = 32) per block.
+    lora_rows_avx2, "avx2", 8, 3, 192,
+    _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_add_ps, _mm256_mul_ps
+);
+lora_kernel!(
+    /// AVX-512: a 4 x 64 tile in sixteen registers; 256 columns of A (32 KiB at r = 32) per block.
+    lora_rows_avx512, "avx512f", 16, 4, 256,
+    _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_add_ps, _mm512_mul_ps
+);
 
 /// bf16 in, bf16 out, with AVX-512: the AVX-512 kernel's tiles, but W is widened from bf16 as a tile is loaded and
 /// the sum is rounded to bf16 as it is stored (round to nearest even, NaN to 0x7FC0: [`dtype::f32_to_bf16_bits`]
