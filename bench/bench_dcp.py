@@ -12,7 +12,6 @@ Timing and peak RSS use bench_pt.py's `timed` (GNU time when present); medians a
 Run:  .venv/bin/python bench/bench_dcp.py [--reps 3] [--ckptconv target/release/ckptconv]
 """
 
-import argparse
 import importlib.util
 import json
 import os
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pt import DATA, GNU_TIME, REPO, shapes, timed  # noqa: E402  (no torch import: keeps the parent small)
+from bench_pt import DATA, GNU_TIME, bench_args, shapes, timed  # noqa: E402  (no torch import: keeps the parent small)
 
 RANKS = 8
 SRC = DATA / f"qwen2_1.5b_untied_bf16_dcp{RANKS}"
@@ -125,13 +124,7 @@ def header(path):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--ckptconv", default=os.environ.get("CKPTCONV", str(REPO / "target/release/ckptconv")))
-    ap.add_argument("--out", default=str(DATA / "out_dcp"), help="scratch output dir (deleted between runs)")
-    ap.add_argument("--no-torch", action="store_true", help="skip the torch pipeline")
-    ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = bench_args(__doc__, "out_dcp")
     if args.generate_only:
         return generate()
 

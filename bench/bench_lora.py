@@ -21,7 +21,6 @@ Medians are printed with the merge overhead (merge / plain; the issue's target i
 Run:  .venv/bin/python bench/bench_lora.py [--reps 3] [--ckptconv target/release/ckptconv] [--no-torch]
 """
 
-import argparse
 import importlib.util
 import json
 import os
@@ -34,7 +33,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_pt import DATA, GNU_TIME, REPO, shapes, timed  # noqa: E402  (bench_pt imports no torch at module level)
+from bench_pt import DATA, GNU_TIME, bench_args, shapes, timed  # noqa: E402  (bench_pt imports no torch at module level)
 
 LORA_SRC = DATA / "qwen2_1.5b_lora_r32_bf16.pt"
 PLAIN_SRC = DATA / "qwen2_1.5b_plain_bf16.pt"
@@ -148,14 +147,8 @@ def generate():
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--ckptconv", default=os.environ.get("CKPTCONV", str(REPO / "target/release/ckptconv")))
-    ap.add_argument("--out", default=str(DATA / "out_lora"), help="scratch output dir (deleted between runs)")
-    ap.add_argument("--no-torch", action="store_true", help="skip the torch merge reference")
-    ap.add_argument("--no-verify", action="store_true", help="skip the ckptconv-vs-torch merge comparison")
-    ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = bench_args(__doc__, "out_lora", "skip the torch merge reference", extra=[
+        ("--no-verify", dict(action="store_true", help="skip the ckptconv-vs-torch merge comparison"))])
     if args.generate_only:
         return generate()
 

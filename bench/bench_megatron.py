@@ -18,7 +18,6 @@ repetition also checks that ckptconv and torch wrote the same tensor names, dtyp
 Run:  .venv/bin/python bench/bench_megatron.py [--reps 3] [--ckptconv target/release/ckptconv]
 """
 
-import argparse
 import importlib.util
 import json
 import os
@@ -32,8 +31,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-DATA = HERE / "data"
+sys.path.insert(0, str(HERE))
+from bench_pt import DATA, REPO, bench_args  # noqa: E402  (bench_pt imports no torch at module level)
+
 ROOT = DATA / "megatron_qwen2_1.5b_tp2"
 ACTOR = ROOT / "actor"
 ITER = ACTOR / "iter_0000001"
@@ -197,13 +197,7 @@ def headers(out):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--ckptconv", default=os.environ.get("CKPTCONV", str(REPO / "target/release/ckptconv")))
-    ap.add_argument("--out", default=str(DATA / "out_megatron"), help="scratch output dir (deleted between runs)")
-    ap.add_argument("--no-torch", action="store_true", help="skip the torch pipeline")
-    ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = bench_args(__doc__, "out_megatron")
     if args.generate_only:
         return generate()
 

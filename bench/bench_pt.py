@@ -111,14 +111,22 @@ def timed(argv):
     return dt, ru.ru_maxrss / 1024  # Linux reports KiB
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def bench_args(doc, out_name, torch_help="skip the torch pipeline", extra=()):
+    """The options the benchmarks share: --reps, --ckptconv, --out (a scratch folder under bench/data), --no-torch,
+    the hidden --generate-only, and `extra` (argument name, keyword arguments) pairs."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--ckptconv", default=os.environ.get("CKPTCONV", str(REPO / "target/release/ckptconv")))
-    ap.add_argument("--out", default=str(DATA / "out"), help="scratch output dir (deleted between runs)")
-    ap.add_argument("--no-torch", action="store_true", help="skip the torch pipeline")
+    ap.add_argument("--out", default=str(DATA / out_name), help="scratch output dir (deleted between runs)")
+    ap.add_argument("--no-torch", action="store_true", help=torch_help)
+    for name, kw in extra:
+        ap.add_argument(name, **kw)
     ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main():
+    args = bench_args(__doc__, "out")
     if args.generate_only:
         return generate()
 
