@@ -84,6 +84,35 @@ pub struct Planned {
     pub groups: Vec<Group>,
 }
 
+impl Planned {
+    /// The plan as JSON fields, as `inspect --json` and the browser engine report it: `format`, `notes`, `groups`
+    /// (name, tensors, bytes, others) and `tensors` (name, dtype, shape, bytes, source_dtype).
+    pub fn json_fields(&self) -> serde_json::Map<String, serde_json::Value> {
+        let tensors: Vec<_> = self
+            .plan
+            .tensors
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "name": t.name, "dtype": t.dtype.safetensors_name(), "shape": t.shape, "bytes": t.nbytes(),
+                    "source_dtype": t.source.dtype().safetensors_name(),
+                })
+            })
+            .collect();
+        let groups: Vec<_> = self
+            .groups
+            .iter()
+            .map(|g| serde_json::json!({"name": g.name, "tensors": g.tensors, "bytes": g.bytes, "others": g.others}))
+            .collect();
+        let mut m = serde_json::Map::new();
+        m.insert("format".into(), self.format.clone().into());
+        m.insert("notes".into(), self.plan.notes.clone().into());
+        m.insert("groups".into(), groups.into());
+        m.insert("tensors".into(), tensors.into());
+        m
+    }
+}
+
 /// What was found inside a folder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Found {

@@ -255,23 +255,10 @@ impl Job {
     /// The plan as JSON: format, notes, groups, tensors (name, dtype, shape, bytes) and output files.
     #[wasm_bindgen(js_name = planJson)]
     pub fn plan_json(&self) -> String {
-        let p = &self.planned;
-        let tensors: Vec<_> = p
-            .plan
-            .tensors
-            .iter()
-            .map(|t| serde_json::json!({"name": t.name, "dtype": t.dtype.safetensors_name(), "shape": t.shape, "bytes": t.nbytes()}))
-            .collect();
-        let groups: Vec<_> = p
-            .groups
-            .iter()
-            .map(|g| serde_json::json!({"name": g.name, "tensors": g.tensors, "bytes": g.bytes, "others": g.others}))
-            .collect();
-        serde_json::json!({
-            "format": p.format, "notes": p.plan.notes, "groups": groups, "tensors": tensors,
-            "totalBytes": p.plan.total_bytes(), "outputs": self.outputs(),
-        })
-        .to_string()
+        let mut doc = self.planned.json_fields();
+        doc.insert("totalBytes".into(), self.planned.plan.total_bytes().into());
+        doc.insert("outputs".into(), self.outputs().into());
+        serde_json::Value::Object(doc).to_string()
     }
 
     fn outputs(&self) -> Vec<serde_json::Value> {

@@ -277,25 +277,10 @@ fn inspect(input: &Path, json: bool, args: &PlanArgs) -> ckptconv::Result<()> {
     let planned = with_base(args.base.as_deref(), |base| plan_with(input, base, &opts))?;
     let plan = &planned.plan;
     if json {
-        let tensors: Vec<_> = plan
-            .tensors
-            .iter()
-            .map(|t| {
-                serde_json::json!({
-                    "name": t.name, "dtype": t.dtype.safetensors_name(), "shape": t.shape, "bytes": t.nbytes(),
-                    "source_dtype": t.source.dtype().safetensors_name(),
-                })
-            })
-            .collect();
-        let groups: Vec<_> = planned
-            .groups
-            .iter()
-            .map(|g| serde_json::json!({"name": g.name, "tensors": g.tensors, "bytes": g.bytes, "others": g.others}))
-            .collect();
-        let doc = serde_json::json!({
-            "input": input.display().to_string(), "format": planned.format, "notes": plan.notes,
-            "groups": groups, "tensors": tensors, "total_bytes": plan.total_bytes(),
-        });
+        let mut doc = planned.json_fields();
+        doc.insert("input".into(), input.display().to_string().into());
+        doc.insert("total_bytes".into(), plan.total_bytes().into());
+        let doc = serde_json::Value::Object(doc);
         println!("{doc:#}");
         return Ok(());
     }
