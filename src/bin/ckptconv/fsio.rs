@@ -17,13 +17,13 @@ pub fn io_text(e: &std::io::Error) -> String {
     e.to_string()
 }
 
-/// A file opened for random-access reads.
 /// Largest single read or write where the host copies through a buffer of its own (WASI: the engine reads into
 /// and writes from a host buffer, which it zeroes first). Pieces this size stay in the CPU's cache on their way;
 /// bands of 16 MiB would stream through memory two extra times.
 #[cfg(not(unix))]
 const IO_CHUNK: usize = 256 << 10;
 
+/// A file opened for random-access reads.
 pub struct FileInput {
     file: File,
     len: u64,
@@ -120,6 +120,14 @@ impl DirSink {
     fn out_err(path: &Path, e: std::io::Error) -> Error {
         Error::new(ErrorKind::Output(e.to_string())).in_file(&path.display().to_string())
     }
+
+    /// Runs `op` on the current file's writer; its I/O errors name the temp file.
+    fn with_writer(&mut self, op: impl FnOnce(&mut FileWriter) -> std::io::Result<()>) -> Result<()> {
+        match &mut self.current {
+            Some((f, tmp, _)) => op(f).map_err(|e| Self::out_err(tmp, e)),
+            None => Err(Error::new(ErrorKind::Output("write outside a file".into()))),
+        }
+    }
 }
 
 impl Sink for DirSink {
@@ -139,17 +147,11 @@ impl Sink for DirSink {
     }
 
     fn write(&mut self, buf: &[u8]) -> Result<()> {
-        match &mut self.current {
-            Some((f, tmp, _)) => f.write(buf).map_err(|e| Self::out_err(tmp, e)),
-            None => Err(Error::new(ErrorKind::Output("write outside a file".into()))),
-        }
+        self.with_writer(|f| f.write(buf))
     }
 
     fn write_owned(&mut self, buf: &mut Vec<u8>) -> Result<()> {
-        match &mut self.current {
-            Some((f, tmp, _)) => f.write_owned(buf).map_err(|e| Self::out_err(tmp, e)),
-            None => Err(Error::new(ErrorKind::Output("write outside a file".into()))),
-        }
+        self.with_writer(|f| f.write_owned(buf))
     }
 
     /// Another descriptor on the temp file, for workers that `pwrite` whole tensors at their place.
@@ -161,10 +163,7 @@ impl Sink for DirSink {
     }
 
     fn skip(&mut self, len: u64) -> Result<()> {
-        match &mut self.current {
-            Some((f, tmp, _)) => f.skip(len).map_err(|e| Self::out_err(tmp, e)),
-            None => Err(Error::new(ErrorKind::Output("write outside a file".into()))),
-        }
+        self.with_writer(|f| f.skip(len))
     }
 
     fn end(&mut self) -> Result<()> {
@@ -283,9 +282,6 @@ impl ckptconv::io::Folder for DiskFolder {
     }
 }
 
-/// Writes one output file. Natively a thread does the writing, so the next band is read, cast or merged
-/// while the previous one goes to disk (a rendezvous channel: at most one band in flight). WASI has no
-/// threads and writes in place.
 /// A file written with `pwrite` from worker threads.
 #[cfg(unix)]
 struct PosFile(File);
@@ -297,6 +293,15 @@ impl ckptconv::io::WriteAt for PosFile {
     }
 }
 
+/// Moves `file`'s cursor past `len` bytes that were written positionally.
+fn seek_past(file: &mut File, len: u64) -> std::io::Result<()> {
+    use std::io::Seek;
+    let n = i64::try_from(len).map_err(std::io::Error::other)?;
+    file.seek(std::io::SeekFrom::Current(n)).map(|_| ())
+}
+
+/// Writes one output file. Natively a thread does the writing, so the next bands are read, cast or merged
+/// while earlier ones go to disk (at most two bands queued). WASI has no threads and writes in place.
 pub struct FileWriter {
     /// Another descriptor on the same file, for positional writes (the writer thread's own one keeps the cursor).
     #[cfg(unix)]
@@ -351,11 +356,7 @@ impl FileWriter {
                         file.write_all(&v)?;
                         let _ = back.send(v);
                     }
-                    Job::Skip(n) => {
-                        use std::io::Seek;
-                        let n = i64::try_from(n).map_err(std::io::Error::other)?;
-                        file.seek(std::io::SeekFrom::Current(n))?;
-                    }
+                    Job::Skip(n) => seek_past(&mut file, n)?,
                     #[cfg(target_os = "linux")]
                     Job::Copy(from, offset, len) => copy_into(&mut file, from, offset, len)?,
                 }
@@ -429,9 +430,7 @@ impl FileWriter {
         self.write(buf)
     }
     fn skip(&mut self, len: u64) -> std::io::Result<()> {
-        use std::io::Seek;
-        let n = i64::try_from(len).map_err(std::io::Error::other)?;
-        self.file.seek(std::io::SeekFrom::Current(n)).map(|_| ())
+        seek_past(&mut self.file, len)
     }
     fn finish(self) -> std::io::Result<()> {
         Ok(())
