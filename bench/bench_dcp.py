@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pt import DATA, GNU_TIME, bench_args, shapes, timed  # noqa: E402  (no torch import: keeps the parent small)
+from bench_pt import DATA, GNU_TIME, bench_args, interleaved, shapes  # noqa: E402  (no torch import: keeps the parent small)
 
 RANKS = 8
 SRC = DATA / f"qwen2_1.5b_untied_bf16_dcp{RANKS}"
@@ -140,19 +140,13 @@ def main():
     if have_torch:
         tools["torch"] = lambda: [sys.executable, "-c", TORCH_PIPELINE, str(SRC), str(out)]
 
-    runs = {name: [] for name in tools}
-    for rep in range(args.reps):
-        for name, argv in tools.items():
-            shutil.rmtree(out, ignore_errors=True)
-            out.mkdir(parents=True)
-            secs, rss = timed(argv())
-            if name != "cp":  # both converters must write the model, and only the model
-                files = sorted(out.glob("*.safetensors"))
-                got = {k: v for f in files for k, v in header(f).items()}
-                assert got == want, f"{name}: output tensors differ from the model's: {sorted(set(got) ^ set(want))[:5]}"
-            runs[name].append({"seconds": secs, "peak_rss_mib": rss})
-            print(f"rep {rep + 1}/{args.reps}  {name:<9} {secs:7.2f} s  {rss:8.1f} MiB", flush=True)
-    shutil.rmtree(out, ignore_errors=True)
+    def check(name, rep, out):
+        if name != "cp":  # both converters must write the model, and only the model
+            files = sorted(out.glob("*.safetensors"))
+            got = {k: v for f in files for k, v in header(f).items()}
+            assert got == want, f"{name}: output tensors differ from the model's: {sorted(set(got) ^ set(want))[:5]}"
+
+    runs = interleaved(tools, args.reps, out, check)
 
     med = {n: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "peak_rss_mib")} for n, rs in runs.items()}
     size, folder = model_bytes(), sum(p.stat().st_size for p in SRC.iterdir())

@@ -33,7 +33,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_pt import DATA, GNU_TIME, bench_args, shapes, timed  # noqa: E402  (bench_pt imports no torch at module level)
+from bench_pt import DATA, GNU_TIME, bench_args, interleaved, shapes  # noqa: E402  (bench_pt imports no torch at module level)
 
 LORA_SRC = DATA / "qwen2_1.5b_lora_r32_bf16.pt"
 PLAIN_SRC = DATA / "qwen2_1.5b_plain_bf16.pt"
@@ -167,21 +167,16 @@ def main():
         tools["torch_merge"] = lambda: [sys.executable, "-c", TORCH_MERGE, str(LORA_SRC), str(out / "model.safetensors")]
     plain_size = PLAIN_SRC.stat().st_size
 
-    runs = {name: [] for name in tools}
-    for rep in range(args.reps):
-        for name, argv in tools.items():
-            shutil.rmtree(out, ignore_errors=True)
-            out.mkdir(parents=True)
-            secs, rss = timed(argv())
-            if name == "adapter":
-                produced = (out / "lora_adapter" / "adapter_model.safetensors").stat().st_size
-                assert not list(out.glob("*.safetensors")), "adapter mode wrote full weights"
-            else:
-                produced = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-                assert produced >= plain_size * 0.9, f"{name} wrote only {produced} bytes"
-            runs[name].append({"seconds": secs, "peak_rss_mib": rss, "bytes_written": produced})
-            print(f"rep {rep + 1}/{args.reps}  {name:<12} {secs:7.2f} s  {rss:8.1f} MiB", flush=True)
-    shutil.rmtree(out, ignore_errors=True)
+    def check(name, rep, out):
+        if name == "adapter":
+            produced = (out / "lora_adapter" / "adapter_model.safetensors").stat().st_size
+            assert not list(out.glob("*.safetensors")), "adapter mode wrote full weights"
+        else:
+            produced = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+            assert produced >= plain_size * 0.9, f"{name} wrote only {produced} bytes"
+        return {"bytes_written": produced}
+
+    runs = interleaved(tools, args.reps, out, check)
 
     verified = None
     if have_torch and not args.no_verify:

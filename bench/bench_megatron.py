@@ -20,7 +20,6 @@ Run:  .venv/bin/python bench/bench_megatron.py [--reps 3] [--ckptconv target/rel
 
 import importlib.util
 import json
-import os
 import resource
 import shutil
 import statistics
@@ -32,7 +31,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_pt import DATA, REPO, bench_args  # noqa: E402  (bench_pt imports no torch at module level)
+import bench_pt  # noqa: E402  (bench_pt imports no torch at module level)
+from bench_pt import DATA, GNU_TIME, REPO, bench_args, interleaved  # noqa: E402
+
+bench_pt.RSS_FILE = DATA / "rss_megatron.txt"  # timed() reads it at call time: our own, so a concurrent bench cannot clobber it
 
 ROOT = DATA / "megatron_qwen2_1.5b_tp2"
 ACTOR = ROOT / "actor"
@@ -165,26 +167,6 @@ def generate_in_child():
     subprocess.run([sys.executable, __file__, "--generate-only"], check=True)
 
 
-GNU_TIME = "/usr/bin/time" if Path("/usr/bin/time").exists() else None
-RSS_FILE = DATA / "rss_megatron.txt"
-
-
-def timed(argv):
-    """Run argv after `sync`; return (seconds, peak RSS MiB). Raises on nonzero exit."""
-    subprocess.run(["sync"], check=True)
-    if GNU_TIME:
-        argv = [GNU_TIME, "-f", "%M", "-o", str(RSS_FILE)] + argv
-    t0 = time.perf_counter()
-    pid = os.posix_spawnp(argv[0], argv, os.environ)
-    _, status, ru = os.wait4(pid, 0)
-    dt = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{argv} failed with status {os.waitstatus_to_exitcode(status)}")
-    if GNU_TIME:
-        return dt, int(RSS_FILE.read_text().split()[-1]) / 1024
-    return dt, ru.ru_maxrss / 1024  # Linux reports KiB
-
-
 def headers(out):
     """{name: (dtype, shape)} over every safetensors file in out (header reads only)."""
     got = {}
@@ -213,21 +195,16 @@ def main():
                                   str(BASE / "config.json"), str(out / "model.safetensors")]
 
     size = sum(f.stat().st_size for f in ITER.rglob("model_optim_rng.pt"))
-    runs = {name: [] for name in tools}
     plans = {}
-    for rep in range(args.reps):
-        for name, argv in tools.items():
-            shutil.rmtree(out, ignore_errors=True)
-            out.mkdir(parents=True)
-            secs, rss = timed(argv())
-            if name != "cp":
-                produced = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-                assert produced >= size * 0.9, f"{name} wrote only {produced} bytes"
-                if rep == 0:
-                    plans[name] = headers(out)
-            runs[name].append({"seconds": secs, "peak_rss_mib": rss})
-            print(f"rep {rep + 1}/{args.reps}  {name:<9} {secs:7.2f} s  {rss:8.1f} MiB", flush=True)
-    shutil.rmtree(out, ignore_errors=True)
+
+    def check(name, rep, out):
+        if name != "cp":
+            produced = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+            assert produced >= size * 0.9, f"{name} wrote only {produced} bytes"
+            if rep == 0:
+                plans[name] = headers(out)
+
+    runs = interleaved(tools, args.reps, out, check)
     if "torch" in plans:
         assert plans["ckptconv"] == plans["torch"], "ckptconv and torch wrote different names/dtypes/shapes"
 

@@ -111,6 +111,23 @@ def timed(argv):
     return dt, ru.ru_maxrss / 1024  # Linux reports KiB
 
 
+def interleaved(tools, reps, out, check):
+    """Runs every tool once per repetition, in turn so that drift hits them all alike, each into an emptied `out`
+    (deleted at the end). `check(name, rep, out)` validates what a tool wrote and returns extra fields for its row,
+    or None. Returns {tool: [{"seconds", "peak_rss_mib", ...}]}."""
+    runs = {name: [] for name in tools}
+    width = max(map(len, tools)) + 1
+    for rep in range(reps):
+        for name, argv in tools.items():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            secs, rss = timed(argv())
+            runs[name].append({"seconds": secs, "peak_rss_mib": rss, **(check(name, rep, out) or {})})
+            print(f"rep {rep + 1}/{reps}  {name:<{width}} {secs:7.2f} s  {rss:8.1f} MiB", flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return runs
+
+
 def bench_args(doc, out_name, torch_help="skip the torch pipeline", extra=()):
     """The options the benchmarks share: --reps, --ckptconv, --out (a scratch folder under bench/data), --no-torch,
     the hidden --generate-only, and `extra` (argument name, keyword arguments) pairs."""
@@ -140,18 +157,12 @@ def main():
     if have_torch:
         tools["torch"] = lambda: [sys.executable, "-c", TORCH_PIPELINE, str(SRC), str(out / "model.safetensors")]
 
-    runs = {name: [] for name in tools}
-    for rep in range(args.reps):
-        for name, argv in tools.items():
-            shutil.rmtree(out, ignore_errors=True)
-            out.mkdir(parents=True)
-            secs, rss = timed(argv())
-            if name != "cp":
-                produced = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-                assert produced >= SRC.stat().st_size * 0.9, f"{name} wrote only {produced} bytes"
-            runs[name].append({"seconds": secs, "peak_rss_mib": rss})
-            print(f"rep {rep + 1}/{args.reps}  {name:<9} {secs:7.2f} s  {rss:8.1f} MiB", flush=True)
-    shutil.rmtree(out, ignore_errors=True)
+    def check(name, rep, out):
+        if name != "cp":
+            produced = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+            assert produced >= SRC.stat().st_size * 0.9, f"{name} wrote only {produced} bytes"
+
+    runs = interleaved(tools, args.reps, out, check)
 
     med = {n: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "peak_rss_mib")} for n, rs in runs.items()}
     size = SRC.stat().st_size

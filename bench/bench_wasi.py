@@ -18,7 +18,6 @@ Run:  .venv/bin/python bench/bench_wasi.py [--reps 3] [--wasm-cap BYTES] [--no-v
 import argparse
 import json
 import os
-import shlex
 import shutil
 import statistics
 import sys
@@ -37,13 +36,8 @@ TARGET_LINEAR = 64 << 20
 MiB = 1 << 20
 
 
-def runner_prefix():
-    env = os.environ.get("CKPTCONV_WASM_RUNNER")
-    if env:
-        return shlex.split(env)
-    if shutil.which("wasmtime"):
-        return ["wasmtime", "run"]
-    return [sys.executable, str(REPO / "wasi" / "run.py")]
+sys.path.insert(0, str(REPO / "wasi"))
+from runner import runner_prefix  # noqa: E402  (wasi/runner.py)
 
 
 def same_files(a, b, step=64 << 20):

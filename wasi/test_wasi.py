@@ -25,7 +25,6 @@ Run: .venv/bin/python -m pytest wasi   (or with the native suite: pytest tests/e
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -54,14 +53,8 @@ WASM = _path_from_env("CKPTCONV_WASM", "target/wasi/ckptconv.wasm")
 NATIVE = _path_from_env("CKPTCONV", "target/release/ckptconv")
 
 
-def runner_prefix():
-    env = os.environ.get("CKPTCONV_WASM_RUNNER")
-    if env:
-        return shlex.split(env)
-    if shutil.which("wasmtime"):
-        return ["wasmtime", "run"]
-    return [sys.executable, str(REPO / "wasi" / "run.py")]
-
+sys.path.insert(0, str(REPO / "wasi"))
+from runner import runner_prefix  # noqa: E402  (wasi/runner.py)
 
 RUNNER = runner_prefix()
 
