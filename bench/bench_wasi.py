@@ -1,21 +1,26 @@
 """Benchmark the WASI build of `ckptconv convert` under wasmtime against the native binary, on the same .pt.
 
 Owns: bench/bench_wasi.py. Input: bench_pt.py's cached Qwen2-1.5B-shaped bf16 .pt (~3.55 GB, generated once into
-bench/data/). Each repetition runs, interleaved so drift hits all alike:
-  native         target/release/ckptconv convert SRC OUT (on Linux its copies are in-kernel copy_file_range)
-  native-nokcopy the same with CKPTCONV_NO_KERNEL_COPY=1 (the buffered read/write path every other target takes)
-  wasi           target/wasi/ckptconv.wasm under wasmtime: `--dir bench/data::/in --dir OUT::/out`
-Recorded: wall time (`sync` before each run), host peak RSS (GNU time when installed, see bench_pt.timed) and, for
-wasi, the module's peak linear memory (CKPTCONV_WASM_MEMORY_REPORT, written by wasi/run.py; the wasmtime CLI has
-no such report). The first repetition's wasi output is compared byte for byte with the native one.
-Targets (from the issue): wasi wall <= 1.3x native, peak linear memory <= 64 MiB. Medians are printed, then JSON.
+bench/data/). Each repetition runs, interleaved so drift hits all alike (bench_pt.interleaved):
+  native          target/release/ckptconv convert SRC OUT (on Linux its copies are in-kernel copy_file_range)
+  native-nokcopy  the same with CKPTCONV_NO_KERNEL_COPY=1 (the buffered read/write path every other target takes)
+  wasi            target/wasi/ckptconv.wasm under `wasmtime run`: `--dir bench/data::/in --dir OUT::/out`
+  wasi-timeout    the same with `-W timeout=3600s` (wasmtime then does file I/O on a helper thread through
+                  buffers of its own instead of straight into the module's memory)
+  wasi-pypi       the same module under wasi/run.py (PyPI wasmtime: the C API always takes that helper-thread path)
+The wasi rows need the wasmtime CLI on PATH; without it only wasi-pypi runs. CKPTCONV_WASM_RUNNER replaces the
+runner of the `wasi` row. Every wasi run is capped with `-W max-memory-size` (64 MiB, the issue's bound; a run over
+the cap traps and the bench fails), so a finished run is itself the proof of the bound; wasi/run.py also reports
+the peak linear memory (CKPTCONV_WASM_MEMORY_REPORT). Recorded: wall time (`sync` before each run) and host peak
+RSS (GNU time when installed, see bench_pt.timed). In the first repetition every tool's output is hashed and must
+equal native's. Target (from the issue): wasi wall <= 1.3x native. Medians are printed, then JSON.
 
-Runner: env CKPTCONV_WASM_RUNNER (e.g. "wasmtime run"), else `wasmtime run` if on PATH, else
-`python wasi/run.py` (PyPI wasmtime). Build the module first: bash wasi/build.sh.
+Build the module first: bash wasi/build.sh.
 Run:  .venv/bin/python bench/bench_wasi.py [--reps 3] [--wasm-cap BYTES] [--no-verify]
 """
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -27,7 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_pt  # noqa: E402
-from bench_pt import DATA, GNU_TIME, REPO, SRC, generate_in_child, timed  # noqa: E402
+from bench_pt import DATA, GNU_TIME, REPO, SRC, generate_in_child, interleaved  # noqa: E402
 
 bench_pt.RSS_FILE = DATA / "rss_wasi.txt"  # timed() reads it at call time: our own, so a concurrent bench cannot clobber it
 
@@ -39,29 +44,20 @@ MiB = 1 << 20
 sys.path.insert(0, str(REPO / "wasi"))
 from runner import runner_prefix  # noqa: E402  (wasi/runner.py)
 
+PYPI_RUNNER = [sys.executable, str(REPO / "wasi" / "run.py")]
 
-def same_files(a, b, step=64 << 20):
-    """Byte-compare two output folders (names and contents) without holding a file in memory."""
-    na = sorted(p.relative_to(a).as_posix() for p in Path(a).rglob("*"))
-    nb = sorted(p.relative_to(b).as_posix() for p in Path(b).rglob("*"))
-    if na != nb:
-        return f"listings differ: {na} vs {nb}"
-    for rel in na:
-        pa, pb = Path(a) / rel, Path(b) / rel
-        if pa.is_dir():
-            continue
-        if pa.stat().st_size != pb.stat().st_size:
-            return f"{rel}: sizes {pa.stat().st_size} vs {pb.stat().st_size}"
-        with open(pa, "rb") as fa, open(pb, "rb") as fb:
-            off = 0
-            while True:
-                x, y = fa.read(step), fb.read(step)
-                if x != y:
-                    return f"{rel}: differs in bytes {off}..{off + len(x)}"
-                if not x:
-                    break
-                off += len(x)
-    return None
+
+def tree_digest(folder):
+    """{relative path: sha256} of every file under `folder`, read in 64 MiB pieces."""
+    out = {}
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file():
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                while piece := f.read(64 << 20):
+                    h.update(piece)
+            out[p.relative_to(folder).as_posix()] = h.hexdigest()
+    return out
 
 
 def main():
@@ -69,10 +65,10 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--ckptconv", default=os.environ.get("CKPTCONV", str(REPO / "target/release/ckptconv")))
     ap.add_argument("--wasm", default=os.environ.get("CKPTCONV_WASM", str(REPO / "target/wasi/ckptconv.wasm")))
-    ap.add_argument("--wasm-cap", type=int, default=None,
-                    help="also pass -W max-memory-size=BYTES to the wasi run (a run over the cap traps: exit 134)")
+    ap.add_argument("--wasm-cap", type=int, default=TARGET_LINEAR,
+                    help="-W max-memory-size=BYTES for every wasi run (default 64 MiB; a run over the cap traps)")
     ap.add_argument("--scratch", default=str(DATA / "out_wasi_bench"), help="scratch folder (deleted between runs)")
-    ap.add_argument("--no-verify", action="store_true", help="skip the byte comparison of the first repetition")
+    ap.add_argument("--no-verify", action="store_true", help="skip the output comparison of the first repetition")
     args = ap.parse_args()
     for p, how in ((args.ckptconv, "cargo build --release"), (args.wasm, "bash wasi/build.sh")):
         if not Path(p).is_file():
@@ -81,91 +77,74 @@ def main():
     generate_in_child()
     scratch = Path(args.scratch)
     report = DATA / "wasm_peak.txt"
+    cap = ["-W", f"max-memory-size={args.wasm_cap}"]
+    convert = ["convert", f"/in/{SRC.name}", "/out/hf", "--quiet"]
+
+    def wasi(runner, *extra):
+        return lambda: runner + ["--dir", f"{SRC.parent}::/in", "--dir", f"{scratch}::/out"] + cap + list(extra) + [
+            args.wasm] + convert
+
+    native = [args.ckptconv, "convert", str(SRC), str(scratch / "hf"), "--quiet"]
+    tools = {"native": lambda: native, "native-nokcopy": lambda: ["env", "CKPTCONV_NO_KERNEL_COPY=1"] + native}
     runner = runner_prefix()
-    limits = ["-W", f"max-memory-size={args.wasm_cap}"] if args.wasm_cap else []
+    if runner != PYPI_RUNNER:
+        tools["wasi"] = wasi(runner)
+        tools["wasi-timeout"] = wasi(runner, "-W", "timeout=3600s")
+    tools["wasi-pypi"] = wasi(PYPI_RUNNER)
+    wasi_rows = [n for n in tools if n.startswith("wasi")]
 
-    def wasi_argv(out):
-        return runner + ["--dir", f"{SRC.parent}::/in", "--dir", f"{out}::/out"] + limits + [
-            args.wasm, "convert", f"/in/{SRC.name}", "/out/hf", "--quiet"]
-
-    tools = {
-        "native": (lambda out: [args.ckptconv, "convert", str(SRC), str(out / "hf"), "--quiet"], {}),
-        "native-nokcopy": (lambda out: [args.ckptconv, "convert", str(SRC), str(out / "hf"), "--quiet"],
-                           {"CKPTCONV_NO_KERNEL_COPY": "1"}),
-        "wasi": (wasi_argv, {"CKPTCONV_WASM_MEMORY_REPORT": str(report)}),
-    }
-
-    # Warm the runner's compiled-module cache (run.py keys it by the module and the -W keys) outside the timings.
-    warm = scratch / "warm"
+    # Warm run.py's compiled-module cache (keyed by the module and the -W keys) outside the timings.
     shutil.rmtree(scratch, ignore_errors=True)
-    warm.mkdir(parents=True)
-    timed(runner + ["--dir", f"{warm}::/out"] + limits + [args.wasm, "--version"])
+    scratch.mkdir(parents=True)
+    bench_pt.timed(PYPI_RUNNER + ["--dir", f"{scratch}::/out"] + cap + [args.wasm, "--version"])
 
-    runs = {name: [] for name in tools}
-    verified = None
-    for rep in range(args.reps):
-        for name, (argv, env) in tools.items():
-            out = scratch / name
-            # Only the outputs still needed (native's, until rep 1's comparison) stay: 3.5 GB of old outputs in the
-            # page cache would make whichever tool runs last pay for evicting them.
-            for other in tools:
-                if not (rep == 0 and other == "native" and name == "wasi"):
-                    shutil.rmtree(scratch / other, ignore_errors=True)
-            out.mkdir(parents=True)
-            report.unlink(missing_ok=True)
-            saved = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            try:
-                secs, rss = timed(argv(out))
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
-            produced = sum(p.stat().st_size for p in (out / "hf").glob("*.safetensors"))
-            assert produced >= SRC.stat().st_size * 0.9, f"{name} wrote only {produced} bytes"
-            row = {"seconds": secs, "peak_rss_mib": rss}
-            if name == "wasi" and report.exists():
-                row["peak_linear_mib"] = int(report.read_text()) / MiB
-            runs[name].append(row)
-            extra = f"  linear {row['peak_linear_mib']:6.1f} MiB" if "peak_linear_mib" in row else ""
-            print(f"rep {rep + 1}/{args.reps}  {name:<15}{secs:7.2f} s  RSS {rss:8.1f} MiB{extra}", flush=True)
+    digests = {}
+
+    def check(name, rep, out):
+        row = {}
+        if report.exists():  # only wasi/run.py writes it
+            row["peak_linear_mib"] = int(report.read_text()) / MiB
+        report.unlink(missing_ok=True)
+        produced = sum(p.stat().st_size for p in (out / "hf").glob("*.safetensors"))
+        assert produced >= SRC.stat().st_size * 0.9, f"{name} wrote only {produced} bytes"
         if rep == 0 and not args.no_verify:
-            verified = same_files(scratch / "native" / "hf", scratch / "wasi" / "hf")
-            print(f"rep 1: wasi output {'byte-identical to native' if verified is None else 'DIFFERS: ' + verified}", flush=True)
-        for name in tools:
-            shutil.rmtree(scratch / name, ignore_errors=True)
-    shutil.rmtree(scratch, ignore_errors=True)
-    report.unlink(missing_ok=True)
+            digests[name] = tree_digest(out / "hf")
+            same = digests[name] == digests["native"]
+            print(f"rep 1: {name} output {'byte-identical to native' if same else 'DIFFERS from native'}", flush=True)
+        return row
+
+    os.environ["CKPTCONV_WASM_MEMORY_REPORT"] = str(report)
+    runs = interleaved(tools, args.reps, scratch, check)
 
     keys = ("seconds", "peak_rss_mib", "peak_linear_mib")
     med = {n: {k: statistics.median(r[k] for r in rs) for k in keys if all(k in r for r in rs)} for n, rs in runs.items()}
     size = SRC.stat().st_size
-    ratio = {base: med["wasi"]["seconds"] / med[base]["seconds"] for base in ("native", "native-nokcopy")}
-    linear = med["wasi"].get("peak_linear_mib")
-    print(f"\ninput {SRC.name}: {size / 2**30:.2f} GiB, medians of {args.reps} runs; runner: {' '.join(runner)}; "
+    print(f"\ninput {SRC.name}: {size / 2**30:.2f} GiB, medians of {args.reps} runs; wasi runner: {' '.join(runner)}; "
+          f"every wasi run capped at {args.wasm_cap / MiB:.0f} MiB of linear memory; "
           f"{'host peak RSS by GNU time' if GNU_TIME else 'host peak RSS by wait4 (includes the spawning parent floor)'}")
     print(f"{'tool':<16}{'seconds':>9}{'GB/s':>7}{'x native':>10}{'RSS MiB':>10}{'linear MiB':>12}")
     for n, m in med.items():
         lin = f"{m['peak_linear_mib']:>12.1f}" if "peak_linear_mib" in m else f"{'-':>12}"
         print(f"{n:<16}{m['seconds']:>9.2f}{size / m['seconds'] / 1e9:>7.2f}{m['seconds'] / med['native']['seconds']:>10.2f}"
               f"{m['peak_rss_mib']:>10.1f}{lin}")
-    verdict = {
-        "wall_ratio_vs_native": ratio["native"],
-        "wall_ratio_vs_native_nokcopy": ratio["native-nokcopy"],
-        "wall_target_met": ratio["native"] <= TARGET_RATIO,
-        "peak_linear_mib": linear,
-        "linear_target_met": None if linear is None else linear * MiB <= TARGET_LINEAR,
-        "output_identical": None if args.no_verify else verified is None,
-    }
-    print(f"wasi/native {ratio['native']:.2f}x (target <= {TARGET_RATIO}x: {'met' if verdict['wall_target_met'] else 'NOT met'}); "
-          f"wasi/native-nokcopy {ratio['native-nokcopy']:.2f}x; peak linear memory "
-          + ("not reported by this runner" if linear is None else
-             f"{linear:.1f} MiB (target <= 64 MiB: {'met' if verdict['linear_target_met'] else 'NOT met'})"))
+    verdict = {}
+    for n in wasi_rows:
+        ratio = med[n]["seconds"] / med["native"]["seconds"]
+        verdict[n] = {
+            "wall_ratio_vs_native": ratio,
+            "wall_ratio_vs_native_nokcopy": med[n]["seconds"] / med["native-nokcopy"]["seconds"],
+            "wall_target_met": ratio <= TARGET_RATIO,
+            "linear_memory_within_cap_mib": args.wasm_cap / MiB,
+            "peak_linear_mib": med[n].get("peak_linear_mib"),
+            "output_identical": None if args.no_verify else digests[n] == digests["native"],
+        }
+        print(f"{n}/native {ratio:.2f}x (target <= {TARGET_RATIO}x: {'met' if ratio <= TARGET_RATIO else 'NOT met'})")
+    ok = args.no_verify or all(digests[n] == digests["native"] for n in tools)
     print(json.dumps({"input": str(SRC), "input_bytes": size, "reps": args.reps, "runner": runner,
                       "wasm_cap": args.wasm_cap, "median": med, "verdict": verdict, "runs": runs,
                       "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+    if not ok:
+        raise SystemExit("an output differs from native's")
 
 
 if __name__ == "__main__":

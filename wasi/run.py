@@ -10,6 +10,8 @@ linear-memory size in bytes (wasm memory never shrinks, so its final size is its
   .venv/bin/python wasi/run.py --dir IN::/in --dir OUT::/out target/wasi/ckptconv.wasm convert /in/x.pt /out
 """
 
+import glob
+import hashlib
 import os
 import sys
 import threading
@@ -41,11 +43,25 @@ def parse(argv):
     return dirs, limits, argv[i], argv[i + 1:]
 
 
+def prune(path, keep=8):
+    """Deletes all but the newest `keep` cached compilations of `path` (older builds, other -W keys: ~5 MB each).
+    Best effort: a parallel run may be deleting the same files."""
+    def mtime(p):
+        try:
+            return os.stat(p).st_mtime
+        except OSError:
+            return 0
+
+    for old in sorted(glob.glob(f"{path}.*.cwasm"), key=mtime, reverse=True)[keep:]:
+        try:
+            os.remove(old)
+        except OSError:
+            pass
+
+
 def load_module(engine, path, config_key):
     """Compiles the module once and reuses the machine code (a .cwasm beside it, keyed by the module's bytes and
     the engine options), so a test suite of many runs does not recompile 1.6 MB of wasm each time."""
-    import hashlib
-
     data = open(path, "rb").read()
     key = hashlib.sha256(data + repr(config_key).encode()).hexdigest()[:16]
     cached = f"{path}.{key}.cwasm"
@@ -60,6 +76,7 @@ def load_module(engine, path, config_key):
         with open(tmp, "wb") as f:
             f.write(module.serialize())
         os.replace(tmp, cached)
+        prune(path)
     except OSError as e:  # a cache, not a result: a full disk or read-only folder only costs the next run a compile
         print(f"run.py: not caching compiled module at {cached}: {e}", file=sys.stderr)
         try:
