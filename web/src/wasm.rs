@@ -157,10 +157,11 @@ fn opt_f64(o: &JsValue, k: &str) -> Option<f64> {
     js_sys::Reflect::get(o, &k.into()).ok().and_then(|v| v.as_f64())
 }
 
-/// One output file after the model files: bytes in memory, or a base-model file copied through.
+/// One output file after the model files: bytes in memory, or a base-model file copied through (with its Blob
+/// when the caller takes copies).
 enum Extra {
     Bytes(String, Vec<u8>),
-    Copy(String, Input),
+    Copy(String, Input, Option<web_sys::Blob>),
 }
 
 /// A conversion: planned when constructed, then pulled piece by piece with `next()`.
@@ -173,13 +174,17 @@ pub struct Job {
     /// Index into `extras` once the model files are done, and the byte position in it.
     extra_at: Option<(usize, u64, bool)>,
     chunk: Vec<u8>,
+    /// With `options.copies`: the Blob behind each planned input, so verbatim ranges go out as `copy` pieces.
+    blobs: Option<Vec<web_sys::Blob>>,
 }
 
 #[wasm_bindgen]
 impl Job {
     /// Plans a conversion. `files`: array of `{path, file}` (a single file, or a dropped folder);
     /// `base`: the same for an optional base-model folder (or `null`); `options`: `{dtype, lora, loraAlpha,
-    /// loraR, maxShardSize, prefix, allowMismatch}`.
+    /// loraR, maxShardSize, prefix, allowMismatch, copies}`. With `copies: true`, bytes that go to the output
+    /// unchanged come as `copy` pieces naming a range of an input Blob, for the caller to read and write itself,
+    /// instead of passing through wasm memory.
     #[wasm_bindgen(constructor)]
     pub fn new(files: js_sys::Array, base: JsValue, options: JsValue) -> Result<Job, JsError> {
         // A lone file is named by itself in messages; a folder without a shared top folder as "input".
@@ -244,12 +249,27 @@ impl Job {
             layout.files[0].name = "lora_adapter/adapter_model.safetensors".into();
             extras.push(Extra::Bytes("lora_adapter/adapter_config.json".into(), cfg));
         }
+        let copies = js_sys::Reflect::get(&options, &"copies".into()).ok().and_then(|v| v.as_bool()) == Some(true);
         if let (Some(b), Some(f)) = (&base_model, &base_folder) {
             for name in &b.files {
-                extras.push(Extra::Copy(name.clone(), f.open(name).map_err(js_err)?));
+                let blob = if copies { f.files.get(name).cloned() } else { None };
+                extras.push(Extra::Copy(name.clone(), f.open(name).map_err(js_err)?, blob));
             }
         }
-        Ok(Job { planned, layout, extras, puller: Puller::new(false), extra_at: None, chunk: Vec::new() })
+        // Inputs are named as their folder shows them; every one must have its Blob, or nothing is copied.
+        let blobs = copies
+            .then(|| {
+                let mut by_name = BTreeMap::new();
+                for f in std::iter::once(&folder).chain(&base_folder) {
+                    for (rel, blob) in &f.files {
+                        by_name.insert(f.display(rel), blob);
+                    }
+                }
+                planned.inputs.iter().map(|i| by_name.get(&i.name).map(|b| (*b).clone())).collect::<Option<Vec<_>>>()
+            })
+            .flatten();
+        let puller = Puller::new(blobs.is_some());
+        Ok(Job { planned, layout, extras, puller, extra_at: None, chunk: Vec::new(), blobs })
     }
 
     /// The plan as JSON: format, notes, groups, tensors (name, dtype, shape, bytes) and output files.
@@ -267,7 +287,7 @@ impl Job {
         for e in &self.extras {
             let (name, size) = match e {
                 Extra::Bytes(n, b) => (n.as_str(), b.len() as u64),
-                Extra::Copy(n, i) => (n.as_str(), i.len()),
+                Extra::Copy(n, i, _) => (n.as_str(), i.len()),
             };
             v.push(serde_json::json!({"name": name, "size": size}));
         }
@@ -275,7 +295,9 @@ impl Job {
     }
 
     /// The next piece: `{kind: "begin", name, size}`, `{kind: "data", bytes}` (a fresh `Uint8Array` the
-    /// caller owns and may transfer), `{kind: "end"}`, or `null` when done.
+    /// caller owns and may transfer), `{kind: "copy", file, name, offset, len}` (only with `options.copies`: the
+    /// next `len` bytes of the output are bytes `offset..offset + len` of the Blob `file`, the input that messages
+    /// call `name`), `{kind: "end"}`, or `null` when done.
     #[wasm_bindgen(js_name = next)]
     pub fn next_piece(&mut self) -> Result<JsValue, JsError> {
         let obj = js_sys::Object::new();
@@ -294,8 +316,17 @@ impl Job {
                     // A copy: the band buffer in wasm memory is reused by the next call.
                     set("bytes", js_sys::Uint8Array::from(b).into()).ok();
                 }
-                Some(Piece::Copy { .. } | Piece::Written(_)) => {
-                    return Err(JsError::new("internal: copies and positional writes are off in the browser"));
+                Some(Piece::Copy { input, offset, len }) => {
+                    let blob = self.blobs.as_ref().and_then(|b| b.get(input));
+                    let Some(blob) = blob else { return Err(JsError::new("internal: a copy from an unknown input")) };
+                    set("kind", "copy".into()).ok();
+                    set("file", blob.into()).ok();
+                    set("name", self.planned.inputs.get(input).map(|i| i.name.as_str()).unwrap_or("").into()).ok();
+                    set("offset", (offset as f64).into()).ok();
+                    set("len", (len as f64).into()).ok();
+                }
+                Some(Piece::Written(_)) => {
+                    return Err(JsError::new("internal: positional writes are off in the browser"));
                 }
                 Some(Piece::End) => set("kind", "end".into()).ok().unwrap_or(()),
                 None => self.extra_at = Some((0, 0, false)),
@@ -308,7 +339,7 @@ impl Job {
         let Some(extra) = self.extras.get(i) else { return Ok(JsValue::NULL) };
         let (name, size) = match extra {
             Extra::Bytes(n, b) => (n.clone(), b.len() as u64),
-            Extra::Copy(n, inp) => (n.clone(), inp.len()),
+            Extra::Copy(n, inp, _) => (n.clone(), inp.len()),
         };
         if !begun {
             self.extra_at = Some((i, 0, true));
@@ -322,13 +353,22 @@ impl Job {
             set("kind", "end".into()).ok();
             return Ok(obj.into());
         }
+        if let Extra::Copy(_, inp, Some(blob)) = extra {
+            self.extra_at = Some((i, size, true));
+            set("kind", "copy".into()).ok();
+            set("file", blob.into()).ok();
+            set("name", inp.name.as_str().into()).ok();
+            set("offset", 0.0.into()).ok();
+            set("len", (size as f64).into()).ok();
+            return Ok(obj.into());
+        }
         let n = (size - pos).min(4 << 20);
         match extra {
             Extra::Bytes(_, b) => {
                 self.chunk.clear();
                 self.chunk.extend_from_slice(&b[pos as usize..(pos + n) as usize]);
             }
-            Extra::Copy(_, inp) => {
+            Extra::Copy(_, inp, _) => {
                 self.chunk.resize(n as usize, 0);
                 inp.read_exact_at(pos, &mut self.chunk).map_err(js_err)?;
             }

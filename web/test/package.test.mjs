@@ -25,6 +25,7 @@ const SHIPPED = [
   'web/pkg/ckptconv_web.d.ts',
   'web/pkg/ckptconv_web.js',
   'web/pkg/ckptconv_web_bg.wasm',
+  'web/www/blobread.js',
 ];
 
 // The scratch project's page: three inputs, and a function the test calls to convert with the package.

@@ -10,6 +10,8 @@ import { hidePlan, showOutputs, showPlan } from './planview.js';
 const $ = (id) => document.getElementById(id);
 // `?store=memory` forces the no-OPFS path (outputs kept as in-memory Blobs), to try what old browsers get.
 const forceMemory = new URLSearchParams(location.search).get('store') === 'memory';
+// `?copiers=0` makes the OPFS writer copy unchanged ranges itself, as on engines without shared access handles.
+const copiers = new URLSearchParams(location.search).get('copiers') === '0' ? 0 : undefined;
 
 const state = {
   files: [],
@@ -172,7 +174,7 @@ async function convert() {
     }
   };
   job.worker.onerror = (e) => failed(job, `the engine stopped (${e.message || 'worker error'})`);
-  if (warm) job.worker.postMessage({ type: 'run', jobId: id, store: job.store });
+  if (warm) job.worker.postMessage({ type: 'run', jobId: id, store: job.store, copiers });
   else
     job.worker.postMessage({
       type: 'convert',
@@ -181,6 +183,7 @@ async function convert() {
       options,
       jobId: id,
       store: job.store,
+      copiers,
     });
 }
 
@@ -204,7 +207,8 @@ async function finished(job, data) {
   $('progress-text').textContent =
     `${formatBytes(data.total)} in ${formatDuration(secs)} · ${formatBytes(data.total / Math.max(secs, 1e-3))}/s`;
   say(`Done: ${files.length} file${files.length === 1 ? '' : 's'}, ${formatBytes(data.total)}.`);
-  job.run = { ms: data.ms, engineMs: data.engineMs, waitMs: data.waitMs, memoryBytes: data.memoryBytes };
+  const { ms, engineMs, waitMs, copiedBytes, memoryBytes } = data;
+  job.run = { ms, engineMs, waitMs, copiedBytes, memoryBytes };
   setPhase('done');
 }
 

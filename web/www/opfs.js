@@ -94,13 +94,20 @@ async function fileIn(dir, name, create) {
   return dir.getFileHandle(base, { create });
 }
 
-/** Every file under ckptconv-jobs/ as {path, size}: the tests' view of what a conversion left behind. */
+/**
+ * Every file under ckptconv-jobs/ as {path, size}: the tests' view of what a conversion left behind. A page that
+ * loads sweeps abandoned job folders meanwhile; whatever vanishes during the walk is simply not listed.
+ */
 export async function listAll() {
   const out = [];
   async function walk(dir, prefix) {
-    for await (const [name, h] of dir.entries()) {
-      if (h.kind === 'directory') await walk(h, `${prefix}${name}/`);
-      else out.push({ path: prefix + name, size: (await h.getFile()).size });
+    try {
+      for await (const [name, h] of dir.entries()) {
+        if (h.kind === 'directory') await walk(h, `${prefix}${name}/`);
+        else out.push({ path: prefix + name, size: (await h.getFile()).size });
+      }
+    } catch (e) {
+      if (e.name !== 'NotFoundError') throw e;
     }
   }
   const jobs = await jobsDir();

@@ -3,12 +3,17 @@
 // ('run') when the page asks, or does both at once ('convert'). Chunks go to a nested writer worker (writer.js) that
 // writes them into OPFS while the engine makes the next; a bounded number in flight is the backpressure.
 import init, { Job } from './pkg/ckptconv_web.js';
+import { readRange } from './blobread.js';
 
 // Without OPFS (old engines, some private modes) outputs up to this size are handed to the page as Blobs.
 const MEMORY_LIMIT = 256 << 20;
 const PROGRESS_EVERY_MS = 100;
 // Chunks (up to 16 MiB each) the writer may hold: enough to overlap engine and disk, not enough to pile up.
 const IN_FLIGHT = 3;
+// Copy requests (up to 256 MiB of an input each, read by the writer's copiers in 16 MiB pieces) queued at the writer.
+const COPIES_IN_FLIGHT = 4;
+// Without OPFS, copied ranges are read here and handed on in pieces of this size.
+const READ_PIECE = 16 << 20;
 
 let ready;
 let job = null;
@@ -20,14 +25,15 @@ self.onmessage = async ({ data }) => {
     ready ??= init({ module_or_path: new URL('./pkg/ckptconv_web_bg.wasm', import.meta.url) });
     await ready;
     if (data.type === 'plan' || data.type === 'convert') {
-      job = new Job(data.files, data.base ?? null, data.options ?? {});
+      // copies: bytes that pass unchanged come as ranges of the inputs, which the writer copies itself.
+      job = new Job(data.files, data.base ?? null, { ...data.options, copies: true });
       plan = JSON.parse(job.planJson());
       postMessage({ type: 'plan', plan, memoryBytes: Job.memoryBytes() });
     }
     if (data.type !== 'run' && data.type !== 'convert') return;
     const total = plan.outputs.reduce((n, o) => n + o.size, 0);
     const opfs = data.store !== 'memory' && typeof FileSystemSyncAccessHandle !== 'undefined';
-    sink = opfs ? await opfsSink(data.jobId) : memorySink(total);
+    sink = opfs ? await opfsSink(data.jobId, data.copiers) : memorySink(total);
     await run(sink, total);
   } catch (e) {
     await sink?.abort().catch(() => {});
@@ -41,6 +47,8 @@ async function run(sink, total) {
   // Where the time goes, for the bench: inside the engine (reading, converting) or waiting for the writer.
   let engineMs = 0;
   let waitMs = 0;
+  // Bytes that went out as copies of input ranges (never through wasm memory).
+  let copiedBytes = 0;
   for (;;) {
     const t = performance.now();
     await sink.room();
@@ -51,6 +59,10 @@ async function run(sink, total) {
     if (piece === null) break;
     if (piece.kind === 'begin') sink.begin(piece.name, piece.size);
     else if (piece.kind === 'end') sink.end();
+    else if (piece.kind === 'copy') {
+      sink.copy(piece.file, piece.name, piece.offset, piece.len);
+      copiedBytes += piece.len;
+    }
     else sink.write(piece.bytes);
     if (t1 - shown >= PROGRESS_EVERY_MS) {
       shown = t1;
@@ -59,13 +71,18 @@ async function run(sink, total) {
   }
   await sink.finish();
   const ms = performance.now() - t0;
-  postMessage({ type: 'done', done: sink.done(), total, ms, engineMs, waitMs, memoryBytes: Job.memoryBytes() });
+  const memoryBytes = Job.memoryBytes();
+  postMessage({ type: 'done', done: sink.done(), total, ms, engineMs, waitMs, copiedBytes, memoryBytes });
 }
 
-/** Feeds the nested OPFS writer; room() waits while IN_FLIGHT chunks are not yet on disk. */
-async function opfsSink(jobId) {
+/**
+ * Feeds the nested OPFS writer; room() waits while IN_FLIGHT chunks or COPIES_IN_FLIGHT copy requests are not yet on
+ * disk. `copiers` sizes the writer's copier pool (0: the writer copies ranges itself; undefined: its default).
+ */
+async function opfsSink(jobId, copiers) {
   const writer = new Worker(new URL('./writer.js', import.meta.url), { type: 'module' });
   let inFlight = 0;
+  let copies = 0;
   let written = 0;
   let failure = null;
   let wake = () => {};
@@ -74,6 +91,10 @@ async function opfsSink(jobId) {
       if (data.type === 'written') {
         inFlight--;
         written += data.bytes;
+      } else if (data.type === 'progress') {
+        written += data.bytes;
+      } else if (data.type === 'copied') {
+        copies--;
       } else if (data.type === 'error') {
         failure = new Error(data.message);
       } else if (data.type === 'finished' || data.type === 'aborted') {
@@ -90,20 +111,24 @@ async function opfsSink(jobId) {
     while (!cond() && !failure) await new Promise((ok) => (wake = ok));
     if (failure) throw failure;
   };
-  writer.postMessage({ type: 'open', jobId });
+  writer.postMessage({ type: 'open', jobId, copiers });
   return {
-    room: () => until(() => inFlight < IN_FLIGHT),
+    room: () => until(() => inFlight < IN_FLIGHT && copies < COPIES_IN_FLIGHT),
     begin: (name, size) => writer.postMessage({ type: 'begin', name, size }),
     write(bytes) {
       inFlight++;
       // Each chunk is a fresh copy out of wasm memory: transfer it, don't clone it.
       writer.postMessage({ type: 'data', bytes }, [bytes.buffer]);
     },
+    copy(file, name, offset, len) {
+      copies++;
+      writer.postMessage({ type: 'copy', file, name, offset, len });
+    },
     end: () => writer.postMessage({ type: 'end' }),
     done: () => written,
     async finish() {
       writer.postMessage({ type: 'finish' });
-      await until(() => inFlight === 0);
+      await until(() => inFlight === 0 && copies === 0);
       if ((await settled) !== 'finished') throw failure ?? new Error('the OPFS writer stopped');
       if (failure) throw failure;
     },
@@ -124,16 +149,22 @@ function memorySink(total) {
     );
   }
   let sent = 0;
-  return {
+  const sink = {
     room: async () => {},
     begin: (name, size) => postMessage({ type: 'file', name, size }),
     write(bytes) {
       sent += bytes.length;
       postMessage({ type: 'chunk', bytes }, [bytes.buffer]);
     },
+    copy(file, name, offset, len) {
+      for (let done = 0; done < len; done += READ_PIECE) {
+        sink.write(readRange(file, name, offset + done, Math.min(READ_PIECE, len - done)));
+      }
+    },
     end() {},
     done: () => sent,
     async finish() {},
     async abort() {},
   };
+  return sink;
 }
