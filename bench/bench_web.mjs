@@ -157,6 +157,8 @@ async function main() {
       workerSeconds: median(rows.web.map((r) => r.ms)) / 1000,
       engineSeconds: median(rows.web.map((r) => r.engineMs)) / 1000,
       writerWaitSeconds: median(rows.web.map((r) => r.waitMs)) / 1000,
+      // Bytes the engine handed out as input ranges for the writer's copiers (not through wasm memory).
+      copiedBytes: rows.web[0].copiedBytes,
       peakWasmMemoryMiB: Math.max(...rows.web.map((r) => r.memoryBytes)) / 2 ** 20,
       peakRendererRssMiB: Math.max(...rows.web.map((r) => r.rendererRss)) / 2 ** 20,
       peakChromiumRssMiB: Math.max(...rows.web.map((r) => r.chromiumRss)) / 2 ** 20,
