@@ -6,27 +6,42 @@
 // bytes} or {type: 'error', id, message}.
 const handles = new Map(); // key -> FileSystemSyncAccessHandle
 let queue = Promise.resolve();
-let buffer = new ArrayBuffer(0);
+// Written as soon as it arrives, while still in the CPU's cache: 1 MiB beat 256 KiB, 4 MiB and whole 16 MiB ranges.
+const PIECE = 1 << 20;
+let buffer = new ArrayBuffer(PIECE);
 
-/** Reads the range into this copier's one reused buffer (a byte stream read in place), so no garbage piles up. */
-async function readInto(file, name, from, len) {
-  if (buffer.byteLength < len) buffer = new ArrayBuffer(len);
+/**
+ * Streams the range into this copier's one reused buffer (a byte stream read in place, so no garbage piles up) and
+ * writes each PIECE at its place in `access` (the output `key`) as soon as it is full. Returns the bytes written.
+ */
+async function copyRange({ file, name, from, len, key, at }, access) {
   const reader = file.slice(from, from + len).stream().getReader({ mode: 'byob' });
-  let at = 0;
-  try {
-    while (at < len) {
-      const { done, value } = await reader.read(new Uint8Array(buffer, at, len - at));
-      if (done) break;
-      buffer = value.buffer;
-      at += value.byteLength;
+  const read = async (view) => {
+    try {
+      return await reader.read(view);
+    } catch (e) {
+      throw new Error(`${name}: reading bytes ${from}..${from + len} failed: ${e instanceof Error ? e.message : e}`);
     }
-  } catch (e) {
-    throw new Error(`${name}: reading bytes ${from}..${from + len} failed: ${e instanceof Error ? e.message : e}`);
+  };
+  try {
+    for (let done = 0; done < len; ) {
+      const want = Math.min(PIECE, len - done);
+      let got = 0;
+      while (got < want) {
+        const r = await read(new Uint8Array(buffer, got, want - got));
+        if (r.done) throw new Error(`${name}: the file changed or was cut while it was being read`);
+        buffer = r.value.buffer;
+        got += r.value.byteLength;
+      }
+      if (access.write(new Uint8Array(buffer, 0, got), { at: at + done }) !== got) {
+        throw new Error(`short write to ${key} (browser storage full?)`);
+      }
+      done += got;
+    }
   } finally {
     reader.releaseLock();
   }
-  if (at !== len) throw new Error(`${name}: the file changed or was cut while it was being read`);
-  return new Uint8Array(buffer, 0, len);
+  return len;
 }
 
 self.onmessage = ({ data }) => {
@@ -42,9 +57,7 @@ async function handle(data) {
         access = await data.handle.createSyncAccessHandle({ mode: 'readwrite-unsafe' });
         handles.set(data.key, access);
       }
-      const bytes = await readInto(data.file, data.name, data.from, data.len);
-      const n = access.write(bytes, { at: data.at });
-      if (n !== bytes.length) throw new Error(`short write to ${data.key} (browser storage full?)`);
+      const n = await copyRange(data, access);
       postMessage({ type: 'done', id, bytes: n });
     } else if (data.type === 'close') {
       handles.get(data.key)?.close();

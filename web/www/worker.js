@@ -10,8 +10,9 @@ const MEMORY_LIMIT = 256 << 20;
 const PROGRESS_EVERY_MS = 100;
 // Chunks (up to 16 MiB each) the writer may hold: enough to overlap engine and disk, not enough to pile up.
 const IN_FLIGHT = 3;
-// Copy requests (up to 256 MiB of an input each, read by the writer's copiers in 16 MiB pieces) queued at the writer.
-const COPIES_IN_FLIGHT = 4;
+// Copy requests (up to 256 MiB of an input each; the writer splits them among its copiers) queued at the writer:
+// enough that every copier has its next range waiting.
+const COPIES_IN_FLIGHT = 16;
 // Without OPFS, copied ranges are read here and handed on in pieces of this size.
 const READ_PIECE = 16 << 20;
 
