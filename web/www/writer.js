@@ -122,6 +122,8 @@ async function handle(msg) {
       // Without move() (older engines) files get their final names at once; the page deletes the folder on failure.
       canRename = typeof FileSystemFileHandle.prototype.move === 'function';
       poolSize = msg.copiers ?? COPIERS;
+      // Started now, so their start-up overlaps the engine's first pieces.
+      if (poolSize > 0) pool = copiers();
       return;
     }
     case 'begin': {
