@@ -58,13 +58,16 @@ async function run(sink, total) {
     waitMs += t1 - t;
     engineMs += performance.now() - t1;
     if (piece === null) break;
-    if (piece.kind === 'begin') sink.begin(piece.name, piece.size);
-    else if (piece.kind === 'end') sink.end();
-    else if (piece.kind === 'copy') {
+    if (piece.kind === 'begin') {
+      sink.begin(piece.name, piece.size);
+    } else if (piece.kind === 'end') {
+      sink.end();
+    } else if (piece.kind === 'copy') {
       sink.copy(piece.file, piece.name, piece.offset, piece.len);
       copiedBytes += piece.len;
+    } else {
+      sink.write(piece.bytes);
     }
-    else sink.write(piece.bytes);
     if (t1 - shown >= PROGRESS_EVERY_MS) {
       shown = t1;
       postMessage({ type: 'progress', done: sink.done(), total, ms: t1 - t0 });
