@@ -156,6 +156,25 @@ pub fn layout(plan: &Plan, max_shard: Option<u64>) -> Result<OutputLayout> {
     Ok(OutputLayout { files })
 }
 
+/// The subfolder of a LoRA adapter export: PEFT's layout, one `adapter_model.safetensors` beside its config.
+pub const ADAPTER_DIR: &str = "lora_adapter";
+/// The adapter export's tensors.
+pub const ADAPTER_MODEL: &str = "lora_adapter/adapter_model.safetensors";
+/// The adapter export's config file, written after the tensors.
+pub const ADAPTER_CONFIG: &str = "lora_adapter/adapter_config.json";
+
+/// Makes `layout` a PEFT adapter's: its one file becomes `lora_adapter/adapter_model.safetensors` (PEFT loads no
+/// sharded adapter, so a layout of several files is refused).
+pub fn as_adapter(layout: &mut OutputLayout) -> Result<()> {
+    match layout.files.as_mut_slice() {
+        [only] => {
+            only.name = ADAPTER_MODEL.into();
+            Ok(())
+        }
+        _ => Err(Error::new(ErrorKind::Unsupported("a sharded LoRA adapter (drop --max-shard-size)".into()))),
+    }
+}
+
 /// One step of a streamed output, in file order.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Piece<'a> {
@@ -468,6 +487,18 @@ mod tests {
             })
             .collect();
         Plan { tensors, notes: vec![] }
+    }
+
+    #[test]
+    fn an_adapter_layout_is_one_file_in_peft_place() {
+        let plan = plan_of(4096, &[("a", DType::F32, vec![100]), ("b", DType::F32, vec![100])]);
+        let mut one = layout(&plan, None).unwrap();
+        as_adapter(&mut one).unwrap();
+        assert_eq!(one.files[0].name, "lora_adapter/adapter_model.safetensors");
+        let mut sharded = layout(&plan, Some(500)).unwrap();
+        assert!(sharded.files.len() > 1);
+        let err = as_adapter(&mut sharded).unwrap_err();
+        assert_eq!(err.label(), "unsupported", "{err}");
     }
 
     #[test]

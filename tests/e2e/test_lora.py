@@ -352,6 +352,13 @@ def test_adapter_export_alpha_from_flag(run, tmp_path):
     assert_logits(peft_logits(BASE, out / "lora_adapter", torch.float32), "adapter_fp32", torch.float32, "adapter (flag)")
 
 
+def test_adapter_export_refuses_shards(run, tmp_path):
+    """PEFT loads one adapter_model.safetensors: a shard limit the adapter exceeds is refused, with nothing written."""
+    out = tmp_path / "out"
+    r = run("convert", CKPT, out, "--lora", "adapter", "--lora-alpha", ALPHA, "--max-shard-size", "1KB")
+    failed_cleanly(r, out, "error[unsupported]", "sharded LoRA adapter", "--max-shard-size", what="sharded adapter")
+
+
 def test_adapter_export_bf16(run, tmp_path):
     out = tmp_path / "out"
     ok(run("convert", CKPT_BF16, out, "--lora", "adapter", "--lora-path", LORA_PATH), "bf16 adapter export")

@@ -243,11 +243,8 @@ impl Job {
         let mut layout = safetensors::layout(&planned.plan, max_shard).map_err(js_err)?;
         let mut extras = Vec::new();
         if let Some(cfg) = adapter {
-            if layout.files.len() != 1 {
-                return Err(JsError::new("a sharded LoRA adapter is not supported"));
-            }
-            layout.files[0].name = "lora_adapter/adapter_model.safetensors".into();
-            extras.push(Extra::Bytes("lora_adapter/adapter_config.json".into(), cfg));
+            safetensors::as_adapter(&mut layout).map_err(js_err)?;
+            extras.push(Extra::Bytes(safetensors::ADAPTER_CONFIG.into(), cfg));
         }
         let copies = js_sys::Reflect::get(&options, &"copies".into()).ok().and_then(|v| v.as_bool()) == Some(true);
         if let (Some(b), Some(f)) = (&base_model, &base_folder) {

@@ -342,12 +342,8 @@ fn convert(
             OutFormat::Safetensors => {
                 let mut layout: OutputLayout = safetensors::layout(&planned.plan, max_shard)?;
                 if adapter.is_some() {
-                    // PEFT's layout: one adapter_model.safetensors beside its adapter_config.json.
-                    if layout.files.len() != 1 {
-                        return Err(Error::new(ErrorKind::Unsupported("a sharded LoRA adapter".into())));
-                    }
-                    layout.files[0].name = "lora_adapter/adapter_model.safetensors".into();
-                    names.push("lora_adapter/adapter_config.json".into());
+                    safetensors::as_adapter(&mut layout)?;
+                    names.push(safetensors::ADAPTER_CONFIG.into());
                 }
                 names.extend(layout.files.iter().map(|f| f.name.clone()));
                 names.extend(helper_plans.iter().map(|(f, _)| f.clone()));
@@ -375,7 +371,7 @@ fn convert(
         }
         bar.finish();
         if let Some(cfg) = &adapter {
-            sink.begin("lora_adapter/adapter_config.json", cfg.len() as u64)?;
+            sink.begin(safetensors::ADAPTER_CONFIG, cfg.len() as u64)?;
             sink.write(cfg)?;
             sink.end()?;
         }
@@ -386,7 +382,7 @@ fn convert(
         report(&planned, out_dir, &names);
         if format == OutFormat::Safetensors {
             let folder = fsio::DiskFolder::open(out_dir)?;
-            let sub = if adapter.is_some() { "lora_adapter" } else { "" };
+            let sub = if adapter.is_some() { safetensors::ADAPTER_DIR } else { "" };
             let r = if out.verify {
                 verify::against(&folder, sub, &planned.plan, &planned.inputs)?
             } else {
@@ -410,7 +406,7 @@ fn describe(r: &verify::VerifyReport) -> String {
 fn verify_cmd(out_dir: &Path, against: Option<&Path>, args: &PlanArgs) -> ckptconv::Result<()> {
     let folder = fsio::DiskFolder::open(out_dir)?;
     let sub =
-        if folder.files().iter().any(|f| f == "lora_adapter/adapter_model.safetensors") { "lora_adapter" } else { "" };
+        if folder.files().iter().any(|f| f == safetensors::ADAPTER_MODEL) { safetensors::ADAPTER_DIR } else { "" };
     let r = match against {
         None => verify::structural(&folder, sub)?,
         Some(input) => with_base(args.base.as_deref(), |base| {
