@@ -2,15 +2,14 @@
 // It must be a dedicated module worker: the engine reads inputs with FileReaderSync, which exists only there.
 // Requests carry an id that the reply echoes: {id, type: 'open' | 'pull' | 'memory', ...}.
 import init, { Job } from '../web/pkg/ckptconv_web.js';
-import { readRange } from '../web/www/blobread.js';
-
-// Bytes that pass unchanged are read straight from the input Blob (not through wasm memory), in pieces this size.
-const READ_PIECE = 16 << 20;
+import { readPieces } from '../web/www/blobread.js';
 
 const ready = init({ module_or_path: new URL('../web/pkg/ckptconv_web_bg.wasm', import.meta.url) });
 let job = null;
 let current = null; // the output being produced
-let copying = null; // {file, name, at, end}: a range of an input still to hand on
+// Bytes that pass unchanged are read straight from the input Blob (not through wasm memory), piece by piece:
+// the pieces of the range still to hand on.
+let copying = null;
 
 self.onmessage = async ({ data: { id, type, ...args } }) => {
   try {
@@ -31,20 +30,18 @@ self.onmessage = async ({ data: { id, type, ...args } }) => {
 /** Answers with the next chunk of the current output, its end, or 'done'; `begin` pieces are folded in. */
 function pull(id) {
   for (;;) {
-    if (copying) {
-      const n = Math.min(READ_PIECE, copying.end - copying.at);
-      const bytes = readRange(copying.file, copying.name, copying.at, n);
-      copying.at += n;
-      if (copying.at >= copying.end) copying = null;
+    const next = copying?.next();
+    if (next && !next.done) {
+      const [bytes] = next.value;
       return postMessage({ id, type: 'data', name: current, bytes }, [bytes.buffer]);
     }
+    copying = null;
     const piece = job.next();
     if (piece === null) return postMessage({ id, type: 'done', memoryBytes: Job.memoryBytes() });
     if (piece.kind === 'begin') {
       current = piece.name;
     } else if (piece.kind === 'copy') {
-      const { file, name, offset, len } = piece;
-      if (len > 0) copying = { file, name, at: offset, end: offset + len };
+      copying = readPieces(piece.file, piece.name, piece.offset, piece.len);
     } else if (piece.kind === 'end') {
       return postMessage({ id, type: 'end', name: current, memoryBytes: Job.memoryBytes() });
     } else {

@@ -269,7 +269,8 @@ impl Job {
         Ok(Job { planned, layout, extras, puller, extra_at: None, chunk: Vec::new(), blobs })
     }
 
-    /// The plan as JSON: format, notes, groups, tensors (name, dtype, shape, bytes) and output files.
+    /// The plan as JSON: format, notes, groups, tensors (name, dtype, shape, bytes, source_dtype), total bytes and
+    /// output files.
     #[wasm_bindgen(js_name = planJson)]
     pub fn plan_json(&self) -> String {
         let mut doc = self.planned.json_fields();
@@ -316,11 +317,8 @@ impl Job {
                 Some(Piece::Copy { input, offset, len }) => {
                     let blob = self.blobs.as_ref().and_then(|b| b.get(input));
                     let Some(blob) = blob else { return Err(JsError::new("internal: a copy from an unknown input")) };
-                    set("kind", "copy".into()).ok();
-                    set("file", blob.into()).ok();
-                    set("name", self.planned.inputs.get(input).map(|i| i.name.as_str()).unwrap_or("").into()).ok();
-                    set("offset", (offset as f64).into()).ok();
-                    set("len", (len as f64).into()).ok();
+                    let name = self.planned.inputs.get(input).map(|i| i.name.as_str()).unwrap_or("");
+                    return Ok(copy_piece(blob, name, offset, len));
                 }
                 Some(Piece::Written(_)) => {
                     return Err(JsError::new("internal: positional writes are off in the browser"));
@@ -352,12 +350,7 @@ impl Job {
         }
         if let Extra::Copy(_, inp, Some(blob)) = extra {
             self.extra_at = Some((i, size, true));
-            set("kind", "copy".into()).ok();
-            set("file", blob.into()).ok();
-            set("name", inp.name.as_str().into()).ok();
-            set("offset", 0.0.into()).ok();
-            set("len", (size as f64).into()).ok();
-            return Ok(obj.into());
+            return Ok(copy_piece(blob, &inp.name, 0, size));
         }
         let n = (size - pos).min(4 << 20);
         match extra {
@@ -383,6 +376,21 @@ impl Job {
         let buf: js_sys::ArrayBuffer = mem.buffer().unchecked_into();
         buf.byte_length() as f64
     }
+}
+
+/// A `{kind: "copy", file, name, offset, len}` piece (see [`Job::next_piece`]).
+fn copy_piece(blob: &web_sys::Blob, name: &str, offset: u64, len: u64) -> JsValue {
+    let obj = js_sys::Object::new();
+    for (k, v) in [
+        ("kind", JsValue::from("copy")),
+        ("file", blob.into()),
+        ("name", name.into()),
+        ("offset", (offset as f64).into()),
+        ("len", (len as f64).into()),
+    ] {
+        js_sys::Reflect::set(&obj, &k.into(), &v).ok();
+    }
+    obj.into()
 }
 
 /// Plans without converting: the plan JSON for `files` (and an optional base folder).

@@ -1,6 +1,9 @@
 // Reading a range of an input Blob in a worker (FileReaderSync), shared by the page's workers and the npm package's.
 let reader;
 
+/** The default piece size when a range is handed on piece by piece. */
+export const READ_PIECE = 16 << 20;
+
 /** Bytes `from .. from + len` of `file` (called `name` in messages, as the engine calls it) as a fresh Uint8Array. */
 export function readRange(file, name, from, len) {
   reader ??= new FileReaderSync();
@@ -12,4 +15,12 @@ export function readRange(file, name, from, len) {
   }
   if (bytes.length !== len) throw new Error(`${name}: the file changed or was cut while it was being read`);
   return bytes;
+}
+
+/**
+ * The range `from .. from + len` of `file` in pieces of up to `size` bytes, each read when asked for: yields
+ * `[bytes, at]`, with `at` counted from `from`.
+ */
+export function* readPieces(file, name, from, len, size = READ_PIECE) {
+  for (let at = 0; at < len; at += size) yield [readRange(file, name, from + at, Math.min(size, len - at)), at];
 }

@@ -8,10 +8,11 @@ import { holdJob, listAll, newJobId, outputHandle, removeJob, saveToFolder, sha2
 import { hidePlan, showOutputs, showPlan } from './planview.js';
 
 const $ = (id) => document.getElementById(id);
+const query = new URLSearchParams(location.search);
 // `?store=memory` forces the no-OPFS path (outputs kept as in-memory Blobs), to try what old browsers get.
-const forceMemory = new URLSearchParams(location.search).get('store') === 'memory';
+const forceMemory = query.get('store') === 'memory';
 // `?copiers=0` makes the OPFS writer copy unchanged ranges itself, as on engines without shared access handles.
-const copiers = new URLSearchParams(location.search).get('copiers') === '0' ? 0 : undefined;
+const copiers = query.get('copiers') === '0' ? 0 : undefined;
 
 const state = {
   files: [],

@@ -3,7 +3,7 @@
 // ('run') when the page asks, or does both at once ('convert'). Chunks go to a nested writer worker (writer.js) that
 // writes them into OPFS while the engine makes the next; a bounded number in flight is the backpressure.
 import init, { Job } from './pkg/ckptconv_web.js';
-import { readRange } from './blobread.js';
+import { readPieces } from './blobread.js';
 
 // Without OPFS (old engines, some private modes) outputs up to this size are handed to the page as Blobs.
 const MEMORY_LIMIT = 256 << 20;
@@ -13,8 +13,6 @@ const IN_FLIGHT = 3;
 // Copy requests (up to 256 MiB of an input each; the writer splits them among its copiers) queued at the writer:
 // enough that every copier has its next range waiting.
 const COPIES_IN_FLIGHT = 16;
-// Without OPFS, copied ranges are read here and handed on in pieces of this size.
-const READ_PIECE = 16 << 20;
 
 let ready;
 let job = null;
@@ -161,9 +159,8 @@ function memorySink(total) {
       postMessage({ type: 'chunk', bytes }, [bytes.buffer]);
     },
     copy(file, name, offset, len) {
-      for (let done = 0; done < len; done += READ_PIECE) {
-        sink.write(readRange(file, name, offset + done, Math.min(READ_PIECE, len - done)));
-      }
+      // Without OPFS, copied ranges are read here and handed on in pieces.
+      for (const [bytes] of readPieces(file, name, offset, len)) sink.write(bytes);
     },
     end() {},
     done: () => sent,

@@ -8,7 +8,7 @@
 // so that several reads from the browser and writes to disk are under way at once; the request is acknowledged
 // ('copied') when all its pieces are on disk. Where shared handles are missing (they came in Chromium 121), the
 // writer copies the range itself.
-import { readRange } from './blobread.js';
+import { readPieces } from './blobread.js';
 import { JOBS } from './opfs.js';
 
 // Measured on the 3.55 GB bench (bench/bench_web.mjs, two cores): with copiers that write every 1 MiB as it arrives,
@@ -85,17 +85,16 @@ function copy(file, name, offset, len) {
   const at = cur.at;
   cur.at += len;
   if (!cur.shared) {
-    for (let done = 0; done < len; done += COPY_CHUNK) {
-      const n = Math.min(COPY_CHUNK, len - done);
-      if (cur.access.write(readRange(file, name, offset + done, n), { at: at + done }) !== n) {
+    for (const [bytes, done] of readPieces(file, name, offset, len, COPY_CHUNK)) {
+      if (cur.access.write(bytes, { at: at + done }) !== bytes.length) {
         throw new Error(`short write to ${cur.name} (browser storage full?)`);
       }
-      postMessage({ type: 'progress', bytes: n });
+      postMessage({ type: 'progress', bytes: bytes.length });
     }
     postMessage({ type: 'copied' });
     return;
   }
-  pool ??= copiers();
+  // A shared handle implies a pool: both come from poolSize > 0 ('open' starts the pool).
   const pieces = [];
   for (let done = 0; done < len; done += COPY_CHUNK) {
     const n = Math.min(COPY_CHUNK, len - done);
