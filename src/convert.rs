@@ -200,6 +200,46 @@ pub fn selection_notes(sel: &Selection) -> Vec<String> {
     notes
 }
 
+/// Most tensor bytes a plan may hold per byte of its input files, on top of [`EXPANSION_ALLOWANCE`]. Real
+/// checkpoints stay near 1 (tied weights make 2, a zstd-compressed DCP folder a little more); views that repeat
+/// the same stored bytes (stride 0, or one storage under thousands of names) can make a file of a few kilobytes
+/// plan terabytes, and a converter that writes them fills the disk of whoever runs it.
+pub const MAX_EXPANSION: u64 = 64;
+/// Tensor bytes any plan may hold regardless of its inputs' size (small expanded buffers, tiny test files).
+pub const EXPANSION_ALLOWANCE: u64 = 1 << 30;
+
+/// Refuses a plan whose tensors hold more than [`MAX_EXPANSION`] times its inputs' bytes plus
+/// [`EXPANSION_ALLOWANCE`] (in the tensors' stored dtypes, before any cast).
+fn check_expansion(planned: &Planned, file: &str) -> Result<()> {
+    let tensors = planned
+        .plan
+        .tensors
+        .iter()
+        .fold(0u64, |n, t| n.saturating_add(t.source.numel().saturating_mul(t.source.dtype().size() as u64)));
+    let inputs = planned.inputs.iter().fold(0u64, |n, i| n.saturating_add(i.len()));
+    let limit = inputs.saturating_mul(MAX_EXPANSION).saturating_add(EXPANSION_ALLOWANCE);
+    if tensors > limit {
+        return Err(Error::new(ErrorKind::Limit(format!(
+            "the tensors to write hold {} but the input files only {}: views that repeat the same stored bytes \
+             (a self-multiplying checkpoint); at most {MAX_EXPANSION} times the input plus {} GiB are written",
+            bytes_text(tensors),
+            bytes_text(inputs),
+            EXPANSION_ALLOWANCE >> 30
+        )))
+        .in_file(file));
+    }
+    Ok(())
+}
+
+/// `n` bytes, with a readable size beside large counts ("68719478784 bytes (68.7 GB)").
+fn bytes_text(n: u64) -> String {
+    match n {
+        0..1_000_000 => format!("{n} bytes"),
+        _ if n < 1_000_000_000 => format!("{n} bytes ({:.1} MB)", n as f64 / 1e6),
+        _ => format!("{n} bytes ({:.1} GB)", n as f64 / 1e9),
+    }
+}
+
 /// Plans the conversion of a torch.save file.
 pub fn plan_torch_file(input: Input, opts: &PlanOptions) -> Result<Planned> {
     let file = TorchFile::open(&input)?;
@@ -228,12 +268,15 @@ pub fn plan_torch_file(input: Input, opts: &PlanOptions) -> Result<Planned> {
         .into_iter()
         .map(|(name, view)| PlannedTensor::from_source(name, view.shape.clone(), Source::View(view), opts.dtype))
         .collect();
-    Ok(Planned {
+    let name = input.name.clone();
+    let planned = Planned {
         plan: Plan { tensors, notes: selection_notes(&sel) },
         format: file.format.to_string(),
         inputs: vec![input],
         groups,
-    })
+    };
+    check_expansion(&planned, &name)?;
+    Ok(planned)
 }
 
 /// Plans the conversion of a DCP folder at `dir` inside `folder`.
@@ -259,12 +302,14 @@ pub fn plan_dcp(folder: &dyn Folder, dir: &str, opts: &PlanOptions) -> Result<Pl
         tensors.push(PlannedTensor::from_source(name, t.shape.clone(), Source::Chunked(chunked), opts.dtype));
     }
     let files = resolver.inputs.len();
-    Ok(Planned {
+    let planned = Planned {
         plan: Plan { tensors, notes: selection_notes(&sel) },
         format: format!("torch.distributed.checkpoint folder ({files} .distcp file(s) used)"),
         inputs: resolver.inputs,
         groups,
-    })
+    };
+    check_expansion(&planned, &meta_name)?;
+    Ok(planned)
 }
 
 /// Plans whatever `folder` holds, reporting what was picked in the plan's notes. `base` is the HF model
@@ -300,5 +345,7 @@ pub fn plan_folder(folder: &dyn Folder, base: Option<&BaseModel>, opts: &PlanOpt
     if let Some(p) = picked {
         planned.plan.notes.insert(0, format!("using {}/{p}", folder.name()));
     }
+    // Torch files and DCP folders were checked as they were planned; verl and Megatron folders are checked here.
+    check_expansion(&planned, folder.name())?;
     Ok(planned)
 }

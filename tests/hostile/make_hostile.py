@@ -355,6 +355,15 @@ def names_and_scale():
     sd["layers"] = {"0": {"weight": torch.zeros(3)}}
     write("ten_thousand_tensors_name_collision.pt", real_torch_save(sd), ["collides", "two tensors", "duplicate"],
           "a real torch.save of 10,001 tensors where a nested dict's path equals the first flat key: caught, not overwritten", kind="tensor")
+    # Self-multiplying files, written by torch.save itself: views that repeat the same stored bytes.
+    write("stride0_expand_bomb.pt", real_torch_save({f"w{i}": torch.zeros(1).expand(2**27) for i in range(64)}),
+          ["self-multiplying", "repeat the same stored bytes"],
+          "64 tensors of 2^27 floats, each torch.zeros(1).expand(2**27) (stride 0 over one stored float): 18 kB "
+          "that would write 32 GiB", kind="limit")
+    shared = torch.zeros(2**18)
+    write("one_storage_many_names.pt", real_torch_save({f"w{i}": shared for i in range(5000)}),
+          ["self-multiplying", "repeat the same stored bytes"],
+          "one 1 MiB tensor under 5,000 names (torch.save stores it once): 1 MiB that would write 5.2 GB", kind="limit")
 
 
 def _finish():
