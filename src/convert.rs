@@ -349,3 +349,35 @@ pub fn plan_folder(folder: &dyn Folder, base: Option<&BaseModel>, opts: &PlanOpt
     check_expansion(&planned, folder.name())?;
     Ok(planned)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::StridedView;
+
+    /// One tensor of `numel` bytes that reads a single stored byte over and over (stride 0), from an input of
+    /// `input_len` bytes.
+    fn repeating(numel: u64, input_len: usize) -> Planned {
+        let view = StridedView::new("w", 0, 0, 1, DType::U8, 0, vec![numel], vec![0], 8).unwrap();
+        let t = PlannedTensor::from_source("w".into(), vec![numel], Source::View(view), None);
+        Planned {
+            plan: Plan { tensors: vec![t], notes: Vec::new() },
+            format: "test".into(),
+            inputs: vec![Input::new("in.pt", Box::new(vec![0u8; input_len]))],
+            groups: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_plan_may_hold_64_times_its_inputs_plus_1_gib_and_no_more() {
+        let limit = 1000 * MAX_EXPANSION + EXPANSION_ALLOWANCE;
+        assert!(check_expansion(&repeating(limit, 1000), "in.pt").is_ok());
+        let e = check_expansion(&repeating(limit + 1, 1000), "in.pt").unwrap_err();
+        assert_eq!((e.label(), e.file()), ("limit", Some("in.pt")));
+        assert!(e.to_string().contains("self-multiplying"), "{e}");
+        // Totals past u64 saturate instead of wrapping around to something small.
+        let mut huge = repeating(u64::MAX / 2 + 1, 1000);
+        huge.plan.tensors.push(huge.plan.tensors[0].clone());
+        assert!(check_expansion(&huge, "in.pt").is_err());
+    }
+}
