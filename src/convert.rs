@@ -208,27 +208,30 @@ pub const MAX_EXPANSION: u64 = 64;
 /// Tensor bytes any plan may hold regardless of its inputs' size (small expanded buffers, tiny test files).
 pub const EXPANSION_ALLOWANCE: u64 = 1 << 30;
 
-/// Refuses a plan whose tensors hold more than [`MAX_EXPANSION`] times its inputs' bytes plus
-/// [`EXPANSION_ALLOWANCE`] (in the tensors' stored dtypes, before any cast).
-fn check_expansion(planned: &Planned, file: &str) -> Result<()> {
-    let tensors = planned
-        .plan
-        .tensors
-        .iter()
-        .fold(0u64, |n, t| n.saturating_add(t.source.numel().saturating_mul(t.source.dtype().size() as u64)));
-    let inputs = planned.inputs.iter().fold(0u64, |n, i| n.saturating_add(i.len()));
-    let limit = inputs.saturating_mul(MAX_EXPANSION).saturating_add(EXPANSION_ALLOWANCE);
-    if tensors > limit {
-        return Err(Error::new(ErrorKind::Limit(format!(
-            "the tensors to write hold {} but the input files only {}: views that repeat the same stored bytes \
-             (a self-multiplying checkpoint); at most {MAX_EXPANSION} times the input plus {} GiB are written",
-            bytes_text(tensors),
-            bytes_text(inputs),
-            EXPANSION_ALLOWANCE >> 30
-        )))
-        .in_file(file));
+impl Planned {
+    /// The plan, unless its tensors hold more than [`MAX_EXPANSION`] times its inputs' bytes plus
+    /// [`EXPANSION_ALLOWANCE`] (in the tensors' stored dtypes, before any cast); `file` is what the error names.
+    /// Every planner ends with it.
+    pub(crate) fn checked(self, file: &str) -> Result<Planned> {
+        let tensors = self
+            .plan
+            .tensors
+            .iter()
+            .fold(0u64, |n, t| n.saturating_add(t.source.numel().saturating_mul(t.source.dtype().size() as u64)));
+        let inputs = self.inputs.iter().fold(0u64, |n, i| n.saturating_add(i.len()));
+        let limit = inputs.saturating_mul(MAX_EXPANSION).saturating_add(EXPANSION_ALLOWANCE);
+        if tensors > limit {
+            return Err(Error::new(ErrorKind::Limit(format!(
+                "the tensors to write hold {} but the input files only {}: views that repeat the same stored bytes \
+                 (a self-multiplying checkpoint); at most {MAX_EXPANSION} times the input plus {} GiB are written",
+                bytes_text(tensors),
+                bytes_text(inputs),
+                EXPANSION_ALLOWANCE >> 30
+            )))
+            .in_file(file));
+        }
+        Ok(self)
     }
-    Ok(())
 }
 
 /// `n` bytes, with a readable size beside large counts ("68719478784 bytes (68.7 GB)").
@@ -269,14 +272,13 @@ pub fn plan_torch_file(input: Input, opts: &PlanOptions) -> Result<Planned> {
         .map(|(name, view)| PlannedTensor::from_source(name, view.shape.clone(), Source::View(view), opts.dtype))
         .collect();
     let name = input.name.clone();
-    let planned = Planned {
+    Planned {
         plan: Plan { tensors, notes: selection_notes(&sel) },
         format: file.format.to_string(),
         inputs: vec![input],
         groups,
-    };
-    check_expansion(&planned, &name)?;
-    Ok(planned)
+    }
+    .checked(&name)
 }
 
 /// Plans the conversion of a DCP folder at `dir` inside `folder`.
@@ -302,14 +304,13 @@ pub fn plan_dcp(folder: &dyn Folder, dir: &str, opts: &PlanOptions) -> Result<Pl
         tensors.push(PlannedTensor::from_source(name, t.shape.clone(), Source::Chunked(chunked), opts.dtype));
     }
     let files = resolver.inputs.len();
-    let planned = Planned {
+    Planned {
         plan: Plan { tensors, notes: selection_notes(&sel) },
         format: format!("torch.distributed.checkpoint folder ({files} .distcp file(s) used)"),
         inputs: resolver.inputs,
         groups,
-    };
-    check_expansion(&planned, &meta_name)?;
-    Ok(planned)
+    }
+    .checked(&meta_name)
 }
 
 /// Plans whatever `folder` holds, reporting what was picked in the plan's notes. `base` is the HF model
@@ -345,8 +346,6 @@ pub fn plan_folder(folder: &dyn Folder, base: Option<&BaseModel>, opts: &PlanOpt
     if let Some(p) = picked {
         planned.plan.notes.insert(0, format!("using {}/{p}", folder.name()));
     }
-    // Torch files and DCP folders were checked as they were planned; verl and Megatron folders are checked here.
-    check_expansion(&planned, folder.name())?;
     Ok(planned)
 }
 
@@ -371,13 +370,15 @@ mod tests {
     #[test]
     fn a_plan_may_hold_64_times_its_inputs_plus_1_gib_and_no_more() {
         let limit = 1000 * MAX_EXPANSION + EXPANSION_ALLOWANCE;
-        assert!(check_expansion(&repeating(limit, 1000), "in.pt").is_ok());
-        let e = check_expansion(&repeating(limit + 1, 1000), "in.pt").unwrap_err();
+        assert!(repeating(limit, 1000).checked("in.pt").is_ok());
+        let Err(e) = repeating(limit + 1, 1000).checked("in.pt") else {
+            panic!("one byte over the limit was accepted")
+        };
         assert_eq!((e.label(), e.file()), ("limit", Some("in.pt")));
         assert!(e.to_string().contains("self-multiplying"), "{e}");
         // Totals past u64 saturate instead of wrapping around to something small.
         let mut huge = repeating(u64::MAX / 2 + 1, 1000);
         huge.plan.tensors.push(huge.plan.tensors[0].clone());
-        assert!(check_expansion(&huge, "in.pt").is_err());
+        assert!(huge.checked("in.pt").is_err());
     }
 }

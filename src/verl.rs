@@ -146,12 +146,13 @@ pub fn plan_verl(folder: &dyn Folder, dir: &str, world: u64, opts: &PlanOptions)
         .into_iter()
         .map(|(name, (shape, source))| PlannedTensor::from_source(name, shape, source, opts.dtype))
         .collect();
-    Ok(Planned {
+    Planned {
         plan: Plan { tensors, notes: selection_notes(&sel) },
         format: format!("verl FSDP checkpoint ({world} rank files of DTensor shards)"),
         inputs,
         groups,
-    })
+    }
+    .checked(folder.name())
 }
 
 #[cfg(test)]

@@ -634,15 +634,13 @@ pub fn plan_megatron(
         Some(a) => format!("args: {}", a.summary()),
         None => "args: none in the checkpoint; layout inferred from tensor shapes and config.json".into(),
     };
-    Ok((
-        Planned {
-            plan: Plan { tensors, notes },
-            format: format!("Megatron-LM checkpoint ({} rank files)", inputs.len()),
-            inputs,
-            groups,
-        },
-        args_text,
-    ))
+    let planned = Planned {
+        plan: Plan { tensors, notes },
+        format: format!("Megatron-LM checkpoint ({} rank files)", inputs.len()),
+        inputs,
+        groups,
+    };
+    Ok((planned.checked(folder.name())?, args_text))
 }
 
 fn whole(v: &StridedView) -> Chunk {
