@@ -36,11 +36,29 @@ async function sha256File(path) {
   return h.digest('hex');
 }
 
-/** CPU seconds (user + system) of this process's waited-for children, from /proc/self/stat (cutime, cstime). */
+/** The fields of a /proc stat file after the parenthesised command name (field 3, the state, comes first). */
+function statFields(path) {
+  const stat = readFileSync(path, 'utf8');
+  return stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+}
+
+/** CPU seconds (user + system) of this process's waited-for children (cutime, cstime). */
 function childrenCpu() {
-  const stat = readFileSync('/proc/self/stat', 'utf8');
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return (Number(fields[13]) + Number(fields[14])) / 100;
+  const f = statFields('/proc/self/stat');
+  return (Number(f[13]) + Number(f[14])) / 100;
+}
+
+/** [pid, command line] of each process of the Chromium profile `profile`; one that exits meanwhile is skipped. */
+function* chromiumProcesses(profile) {
+  for (const pid of readdirSync('/proc').filter((p) => /^\d+$/.test(p))) {
+    let cmd;
+    try {
+      cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+    } catch {
+      continue;
+    }
+    if (cmd.includes(profile)) yield [pid, cmd];
+  }
 }
 
 /** One native conversion: its wall time (ms) and CPU seconds. */
@@ -59,10 +77,8 @@ function rssSampler(profile) {
   const sample = () => {
     let renderer = 0;
     let all = 0;
-    for (const pid of readdirSync('/proc').filter((p) => /^\d+$/.test(p))) {
+    for (const [pid, cmd] of chromiumProcesses(profile)) {
       try {
-        const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
-        if (!cmd.includes(profile)) continue;
         const rss = Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0) * 1024;
         all += rss;
         if (cmd.includes('--type=renderer')) renderer = Math.max(renderer, rss);
@@ -78,17 +94,13 @@ function rssSampler(profile) {
 /** CPU seconds (user + system) of the profile's Chromium processes, by process type (browser, renderer, ...). */
 function cpuByType(profile) {
   const byType = {};
-  for (const pid of readdirSync('/proc').filter((p) => /^\d+$/.test(p))) {
+  for (const [pid, cmd] of chromiumProcesses(profile)) {
+    const type = /--type=([a-z-]+)/.exec(cmd)?.[1] ?? 'browser';
+    const service = /--utility-sub-type=([\w.]+)/.exec(cmd)?.[1];
+    const key = service ? `${type}:${service.split('.').pop()}` : type;
     try {
-      const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
-      if (!cmd.includes(profile)) continue;
-      const type = /--type=([a-z-]+)/.exec(cmd)?.[1] ?? 'browser';
-      const service = /--utility-sub-type=([\w.]+)/.exec(cmd)?.[1];
-      const key = service ? `${type}:${service.split('.').pop()}` : type;
-      // Fields after the parenthesised command name: utime and stime are the 12th and 13th.
-      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-      byType[key] = (byType[key] ?? 0) + (Number(fields[11]) + Number(fields[12])) / 100;
+      const f = statFields(`/proc/${pid}/stat`); // utime and stime
+      byType[key] = (byType[key] ?? 0) + (Number(f[11]) + Number(f[12])) / 100;
     } catch {}
   }
   return byType;
