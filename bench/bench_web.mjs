@@ -61,14 +61,20 @@ function* chromiumProcesses(profile) {
   }
 }
 
-/** One native conversion: its wall time (ms) and CPU seconds. */
-function nativeRun(env = {}) {
+/**
+ * One native conversion: its wall time (ms), CPU seconds, and the CPU seconds the idle Chromium of `profile` spent
+ * meanwhile (near zero, so the browser left open between the page's runs does not slow the baseline).
+ */
+function nativeRun(profile, env = {}) {
   rmSync(OUT, { recursive: true, force: true });
   execFileSync('sync');
   const cpu = childrenCpu();
+  const browserCpu = cpuByType(profile);
   const t = performance.now();
   execFileSync(NATIVE, ['convert', input, OUT, '--quiet'], { env: { ...process.env, ...env }, stdio: 'pipe' });
-  return { ms: performance.now() - t, cpu: childrenCpu() - cpu };
+  const ms = performance.now() - t;
+  const chromiumCpu = Object.values(cpuDelta(browserCpu, cpuByType(profile))).reduce((a, b) => a + b, 0);
+  return { ms, cpu: childrenCpu() - cpu, chromiumCpu };
 }
 
 /** Peak RSS (bytes) of the profile's biggest renderer process (the tab) and of all its Chromium processes. */
@@ -146,8 +152,8 @@ async function main() {
   let outBytes = 0;
   let identical = null;
   for (let i = 0; i < reps; i++) {
-    rows.native.push(nativeRun());
-    rows.nativeNoKernelCopy.push(nativeRun({ CKPTCONV_NO_KERNEL_COPY: '1' }));
+    rows.native.push(nativeRun(browser.profile));
+    rows.nativeNoKernelCopy.push(nativeRun(browser.profile, { CKPTCONV_NO_KERNEL_COPY: '1' }));
     const nativeSha = i === 0 ? await sha256File(join(OUT, 'model.safetensors')) : null;
     rmSync(OUT, { recursive: true, force: true });
 
@@ -183,7 +189,8 @@ async function main() {
     console.error(
       `rep ${i + 1}: web ${secs(wall)} (${mb(outBytes, wall).toFixed(0)} MB/s; engine ${secs(r.engineMs)}, ` +
         `waiting for the writer ${secs(r.waitMs)}), native ${secs(nat.ms)}, without kernel copy ${secs(plain.ms)}; ` +
-        `CPU s: native ${nat.cpu.toFixed(2)}, without kernel copy ${plain.cpu.toFixed(2)}, ` +
+        `CPU s: native ${nat.cpu.toFixed(2)}, without kernel copy ${plain.cpu.toFixed(2)} ` +
+        `(Chromium meanwhile ${(nat.chromiumCpu + plain.chromiumCpu).toFixed(2)}), ` +
         `Chromium ${JSON.stringify(r.cpu)}`,
     );
   }
@@ -223,6 +230,10 @@ async function main() {
       wallSeconds: nativeWall / 1000,
       mbPerSecond: mb(outBytes, nativeWall),
       cpuSeconds: median(rows.native.map((r) => r.cpu)),
+      // The most CPU the idle browser spent during any native run (both paths).
+      chromiumCpuSecondsMeanwhileMax: Math.max(
+        ...[...rows.native, ...rows.nativeNoKernelCopy].map((r) => +r.chromiumCpu.toFixed(2)),
+      ),
     },
     nativeNoKernelCopy: {
       wallSeconds: nativePlain / 1000,
