@@ -13,6 +13,7 @@ const query = new URLSearchParams(location.search);
 const forceMemory = query.get('store') === 'memory';
 // `?copiers=0` makes the OPFS writer copy unchanged ranges itself, as on engines without shared access handles.
 const copiers = query.get('copiers') === '0' ? 0 : undefined;
+const store = forceMemory ? 'memory' : 'opfs';
 
 const state = {
   files: [],
@@ -100,7 +101,8 @@ function replan() {
     showError(`the engine failed to start (${e.message || 'worker error'})`);
     setPhase('invalid');
   };
-  worker.postMessage({ type: 'plan', files: state.files, base: state.base, options });
+  // store and copiers let the worker start its OPFS writer while the plan is shown.
+  worker.postMessage({ type: 'plan', files: state.files, base: state.base, options, store, copiers });
 }
 
 async function clearJob() {
@@ -139,7 +141,7 @@ async function convert() {
     }
   }
   const id = newJobId();
-  const job = { id, store: forceMemory ? 'memory' : 'opfs', plan: current, urls: [], memoryFiles: [], outputs: null };
+  const job = { id, store, plan: current, urls: [], memoryFiles: [], outputs: null };
   job.release = await holdJob(id);
   job.worker = warm ?? spawnWorker();
   state.job = job;

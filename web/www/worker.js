@@ -17,6 +17,9 @@ const COPIES_IN_FLIGHT = 16;
 let ready;
 let job = null;
 let plan = null;
+// The OPFS writer (and its copier pool), started as soon as a plan is shown, so that the workers' start-up is over
+// by the time Convert is pressed.
+let warmWriter = null;
 
 self.onmessage = async ({ data }) => {
   let sink;
@@ -28,11 +31,11 @@ self.onmessage = async ({ data }) => {
       job = new Job(data.files, data.base ?? null, { ...data.options, copies: true });
       plan = JSON.parse(job.planJson());
       postMessage({ type: 'plan', plan, memoryBytes: Job.memoryBytes() });
+      if (data.type === 'plan' && usesOpfs(data.store)) warmWriter ??= startWriter(data.copiers);
     }
     if (data.type !== 'run' && data.type !== 'convert') return;
     const total = plan.outputs.reduce((n, o) => n + o.size, 0);
-    const opfs = data.store !== 'memory' && typeof FileSystemSyncAccessHandle !== 'undefined';
-    sink = opfs ? await opfsSink(data.jobId, data.copiers) : memorySink(total);
+    sink = usesOpfs(data.store) ? await opfsSink(data.jobId, data.copiers) : memorySink(total);
     await run(sink, total);
   } catch (e) {
     await sink?.abort().catch(() => {});
@@ -77,12 +80,23 @@ async function run(sink, total) {
   postMessage({ type: 'done', done: sink.done(), total, ms, engineMs, waitMs, copiedBytes, memoryBytes });
 }
 
+const usesOpfs = (store) => store !== 'memory' && typeof FileSystemSyncAccessHandle !== 'undefined';
+
+/** A nested OPFS writer with its copier pool starting (`copiers` as in opfsSink). */
+function startWriter(copiers) {
+  const writer = new Worker(new URL('./writer.js', import.meta.url), { type: 'module' });
+  writer.postMessage({ type: 'start', copiers });
+  return writer;
+}
+
 /**
- * Feeds the nested OPFS writer; room() waits while IN_FLIGHT chunks or COPIES_IN_FLIGHT copy requests are not yet on
- * disk. `copiers` sizes the writer's copier pool (0: the writer copies ranges itself; undefined: its default).
+ * Feeds the nested OPFS writer (the one started at plan time, if any); room() waits while IN_FLIGHT chunks or
+ * COPIES_IN_FLIGHT copy requests are not yet on disk. `copiers` sizes the writer's copier pool (0: the writer copies
+ * ranges itself; undefined: its default).
  */
 async function opfsSink(jobId, copiers) {
-  const writer = new Worker(new URL('./writer.js', import.meta.url), { type: 'module' });
+  const writer = warmWriter ?? startWriter(copiers);
+  warmWriter = null;
   let inFlight = 0;
   let copies = 0;
   let written = 0;
@@ -113,7 +127,7 @@ async function opfsSink(jobId, copiers) {
     while (!cond() && !failure) await new Promise((ok) => (wake = ok));
     if (failure) throw failure;
   };
-  writer.postMessage({ type: 'open', jobId, copiers });
+  writer.postMessage({ type: 'open', jobId });
   return {
     room: () => until(() => inFlight < IN_FLIGHT && copies < COPIES_IN_FLIGHT),
     begin: (name, size) => writer.postMessage({ type: 'begin', name, size }),

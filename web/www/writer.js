@@ -94,7 +94,7 @@ function copy(file, name, offset, len) {
     postMessage({ type: 'copied' });
     return;
   }
-  // A shared handle implies a pool: both come from poolSize > 0 ('open' starts the pool).
+  // A shared handle implies a pool: both come from poolSize > 0 ('start' starts the pool).
   const pieces = [];
   for (let done = 0; done < len; done += COPY_CHUNK) {
     const n = Math.min(COPY_CHUNK, len - done);
@@ -115,14 +115,17 @@ function splitName(name) {
 
 async function handle(msg) {
   switch (msg.type) {
+    case 'start': {
+      // Sent first, when the page shows a plan: the copiers start up while the user looks at it.
+      poolSize = msg.copiers ?? COPIERS;
+      if (poolSize > 0) pool = copiers();
+      return;
+    }
     case 'open': {
       jobs = await (await navigator.storage.getDirectory()).getDirectoryHandle(JOBS, { create: true });
       dir = await jobs.getDirectoryHandle(msg.jobId, { create: true });
       // Without move() (older engines) files get their final names at once; the page deletes the folder on failure.
       canRename = typeof FileSystemFileHandle.prototype.move === 'function';
-      poolSize = msg.copiers ?? COPIERS;
-      // Started now, so their start-up overlaps the engine's first pieces.
-      if (poolSize > 0) pool = copiers();
       return;
     }
     case 'begin': {
