@@ -218,12 +218,13 @@ impl Planned {
             .tensors
             .iter()
             .fold(0u64, |n, t| n.saturating_add(t.source.numel().saturating_mul(t.source.dtype().size() as u64)));
-        let inputs = self.inputs.iter().fold(0u64, |n, i| n.saturating_add(i.len()));
+        let inputs = self.inputs.iter().fold(0u64, |n, i| n.saturating_add(i.data.stored_len()));
         let limit = inputs.saturating_mul(MAX_EXPANSION).saturating_add(EXPANSION_ALLOWANCE);
         if tensors > limit {
             return Err(Error::new(ErrorKind::Limit(format!(
-                "the tensors to write hold {} but the input files only {}: views that repeat the same stored bytes \
-                 (a self-multiplying checkpoint); at most {MAX_EXPANSION} times the input plus {} GiB are written",
+                "the tensors to write hold {} but the input files only {}: views that repeat the same stored bytes, \
+                 or compressed items that inflate (a self-multiplying checkpoint); at most {MAX_EXPANSION} times \
+                 the input plus {} GiB are written",
                 bytes_text(tensors),
                 bytes_text(inputs),
                 EXPANSION_ALLOWANCE >> 30
@@ -303,7 +304,7 @@ pub fn plan_dcp(folder: &dyn Folder, dir: &str, opts: &PlanOptions) -> Result<Pl
         let chunked = resolver.resolve(t).map_err(|e| e.in_file(&meta_name))?;
         tensors.push(PlannedTensor::from_source(name, t.shape.clone(), Source::Chunked(chunked), opts.dtype));
     }
-    let files = resolver.inputs.len();
+    let files = resolver.files_used();
     Planned {
         plan: Plan { tensors, notes: selection_notes(&sel) },
         format: format!("torch.distributed.checkpoint folder ({files} .distcp file(s) used)"),

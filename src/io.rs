@@ -28,6 +28,12 @@ pub trait ReadAt {
     fn sendable(&self) -> Option<Box<dyn ReadAt + Send + Sync>> {
         None
     }
+    /// The bytes this source stores of its own: its length, or 0 for a view decoded out of another source (a
+    /// compressed item), whose stored bytes that source already counts. The expansion limit weighs a plan's
+    /// tensors against these.
+    fn stored_len(&self) -> u64 {
+        self.len()
+    }
 }
 
 /// Positional writes into one output file, from any thread (native files: `pwrite`).
@@ -56,6 +62,9 @@ impl ReadAt for SharedInput {
     }
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         self.0.data.as_any()
+    }
+    fn stored_len(&self) -> u64 {
+        self.0.data.stored_len()
     }
 }
 

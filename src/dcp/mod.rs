@@ -7,7 +7,7 @@
 
 use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result, tensor_err};
-use crate::io::{ByteCursor, Folder, Input, ReadAt, SharedInput};
+use crate::io::{ByteCursor, Folder, Input, SharedInput};
 use crate::pickle::{self, Heap, Id, Limits, Node};
 use crate::plan::{Chunk, ChunkedTensor, StridedView};
 use crate::select::TensorPath;
@@ -207,6 +207,9 @@ pub struct ChunkResolver<'f> {
     pub inputs: Vec<Input>,
     files: HashMap<String, (usize, Rc<Input>)>,
     safetensors: HashMap<(usize, u64), Rc<SafetensorsBlob>>,
+    /// Decoded zstd items by (file index, offset, length): the input index of each, so that tensors naming the
+    /// same item share one decode.
+    zstd: HashMap<(usize, u64, u64), usize>,
 }
 
 /// The header of a safetensors blob inside a `.distcp` (DCP's `SerializationFormat.SAFETENSORS`).
@@ -227,7 +230,13 @@ impl<'f> ChunkResolver<'f> {
             inputs: Vec::new(),
             files: HashMap::new(),
             safetensors: HashMap::new(),
+            zstd: HashMap::new(),
         }
+    }
+
+    /// How many `.distcp` files the resolved tensors read.
+    pub fn files_used(&self) -> usize {
+        self.files.len()
     }
 
     fn file(&mut self, file: &str) -> Result<(usize, Rc<Input>)> {
@@ -256,12 +265,17 @@ impl<'f> ChunkResolver<'f> {
             let view = match c.transforms.as_slice() {
                 [] => self.plain_item(idx, &file, c, t)?,
                 [z] if z.starts_with("stream.zstd") => {
-                    let item = ZstdItem::open(file.clone(), c.offset, c.length)?;
-                    let name = format!("{} (zstd item at byte {})", file.name, c.offset);
-                    let len = item.len();
-                    self.inputs.push(Input::new(name, Box::new(item)));
-                    let zi = self.inputs.len() - 1;
-                    item_view(&self.inputs[zi], zi, 0, len, c, t)?
+                    let zi = match self.zstd.get(&(idx, c.offset, c.length)) {
+                        Some(&zi) => zi,
+                        None => {
+                            let item = ZstdItem::open(file.clone(), c.offset, c.length)?;
+                            let name = format!("{} (zstd item at byte {})", file.name, c.offset);
+                            self.inputs.push(Input::new(name, Box::new(item)));
+                            self.zstd.insert((idx, c.offset, c.length), self.inputs.len() - 1);
+                            self.inputs.len() - 1
+                        }
+                    };
+                    item_view(&self.inputs[zi], zi, 0, self.inputs[zi].len(), c, t)?
                 }
                 other => {
                     return Err(Error::new(ErrorKind::Unsupported(format!(

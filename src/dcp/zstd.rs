@@ -142,6 +142,11 @@ impl ReadAt for ZstdItem {
         self.total
     }
 
+    /// Decoded out of its `.distcp` file, which counts the compressed bytes.
+    fn stored_len(&self) -> u64 {
+        0
+    }
+
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= self.total);
         let Some(end) = end else {
