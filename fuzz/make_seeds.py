@@ -36,6 +36,18 @@ def main():
     for p in sorted(FIX.glob("dcp/**/.metadata")) + sorted((FIX.parent / "hostile").glob("dcp/**/.metadata")):
         put("dcp_metadata", p.read_bytes())
         put("pickle", p.read_bytes())
+    # Whole two-rank DCP folders, as the dcp_folder entry point splits them: the metadata's u32 length and
+    # bytes, rank 0's file's u32 length and bytes, then rank 1's bytes (empty for one rank).
+    metas = [*FIX.glob("dcp/**/.metadata"), *(FIX.parent / "hostile").glob("dcp/*/.metadata")]
+    folders = sorted({p.parent for p in metas})
+    for d in folders:
+        files = {p.name for p in d.iterdir()}
+        if not files <= {".metadata", "__0_0.distcp", "__1_0.distcp"}:
+            continue  # other layouts (one file per item, more ranks) do not fit the entry point's folder
+        names = (".metadata", "__0_0.distcp", "__1_0.distcp")
+        meta, rank0, rank1 = ((d / n).read_bytes() if n in files else b"" for n in names)
+        put("dcp_folder", len(meta).to_bytes(4, "little") + meta + len(rank0).to_bytes(4, "little") + rank0 + rank1,
+            limit=256 << 10)
     for case in ["qwen2_tp2", "qwen3_tp2", "llama_tp2"]:
         ranks = sorted((FIX / "megatron" / case).glob("actor/iter_*/mp_rank_*/model_optim_rng.pt"))
         if len(ranks) == 2:
@@ -48,7 +60,7 @@ def main():
         # The header plus a little data: enough for every structural check.
         put("safetensors_header", data[: 8 + n + 64])
         put("safetensors_header", data)
-    for t in ["pickle", "torch_file", "dcp_metadata", "megatron", "safetensors_header"]:
+    for t in ["pickle", "torch_file", "dcp_metadata", "dcp_folder", "megatron", "safetensors_header"]:
         n = len(list((ROOT / "corpus" / t).glob("*")))
         print(f"{t}: {n} seeds")
 

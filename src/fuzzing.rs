@@ -46,12 +46,32 @@ pub fn dcp_metadata(data: &[u8]) {
     }
 }
 
+/// Splits `data` after its first four bytes into the part they count (a little-endian u32, capped at what is
+/// there) and the rest; None when there are not four bytes.
+fn split_counted(data: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (len, rest) = data.split_first_chunk::<4>()?;
+    Some(rest.split_at((u32::from_le_bytes(*len) as usize).min(rest.len())))
+}
+
+/// A whole DCP folder of two ranks: its `.metadata`, `__0_0.distcp` and `__1_0.distcp` (so the items themselves:
+/// torch zips, safetensors blobs, zstd streams). The input is the metadata's u32 length and bytes, then rank 0's
+/// file's u32 length and bytes, then rank 1's bytes.
+pub fn dcp_folder(data: &[u8]) {
+    let Some((meta, rest)) = split_counted(data) else { return };
+    let Some((rank0, rank1)) = split_counted(rest) else { return };
+    let mut f = MemoryFolder { name: "fuzz_dcp".into(), ..Default::default() };
+    f.files.insert(".metadata".into(), meta.to_vec());
+    f.files.insert("__0_0.distcp".into(), rank0.to_vec());
+    f.files.insert("__1_0.distcp".into(), rank1.to_vec());
+    if let Ok(p) = crate::convert::plan_dcp(&f, "", &PlanOptions::default()) {
+        read_some(&p.plan, &p.inputs);
+    }
+}
+
 /// A Megatron iteration folder of two rank files, against a fixed base config. The input is a little-endian
 /// u32 length of rank 0's file, then rank 0's bytes, then rank 1's.
 pub fn megatron(data: &[u8]) {
-    let Some((len, rest)) = data.split_first_chunk::<4>() else { return };
-    let cut = (u32::from_le_bytes(*len) as usize).min(rest.len());
-    let (a, b) = rest.split_at(cut);
+    let Some((a, b)) = split_counted(data) else { return };
     let mut f = MemoryFolder { name: "fuzz_mg".into(), ..Default::default() };
     f.files.insert("mp_rank_00/model_optim_rng.pt".into(), a.to_vec());
     f.files.insert("mp_rank_01/model_optim_rng.pt".into(), b.to_vec());

@@ -9,6 +9,7 @@ const TARGETS: &[(&str, Target)] = &[
     ("pickle", ckptconv::fuzzing::pickle),
     ("torch_file", ckptconv::fuzzing::torch_file),
     ("dcp_metadata", ckptconv::fuzzing::dcp_metadata),
+    ("dcp_folder", ckptconv::fuzzing::dcp_folder),
     ("megatron", ckptconv::fuzzing::megatron),
     ("safetensors_header", ckptconv::fuzzing::safetensors_header),
 ];
@@ -28,5 +29,5 @@ fn every_saved_fuzz_input_is_handled_without_panic() {
             }
         }
     }
-    assert!(replayed >= 5 * 3, "only {replayed} fuzz inputs found under fuzz/corpus and fuzz/regressions");
+    assert!(replayed >= TARGETS.len() * 3, "only {replayed} fuzz inputs found under fuzz/corpus and fuzz/regressions");
 }
