@@ -23,7 +23,6 @@ const finished = [];
 let queue = Promise.resolve();
 let failed = false;
 let pool = null;
-let poolSize = COPIERS;
 
 function fail(e) {
   if (failed) return;
@@ -42,9 +41,9 @@ self.onmessage = ({ data }) => {
   });
 };
 
-/** The copier pool: send() runs one request on the least-loaded copier and resolves with its answer. */
-function copiers() {
-  const workers = Array.from({ length: poolSize }, () => {
+/** A pool of `size` copiers: send() runs one request on the least-loaded copier and resolves with its answer. */
+function copiers(size) {
+  const workers = Array.from({ length: size }, () => {
     const w = new Worker(new URL('./copier.js', import.meta.url), { type: 'module' });
     const c = { w, load: 0, waiting: new Map() };
     w.onmessage = ({ data }) => {
@@ -94,7 +93,7 @@ function copy(file, name, offset, len) {
     postMessage({ type: 'copied' });
     return;
   }
-  // A shared handle implies a pool: both come from poolSize > 0 ('start' starts the pool).
+  // A shared handle implies a pool (see 'begin').
   const pieces = [];
   for (let done = 0; done < len; done += COPY_CHUNK) {
     const n = Math.min(COPY_CHUNK, len - done);
@@ -117,8 +116,8 @@ async function handle(msg) {
   switch (msg.type) {
     case 'start': {
       // Sent first, when the page shows a plan: the copiers start up while the user looks at it.
-      poolSize = msg.copiers ?? COPIERS;
-      if (poolSize > 0) pool = copiers();
+      const size = msg.copiers ?? COPIERS;
+      if (size > 0) pool = copiers(size);
       return;
     }
     case 'open': {
@@ -137,7 +136,7 @@ async function handle(msg) {
       const access = await handle.createSyncAccessHandle({ mode: 'readwrite-unsafe' });
       // Reserving the full size first turns a full disk into an early, clear error.
       access.truncate(msg.size);
-      const shared = poolSize > 0 && access.mode === 'readwrite-unsafe';
+      const shared = pool !== null && access.mode === 'readwrite-unsafe';
       cur = { name: msg.name, base, size: msg.size, handle, access, at: 0, shared, pending: [] };
       return;
     }
