@@ -5,6 +5,7 @@
 //! the chunk's elements. Planning reads only the metadata and the small zip headers of the chunks it
 //! needs; tensor bytes are gathered band by band at write time. Chunks must tile each tensor exactly.
 
+use crate::convert::EXPANSION_ALLOWANCE;
 use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result, tensor_err};
 use crate::io::{ByteCursor, Folder, Input, SharedInput};
@@ -16,7 +17,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 mod zstd;
-use zstd::ZstdItem;
+use zstd::DecodeBudget;
 
 /// One tensor of a DCP checkpoint, as the metadata describes it.
 #[derive(Debug, Clone)]
@@ -210,6 +211,8 @@ pub struct ChunkResolver<'f> {
     /// Decoded zstd items by (file index, offset, length): the input index of each, so that tensors naming the
     /// same item share one decode.
     zstd: HashMap<(usize, u64, u64), usize>,
+    /// What the zstd items may still decode to, together (as much as a plan may hold).
+    zstd_budget: DecodeBudget,
 }
 
 /// The header of a safetensors blob inside a `.distcp` (DCP's `SerializationFormat.SAFETENSORS`).
@@ -231,6 +234,7 @@ impl<'f> ChunkResolver<'f> {
             files: HashMap::new(),
             safetensors: HashMap::new(),
             zstd: HashMap::new(),
+            zstd_budget: DecodeBudget::new(EXPANSION_ALLOWANCE),
         }
     }
 
@@ -268,7 +272,7 @@ impl<'f> ChunkResolver<'f> {
                     let zi = match self.zstd.get(&(idx, c.offset, c.length)) {
                         Some(&zi) => zi,
                         None => {
-                            let item = ZstdItem::open(file.clone(), c.offset, c.length)?;
+                            let item = self.zstd_budget.open(file.clone(), c.offset, c.length)?;
                             let name = format!("{} (zstd item at byte {})", file.name, c.offset);
                             self.inputs.push(Input::new(name, Box::new(item)));
                             self.zstd.insert((idx, c.offset, c.length), self.inputs.len() - 1);

@@ -5,6 +5,7 @@
 //! last read stopped (bands read each chunk in order), restarting only for a backward read. Memory per item
 //! is the decoder's window (capped) plus small buffers, and [`ReadAt::release`] drops it.
 
+use crate::convert::{EXPANSION_ALLOWANCE, MAX_EXPANSION};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::{Input, ReadAt};
 use ruzstd::decoding::{FrameDecoder, StreamingDecoder};
@@ -52,6 +53,32 @@ struct Cursor {
     pos: u64,
 }
 
+/// What the zstd items of one checkpoint may decode to together: at most [`MAX_EXPANSION`] times their compressed
+/// bytes plus an allowance (as much as a plan may hold), so a folder of many items that each stay under the
+/// per-item ratio cannot make planning decode without end.
+pub struct DecodeBudget {
+    allowance: u64,
+    compressed: u64,
+    decoded: u64,
+}
+
+impl DecodeBudget {
+    /// A budget with `allowance` bytes on top of [`MAX_EXPANSION`] times the compressed bytes.
+    pub fn new(allowance: u64) -> Self {
+        DecodeBudget { allowance, compressed: 0, decoded: 0 }
+    }
+
+    /// Opens the item at `[start, start + len)` of `src` ([`ZstdItem::open`]) within what is left of the budget.
+    pub fn open(&mut self, src: Rc<Input>, start: u64, len: u64) -> Result<ZstdItem> {
+        let compressed = self.compressed.saturating_add(len);
+        let left = compressed.saturating_mul(MAX_EXPANSION).saturating_add(self.allowance).saturating_sub(self.decoded);
+        let item = ZstdItem::open(src, start, len, left)?;
+        self.compressed = compressed;
+        self.decoded = self.decoded.saturating_add(item.total);
+        Ok(item)
+    }
+}
+
 /// A zstd-compressed item seen as the decompressed bytes it holds.
 pub struct ZstdItem {
     src: Rc<Input>,
@@ -67,8 +94,9 @@ fn zerr(src: &Input, start: u64, msg: String) -> Error {
 }
 
 impl ZstdItem {
-    /// Decodes the item at `[start, start + len)` of `src` once, checking it as it goes.
-    pub fn open(src: Rc<Input>, start: u64, len: u64) -> Result<ZstdItem> {
+    /// Decodes the item at `[start, start + len)` of `src` once, checking it as it goes: it may inflate at most
+    /// [`MAX_RATIO`] times and to at most `budget` bytes (what is left of its checkpoint's [`DecodeBudget`]).
+    fn open(src: Rc<Input>, start: u64, len: u64, budget: u64) -> Result<ZstdItem> {
         if start.checked_add(len).is_none_or(|e| e > src.len()) {
             return Err(Error::new(ErrorKind::Truncated(format!(
                 "zstd item {start}+{len} runs past the end of the {}-byte file",
@@ -90,6 +118,14 @@ impl ZstdItem {
             if c.pos > cap {
                 return Err(Error::new(ErrorKind::Limit(format!(
                     "zstd item at byte {start} expands more than {MAX_RATIO}x (a decompression bomb?)"
+                )))
+                .in_file(&item.src.name));
+            }
+            if c.pos > budget {
+                return Err(Error::new(ErrorKind::Limit(format!(
+                    "zstd item at byte {start}: the checkpoint's zstd items decode to more than {MAX_EXPANSION} \
+                     times their compressed bytes plus {} GiB (a decompression bomb?)",
+                    EXPANSION_ALLOWANCE >> 30
                 )))
                 .in_file(&item.src.name));
             }
@@ -164,5 +200,49 @@ impl ReadAt for ZstdItem {
 
     fn release(&self) {
         *self.cursor.borrow_mut() = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::{Folder, MemoryFolder};
+
+    /// An item's (offset, length) in its file.
+    type Span = (u64, u64);
+
+    /// The hostile corpus's real zstd save of 1.25 GiB of zeros (tests/hostile/dcp/zstd_bomb): its
+    /// __0_0.distcp, its big item and its small one.
+    fn bomb() -> Option<(Rc<Input>, Span, Span)> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hostile/dcp/zstd_bomb");
+        let mut folder = MemoryFolder { name: "zstd_bomb".into(), ..Default::default() };
+        for name in [".metadata", "__0_0.distcp"] {
+            folder.files.insert(name.into(), std::fs::read(dir.join(name)).ok()?);
+        }
+        let meta = crate::dcp::read_metadata(&folder, "").ok()?;
+        let item = |fqn: &str| {
+            let c = &meta.tensors.iter().find(|t| t.fqn == fqn)?.chunks[0];
+            Some((c.offset, c.length))
+        };
+        Some((Rc::new(folder.open("__0_0.distcp").ok()?), item("model.embed.weight")?, item("model.norm.weight")?))
+    }
+
+    #[test]
+    fn items_decode_within_their_ratio_and_their_checkpoints_budget() {
+        let Some((file, (big_at, big_len), (small_at, small_len))) = bomb() else {
+            panic!("tests/hostile/dcp/zstd_bomb is missing or unreadable");
+        };
+        // Without an allowance the budget is 64x the compressed bytes of the items opened so far: the small item
+        // fits, the same item again fits (it adds its own share), and the bomb passes the budget before 1024x.
+        let mut budget = DecodeBudget::new(0);
+        for _ in 0..2 {
+            let small = budget.open(file.clone(), small_at, small_len).map(|i| i.len());
+            assert!(matches!(small, Ok(n) if n > small_len && n < 64 * small_len), "{small:?}");
+        }
+        let over = budget.open(file.clone(), big_at, big_len).err().map(|e| e.to_string());
+        assert!(over.as_deref().is_some_and(|e| e.contains("zstd items decode to more than 64 times")), "{over:?}");
+        // With the real 1 GiB allowance the bomb is stopped by the per-item ratio instead.
+        let ratio = DecodeBudget::new(EXPANSION_ALLOWANCE).open(file, big_at, big_len).err().map(|e| e.to_string());
+        assert!(ratio.as_deref().is_some_and(|e| e.contains("expands more than 1024x")), "{ratio:?}");
     }
 }
