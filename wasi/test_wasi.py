@@ -447,6 +447,7 @@ def test_base_outside_preopens_refused(tmp_path):
 
 sys.path.insert(0, str(HOSTILE))
 import corpus  # noqa: E402  (tests/hostile/corpus.py: every hostile input, its command and expected error kind)
+import generated  # noqa: E402  (tests/hostile/generated.py: hostile inputs built at test time)
 
 
 @pytest.mark.parametrize("case", corpus.cases(), ids=lambda c: c.id)
@@ -470,6 +471,22 @@ def test_hostile_refused_under_cap(tmp_path, case):
     assert os_error.sub("", line) == os_error.sub("", native), "WASI and native errors differ"
     assert not [p for p in out.rglob("*") if p.is_file()], "output left behind"
     assert not CANARY.exists(), "a hostile payload was executed"
+
+
+def test_zstd_decode_budget_under_cap(tmp_path):
+    """32 zstd DCP items that each stay under 1024x but together decode 1.3 GB (tests/hostile/generated.py): the
+    checkpoint's decode budget refuses them under the 256 MiB cap, with the native error line."""
+    generated.many_inflating_zstd_items(tmp_path / "dcp")
+    out, native_out = tmp_path / "out", tmp_path / "native"
+    out.mkdir()
+    r = run_wasm(["convert", "/in", "/out/hf"], dirs=[(tmp_path / "dcp", "/in"), (out, "/out")],
+                 limits={"max-memory-size": HOSTILE_CAP}, timeout=300)
+    assert r.returncode == 1, f"exit {r.returncode} (134 = trap), stderr:\n{r.stderr[-3000:]}"
+    line = last_error(r.stderr, {})
+    assert line.startswith("ckptconv: error[limit]: ") and "zstd items decode to more than 64 times" in line, line
+    native = last_error(run_native(["convert", tmp_path / "dcp", native_out]).stderr, {"in": tmp_path / "dcp"})
+    assert line == native, "WASI and native errors differ"
+    assert not [p for p in out.rglob("*") if p.is_file()], "output left behind"
 
 
 def test_hostile_inspect_refused_under_cap():

@@ -20,6 +20,7 @@ from conftest import INDEX
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hostile"))
 import corpus  # noqa: E402
+import generated  # noqa: E402
 
 CASES = corpus.cases()
 CANARY = Path("/tmp/ckptconv_hostile_canary")  # what the code-execution payloads would create if ever run
@@ -88,48 +89,10 @@ def test_hostile_input_refused(binary, tmp_path, case):
     assert not CANARY.exists(), "a hostile payload was executed"
 
 
-def many_inflating_zstd_items(folder, n=32):
-    """A DCP folder of `n` zstd items that each stay under the per-item 1024x but together inflate past 64x plus
-    1 GiB: a real single-process `dcp.save` with torch's ZStandard extension writes the .metadata for n tiny tensors,
-    and each item is then replaced by zstd (the `zstandard` package, as that extension uses) of a real `torch.save`
-    of a 4-element view of a 40 MiB storage (torch.save keeps the whole storage; dcp.save would have compacted
-    it): about 66 kB each, 40 MiB decoded, so 32 items decode 1.3 GB from 2.1 MB. Too big to commit; made here."""
-    import io
-    import pickle
-    import warnings
-
-    import torch
-    import torch.distributed.checkpoint as dcp
-    import zstandard
-    from torch.distributed.checkpoint._extension import ZStandard
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
-        state = {f"model.layers.{i}.weight": torch.zeros(4) for i in range(n)}
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(folder, _extensions=[ZStandard()]), no_dist=True)
-    big = torch.zeros(10 * 2**20)
-    big[::1024] = torch.randn(10 * 2**10, generator=torch.Generator().manual_seed(3))
-    raw = io.BytesIO()
-    torch.save(big[:4], raw)
-    item = zstandard.ZstdCompressor().compress(raw.getvalue())
-    assert 64 * len(item) < len(raw.getvalue()) < 1024 * len(item), (len(raw.getvalue()), len(item))
-    md = pickle.loads((folder / ".metadata").read_bytes())
-    for k, i in zip(sorted(md.storage_data, key=lambda k: k.fqn), range(n)):
-        v = md.storage_data[k]
-        md.storage_data[k] = _StorageInfo(relative_path="__0_0.distcp", offset=i * len(item), length=len(item),
-                                          transform_descriptors=v.transform_descriptors)
-    (folder / ".metadata").write_bytes(pickle.dumps(md))
-    for p in folder.glob("*.distcp"):
-        p.unlink()
-    (folder / "__0_0.distcp").write_bytes(item * n)
-    return raw.getvalue()
-
-
 def test_zstd_items_that_together_inflate_past_the_budget_are_refused(binary, tmp_path):
     """Each item alone is fine (under 1024x) and the plan is tiny (32 tensors of 4 floats), so only the checkpoint's
     decode budget (64x the compressed bytes plus 1 GiB) stops planning from decoding 1.3 GB."""
-    many_inflating_zstd_items(tmp_path / "dcp")
+    generated.many_inflating_zstd_items(tmp_path / "dcp")
     out = tmp_path / "out"
     code, err, rss = run_measured([binary, "convert", tmp_path / "dcp", out])
     assert code == 1, err
@@ -145,7 +108,7 @@ def test_zstd_items_that_together_inflate_past_the_budget_are_refused(binary, tm
     import torch
     from safetensors.torch import load_file
 
-    raw = many_inflating_zstd_items(tmp_path / "dcp8", n=8)
+    raw = generated.many_inflating_zstd_items(tmp_path / "dcp8", n=8)
     code, err, _ = run_measured([binary, "convert", tmp_path / "dcp8", tmp_path / "out8"])
     assert code == 0, err
     want = torch.load(io.BytesIO(raw), weights_only=True)

@@ -5,6 +5,7 @@ Owns: tests/hostile/corpus.py. Three generators write the corpus, each with its 
   tests/hostile/make_hostile.py                  files directly in tests/hostile/ (pickles, zips, legacy files)
   tests/fixtures/make_dcp_fixtures.py --only broken    folders in tests/hostile/dcp/ (copies of a real DCP save)
   tests/fixtures/make_megatron_fixtures.py --only broken   folders in tests/hostile/megatron/ (real Megatron ranks)
+Inputs too big to commit are built at test time by tests/hostile/generated.py and checked by their own tests.
 Each entry says `kind` (the label in `ckptconv: error[KIND]:`), `expect` (substrings, one of which the lowercased
 message must hold once the input's own path is taken out, since names like truncated_half.pt hold the words),
 optionally `names` (one must appear: the offending file or tensor; default: the entry's own name) and `why`.
