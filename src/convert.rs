@@ -208,6 +208,12 @@ pub const MAX_EXPANSION: u64 = 64;
 /// Tensor bytes any plan may hold regardless of its inputs' size (small expanded buffers, tiny test files).
 pub const EXPANSION_ALLOWANCE: u64 = 1 << 30;
 
+/// The most bytes that `stored` bytes on disk may become: [`MAX_EXPANSION`] times as many plus `allowance`
+/// ([`EXPANSION_ALLOWANCE`] everywhere but tests), saturating. Plans and zstd decoding both obey it.
+pub(crate) fn expansion_limit(stored: u64, allowance: u64) -> u64 {
+    stored.saturating_mul(MAX_EXPANSION).saturating_add(allowance)
+}
+
 impl Planned {
     /// The plan, unless its tensors hold more than [`MAX_EXPANSION`] times its inputs' bytes plus
     /// [`EXPANSION_ALLOWANCE`] (in the tensors' stored dtypes, before any cast); `file` is what the error names.
@@ -219,7 +225,7 @@ impl Planned {
             .iter()
             .fold(0u64, |n, t| n.saturating_add(t.source.numel().saturating_mul(t.source.dtype().size() as u64)));
         let inputs = self.inputs.iter().fold(0u64, |n, i| n.saturating_add(i.data.stored_len()));
-        let limit = inputs.saturating_mul(MAX_EXPANSION).saturating_add(EXPANSION_ALLOWANCE);
+        let limit = expansion_limit(inputs, EXPANSION_ALLOWANCE);
         if tensors > limit {
             return Err(Error::new(ErrorKind::Limit(format!(
                 "the tensors to write hold {} but the input files only {}: views that repeat the same stored bytes, \

@@ -5,7 +5,7 @@
 //! last read stopped (bands read each chunk in order), restarting only for a backward read. Memory per item
 //! is the decoder's window (capped) plus small buffers, and [`ReadAt::release`] drops it.
 
-use crate::convert::{EXPANSION_ALLOWANCE, MAX_EXPANSION};
+use crate::convert::{EXPANSION_ALLOWANCE, MAX_EXPANSION, expansion_limit};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::{Input, ReadAt};
 use ruzstd::decoding::{FrameDecoder, StreamingDecoder};
@@ -71,7 +71,7 @@ impl DecodeBudget {
     /// Opens the item at `[start, start + len)` of `src` ([`ZstdItem::open`]) within what is left of the budget.
     pub fn open(&mut self, src: Rc<Input>, start: u64, len: u64) -> Result<ZstdItem> {
         let compressed = self.compressed.saturating_add(len);
-        let left = compressed.saturating_mul(MAX_EXPANSION).saturating_add(self.allowance).saturating_sub(self.decoded);
+        let left = expansion_limit(compressed, self.allowance).saturating_sub(self.decoded);
         let item = ZstdItem::open(src, start, len, left)?;
         self.compressed = compressed;
         self.decoded = self.decoded.saturating_add(item.total);
