@@ -174,7 +174,11 @@ async function main() {
     );
     const t = performance.now();
     await page.click('#convert');
-    await settled;
+    let timer;
+    const timeout = new Promise((_, fail) => {
+      timer = setTimeout(() => fail(new Error('the conversion took over 30 minutes')), 1_800_000);
+    });
+    await Promise.race([settled, timeout]).finally(() => clearTimeout(timer));
     const wall = performance.now() - t;
     const cpu = cpuDelta(cpuBefore, cpuByType(browser.profile));
     rss.stop();
