@@ -97,3 +97,33 @@ fn inspect_lists_tensors_as_json() {
     let sum: u64 = tensors.iter().map(|t| t["bytes"].as_u64().unwrap()).sum();
     assert_eq!(doc["total_bytes"].as_u64().unwrap(), sum);
 }
+
+#[test]
+fn a_reader_that_stops_early_is_not_a_crash() {
+    use std::process::Stdio;
+    let input = fixtures().join("pt/qwen2_tiny_full_weights.pt");
+    // `ckptconv inspect X | head -1`: standard output is closed before the report is written.
+    for json in [false, true] {
+        let mut cmd = bin();
+        cmd.arg("inspect").arg(&input);
+        if json {
+            cmd.arg("--json");
+        }
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        drop(child.stdout.take());
+        let res = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&res.stderr);
+        assert_eq!(res.status.code(), Some(0), "inspect (json {json}) with stdout closed: {stderr}");
+        assert!(!stderr.contains("internal error"), "{stderr}");
+    }
+    // `ckptconv convert X OUT 2>&1 | head -1`: standard error is closed; the conversion still completes.
+    let out = tempfile::tempdir().unwrap();
+    let mut child =
+        bin().arg("convert").arg(&input).arg(out.path()).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    drop(child.stderr.take());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "convert with stderr closed");
+    let mut written = outputs_in(out.path());
+    written.sort();
+    assert_eq!(written, ["model.safetensors"]);
+}

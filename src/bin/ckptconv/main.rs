@@ -1,6 +1,17 @@
 //! The `ckptconv` command line (native and wasm32-wasip1 from the same source).
 //!
 //! Exit codes: 0 success, 1 a clear error on stderr, 2 a usage error.
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+/// A line on standard error. Unlike `eprintln!`, a closed stderr (`2>&1 | head -1`) is not a panic: the run goes
+/// on and its exit code still says how it ended.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 mod fsio;
 mod progress;
@@ -248,7 +259,7 @@ fn plan_with(path: &Path, base: Option<&BaseModel>, opts: &PlanOptions) -> ckptc
         && (meta.is_dir() || is_rank_file)
         && let Some(iter_dir) = rank_dir.and_then(Path::parent)
     {
-        eprintln!("ckptconv: {shown} is one Megatron rank; reading every rank in {}", iter_dir.display());
+        say!("ckptconv: {shown} is one Megatron rank; reading every rank in {}", iter_dir.display());
         let folder = fsio::DiskFolder::open(iter_dir)?;
         return convert::plan_folder(&folder, base, opts);
     }
@@ -273,6 +284,7 @@ fn human(bytes: u64) -> String {
 }
 
 fn inspect(input: &Path, json: bool, args: &PlanArgs) -> ckptconv::Result<()> {
+    use std::fmt::Write as _;
     let opts = PlanOptions { require_base: false, ..args.options() };
     let planned = with_base(args.base.as_deref(), |base| plan_with(input, base, &opts))?;
     let plan = &planned.plan;
@@ -281,28 +293,41 @@ fn inspect(input: &Path, json: bool, args: &PlanArgs) -> ckptconv::Result<()> {
         doc.insert("input".into(), input.display().to_string().into());
         doc.insert("total_bytes".into(), plan.total_bytes().into());
         let doc = serde_json::Value::Object(doc);
-        println!("{doc:#}");
-        return Ok(());
+        return print_out(&format!("{doc:#}\n"));
     }
-    println!("input:   {}", input.display());
-    println!("format:  {}", planned.format);
+    // Writing into a String cannot fail; the text goes out in one piece (see print_out).
+    let mut s = String::new();
+    let _ = writeln!(s, "input:   {}", input.display());
+    let _ = writeln!(s, "format:  {}", planned.format);
     for n in &plan.notes {
-        println!("note:    {n}");
+        let _ = writeln!(s, "note:    {n}");
     }
-    println!("groups:");
+    let _ = writeln!(s, "groups:");
     for g in &planned.groups {
         let others = if g.others > 0 { format!(", {} non-tensor item(s)", g.others) } else { String::new() };
-        println!("  {:<40} {:>7} tensor(s) {:>12}{others}", g.name, g.tensors, human(g.bytes));
+        let _ = writeln!(s, "  {:<40} {:>7} tensor(s) {:>12}{others}", g.name, g.tensors, human(g.bytes));
     }
-    println!("tensors: {} ({} in {})", plan.tensors.len(), human(plan.total_bytes()), plan.total_bytes());
-    println!();
+    let _ = writeln!(s, "tensors: {} ({} in {})\n", plan.tensors.len(), human(plan.total_bytes()), plan.total_bytes());
     let w = plan.tensors.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
-    println!("{:<w$}  {:<7}  {:<20}  {:>14}", "name", "dtype", "shape", "bytes");
+    let _ = writeln!(s, "{:<w$}  {:<7}  {:<20}  {:>14}", "name", "dtype", "shape", "bytes");
     for t in &plan.tensors {
         let shape = format!("{:?}", t.shape);
-        println!("{:<w$}  {:<7}  {:<20}  {:>14}", t.name, t.dtype.safetensors_name(), shape, t.nbytes());
+        let _ = writeln!(s, "{:<w$}  {:<7}  {:<20}  {:>14}", t.name, t.dtype.safetensors_name(), shape, t.nbytes());
     }
-    Ok(())
+    print_out(&s)
+}
+
+/// Writes a command's report to standard output. A reader that stops early (`ckptconv inspect X | head`) closes
+/// the pipe: that ends the report quietly, as it does for other Unix tools, instead of being an error.
+fn print_out(text: &str) -> ckptconv::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(ckptconv::Error::new(ckptconv::ErrorKind::Io(
+            format!("writing to standard output: {}", fsio::io_text(&e)),
+        ))),
+        _ => Ok(()),
+    }
 }
 
 fn convert(
@@ -388,7 +413,7 @@ fn convert(
             } else {
                 verify::structural(&folder, sub)?
             };
-            eprintln!("ckptconv: verified {}", describe(&r));
+            say!("ckptconv: verified {}", describe(&r));
         }
         Ok(())
     })
@@ -416,8 +441,7 @@ fn verify_cmd(out_dir: &Path, against: Option<&Path>, args: &PlanArgs) -> ckptco
             verify::against(&folder, sub, &planned.plan, &planned.inputs)
         })?,
     };
-    println!("ok: {}", describe(&r));
-    Ok(())
+    print_out(&format!("ok: {}\n", describe(&r)))
 }
 
 /// The tensors under `prefix`, renamed without it (for save helpers).
@@ -476,15 +500,15 @@ fn prepare(
     }
     let sink = fsio::DirSink::new(out_dir, out.force)?;
     sink.check_free(names)?;
-    eprintln!("ckptconv: {} is {}", input.display(), planned.format);
+    say!("ckptconv: {} is {}", input.display(), planned.format);
     for n in &planned.plan.notes {
-        eprintln!("ckptconv: {n}");
+        say!("ckptconv: {n}");
     }
     Ok(sink)
 }
 
 fn report(planned: &Planned, out_dir: &Path, names: &[String]) {
-    eprintln!(
+    say!(
         "ckptconv: wrote {} tensors ({}) to {}: {}",
         planned.plan.tensors.len(),
         human(planned.plan.total_bytes()),
@@ -539,7 +563,7 @@ fn pt2hf(config: &Path, mut args: PlanArgs, max_shard: u64, out: &OutArgs) -> ck
     let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
     let cfg = rlinf::parse(&text, &|rel| std::fs::read_to_string(dir.join(rel)).ok()).map_err(|e| e.in_file(&shown))?;
     for n in &cfg.notes {
-        eprintln!("ckptconv: {shown}: {n}");
+        say!("ckptconv: {shown}: {n}");
     }
     let need = |v: &Option<String>, key: &str| {
         v.clone().ok_or_else(|| Error::new(ErrorKind::Config(format!("{key} is missing"))).in_file(&shown))
@@ -592,12 +616,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // A panic is a bug, but it must still end in exit 1 with a message, not a crash code.
     std::panic::set_hook(Box::new(|info| {
-        eprintln!("ckptconv: internal error (please report): {info}");
+        say!("ckptconv: internal error (please report): {info}");
     }));
     match std::panic::catch_unwind(|| run(cli)) {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
-            eprintln!("ckptconv: error[{}]: {e}", e.label());
+            say!("ckptconv: error[{}]: {e}", e.label());
             ExitCode::from(1)
         }
         Err(_) => ExitCode::from(1),

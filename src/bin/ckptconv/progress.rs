@@ -46,7 +46,7 @@ impl Progress {
 
     pub fn finish(&mut self) {
         if self.enabled {
-            eprintln!();
+            let _ = writeln!(std::io::stderr());
         }
     }
 }
