@@ -526,6 +526,26 @@ def test_same_refusal(tmp_path, in_root, args):
     assert not [p for p in wasm_out.rglob("*") if p.is_file()], "output left behind"
 
 
+
+def test_verify_finds_the_same_damage(tmp_path):
+    """`verify --against` reads a damaged output (one flipped bit) and names it the same way under WASI."""
+    out = tmp_path / "out"
+    r = run_native(["convert", PT / "qwen2_tiny_full_weights.pt", out / "hf", "--max-shard-size", "20KB"])
+    assert r.returncode == 0, r.stderr
+    shard = sorted((out / "hf").glob("*.safetensors"))[2]
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x01  # in the last tensor's data
+    shard.write_bytes(data)
+    args = ["verify", Out("hf"), "--against", In("qwen2_tiny_full_weights.pt")]
+    n = run_native(resolve(args, {"in": PT, "out": out}, "host"))
+    w = run_wasm(resolve(args, None, "guest"), dirs=[(PT, "/in"), (out, "/out")])
+    assert n.returncode == 1 and w.returncode == 1, (n.stderr, w.stderr)
+    line = last_error(n.stderr, {"in": PT, "out": out})
+    assert line.startswith(f"ckptconv: error[verify]: /out/hf/{shard.name}: verification failed: tensor '"), line
+    assert line == last_error(w.stderr, {})
+    ok = run_wasm(resolve(["verify", Out("hf")], None, "guest"), dirs=[(out, "/out")])
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: "), ok.stderr
+
 # --- 3. exit codes -------------------------------------------------------------------------------------------
 
 def test_exit_0_ok(tmp_path):
