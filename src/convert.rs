@@ -133,6 +133,9 @@ pub fn locate(folder: &dyn Folder) -> Result<Found> {
     let files = folder.files();
     let has = |p: &str| files.iter().any(|f| f == p);
     if has(".metadata") {
+        if crate::megatron::is_dist(&files, "") {
+            return Ok(Found::Megatron(String::new()));
+        }
         return Ok(Found::Dcp(String::new()));
     }
     for base in ["", "actor/"] {

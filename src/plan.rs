@@ -102,6 +102,22 @@ impl StridedView {
         self.numel
     }
 
+    /// Row `i` of dimension 0, without that dimension (one layer of a stacked `[layers, ...]` tensor).
+    pub fn layer(&self, name: &str, i: u64) -> Result<StridedView> {
+        let row = self.rows(name, i, i + 1)?;
+        StridedView::new(
+            name,
+            row.input,
+            row.data_start,
+            row.storage_bytes,
+            row.dtype,
+            row.offset,
+            row.shape[1..].to_vec(),
+            row.strides[1..].to_vec(),
+            usize::MAX,
+        )
+    }
+
     /// The sub-view of rows `[a, b)` of dimension 0.
     pub fn rows(&self, name: &str, a: u64, b: u64) -> Result<StridedView> {
         let Some(&n) = self.shape.first() else {
@@ -330,6 +346,11 @@ pub struct ChunkedTensor {
 }
 
 impl ChunkedTensor {
+    /// The chunks, as built.
+    pub fn chunks(&self) -> &[Chunk] {
+        &self.chunks
+    }
+
     /// Builds a chunked tensor; the caller has checked that the chunks tile `shape` exactly.
     pub fn new(name: &str, shape: Vec<u64>, dtype: DType, mut chunks: Vec<Chunk>) -> Result<Self> {
         for c in &chunks {

@@ -232,6 +232,8 @@ def same_bytes_cases():
     mg_manifest = json.loads((MG / "manifest.json").read_text()) if (MG / "manifest.json").exists() else {}
     for name in sorted(mg_manifest):
         cases.append(case(f"megatron/{name}", MG / name, ["mg2hf", In("actor"), Out("hf"), In("base_hf")]))
+        if mg_manifest[name].get("dist"):  # the same model saved as torch_dist
+            cases.append(case(f"megatron/{name}:torch_dist", MG / name, ["mg2hf", In("actor_dist"), Out("hf"), In("base_hf")]))
     cases.append(case("megatron/qwen2_tp2_pp2:convert-base-shards", MG / "qwen2_tp2_pp2",
                   ["convert", In("actor"), Out("hf"), "--base", In("base_hf"), "--max-shard-size", "100KB"]))
     cases.append(case("megatron/qwen2_tp2:bf16", MG / "qwen2_tp2", ["convert", In("actor"), Out("hf"), "--base", In("base_hf"), "--dtype", "bf16"]))

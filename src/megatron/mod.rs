@@ -19,7 +19,15 @@ use crate::select::{self, Selection, TensorPath};
 use crate::torch::TorchFile;
 use std::collections::{BTreeMap, HashMap};
 
+mod dist;
+
+pub use dist::is_dist;
+
 const RANK_FILE: &str = "model_optim_rng.pt";
+/// Keys under which torch_dist's separately stored SwiGLU halves stand in for a rank's fc1 (no Megatron name
+/// ends this way, so they cannot clash with a real key).
+const FC1_GATE: &str = "mlp.linear_fc1.gate";
+const FC1_UP: &str = "mlp.linear_fc1.up";
 
 fn bad(msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::Inconsistent(msg.into()))
@@ -41,16 +49,18 @@ fn parse_rank_dir(name: &str) -> Option<std::result::Result<(u64, u64), String>>
     })
 }
 
-/// Finds the iteration folder (the one holding `mp_rank_*`) inside `folder`: the folder itself, `release`/
-/// `iter_XXXXXXX` named by `latest_checkpointed_iteration.txt`, or the newest `iter_*`, also under `actor/`.
+/// Finds the iteration folder (the one holding `mp_rank_*`, or a torch_dist checkpoint) inside `folder`: the
+/// folder itself, `release`/`iter_XXXXXXX` named by `latest_checkpointed_iteration.txt`, or the newest `iter_*`,
+/// also under `actor/`.
 pub fn find_iter_dir(folder: &dyn Folder, files: &[String]) -> Result<Option<String>> {
     let holds_ranks = |dir: &str| {
         let p = if dir.is_empty() { String::new() } else { format!("{dir}/") };
-        files.iter().any(|f| {
-            f.strip_prefix(&p)
-                .and_then(|r| r.split_once('/'))
-                .is_some_and(|(d, file)| d.starts_with("mp_rank_") && file == RANK_FILE)
-        })
+        is_dist(files, dir)
+            || files.iter().any(|f| {
+                f.strip_prefix(&p)
+                    .and_then(|r| r.split_once('/'))
+                    .is_some_and(|(d, file)| d.starts_with("mp_rank_") && file == RANK_FILE)
+            })
     };
     for base in ["", "actor"] {
         if holds_ranks(base) {
@@ -71,7 +81,10 @@ pub fn find_iter_dir(folder: &dyn Folder, files: &[String]) -> Result<Option<Str
                 },
             };
             if !holds_ranks(&dir) {
-                return Err(bad(format!("it names {dir}, which holds no mp_rank_*/{RANK_FILE}")).in_file(&input.name));
+                return Err(bad(format!(
+                    "it names {dir}, which holds no mp_rank_*/{RANK_FILE} (nor a torch_dist checkpoint)"
+                ))
+                .in_file(&input.name));
             }
             return Ok(Some(dir));
         }
@@ -352,6 +365,11 @@ pub fn plan_megatron(
     base: Option<&BaseModel>,
     opts: &PlanOptions,
 ) -> Result<(Planned, String)> {
+    if is_dist(&folder.files(), dir) {
+        let d = dist::load_dist(folder, dir)?;
+        let format = format!("Megatron-LM torch_dist checkpoint ({} .distcp file(s) used)", d.files);
+        return plan_ranks(folder, d.inputs, d.ranks, d.args, (d.tp, d.pp), 1, base, opts, format);
+    }
     let prefix = if dir.is_empty() { String::new() } else { format!("{dir}/") };
     let mut grid: Vec<(u64, u64, String)> = Vec::new();
     for f in folder.files() {
@@ -418,6 +436,25 @@ pub fn plan_megatron(
             return Err(bad(format!("args differ from rank 0's ({diff})")).in_file(&inputs[r.input].name));
         }
     }
+    let format = format!("Megatron-LM checkpoint ({} rank files)", inputs.len());
+    plan_ranks(folder, inputs, ranks, args, (tp, pp), pp, base, opts, format)
+}
+
+/// Plans the HF model of `base` from the model tensors of every rank. `grid` is the (TP, PP) grid the
+/// checkpoint was saved from; `stages` is how many pipeline stages `ranks` are split into (the grid's PP for rank
+/// files, 1 when the layers are already numbered globally).
+#[allow(clippy::too_many_arguments)]
+fn plan_ranks(
+    folder: &dyn Folder,
+    inputs: Vec<Input>,
+    ranks: Vec<RankModel>,
+    args: Option<Args>,
+    (tp, pp): (u64, u64),
+    stages: u64,
+    base: Option<&BaseModel>,
+    opts: &PlanOptions,
+    format: String,
+) -> Result<(Planned, String)> {
     let layout = derive_layout(&ranks, args.as_ref(), base, tp, pp, &inputs[0].name)?;
     // Without a base model (inspect only) the family is guessed from the layout and nothing is trimmed.
     let fam = match base {
@@ -435,7 +472,7 @@ pub fn plan_megatron(
     let chunks_per_stage = ranks.iter().map(|r| r.chunks.len()).max().unwrap_or(1);
     let mut layer_home: Vec<(u64, usize, u64)> = Vec::new(); // (stage, chunk, local index)
     for v in 0..chunks_per_stage {
-        for s in 0..pp {
+        for s in 0..stages {
             let r0 = ranks.iter().find(|r| r.pp == s && r.tp == 0).ok_or_else(|| bad("rank grid hole"))?;
             let Some(map) = r0.chunks.get(v) else { continue };
             let mut locals: Vec<u64> =
@@ -476,9 +513,9 @@ pub fn plan_megatron(
     let need = |x: Option<Vec<StridedView>>, key: &str| {
         x.ok_or_else(|| bad(format!("tensor '{key}' is missing on some rank")))
     };
-    let last = pp - 1;
+    let last = stages - 1;
     let find_stage = |key: &str| -> Option<(u64, usize)> {
-        (0..pp).flat_map(|s| (0..chunks_per_stage).map(move |v| (s, v))).find(|&(s, v)| {
+        (0..stages).flat_map(|s| (0..chunks_per_stage).map(move |v| (s, v))).find(|&(s, v)| {
             ranks.iter().any(|r| r.pp == s && r.tp == 0 && r.chunks.get(v).is_some_and(|m| m.contains_key(key)))
         })
     };
@@ -538,11 +575,22 @@ pub fn plan_megatron(
         let (shape, chunks) = concat(&inputs, &hf("self_attn.o_proj.weight"), &proj, 1)?;
         outs.push(Out { name: hf("self_attn.o_proj.weight"), shape, dtype: proj[0].dtype, chunks });
         // MLP.
-        let fc1 = need(get("mlp.linear_fc1.weight", &mut used), &k("mlp.linear_fc1.weight"))?;
         if !layout.swiglu {
             return Err(Error::new(ErrorKind::Unsupported("non-gated MLPs have no Qwen/Llama equivalent".into())));
         }
-        outs.extend(split_gate_up(&inputs, &hf("mlp"), &fc1)?);
+        // Rank files hold each rank's [gate_r; up_r]; torch_dist stores the halves apart (see load_dist).
+        let halves = match get("mlp.linear_fc1.weight", &mut used) {
+            Some(fc1) => fc1_halves(&inputs, &hf("mlp.linear_fc1"), &fc1)?,
+            None => {
+                let gate = get(FC1_GATE, &mut used);
+                let up = get(FC1_UP, &mut used);
+                let (Some(gate), Some(up)) = (gate, up) else {
+                    return Err(bad(format!("tensor '{}' is missing on some rank", k("mlp.linear_fc1.weight"))));
+                };
+                (gate, up)
+            }
+        };
+        outs.extend(gate_up(&hf("mlp"), halves));
         let fc2 = need(get("mlp.linear_fc2.weight", &mut used), &k("mlp.linear_fc2.weight"))?;
         let (shape, chunks) = concat(&inputs, &hf("mlp.down_proj.weight"), &fc2, 1)?;
         outs.push(Out { name: hf("mlp.down_proj.weight"), shape, dtype: fc2[0].dtype, chunks });
@@ -634,12 +682,7 @@ pub fn plan_megatron(
         Some(a) => format!("args: {}", a.summary()),
         None => "args: none in the checkpoint; layout inferred from tensor shapes and config.json".into(),
     };
-    let planned = Planned {
-        plan: Plan { tensors, notes },
-        format: format!("Megatron-LM checkpoint ({} rank files)", inputs.len()),
-        inputs,
-        groups,
-    };
+    let planned = Planned { plan: Plan { tensors, notes }, format, inputs, groups };
     Ok((planned.checked(folder.name())?, args_text))
 }
 
@@ -726,34 +769,42 @@ fn split_qkv(
     Ok(vec![mk("q_proj", l.heads * hd, q), mk("k_proj", l.groups * hd, k), mk("v_proj", l.groups * hd, v)])
 }
 
-/// Splits each rank's SwiGLU fc1 (`[gate_r; up_r]`) into gate_proj and up_proj.
-fn split_gate_up(inputs: &[Input], prefix: &str, parts: &[StridedView]) -> Result<Vec<Out>> {
-    let name = format!("{prefix}.linear_fc1");
-    let mut gate = Vec::new();
-    let mut up = Vec::new();
-    let mut at = 0u64;
+/// Each rank's SwiGLU fc1 (`[gate_r; up_r]`) cut into its gate and up halves.
+fn fc1_halves(inputs: &[Input], name: &str, parts: &[StridedView]) -> Result<(Vec<StridedView>, Vec<StridedView>)> {
+    let (mut gate, mut up) = (Vec::new(), Vec::new());
     for p in parts {
         let rows = p.shape.first().copied().unwrap_or(0);
         if rows % 2 != 0 {
-            return Err(tensor_err(&name, format!("fc1 has an odd number of rows ({rows}) for a gated MLP"))
+            return Err(tensor_err(name, format!("fc1 has an odd number of rows ({rows}) for a gated MLP"))
                 .in_file(&inputs[p.input].name));
         }
-        let half = rows / 2;
-        for (dst, from) in [(&mut gate, 0), (&mut up, half)] {
-            let view = p.rows(&name, from, from + half)?;
-            let mut offsets = vec![0u64; view.shape.len()];
-            offsets[0] = at;
-            dst.push(Chunk { offsets, sizes: view.shape.clone(), view });
-        }
-        at += half;
+        gate.push(p.rows(name, 0, rows / 2)?);
+        up.push(p.rows(name, rows / 2, rows)?);
     }
-    let mut shape = parts[0].shape.clone();
-    shape[0] = at;
-    let dtype = parts[0].dtype;
-    Ok(vec![
-        Out { name: format!("{prefix}.gate_proj.weight"), shape: shape.clone(), dtype, chunks: gate },
-        Out { name: format!("{prefix}.up_proj.weight"), shape, dtype, chunks: up },
-    ])
+    Ok((gate, up))
+}
+
+/// gate_proj and up_proj, each the ranks' halves stacked on dim 0.
+fn gate_up(prefix: &str, (gate, up): (Vec<StridedView>, Vec<StridedView>)) -> Vec<Out> {
+    [("gate_proj", gate), ("up_proj", up)]
+        .into_iter()
+        .map(|(proj, parts)| {
+            let mut chunks = Vec::new();
+            let mut at = 0u64;
+            for view in parts {
+                let mut offsets = vec![0u64; view.shape.len()];
+                offsets[0] = at;
+                at += view.shape.first().copied().unwrap_or(0);
+                chunks.push(Chunk { offsets, sizes: view.shape.clone(), view });
+            }
+            let mut shape = chunks.first().map(|c| c.sizes.clone()).unwrap_or_default();
+            if let Some(rows) = shape.first_mut() {
+                *rows = at;
+            }
+            let dtype = chunks.first().map_or(DType::F32, |c| c.view.dtype);
+            Out { name: format!("{prefix}.{proj}.weight"), shape, dtype, chunks }
+        })
+        .collect()
 }
 
 /// The layout from `args` (or tensor shapes), checked against the rank grid and the base config.

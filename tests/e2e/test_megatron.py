@@ -1,4 +1,5 @@
-"""End-to-end tests of `ckptconv mg2hf` (and `convert --base`, `inspect`) on Megatron legacy checkpoints.
+"""End-to-end tests of `ckptconv mg2hf` (and `convert --base`, `inspect`) on Megatron checkpoints: legacy rank
+files, and the same models saved as torch_dist.
 
 Owns: tests/e2e/test_megatron.py. Inputs: tests/fixtures/make_megatron_fixtures.py -> tests/fixtures/megatron/,
 REAL megatron-core GPT models (TP 1/2/4, TP2xPP2, bf16, tied, padded vocab, Qwen3 qk-norm, Llama, TE norm
@@ -24,7 +25,7 @@ import torch
 from conftest import FIXTURES, INDEX, assert_same, load_output, read_header, shard_files
 
 sys.path.insert(0, str(FIXTURES))
-from make_megatron_fixtures import DTYPES, hf_logits, load_ranks, merge_to_hf, self_check  # noqa: E402
+from make_megatron_fixtures import DTYPES, hf_logits, load_ranks, merge_to_hf, self_check, self_check_dist  # noqa: E402
 
 MG = FIXTURES / "megatron"
 MANIFEST = json.loads((MG / "manifest.json").read_text())
@@ -282,6 +283,51 @@ def test_deterministic(run, tmp_path):
     assert outs[0].keys() == outs[1].keys()
     for name in outs[0]:
         assert outs[0][name] == outs[1][name], f"{name} differs between two runs"
+
+
+# --- torch_dist (megatron's distributed checkpoint format) -------------------------------------------------
+# The same models saved a second time with megatron-core's dist_checkpointing (actor_dist/): stacked layers,
+# global tensors. The conversion must give the very bytes the rank files give, and megatron's logits.
+
+DIST = sorted(c for c, m in MANIFEST.items() if m.get("dist"))
+
+
+@pytest.mark.parametrize("case", DIST)
+def test_python_reference_dist(case):
+    """The fixture's torch_dist save, read back with plain torch.distributed.checkpoint and merged, equals the rank
+    files' merge and reproduces megatron's logits."""
+    self_check_dist(MG / case)
+
+
+@pytest.mark.parametrize("case", DIST)
+def test_torch_dist_gives_the_rank_files_bytes_and_megatron_logits(run, converted, tmp_path, case):
+    out = tmp_path / "hf"
+    r = run("mg2hf", MG / case / "actor_dist", out, MG / case / "base_hf")
+    assert r.returncode == 0, r.stderr
+    assert "torch_dist" in r.stderr, r.stderr
+    legacy = converted(case)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in legacy.iterdir())
+    for p in sorted(legacy.iterdir()):
+        assert (out / p.name).read_bytes() == p.read_bytes(), f"{case}: {p.name} differs from the rank files' output"
+    got = hf_logits(out, torch.load(MG / case / "input_ids.pt"))
+    diff = (got - torch.load(MG / case / "reference_logits.pt")).abs().max().item()
+    assert diff <= TOL[MANIFEST[case]["dtype"]], f"{case}: max |HF(ckptconv) - megatron| = {diff}"
+
+
+@pytest.mark.parametrize("form", ["actor", "iter"])
+def test_torch_dist_input_forms_and_inspect(run, tmp_path, form):
+    case = "qwen2_tp2_pp2"
+    src = MG / case / "actor_dist" / (ITER if form == "iter" else "")
+    r = run("inspect", src, "--base", MG / case / "base_hf")
+    assert r.returncode == 0, r.stderr
+    assert "Megatron-LM torch_dist checkpoint" in r.stdout, r.stdout
+    assert "TP=2 x PP=2" in r.stdout, r.stdout
+    missing = [k for k in hf_skeleton(MG / case) if k not in r.stdout]
+    assert not missing, f"inspect does not list planned tensors: {missing[:5]}"
+    # Like rank files, a torch_dist checkpoint needs its base model to be converted.
+    r = run("convert", src, tmp_path / "out")
+    assert r.returncode == 1 and "base" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 # Broken Megatron folders (missing ranks, mismatched TP shards, a base model of another size...) are part of the
