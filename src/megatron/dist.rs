@@ -144,9 +144,10 @@ fn home(name: &str, offsets: &[u64], sizes: &[u64], shape: &[u64], tp: u64, fc1:
     };
     let parts = if fc1 { 2 * tp } else { tp };
     if sizes[d] == 0 || sizes[d].checked_mul(parts) != Some(shape[d]) || !offsets[d].is_multiple_of(sizes[d]) {
+        let (size, at, of) = (sizes[d], offsets[d], shape[d]);
         return Err(bad(format!(
-            "'{name}' has a chunk of {} at {} along dimension {d} of {}: not one of {parts} equal tensor-parallel parts",
-            sizes[d], offsets[d], shape[d]
+            "'{name}' has a chunk of {size} at {at} along dimension {d} of {of}: not one of {parts} equal \
+             tensor-parallel parts"
         )));
     }
     let part = (offsets[d] / sizes[d]) as usize;
