@@ -147,7 +147,7 @@ fn home(name: &str, offsets: &[u64], sizes: &[u64], shape: &[u64], tp: u64, fc1:
         let (size, at, of) = (sizes[d], offsets[d], shape[d]);
         return Err(bad(format!(
             "'{name}' has a chunk of {size} at {at} along dimension {d} of {of}: not one of {parts} equal \
-             tensor-parallel parts"
+             tensor-parallel parts (the args say TP = {tp})"
         )));
     }
     let part = (offsets[d] / sizes[d]) as usize;
