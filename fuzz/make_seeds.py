@@ -54,13 +54,22 @@ def main():
             a, b = ranks[0].read_bytes(), ranks[1].read_bytes()
             # The fuzz entry point reads rank 0's length first, then both files.
             put("megatron", len(a).to_bytes(4, "little") + a + b, limit=1 << 20)
+    # torch_dist folders of two TP ranks with two writer threads each, as the megatron_dist entry point splits
+    # them: .metadata, common.pt, __0_0, __0_1 and __1_0.distcp as u32 length and bytes, then __1_1.distcp.
+    names = (".metadata", "common.pt", "__0_0.distcp", "__0_1.distcp", "__1_0.distcp", "__1_1.distcp")
+    for it in sorted(FIX.glob("megatron/*/actor_dist/iter_*")):
+        if {p.name for p in it.iterdir()} != {*names, "metadata.json"}:
+            continue  # other grids (PP=2: eight data files) do not fit the entry point's folder
+        parts = [(it / n).read_bytes() for n in names]
+        put("megatron_dist", b"".join(len(p).to_bytes(4, "little") + p for p in parts[:-1]) + parts[-1],
+            limit=1 << 20)
     for p in sorted(FIX.glob("**/*.safetensors")):
         data = p.read_bytes()
         n = int.from_bytes(data[:8], "little")
         # The header plus a little data: enough for every structural check.
         put("safetensors_header", data[: 8 + n + 64])
         put("safetensors_header", data)
-    for t in ["pickle", "torch_file", "dcp_metadata", "dcp_folder", "megatron", "safetensors_header"]:
+    for t in ["pickle", "torch_file", "dcp_metadata", "dcp_folder", "megatron", "megatron_dist", "safetensors_header"]:
         n = len(list((ROOT / "corpus" / t).glob("*")))
         print(f"{t}: {n} seeds")
 

@@ -86,6 +86,23 @@ pub fn megatron(data: &[u8]) {
     }
 }
 
+/// The files of a Megatron torch_dist iteration folder saved by two tensor-parallel ranks with two writer threads
+/// each (no base model, so nothing about the layout is known beforehand): `.metadata`, `common.pt`,
+/// `__0_0.distcp`, `__0_1.distcp` and `__1_0.distcp`, each as a u32 length and bytes, then `__1_1.distcp`.
+pub fn megatron_dist(data: &[u8]) {
+    let mut f = MemoryFolder { name: "fuzz_mg_dist".into(), ..Default::default() };
+    let mut rest = data;
+    for name in [".metadata", "common.pt", "__0_0.distcp", "__0_1.distcp", "__1_0.distcp"] {
+        let Some((part, more)) = split_counted(rest) else { return };
+        f.files.insert(name.into(), part.to_vec());
+        rest = more;
+    }
+    f.files.insert("__1_1.distcp".into(), rest.to_vec());
+    if let Ok((p, _)) = crate::megatron::plan_megatron(&f, "", None, &PlanOptions::default()) {
+        read_some(&p.plan, &p.inputs);
+    }
+}
+
 /// The safetensors header reader used by `verify` and base-model checks.
 pub fn safetensors_header(data: &[u8]) {
     let _ = crate::write::safetensors::read_header(&input(data, "fuzz.safetensors"));

@@ -11,6 +11,7 @@ const TARGETS: &[(&str, Target)] = &[
     ("dcp_metadata", ckptconv::fuzzing::dcp_metadata),
     ("dcp_folder", ckptconv::fuzzing::dcp_folder),
     ("megatron", ckptconv::fuzzing::megatron),
+    ("megatron_dist", ckptconv::fuzzing::megatron_dist),
     ("safetensors_header", ckptconv::fuzzing::safetensors_header),
 ];
 

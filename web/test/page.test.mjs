@@ -28,6 +28,8 @@ const STEP = join(FIXTURES, 'dcp/fsdp2_ws2/global_step_1');
 const DCP = join(STEP, 'actor/dcp_checkpoint');
 const MEGATRON = join(FIXTURES, 'megatron/qwen2_tp2/actor');
 const BASE = join(FIXTURES, 'megatron/qwen2_tp2/base_hf');
+const MEGATRON_DIST = join(FIXTURES, 'megatron/qwen2_tp2_pp2/actor_dist');
+const MEGATRON_DIST_BASE = join(FIXTURES, 'megatron/qwen2_tp2_pp2/base_hf');
 const HOSTILE = join(FIXTURES, '../hostile/pickle_os_system.pt');
 const LORA = join(FIXTURES, 'lora/full_weights.pt');
 const LORA_BASE = join(FIXTURES, 'lora/base_qwen2');
@@ -180,6 +182,18 @@ describe('the page', () => {
     const native = hashTree(await nativeOutput('mg2hf', MEGATRON, 'OUT', BASE));
     assert.ok('config.json' in native && 'tokenizer.json' in native);
     assert.deepEqual(hashes, native);
+    await page.clean();
+  });
+
+  test('a Megatron torch_dist folder (TP=2 x PP=2, stacked layers) matches `ckptconv mg2hf`', async () => {
+    const page = await openPage();
+    await page.setInputFiles('#folder-input', MEGATRON_DIST);
+    await page.setInputFiles('#base-input', MEGATRON_DIST_BASE);
+    assert.equal(await waitState(page, ['ready']), 'ready');
+    assert.match(await page.textContent('#plan-format'), /Megatron-LM torch_dist checkpoint/);
+    assert.match(await page.textContent('#plan-notes'), /TP=2 x PP=2/);
+    const { hashes } = await convertOnPage(page);
+    assert.deepEqual(hashes, hashTree(await nativeOutput('mg2hf', MEGATRON_DIST, 'OUT', MEGATRON_DIST_BASE)));
     await page.clean();
   });
 
