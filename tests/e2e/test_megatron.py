@@ -25,7 +25,8 @@ import torch
 from conftest import FIXTURES, INDEX, assert_same, load_output, read_header, shard_files
 
 sys.path.insert(0, str(FIXTURES))
-from make_megatron_fixtures import DTYPES, hf_logits, load_ranks, merge_to_hf, self_check, self_check_dist  # noqa: E402
+from make_megatron_fixtures import (  # noqa: E402
+    DTYPES, hf_logits, load_dist, load_ranks, merge_to_hf, self_check, self_check_dist)
 
 MG = FIXTURES / "megatron"
 MANIFEST = json.loads((MG / "manifest.json").read_text())
@@ -312,6 +313,16 @@ def test_torch_dist_gives_the_rank_files_bytes_and_megatron_logits(run, converte
     got = hf_logits(out, torch.load(MG / case / "input_ids.pt"))
     diff = (got - torch.load(MG / case / "reference_logits.pt")).abs().max().item()
     assert diff <= TOL[MANIFEST[case]["dtype"]], f"{case}: max |HF(ckptconv) - megatron| = {diff}"
+
+
+def test_torch_dist_dcp_to_pt_writes_it_as_saved(run, tmp_path):
+    """dcp-to-pt is the mechanical DCP -> torch.save of RLinf's convert_dcp_to_pt.py (torch's dcp_to_torch_save):
+    on a torch_dist folder it writes the stacked Megatron tensors, as torch.distributed.checkpoint reads them."""
+    src = MG / "qwen2_tp2_pp2" / "actor_dist" / ITER
+    r = run("dcp-to-pt", "--dcp_path", src, "--output_path", tmp_path / "model.pt")
+    assert r.returncode == 0, r.stderr
+    assert "mg2hf" in r.stderr, r.stderr
+    assert_same(torch.load(tmp_path / "model.pt", weights_only=True), load_dist(src)[1], "dcp-to-pt of torch_dist")
 
 
 @pytest.mark.parametrize("form", ["actor", "iter"])

@@ -546,7 +546,18 @@ fn dcp_to_pt(dcp_path: &Path, output_path: &Path, args: &PlanArgs, out: &OutArgs
             Error::new(ErrorKind::NotCheckpoint("is not a folder".into())).in_file(&dcp_path.display().to_string())
         );
     }
-    let planned = open_and_plan(dcp_path, None, args)?;
+    // A DCP folder is written as saved, whatever wrote it: a Megatron torch_dist folder too, as torch's
+    // dcp_to_torch_save would (its stacked Megatron tensors; `mg2hf` makes the HF model).
+    let folder = fsio::DiskFolder::open(dcp_path)?;
+    let planned = if folder.files().iter().any(|f| f == ".metadata") {
+        let mut p = convert::plan_dcp(&folder, "", &args.options())?;
+        if ckptconv::megatron::is_dist(&folder.files(), "") {
+            p.plan.notes.push("a Megatron torch_dist checkpoint, written as saved; `mg2hf` converts it to HF".into());
+        }
+        p
+    } else {
+        open_and_plan(dcp_path, None, args)?
+    };
     let mut sink = prepare(&dir, std::slice::from_ref(&name), out, dcp_path, &planned)?;
     let mut bar = progress::Progress::new(planned.plan.total_bytes(), !out.quiet);
     write_pt(&planned.plan, &planned.inputs, &name, &mut sink, &mut |d| bar.update(d))?;
