@@ -26,7 +26,7 @@ from conftest import FIXTURES, INDEX, assert_same, load_output, read_header, sha
 
 sys.path.insert(0, str(FIXTURES))
 from make_megatron_fixtures import (  # noqa: E402
-    DTYPES, hf_logits, load_dist, load_ranks, merge_to_hf, self_check, self_check_dist)
+    DTYPES, dist_merge, hf_logits, load_dist, load_ranks, merge_to_hf, self_check, self_check_dist, self_check_optim)
 
 MG = FIXTURES / "megatron"
 MANIFEST = json.loads((MG / "manifest.json").read_text())
@@ -288,7 +288,8 @@ def test_deterministic(run, tmp_path):
 
 # --- torch_dist (megatron's distributed checkpoint format) -------------------------------------------------
 # The same models saved a second time with megatron-core's dist_checkpointing (actor_dist/): stacked layers,
-# global tensors. The conversion must give the very bytes the rank files give, and megatron's logits.
+# global tensors. The conversion must give the very bytes the rank files give, and megatron's logits. A copy saved
+# with the distributed optimizer's state in the same folder (qwen2_tp2_optim) is generated per session.
 
 DIST = sorted(c for c, m in MANIFEST.items() if m.get("dist"))
 
@@ -323,6 +324,35 @@ def test_torch_dist_dcp_to_pt_writes_it_as_saved(run, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "mg2hf" in r.stderr, r.stderr
     assert_same(torch.load(tmp_path / "model.pt", weights_only=True), load_dist(src)[1], "dcp-to-pt of torch_dist")
+
+
+@pytest.fixture(scope="session")
+def optim_case(tmp_path_factory):
+    """qwen2_tp2_optim, generated for this session (too big to commit): a torch_dist checkpoint saved WITH the
+    optimizer state, as training saves it without --no-save-optim: megatron's DistributedOptimizer after one
+    step, its dp_reshardable state (optimizer.distributed.* flat bucket tensors param / exp_avg / exp_avg_sq and
+    ShardedObjects) in the same DCP files as the model, opt_param_scheduler in common.pt. About 15 s."""
+    import subprocess
+
+    out = tmp_path_factory.mktemp("optim")
+    r = subprocess.run([sys.executable, str(FIXTURES / "make_megatron_fixtures.py"), "--only", "qwen2_tp2_optim",
+                        "--out", str(out), "--no-check"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"generating qwen2_tp2_optim failed ({r.returncode}):\n{r.stderr[-4000:]}"
+    return out / "qwen2_tp2_optim"
+
+
+def test_torch_dist_with_optimizer_state(run, tmp_path, optim_case):
+    """The optimizer state in the DCP folder is skipped: mg2hf converts the model alone, bit-identical to the
+    plain-torch reading of the model tensors, with megatron's logits (taken after the optimizer step)."""
+    self_check_optim(optim_case)  # the fixture is what it claims: non-zero optimizer state, right logits
+    out = tmp_path / "hf"
+    r = run("mg2hf", optim_case / "actor_dist", out, optim_case / "base_hf")
+    assert r.returncode == 0, r.stderr
+    assert "torch_dist" in r.stderr, r.stderr
+    assert_same(load_output(out), dist_merge(optim_case), "mg2hf of torch_dist with optimizer state")
+    got = hf_logits(out, torch.load(optim_case / "input_ids.pt"))
+    diff = (got - torch.load(optim_case / "reference_logits.pt")).abs().max().item()
+    assert diff <= TOL["float32"], f"qwen2_tp2_optim: max |HF(ckptconv) - megatron| = {diff}"
 
 
 @pytest.mark.parametrize("form", ["actor", "iter"])
