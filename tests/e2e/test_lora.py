@@ -221,6 +221,17 @@ def test_merge_fp32_matches_peft(run, tmp_path, how):
     assert_logits(hf_logits(out, torch.float32), "merged_fp32", torch.float32, f"merge ({how})")
 
 
+@pytest.mark.parametrize("content", ['{"r": 4, "lora_alpha": 8', '[4, 8]'], ids=["cut-json", "not-an-object"])
+def test_malformed_adapter_config_is_refused_not_ignored(run, tmp_path, content):
+    """Its lora_alpha decides the merge: a broken adapter_config.json must stop the run, never fall back to
+    alpha = r silently (the page did: it ignored one it could not parse)."""
+    base = _base_with_adapter_config(tmp_path)
+    (base / "adapter_config.json").write_text(content)
+    out = tmp_path / "out"
+    r = run("convert", CKPT, out, "--base", base)
+    failed_cleanly(r, out, "error[config]", str(base / "adapter_config.json"), what="malformed adapter_config.json")
+
+
 def test_merge_default_alpha_is_r(run, tmp_path):
     """No flag and no adapter_config.json anywhere: alpha = r, the LoRA RLinf builds (lora_alpha=lora_rank)."""
     out = tmp_path / "out"

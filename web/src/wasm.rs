@@ -4,7 +4,7 @@ use ckptconv::convert::{self, PlanOptions, Planned};
 use ckptconv::dtype::DType;
 use ckptconv::hf::BaseModel;
 use ckptconv::io::{Folder, Input, ReadAt};
-use ckptconv::lora::{LoraMode, LoraOptions};
+use ckptconv::lora::{self, LoraMode, LoraOptions};
 use ckptconv::select::Prefix;
 use ckptconv::write::safetensors::{self, OutputLayout, Piece, Puller};
 use ckptconv::{Error, ErrorKind};
@@ -205,8 +205,8 @@ impl Job {
         let adapter_config = match &base_folder {
             Some(f) if f.files.contains_key("adapter_config.json") => {
                 let i = f.open("adapter_config.json").map_err(js_err)?;
-                let bytes = i.read_vec(0, i.len().min(1 << 20)).map_err(js_err)?;
-                serde_json::from_slice(&bytes).ok()
+                let bytes = i.read_vec(0, i.len().min(lora::MAX_ADAPTER_CONFIG + 1)).map_err(js_err)?;
+                Some(lora::parse_adapter_config(&bytes, &i.name).map_err(js_err)?)
             }
             _ => None,
         };

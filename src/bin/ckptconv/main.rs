@@ -467,10 +467,9 @@ fn lora_options(args: &PlanArgs) -> ckptconv::Result<LoraOptions> {
         let f = dir.join("adapter_config.json");
         if f.is_file() {
             let shown = f.display().to_string();
-            let text = std::fs::read(&f).map_err(|e| Error::new(ErrorKind::Io(fsio::io_text(&e))).in_file(&shown))?;
-            let v: serde_json::Value = serde_json::from_slice(&text)
-                .map_err(|e| Error::new(ErrorKind::NotCheckpoint(format!("bad JSON: {e}"))).in_file(&shown))?;
-            adapter_config = Some(v);
+            let input = Input::new(shown.clone(), Box::new(fsio::FileInput::open(&f)?));
+            let text = input.read_vec(0, input.len().min(ckptconv::lora::MAX_ADAPTER_CONFIG + 1))?;
+            adapter_config = Some(ckptconv::lora::parse_adapter_config(&text, &shown)?);
             break;
         }
     }
