@@ -4,7 +4,7 @@
 // UPDATE_SCREENSHOTS=1 writes web/screenshots/{before,during,after}.png (else they go to a temp folder).
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { copyFileSync, mkdirSync, readFileSync, statSync, truncateSync } from 'node:fs';
+import { copyFileSync, cpSync, mkdirSync, readFileSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { basename, dirname, join } from 'node:path';
@@ -281,6 +281,22 @@ describe('the page', () => {
     assert.equal(await errorText(page), `Error: pickle_os_system.pt: ${message}`);
     assert.ok(await page.isDisabled('#convert'));
     assert.deepEqual(await newInOpfs(page, before), []);
+    await page.clean();
+  });
+
+  test('a malformed adapter_config.json in the base folder is refused, as the CLI refuses it', async () => {
+    // Its lora_alpha decides the merge: falling back to alpha = r would give other weights without a word.
+    const base = join(scratch, 'base_with_broken_adapter_config');
+    cpSync(LORA_BASE, base, { recursive: true });
+    writeFileSync(join(base, 'adapter_config.json'), '{"r": 4, "lora_alpha": 8');
+    const page = await openPage();
+    await page.setInputFiles('#files-input', LORA);
+    await page.setInputFiles('#base-input', base);
+    assert.equal(await waitState(page, ['ready', 'invalid']), 'invalid');
+    assert.match(await errorText(page), /adapter_config\.json: bad configuration: not valid JSON/);
+    assert.ok(await page.isDisabled('#convert'));
+    const cli = () => execFileSync(NATIVE, ['convert', LORA, join(scratch, 'out'), '--base', base], { stdio: 'pipe' });
+    assert.throws(cli, (e) => /error\[config\]: .*adapter_config\.json: bad configuration/.test(e.stderr.toString()));
     await page.clean();
   });
 
