@@ -70,10 +70,11 @@ pub fn load_dist(folder: &dyn Folder, dir: &str) -> Result<DistRanks> {
     let mut maps: Vec<BTreeMap<String, StridedView>> = vec![BTreeMap::new(); tp as usize];
     let mut resolver = ChunkResolver::new(folder, dir);
     for t in &meta.tensors {
-        // Optimizer state, RNG and TE's _extra_state are not part of the HF model.
+        // The optimizer's state and TE's _extra_state are not part of the HF model (RNG state is stored as bytes).
+        // Every other tensor is, so one without an HF place (an MTP or vision tower, experts) is refused by the
+        // merge rather than dropped.
         let key = t.fqn.strip_prefix("model.").unwrap_or(&t.fqn);
-        let model = ["embedding.", "decoder.", "output_layer."].iter().any(|p| key.starts_with(p));
-        if !model || key.ends_with("_extra_state") {
+        if key.starts_with("optimizer.") || key.ends_with("_extra_state") {
             continue;
         }
         let chunked = resolver.resolve(t).map_err(|e| e.in_file(&meta_name))?;
