@@ -156,6 +156,15 @@ impl From<Error> for std::io::Error {
     }
 }
 
+/// The first `shown` of `names`, comma-separated, and how many more there are: name lists in messages.
+pub(crate) fn some_names<S: AsRef<str>>(names: &[S], shown: usize) -> String {
+    let mut s = names.iter().take(shown).map(AsRef::as_ref).collect::<Vec<_>>().join(", ");
+    if names.len() > shown {
+        s.push_str(&format!(" and {} more", names.len() - shown));
+    }
+    s
+}
+
 /// Shorthand constructors used throughout the parsers.
 pub(crate) fn tensor_err(name: &str, msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::Tensor { name: name.to_string(), msg: msg.into() })

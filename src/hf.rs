@@ -3,7 +3,7 @@
 //! Config, generation config, tokenizer, chat template, processor files, `dataset_statistics.json` and
 //! remote-code `*.py` are copied; the base model's weights and weight index never are.
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result, some_names};
 use crate::io::Folder;
 use crate::write::Sink;
 
@@ -220,23 +220,15 @@ pub fn check_against_base(plan: &crate::plan::Plan, base: &BaseModel, allow: boo
     if missing.is_empty() && extra.is_empty() && reshaped.is_empty() {
         return Ok(Some(format!("names and shapes match the base model's {} weights", want.len())));
     }
-    let list = |v: Vec<String>| {
-        let n = v.len();
-        let mut s = v.into_iter().take(8).collect::<Vec<_>>().join(", ");
-        if n > 8 {
-            s.push_str(&format!(" and {} more", n - 8));
-        }
-        s
-    };
     let mut parts = Vec::new();
     if !missing.is_empty() {
-        parts.push(format!("missing {}: {}", missing.len(), list(missing.iter().map(|s| s.to_string()).collect())));
+        parts.push(format!("missing {}: {}", missing.len(), some_names(&missing, 8)));
     }
     if !extra.is_empty() {
-        parts.push(format!("unexpected {}: {}", extra.len(), list(extra.iter().map(|s| s.to_string()).collect())));
+        parts.push(format!("unexpected {}: {}", extra.len(), some_names(&extra, 8)));
     }
     if !reshaped.is_empty() {
-        parts.push(format!("different shape {}: {}", reshaped.len(), list(reshaped)));
+        parts.push(format!("different shape {}: {}", reshaped.len(), some_names(&reshaped, 8)));
     }
     let msg = format!("the output does not match the base model's weights ({})", parts.join("; "));
     if allow {

@@ -38,16 +38,17 @@ pub struct LoraOptions {
 }
 
 /// Largest `adapter_config.json` read (PEFT writes about a kilobyte).
-pub const MAX_ADAPTER_CONFIG: u64 = 1 << 20;
+const MAX_ADAPTER_CONFIG: u64 = 1 << 20;
 
-/// Parses an `adapter_config.json` (`file` names it in errors). A malformed one is an error, never ignored: its
-/// `lora_alpha` and `r` decide the merge.
-pub fn parse_adapter_config(bytes: &[u8], file: &str) -> Result<serde_json::Value> {
-    let bad = |m: String| Error::new(ErrorKind::Config(m)).in_file(file);
-    if bytes.len() as u64 > MAX_ADAPTER_CONFIG {
-        return Err(bad(format!("{} bytes is too large for an adapter_config.json", bytes.len())));
+/// Reads and parses an `adapter_config.json`. A malformed one is an error, never ignored: its `lora_alpha` and `r`
+/// decide the merge.
+pub fn read_adapter_config(input: &crate::io::Input) -> Result<serde_json::Value> {
+    let bad = |m: String| Error::new(ErrorKind::Config(m)).in_file(&input.name);
+    if input.len() > MAX_ADAPTER_CONFIG {
+        return Err(bad(format!("{} bytes is too large for an adapter_config.json", input.len())));
     }
-    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let bytes = input.read_vec(0, input.len())?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| bad(format!("not valid JSON: {e}")))?;
     if !v.is_object() {
         return Err(bad("not a JSON object".into()));
     }

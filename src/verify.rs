@@ -5,7 +5,7 @@
 //! tensor, `total_size` equals the tensor bytes). The full check also re-derives every tensor from the
 //! input's plan and compares the bytes band by band, in bounded memory, so a single flipped bit is found.
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result, some_names};
 use crate::io::{Folder, Input};
 use crate::plan::{BandBuffers, Plan};
 use crate::write::safetensors::{INDEX_NAME, read_header};
@@ -43,13 +43,6 @@ fn unreadable(e: Error, file: &str) -> Error {
         ErrorKind::NotCheckpoint(m) => bad(m.clone()).in_file(file),
         k => bad(k.to_string()).in_file(file),
     }
-}
-
-/// Up to five names, for messages.
-fn some(names: &[&String]) -> String {
-    let shown: Vec<&str> = names.iter().take(5).map(|n| n.as_str()).collect();
-    let more = if names.len() > 5 { format!(" and {} more", names.len() - 5) } else { String::new() };
-    format!("{}{more}", shown.join(", "))
 }
 
 /// Reads the headers (and index) of the safetensors files in `folder` (or its `sub` folder).
@@ -105,7 +98,7 @@ fn locate_all(folder: &dyn Folder, sub: &str) -> Result<(BTreeMap<String, Locate
             return Err(in_index(format!(
                 "weight_map leaves out {} tensor(s) of the shards: {}",
                 unlisted.len(),
-                some(&unlisted)
+                some_names(&unlisted, 5)
             )));
         }
         match v.get("metadata").and_then(|m| m.get("total_size")).and_then(|t| t.as_u64()) {
@@ -136,10 +129,10 @@ pub fn against(folder: &dyn Folder, sub: &str, plan: &Plan, inputs: &[Input]) ->
     if !extra.is_empty() || !missing.is_empty() {
         let mut msg = format!("the output holds {} tensors, the input gives {}", found.len(), plan.tensors.len());
         if !missing.is_empty() {
-            msg += &format!("; missing from the output: {}", some(&missing));
+            msg += &format!("; missing from the output: {}", some_names(&missing, 5));
         }
         if !extra.is_empty() {
-            msg += &format!("; not from the input: {}", some(&extra));
+            msg += &format!("; not from the input: {}", some_names(&extra, 5));
         }
         return Err(bad(msg).in_file(format!("{}/{sub}", folder.name()).trim_end_matches('/')));
     }

@@ -21,8 +21,8 @@ pub const COMMON: &str = "common.pt";
 
 /// Whether `dir` (inside a folder listing `files`) is a Megatron torch_dist iteration folder.
 pub fn is_dist(files: &[String], dir: &str) -> bool {
-    let has = |name: &str| files.iter().any(|f| *f == join(dir, name));
-    has(".metadata") && has(COMMON)
+    let (meta, common) = (join(dir, ".metadata"), join(dir, COMMON));
+    files.contains(&meta) && files.contains(&common)
 }
 
 /// The model tensors of a torch_dist checkpoint, as the tensor-parallel ranks of one stage.
@@ -68,6 +68,7 @@ pub fn load_dist(folder: &dyn Folder, dir: &str) -> Result<DistRanks> {
     let pp = arg("pipeline_model_parallel_size").unwrap_or(1);
     let layers = arg("num_layers").ok_or_else(|| bad("no args.num_layers in common.pt").in_file(&common.name))?;
     let mut maps: Vec<BTreeMap<String, StridedView>> = vec![BTreeMap::new(); tp as usize];
+    let gated = args.as_ref().and_then(|a| a.flag("swiglu")) != Some(false);
     let mut resolver = ChunkResolver::new(folder, dir);
     for t in &meta.tensors {
         // The optimizer's state and TE's _extra_state are not part of the HF model (RNG state is stored as bytes).
@@ -86,7 +87,6 @@ pub fn load_dist(folder: &dyn Folder, dir: &str) -> Result<DistRanks> {
             ))
             .in_file(&meta_name));
         }
-        let gated = args.as_ref().and_then(|a| a.flag("swiglu")) != Some(false);
         let fc1 = gated && stacked.is_some_and(|s| s == "mlp.linear_fc1.weight");
         for c in chunked.chunks() {
             // (name, view, offsets, sizes, global shape) of each layer the chunk holds, or of the whole chunk.

@@ -205,8 +205,7 @@ impl Job {
         let adapter_config = match &base_folder {
             Some(f) if f.files.contains_key("adapter_config.json") => {
                 let i = f.open("adapter_config.json").map_err(js_err)?;
-                let bytes = i.read_vec(0, i.len().min(lora::MAX_ADAPTER_CONFIG + 1)).map_err(js_err)?;
-                Some(lora::parse_adapter_config(&bytes, &i.name).map_err(js_err)?)
+                Some(lora::read_adapter_config(&i).map_err(js_err)?)
             }
             _ => None,
         };

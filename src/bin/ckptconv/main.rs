@@ -467,9 +467,8 @@ fn lora_options(args: &PlanArgs) -> ckptconv::Result<LoraOptions> {
         let f = dir.join("adapter_config.json");
         if f.is_file() {
             let shown = f.display().to_string();
-            let input = Input::new(shown.clone(), Box::new(fsio::FileInput::open(&f)?));
-            let text = input.read_vec(0, input.len().min(ckptconv::lora::MAX_ADAPTER_CONFIG + 1))?;
-            adapter_config = Some(ckptconv::lora::parse_adapter_config(&text, &shown)?);
+            let input = Input::new(shown, Box::new(fsio::FileInput::open(&f)?));
+            adapter_config = Some(ckptconv::lora::read_adapter_config(&input)?);
             break;
         }
     }
@@ -548,9 +547,10 @@ fn dcp_to_pt(dcp_path: &Path, output_path: &Path, args: &PlanArgs, out: &OutArgs
     // A DCP folder is written as saved, whatever wrote it: a Megatron torch_dist folder too, as torch's
     // dcp_to_torch_save would (its stacked Megatron tensors; `mg2hf` makes the HF model).
     let folder = fsio::DiskFolder::open(dcp_path)?;
-    let planned = if folder.files().iter().any(|f| f == ".metadata") {
+    let files = folder.files();
+    let planned = if files.iter().any(|f| f == ".metadata") {
         let mut p = convert::plan_dcp(&folder, "", &args.options())?;
-        if ckptconv::megatron::is_dist(&folder.files(), "") {
+        if ckptconv::megatron::is_dist(&files, "") {
             p.plan.notes.push("a Megatron torch_dist checkpoint, written as saved; `mg2hf` converts it to HF".into());
         }
         p
