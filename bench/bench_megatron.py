@@ -36,7 +36,6 @@ Run:  .venv/bin/python bench/bench_megatron.py [--reps 3] [--ckptconv target/rel
 import hashlib
 import importlib.util
 import json
-import os
 import resource
 import shutil
 import statistics
@@ -230,11 +229,7 @@ def _dist_rank(rank, world, port, root, s):
     import make_megatron_fixtures as mf
     from megatron.core import parallel_state as ps
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)  # 2 ranks on 2 cores
-    mf.cpu_patches()
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with mf.rank_process(rank, world, port):
         ps.initialize_model_parallel(tensor_model_parallel_size=s["tp"], pipeline_model_parallel_size=s["pp"])
         torch.manual_seed(s["seed"])  # same master weights on every rank (use_cpu_initialization slices them)
         t0 = time.perf_counter()
@@ -245,8 +240,6 @@ def _dist_rank(rank, world, port, root, s):
                      ps.get_pipeline_model_parallel_rank())
         dist.barrier()
         ps.destroy_model_parallel()
-    finally:
-        dist.destroy_process_group()
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the writer processes it forked
     print(f"rank {rank}: model built in {built:.0f}s, saved in {time.perf_counter() - t0 - built:.0f}s; "
