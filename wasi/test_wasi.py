@@ -34,6 +34,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+import manifest  # noqa: E402
+
 FIXTURES = REPO / "tests" / "fixtures"
 PT, DCP, VERL, MG, LORA = (FIXTURES / d for d in ("pt", "dcp", "verl", "megatron", "lora"))
 HOSTILE = FIXTURES.parent / "hostile"
@@ -194,6 +197,7 @@ def both(tmp_path, in_root, args, extra=None, relative=False, limits=None, memor
     assert w.returncode == 0, f"wasi {args} failed ({w.returncode}):\n{w.stderr[-3000:]}"
     assert "panicked" not in w.stderr, w.stderr
     assert {m: stat_tree(h) for m, h in inputs.items()} == before, "an input folder changed"
+    manifest.record(args, out=nat_out)
     return nat_out, wasm_out, w
 
 

@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import sys
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import manifest  # noqa: E402
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,7 +59,10 @@ def run(binary):
     waking the machine's OOM killer (which would hit whatever else runs here)."""
     def _run(*args, timeout=120, mem_limit=None):
         limit = (lambda: resource.setrlimit(resource.RLIMIT_AS, (mem_limit, mem_limit))) if mem_limit else None
-        return subprocess.run([binary, *map(str, args)], capture_output=True, text=True, timeout=timeout, preexec_fn=limit)
+        r = subprocess.run([binary, *map(str, args)], capture_output=True, text=True, timeout=timeout, preexec_fn=limit)
+        if r.returncode == 0:
+            manifest.record(args)
+        return r
     return _run
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import manifest
 from conftest import FIXTURES, INDEX, assert_same, load_output, read_header, shard_files
 
 sys.path.insert(0, str(FIXTURES))
@@ -54,6 +55,7 @@ def converted(binary, tmp_path_factory):
             r = subprocess.run([binary, "mg2hf", MG / case / "actor", out, MG / case / "base_hf"],
                                capture_output=True, text=True, timeout=300)
             assert r.returncode == 0, f"mg2hf {case} failed ({r.returncode}):\n{r.stderr[-4000:]}"
+            manifest.record(["mg2hf", case], out=out, key=f"mg2hf {case}")
             cache[case] = out
         return cache[case]
     return _converted

@@ -8,7 +8,7 @@ import { copyFileSync, cpSync, mkdirSync, readFileSync, statSync, truncateSync, 
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { basename, dirname, join } from 'node:path';
-import { after, before, describe, test } from 'node:test';
+import { after, before, beforeEach, describe, test } from 'node:test';
 import {
   FIXTURES,
   NATIVE,
@@ -21,6 +21,7 @@ import {
   nativeOutputIn,
   sha256,
 } from './harness.mjs';
+import { recordPage, startTest } from './manifest.mjs';
 import { PAGE_MOUNTS, serve } from './serve.mjs';
 
 const PT = join(FIXTURES, 'pt/qwen2_tiny_full_weights.pt');
@@ -91,6 +92,7 @@ async function convertOnPage(page) {
   const job = await page.evaluate(() => window.ckptconvTest.job());
   const hashes = {};
   for (const o of job.outputs) hashes[o.name] = await page.evaluate((n) => window.ckptconvTest.sha256(n), o.name);
+  recordPage(hashes);
   // Finished outputs carry their final names, and nothing else is left in the job folder.
   if (job.store === 'opfs') {
     assert.deepEqual(
@@ -118,6 +120,7 @@ async function dropFiles(page, files) {
 }
 
 describe('the page', () => {
+  beforeEach((t) => startTest(t.name));
   test('a dropped .pt converts byte-identically to the CLI; plan table and a download link work', async () => {
     const page = await openPage();
     await dropFiles(page, [{ name: basename(PT), bytes: readFileSync(PT) }]);
