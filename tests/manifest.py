@@ -18,6 +18,10 @@ import re
 from pathlib import Path
 
 MANIFEST = Path(__file__).resolve().parent / "manifest" / "cli.json"
+REPO = str(Path(__file__).resolve().parents[1]).encode()
+# Outputs that record a path they were given (a PEFT adapter_config's base_model_name_or_path) name the checkout's
+# folder; small files are hashed with it spelled "<repo>", so the manifest holds wherever the repo is cloned.
+NORMALIZE_BELOW = 4 << 20
 MODE = os.environ.get("CKPTCONV_MANIFEST", "check")
 _calls = {}
 _recorded = {}
@@ -31,23 +35,27 @@ def _load():
     return _committed
 
 
-def _sha(path):
+def _size_sha(path):
+    size = path.stat().st_size
+    if size < NORMALIZE_BELOW:
+        data = path.read_bytes().replace(REPO, b"<repo>")
+        return f"{len(data)}:{hashlib.sha256(data).hexdigest()}"
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(8 << 20):
             h.update(chunk)
-    return h.hexdigest()
+    return f"{size}:{h.hexdigest()}"
 
 
 def tree_hashes(root):
     """{relative name: "size:sha256"} of every file under root (or of root itself, when it is a file)."""
     root = Path(root)
     if root.is_file():
-        return {root.name: f"{root.stat().st_size}:{_sha(root)}"}
+        return {root.name: _size_sha(root)}
     out = {}
     for p in sorted(root.rglob("*")):
         if p.is_file() and not p.is_symlink():
-            out[p.relative_to(root).as_posix()] = f"{p.stat().st_size}:{_sha(p)}"
+            out[p.relative_to(root).as_posix()] = _size_sha(p)
     return out
 
 

@@ -2,8 +2,8 @@
 // conversion writes, per test and call, checked against tests/manifest/page.json, or recorded there with
 // CKPTCONV_MANIFEST=record (run twice; outputs that differ between runs are dropped as unstable).
 import assert from 'node:assert/strict';
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
 import { ROOT } from './harness.mjs';
 
 const FILE = join(ROOT, 'tests/manifest/page.json');
@@ -42,5 +42,6 @@ process.on('exit', () => {
     runs[k] = v;
   }
   const sorted = Object.fromEntries(Object.entries(runs).sort(([a], [b]) => (a < b ? -1 : 1)));
+  mkdirSync(dirname(FILE), { recursive: true });
   writeFileSync(FILE, `${JSON.stringify({ runs: sorted, unstable: [...unstable].sort() }, null, 1)}\n`);
 });
