@@ -27,6 +27,15 @@ export interface Options {
   allowMismatch?: boolean;
   /** A Hugging Face model folder (config.json, tokenizer…): names, config and files to package with the output. */
   base?: Inputs;
+  /**
+   * `convert` (the default): Hugging Face output. `dcp-to-pt`: the checkpoint's tensors as saved, in one torch.save
+   * file named `outputName` (default `full_weights.pt`), as `ckptconv dcp-to-pt` and RLinf's convert_dcp_to_pt.py.
+   */
+  mode?: 'convert' | 'dcp-to-pt';
+  /** In `convert` mode: `safetensors` (the default) or `pt` (one `pytorch_model.bin`, as `--format pt`). */
+  format?: 'safetensors' | 'pt';
+  /** The torch.save file's name in `dcp-to-pt` mode. */
+  outputName?: string;
 }
 
 export interface PlannedTensor {

@@ -2,20 +2,28 @@
 //!
 //! Every failure names the input (or output) file and says what is wrong in words a user can act on.
 //! Callers that only need a category use [`Error::kind`]; the CLI prints the `Display` form.
+//! Text from a file (names, bytes) reaches a terminal or the page only through [`display_safe`]: the `Display`
+//! of [`Error`] applies it, and the front ends apply it to every file-derived string they print.
 
-use std::fmt;
+use std::borrow::Cow;
+use std::fmt::{self, Write as _};
 
-/// What went wrong, without the file name (attached by [`Error::in_file`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What went wrong, without the file name (attached by [`Error::in_file`]). Its `Display` is the message the
+/// CLI and the page show after the file name; tests compare these texts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ErrorKind {
     /// Reading or writing failed at the operating-system level.
+    #[error("I/O error: {0}")]
     Io(String),
     /// The file ends before a structure it announces.
+    #[error("file is truncated: {0}")]
     Truncated(String),
     /// The zip container is malformed or uses a feature torch never writes.
+    #[error("bad zip archive: {0}")]
     Zip(String),
     /// The pickle stream is malformed or uses an unsupported opcode.
+    #[error("bad pickle at byte {offset}: {msg}")]
     Pickle {
         /// Byte offset of the opcode.
         offset: u64,
@@ -23,8 +31,12 @@ pub enum ErrorKind {
         msg: String,
     },
     /// A safety limit (depth, memo, object count, sizes) was hit.
+    #[error("safety limit exceeded: {0}")]
     Limit(String),
     /// The pickle calls a global that can execute code; it was never called.
+    #[error(
+        "refused to call {global} (pickle byte {offset}): it can run code and is not a torch tensor; ckptconv never executes anything from a checkpoint"
+    )]
     UnsafeGlobal {
         /// `module.name` of the refused callable.
         global: String,
@@ -32,8 +44,10 @@ pub enum ErrorKind {
         offset: u64,
     },
     /// The file is not any format ckptconv reads.
+    #[error("not a torch checkpoint: {0}")]
     NotCheckpoint(String),
     /// A tensor's metadata is inconsistent (shape, strides, storage, dtype).
+    #[error("tensor '{name}': {msg}")]
     Tensor {
         /// The tensor's name.
         name: String,
@@ -41,16 +55,22 @@ pub enum ErrorKind {
         msg: String,
     },
     /// The parts of a checkpoint disagree with each other or with the base model.
+    #[error("inconsistent checkpoint: {0}")]
     Inconsistent(String),
     /// Nothing to convert.
+    #[error("no tensors to convert: {0}")]
     NoTensors(String),
     /// A valid file with a feature ckptconv does not support.
+    #[error("unsupported: {0}")]
     Unsupported(String),
     /// The output cannot be written as asked.
+    #[error("cannot write output: {0}")]
     Output(String),
     /// A written output does not check out.
+    #[error("verification failed: {0}")]
     Verify(String),
     /// A configuration file or option is missing or wrong.
+    #[error("bad configuration: {0}")]
     Config(String),
 }
 
@@ -109,36 +129,15 @@ impl Error {
     }
 }
 
-impl fmt::Display for ErrorKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ErrorKind::Io(m) => write!(f, "I/O error: {m}"),
-            ErrorKind::Truncated(m) => write!(f, "file is truncated: {m}"),
-            ErrorKind::Zip(m) => write!(f, "bad zip archive: {m}"),
-            ErrorKind::Pickle { offset, msg } => write!(f, "bad pickle at byte {offset}: {msg}"),
-            ErrorKind::Limit(m) => write!(f, "safety limit exceeded: {m}"),
-            ErrorKind::UnsafeGlobal { global, offset } => write!(
-                f,
-                "refused to call {global} (pickle byte {offset}): it can run code and is not a torch tensor; ckptconv never executes anything from a checkpoint"
-            ),
-            ErrorKind::NotCheckpoint(m) => write!(f, "not a torch checkpoint: {m}"),
-            ErrorKind::Tensor { name, msg } => write!(f, "tensor '{name}': {msg}"),
-            ErrorKind::Inconsistent(m) => write!(f, "inconsistent checkpoint: {m}"),
-            ErrorKind::NoTensors(m) => write!(f, "no tensors to convert: {m}"),
-            ErrorKind::Unsupported(m) => write!(f, "unsupported: {m}"),
-            ErrorKind::Output(m) => write!(f, "cannot write output: {m}"),
-            ErrorKind::Verify(m) => write!(f, "verification failed: {m}"),
-            ErrorKind::Config(m) => write!(f, "bad configuration: {m}"),
-        }
-    }
-}
-
+/// The line a user sees, escaped by [`display_safe`]: names in it come from the file and may hold terminal
+/// controls (`ESC[2K\r` would erase the line and print over it). [`Error::kind`] and [`Error::file`] stay exact.
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.file {
-            Some(file) => write!(f, "{file}: {}", self.kind),
-            None => write!(f, "{}", self.kind),
-        }
+        let text = match &self.file {
+            Some(file) => format!("{file}: {}", self.kind),
+            None => self.kind.to_string(),
+        };
+        f.write_str(&display_safe(&text))
     }
 }
 
@@ -165,7 +164,154 @@ pub(crate) fn some_names<S: AsRef<str>>(names: &[S], shown: usize) -> String {
     s
 }
 
+/// Whether `c` must not reach a terminal or the page as itself: every control character (C0 such as NUL, BEL,
+/// ESC, CR and LF; DEL; C1 such as U+009B, which some terminals take as CSI), the bidi overrides, embeddings,
+/// isolates and marks that reorder what is shown (U+202A-U+202E, U+2066-U+2069, U+200E, U+200F, U+061C), and
+/// invisible characters that make two names look alike (zero-width spaces and joiners, word joiner, invisible
+/// operators, the BOM, soft hyphen, Hangul fillers, interlinear annotations, tag characters, line and paragraph
+/// separators).
+pub fn is_unsafe_char(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{ad}'
+                | '\u{61c}'
+                | '\u{115f}'
+                | '\u{1160}'
+                | '\u{180e}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{2028}'..='\u{202e}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{206f}'
+                | '\u{3164}'
+                | '\u{feff}'
+                | '\u{ffa0}'
+                | '\u{fff9}'..='\u{fffb}'
+                | '\u{e0000}'..='\u{e007f}'
+        )
+}
+
+/// `s` as it may be shown to a person: every [`is_unsafe_char`] becomes a visible escape (`\x1b` for C0 and
+/// DEL, `\u{202e}` for the rest), everything else, ASCII names and non-ASCII letters alike, is left as it is (and
+/// borrowed). Invalid UTF-8 never gets here: the readers refuse it or decode it lossily (U+FFFD, visible).
+/// Backslashes are not doubled, so the escaped form is for reading; the JSON output is the exact one.
+pub fn display_safe(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(is_unsafe_char) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        match c {
+            c if !is_unsafe_char(c) => out.push(c),
+            c if (c as u32) < 0x80 => _ = write!(out, "\\x{:02x}", c as u32),
+            c => _ = write!(out, "\\u{{{:x}}}", c as u32),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// JSON text as it may be printed: each [`is_unsafe_char`] that JSON leaves raw (DEL, C1, bidi and invisible
+/// characters) becomes its `\uXXXX` escape. JSON escapes C0 controls inside strings itself, so those in the text
+/// are its own line breaks and stay; the others only occur inside strings, so the document parses back to
+/// exactly the same values.
+pub fn json_safe(json: &str) -> Cow<'_, str> {
+    let raw_unsafe = |c: char| c >= '\u{7f}' && is_unsafe_char(c);
+    if !json.chars().any(raw_unsafe) {
+        return Cow::Borrowed(json);
+    }
+    let mut out = String::with_capacity(json.len() + 16);
+    let mut units = [0u16; 2];
+    for c in json.chars() {
+        if raw_unsafe(c) {
+            for u in c.encode_utf16(&mut units) {
+                let _ = write!(out, "\\u{u:04x}");
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
 /// Shorthand constructors used throughout the parsers.
 pub(crate) fn tensor_err(name: &str, msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::Tensor { name: name.to_string(), msg: msg.into() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CLI, the page and their tests match these texts: each kind's message, byte for byte.
+    #[test]
+    fn every_kind_keeps_its_message() {
+        let m = || "m".to_string();
+        let cases = [
+            (ErrorKind::Io(m()), "I/O error: m"),
+            (ErrorKind::Truncated(m()), "file is truncated: m"),
+            (ErrorKind::Zip(m()), "bad zip archive: m"),
+            (ErrorKind::Pickle { offset: 7, msg: m() }, "bad pickle at byte 7: m"),
+            (ErrorKind::Limit(m()), "safety limit exceeded: m"),
+            (
+                ErrorKind::UnsafeGlobal { global: "os.system".into(), offset: 9 },
+                "refused to call os.system (pickle byte 9): it can run code and is not a torch tensor; ckptconv never \
+                 executes anything from a checkpoint",
+            ),
+            (ErrorKind::NotCheckpoint(m()), "not a torch checkpoint: m"),
+            (ErrorKind::Tensor { name: "w".into(), msg: m() }, "tensor 'w': m"),
+            (ErrorKind::Inconsistent(m()), "inconsistent checkpoint: m"),
+            (ErrorKind::NoTensors(m()), "no tensors to convert: m"),
+            (ErrorKind::Unsupported(m()), "unsupported: m"),
+            (ErrorKind::Output(m()), "cannot write output: m"),
+            (ErrorKind::Verify(m()), "verification failed: m"),
+            (ErrorKind::Config(m()), "bad configuration: m"),
+        ];
+        for (kind, want) in cases {
+            assert_eq!(kind.to_string(), want);
+            assert_eq!(Error::new(kind).in_file("f.pt").to_string(), format!("f.pt: {want}"));
+        }
+    }
+
+    #[test]
+    fn display_safe_escapes_controls_bidi_and_invisibles_only() {
+        for plain in ["model.layers.0.self_attn.q_proj.weight", "模型.权重", "poids.équipe", "a\\x1b", ""] {
+            assert!(matches!(display_safe(plain), Cow::Borrowed(_)), "{plain:?}");
+        }
+        let cases = [
+            ("a\x1b[2K\rOK", "a\\x1b[2K\\x0dOK"),
+            ("\0\x07\x08\t\n\x0b\x0c\x7f", "\\x00\\x07\\x08\\x09\\x0a\\x0b\\x0c\\x7f"),
+            ("csi\u{9b}2J\u{85}", "csi\\u{9b}2J\\u{85}"),
+            ("w\u{202e}gnp.exe", "w\\u{202e}gnp.exe"),
+            (
+                "\u{2066}x\u{2069}\u{200b}\u{200d}\u{200f}\u{feff}\u{2028}",
+                "\\u{2066}x\\u{2069}\\u{200b}\\u{200d}\\u{200f}\\u{feff}\\u{2028}",
+            ),
+            ("tag\u{e0041}", "tag\\u{e0041}"),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(display_safe(raw), want);
+            assert!(!display_safe(raw).chars().any(is_unsafe_char));
+        }
+    }
+
+    /// An error line never carries a raw control, whichever part (file, tensor name, message) holds it.
+    #[test]
+    fn error_display_is_escaped_and_the_parts_stay_exact() {
+        let e = tensor_err("w\x1b[2K\rOK", "bad\u{202e}").in_file("dir\n/f.pt");
+        assert_eq!(e.to_string(), "dir\\x0a/f.pt: tensor 'w\\x1b[2K\\x0dOK': bad\\u{202e}");
+        assert_eq!(e.file(), Some("dir\n/f.pt"));
+        assert!(matches!(e.kind(), ErrorKind::Tensor { name, .. } if name == "w\x1b[2K\rOK"));
+    }
+
+    #[test]
+    fn json_safe_keeps_the_values() {
+        let names = ["plain", "a\x1b[2K\rOK\x7f", "\u{9b}\u{202e}\u{2066}\u{200b}\u{feff}", "tag\u{e0041}", "模型"];
+        let doc = serde_json::json!({ "names": names });
+        let text = format!("{doc:#}");
+        let safe = json_safe(&text);
+        assert!(!safe.chars().any(|c| c != '\n' && is_unsafe_char(c)), "{safe}");
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&safe).unwrap(), doc);
+        let plain = format!("{:#}", serde_json::json!({ "names": ["a.b", "模型"] }));
+        assert!(matches!(json_safe(&plain), Cow::Borrowed(_)));
+    }
 }

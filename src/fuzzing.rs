@@ -2,8 +2,8 @@
 //! takes arbitrary bytes, must never panic, hang or allocate without bound, and may only return errors.
 #![allow(missing_docs)]
 
-use crate::convert::PlanOptions;
 use crate::io::{Input, MemoryFolder};
+use crate::planned::PlanOptions;
 
 fn input(data: &[u8], name: &str) -> Input {
     Input::new(name, Box::new(data.to_vec()))
@@ -19,7 +19,7 @@ pub fn pickle(data: &[u8]) {
 
 /// The torch.save reader (zip and legacy), then a plan and the first bands of every tensor.
 pub fn torch_file(data: &[u8]) {
-    let Ok(planned) = crate::convert::plan_torch_file(input(data, "fuzz.pt"), &PlanOptions::default()) else {
+    let Ok(planned) = crate::torch::plan(input(data, "fuzz.pt"), &PlanOptions::default()) else {
         return;
     };
     read_some(&planned.plan, &planned.inputs);
@@ -41,7 +41,7 @@ pub fn dcp_metadata(data: &[u8]) {
     let mut f = MemoryFolder { name: "fuzz_dcp".into(), ..Default::default() };
     f.files.insert(".metadata".into(), data.to_vec());
     f.files.insert("__0_0.distcp".into(), Vec::new());
-    if let Ok(p) = crate::convert::plan_dcp(&f, "", &PlanOptions::default()) {
+    if let Ok(p) = crate::dcp::plan(&f, "", &PlanOptions::default()) {
         read_some(&p.plan, &p.inputs);
     }
 }
@@ -63,7 +63,7 @@ pub fn dcp_folder(data: &[u8]) {
     f.files.insert(".metadata".into(), meta.to_vec());
     f.files.insert("__0_0.distcp".into(), rank0.to_vec());
     f.files.insert("__1_0.distcp".into(), rank1.to_vec());
-    if let Ok(p) = crate::convert::plan_dcp(&f, "", &PlanOptions::default()) {
+    if let Ok(p) = crate::dcp::plan(&f, "", &PlanOptions::default()) {
         read_some(&p.plan, &p.inputs);
     }
 }
@@ -103,7 +103,10 @@ pub fn megatron_dist(data: &[u8]) {
     }
 }
 
-/// The safetensors header reader used by `verify` and base-model checks.
+/// The safetensors header reader used by `verify`, base-model checks and DCP's safetensors items (the
+/// latter read from a byte offset given by the input's first byte).
 pub fn safetensors_header(data: &[u8]) {
-    let _ = crate::write::safetensors::read_header(&input(data, "fuzz.safetensors"));
+    let input = input(data, "fuzz.safetensors");
+    let _ = crate::safetensors_header::read_file(&input);
+    let _ = crate::safetensors_header::read_item(&input, data.first().map_or(0, |&b| u64::from(b)));
 }

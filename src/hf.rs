@@ -131,9 +131,9 @@ impl BaseModel<'_> {
         let mut shapes = std::collections::BTreeMap::new();
         for f in &files {
             let input = self.folder.open(f)?;
-            let (header, _) = crate::write::safetensors::read_header(&input)?;
-            for (name, e) in header {
-                shapes.insert(name, e.1);
+            let header = crate::safetensors_header::read_file(&input)?;
+            for (name, e) in header.tensors {
+                shapes.insert(name, e.shape);
             }
         }
         if files.is_empty() {

@@ -270,6 +270,11 @@ impl<'a> ByteCursor<'a> {
     }
 }
 
+/// `dir/name`, or `name` when `dir` is empty.
+pub fn join(dir: &str, name: &str) -> String {
+    if dir.is_empty() { name.to_string() } else { format!("{dir}/{name}") }
+}
+
 /// A virtual folder of named inputs: a directory on disk, files dropped in a browser, or a map in tests.
 /// Paths are relative and `/`-separated.
 pub trait Folder {

@@ -7,8 +7,9 @@
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
-pub mod convert;
+pub mod conversion;
 pub mod dcp;
+pub mod detect;
 pub mod dtype;
 pub mod error;
 #[doc(hidden)]
@@ -19,9 +20,12 @@ pub mod lora;
 pub mod megatron;
 pub mod pickle;
 
-pub use error::{Error, ErrorKind, Result};
+pub use error::{Error, ErrorKind, Result, display_safe};
 pub mod plan;
+pub mod planned;
+#[cfg(feature = "yaml")]
 pub mod rlinf;
+pub mod safetensors_header;
 pub mod select;
 pub mod torch;
 pub mod verify;

@@ -6,6 +6,7 @@
 //! stripped; the other groups are skipped and reported. `--prefix` chooses explicitly, and an empty prefix keeps every tensor.
 
 use crate::error::{Error, ErrorKind, Result};
+use std::collections::{HashMap, HashSet};
 
 /// Key paths that wrap model weights, in order of preference: RLinf's DCP layout, then common trainers.
 pub const AUTO_PREFIXES: [&[&str]; 5] =
@@ -70,7 +71,19 @@ impl TensorPath {
 
     /// Whether the path starts with exactly these components and has more after them.
     pub fn is_under(&self, comps: &[&str]) -> bool {
-        self.depth() > comps.len() && self.head(comps.len()) == comps.join(".")
+        self.depth() > comps.len() && {
+            let mut head = self.head(comps.len());
+            comps.iter().enumerate().all(|(i, c)| {
+                let rest = if i == 0 { Some(head) } else { head.strip_prefix('.') };
+                match rest.and_then(|r| r.strip_prefix(c)) {
+                    Some(r) => {
+                        head = r;
+                        true
+                    }
+                    None => false,
+                }
+            }) && head.is_empty()
+        }
     }
 }
 
@@ -87,6 +100,8 @@ pub fn select<T>(items: Vec<(TensorPath, T)>, prefix: &Prefix) -> Result<(Vec<(S
     let depth = if chosen.is_empty() { 0 } else { chosen.split('.').count() };
     let mut kept = Vec::new();
     let mut skipped: Vec<(String, usize)> = Vec::new();
+    // Each group's place in `skipped`: a prefix can leave a hundred thousand top-level groups out.
+    let mut skipped_at: HashMap<String, usize> = HashMap::new();
     let total = items.len();
     for (path, t) in items {
         let rest = if chosen.is_empty() {
@@ -98,9 +113,12 @@ pub fn select<T>(items: Vec<(TensorPath, T)>, prefix: &Prefix) -> Result<(Vec<(S
             Some(r) => kept.push((r, t)),
             None => {
                 let group = path.head(depth.min(path.depth().saturating_sub(1)).max(1)).to_string();
-                match skipped.iter_mut().find(|(g, _)| *g == group) {
+                match skipped_at.get(&group).and_then(|&i| skipped.get_mut(i)) {
                     Some((_, n)) => *n += 1,
-                    None => skipped.push((group, 1)),
+                    None => {
+                        skipped_at.insert(group.clone(), skipped.len());
+                        skipped.push((group, 1));
+                    }
                 }
             }
         }
@@ -111,7 +129,7 @@ pub fn select<T>(items: Vec<(TensorPath, T)>, prefix: &Prefix) -> Result<(Vec<(S
             skipped.iter().map(|(g, n)| format!("{g} ({n})")).collect::<Vec<_>>().join(", ")
         ))));
     }
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = HashSet::new();
     for (n, _) in &kept {
         if !seen.insert(n.as_str()) {
             return Err(Error::new(ErrorKind::Tensor {
@@ -157,6 +175,27 @@ mod tests {
         assert_eq!(kept.len(), 2);
         let e = select(items(), &Prefix::Explicit("nope".into())).unwrap_err();
         assert!(e.to_string().contains("fsdp_checkpoint (2)"), "{e}");
+    }
+
+    #[test]
+    fn is_under_matches_whole_components() {
+        assert!(p("fsdp_checkpoint/model/w").is_under(&["fsdp_checkpoint", "model"]));
+        assert!(p("fsdp_checkpoint.model/w").is_under(&["fsdp_checkpoint.model"]));
+        assert!(!p("fsdp_checkpoint/model").is_under(&["fsdp_checkpoint", "model"]));
+        assert!(!p("fsdp_checkpoint/models/w").is_under(&["fsdp_checkpoint", "model"]));
+        assert!(!p("fsdp_checkpoint.model/w").is_under(&["fsdp_checkpoint", "model"]));
+        assert!(!p("a/b/c").is_under(&["a", "c"]));
+    }
+
+    #[test]
+    fn skipping_many_groups_counts_each_once() {
+        let mut items: Vec<_> = (0..100_000).map(|i| (p(&format!("g{i}/w")), i)).collect();
+        items.push((p("g7/v"), 0));
+        items.push((p("keep/w"), 0));
+        let (kept, sel) = select(items, &Prefix::Explicit("keep".into())).unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(sel.skipped.len(), 100_000);
+        assert_eq!(sel.skipped[7], ("g7".to_string(), 2));
     }
 
     #[test]

@@ -8,7 +8,8 @@
 use crate::error::{Error, ErrorKind, Result, some_names};
 use crate::io::{Folder, Input};
 use crate::plan::{BandBuffers, Plan};
-use crate::write::safetensors::{INDEX_NAME, read_header};
+use crate::safetensors_header::{self, TensorEntry};
+use crate::write::safetensors::INDEX_NAME;
 use std::collections::BTreeMap;
 
 /// What a verification covered.
@@ -57,22 +58,23 @@ fn locate_all(folder: &dyn Folder, sub: &str) -> Result<(BTreeMap<String, Locate
         .collect();
     shards.sort();
     if shards.is_empty() {
-        return Err(bad(format!("no .safetensors files in {}/{sub}", folder.name())));
+        return Err(bad(format!("no .safetensors files in {}/{sub}", folder.name())).in_file(folder.name()));
     }
     let mut found = BTreeMap::new();
     let mut report = VerifyReport::default();
     for f in &shards {
         let input = folder.open(f)?;
-        let (header, data_start) = read_header(&input).map_err(|e| unreadable(e, &input.name))?;
+        let header = safetensors_header::read_file(&input).map_err(|e| unreadable(e, &input.name))?;
+        let data_start = header.data_start;
         report.files += 1;
-        for (name, (dtype, shape, [a, b])) in header {
+        for (name, TensorEntry { dtype, shape, offsets: [a, b] }) in header.tensors {
             report.tensors += 1;
             report.bytes += b - a;
             let file = f.clone();
             if let Some(prev) =
                 found.insert(name.clone(), Located { file: file.clone(), dtype, shape, start: data_start + a })
             {
-                return Err(bad(format!("tensor '{name}' is in both {} and {file}", prev.file)));
+                return Err(bad(format!("tensor '{name}' is in both {} and {file}", prev.file)).in_file(&input.name));
             }
         }
     }
@@ -140,7 +142,9 @@ pub fn against(folder: &dyn Folder, sub: &str, plan: &Plan, inputs: &[Input]) ->
     let (mut want, mut got) = (Vec::new(), Vec::new());
     let mut open: Option<(String, Input)> = None;
     for t in &plan.tensors {
-        let l = found.get(&t.name).ok_or_else(|| bad(format!("tensor '{}' is missing from the output", t.name)))?;
+        let l = found
+            .get(&t.name)
+            .ok_or_else(|| bad(format!("tensor '{}' is missing from the output", t.name)).in_file(folder.name()))?;
         if open.as_ref().is_none_or(|(f, _)| *f != l.file) {
             open = Some((l.file.clone(), folder.open(&l.file)?));
         }
@@ -187,9 +191,10 @@ pub fn against(folder: &dyn Folder, sub: &str, plan: &Plan, inputs: &[Input]) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::convert::{PlanOptions, Planned, plan_torch_file};
     use crate::dtype::DType;
     use crate::io::MemoryFolder;
+    use crate::planned::{PlanOptions, Planned};
+    use crate::torch::plan as plan_torch_file;
     use crate::write::{MemorySink, Sink, safetensors};
 
     /// Written by torch (tests/fixtures/make_pt_fixtures.py): 27 f32 tensors of a tiny Qwen2.
@@ -242,9 +247,9 @@ mod tests {
         let name = "model.layers.0.mlp.down_proj.weight";
         let file = index(&out)["weight_map"][name].as_str().unwrap().to_string();
         let input = out.open(&file).unwrap();
-        let (header, data_start) = read_header(&input).unwrap();
-        let (_, _, [a, _]) = header[name];
-        let byte = (data_start + a + 41 * 4 + 2) as usize; // f32 element 41
+        let header = safetensors_header::read_file(&input).unwrap();
+        let [a, _] = header.tensors[name].offsets;
+        let byte = (header.data_start + a + 41 * 4 + 2) as usize; // f32 element 41
         out.files.get_mut(&file).unwrap()[byte] ^= 0x10;
         // The structure is intact; only the comparison with the input sees it.
         structural(&out, "").unwrap();
@@ -332,5 +337,20 @@ mod tests {
         assert!(msg.contains("the output holds 27 tensors, the input gives 26"), "{msg}");
         assert!(msg.contains("missing from the output: renamed.weight"), "{msg}");
         assert!(msg.contains("not from the input: "), "{msg}");
+    }
+
+    /// Every verification error names a file: an empty folder names it, a tensor in two shards the second.
+    #[test]
+    fn no_shards_or_a_tensor_in_two_shards_names_the_file() {
+        let empty = MemoryFolder { name: "out".into(), files: Default::default() };
+        let e = structural(&empty, "").unwrap_err();
+        assert_eq!((e.label(), e.file()), ("verify", Some("out")), "{e}");
+        let (_, out) = converted();
+        let mut twice = MemoryFolder { name: "out".into(), files: out.files.clone() };
+        let file = out.files.keys().find(|f| f.ends_with(".safetensors")).unwrap().clone();
+        twice.files.insert("zz.safetensors".into(), out.files[&file].clone());
+        let e = structural(&twice, "").unwrap_err();
+        assert_eq!((e.label(), e.file()), ("verify", Some("out/zz.safetensors")), "{e}");
+        assert!(e.to_string().contains("is in both"), "{e}");
     }
 }

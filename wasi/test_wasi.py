@@ -500,6 +500,40 @@ def test_hostile_inspect_refused_under_cap():
     assert_error(r, "os.system")
 
 
+import terminal  # noqa: E402  (tests/hostile/terminal.py: names and structures that would drive a terminal)
+
+
+@pytest.fixture(scope="module")
+def terminal_inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("terminal")
+    terminal.names_checkpoint(d / f"in{terminal.PAYLOAD}.pt")
+    terminal.colliding_names(d / "collide.pt")
+    return d, terminal.edited_zips(d)
+
+
+TERMINAL_RUNS = [("inspect", [f"in{terminal.PAYLOAD}.pt"]), ("inspect --json", ["--json", f"in{terminal.PAYLOAD}.pt"]),
+                 ("archive root", ["archive_root.pt"]), ("collision", ["collide.pt"]),
+                 ("prefix", [f"in{terminal.PAYLOAD}.pt", "--prefix", "nope"])] + [
+                    (f, [f]) for f in ("byteorder.pt", "global_name.pt", "storage_key.pt", "zip_entry_name.pt")]
+
+
+@pytest.mark.parametrize("args", [a for _, a in TERMINAL_RUNS], ids=[i for i, _ in TERMINAL_RUNS])
+def test_terminal_safe_output_same_as_native(terminal_inputs, args):
+    """Hostile names (tests/e2e/test_terminal.py) under WASI: the same escaped bytes as natively on stdout and
+    stderr (reports and error lines), no raw control or format character."""
+    d, _ = terminal_inputs
+    argv = ["inspect"] + [f"/in/{a}" if a.endswith(".pt") else a for a in args]
+    w = subprocess.run(wasm_argv(argv, dirs=[(d, "/in")], limits={"max-memory-size": HOSTILE_CAP}), capture_output=True,
+                       timeout=120)
+    n = subprocess.run([str(NATIVE), "inspect"] + [str(d / a) if a.endswith(".pt") else a for a in args],
+                       capture_output=True, timeout=120)
+    assert w.returncode == n.returncode, (w.returncode, n.returncode, w.stderr[-2000:])
+    for out, what in ((w.stdout, "stdout"), (w.stderr, "stderr")):
+        terminal.assert_terminal_safe(out, f"WASI {what}")
+    host = str(d).encode()
+    assert (w.stdout, w.stderr) == (n.stdout.replace(host, b"/in"), n.stderr.replace(host, b"/in"))
+
+
 def last_error(stderr, roots):
     """The `ckptconv: error[kind]:` line, with host folders spelled as their guest mounts."""
     lines = [l for l in stderr.splitlines() if l.startswith("ckptconv: error[")]

@@ -5,13 +5,14 @@
 //! the chunk's elements. Planning reads only the metadata and the small zip headers of the chunks it
 //! needs; tensor bytes are gathered band by band at write time. Chunks must tile each tensor exactly.
 
-use crate::convert::EXPANSION_ALLOWANCE;
 use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result, tensor_err};
-use crate::io::{ByteCursor, Folder, Input, SharedInput};
+use crate::io::{ByteCursor, Folder, Input, SharedInput, join};
 use crate::pickle::{self, Heap, Id, Limits, Node};
-use crate::plan::{Chunk, ChunkedTensor, StridedView};
-use crate::select::TensorPath;
+use crate::plan::{Chunk, ChunkedTensor, Plan, PlannedTensor, Source, StridedView};
+use crate::planned::{EXPANSION_ALLOWANCE, GroupCounter, InputKind, PlanOptions, Planned, group_of, selection_notes};
+use crate::safetensors_header::{self, Header};
+use crate::select::{self, TensorPath};
 use crate::torch::TorchFile;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -35,9 +36,12 @@ pub struct DcpTensor {
 }
 
 impl DcpTensor {
-    /// Size in bytes.
-    pub fn nbytes(&self) -> u64 {
-        self.shape.iter().product::<u64>() * self.dtype.size() as u64
+    /// Size in bytes; an error when the metadata's shape multiplies past u64.
+    pub fn nbytes(&self) -> Result<u64> {
+        self.shape
+            .iter()
+            .try_fold(self.dtype.size() as u64, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| tensor_err(&self.fqn, format!("shape {:?} overflows: more than 2^64 bytes", self.shape)))
     }
 }
 
@@ -189,11 +193,6 @@ fn parse_metadata(h: &Heap, root: Id) -> Result<DcpMetadata> {
     Ok(meta)
 }
 
-/// `dir/name`, or `name` when `dir` is empty.
-pub fn join(dir: &str, name: &str) -> String {
-    if dir.is_empty() { name.to_string() } else { format!("{dir}/{name}") }
-}
-
 /// Checks that the chunks tile the tensor exactly: inside its bounds, no overlap, no gap.
 pub fn check_tiling(t: &DcpTensor) -> Result<()> {
     let boxes: Vec<(&[u64], &[u64])> = t.chunks.iter().map(|c| (c.offsets.as_slice(), c.sizes.as_slice())).collect();
@@ -207,22 +206,14 @@ pub struct ChunkResolver<'f> {
     /// Inputs the plan reads (`.distcp` files and decompressed items), by the indices its views use.
     pub inputs: Vec<Input>,
     files: HashMap<String, (usize, Rc<Input>)>,
-    safetensors: HashMap<(usize, u64), Rc<SafetensorsBlob>>,
+    /// Headers of the safetensors items read so far (DCP's `SerializationFormat.SAFETENSORS`), by (file index, offset).
+    safetensors: HashMap<(usize, u64), Rc<Header>>,
     /// Decoded zstd items by (file index, offset, length): the input index of each, so that tensors naming the
     /// same item share one decode.
     zstd: HashMap<(usize, u64, u64), usize>,
     /// What the zstd items may still decode to, together (as much as a plan may hold).
     zstd_budget: DecodeBudget,
 }
-
-/// The header of a safetensors blob inside a `.distcp` (DCP's `SerializationFormat.SAFETENSORS`).
-struct SafetensorsBlob {
-    data_start: u64,
-    entries: serde_json::Map<String, serde_json::Value>,
-}
-
-/// Largest safetensors header accepted inside a DCP file.
-const MAX_ST_HEADER: u64 = 100 << 20;
 
 impl<'f> ChunkResolver<'f> {
     /// A resolver for the DCP folder `dir` inside `folder`.
@@ -305,41 +296,33 @@ impl<'f> ChunkResolver<'f> {
         let blob = match self.safetensors.get(&(idx, c.offset)) {
             Some(b) => b.clone(),
             None => {
-                let b = Rc::new(read_safetensors_blob(file, c.offset)?);
+                let b = Rc::new(safetensors_header::read_item(file, c.offset)?);
                 self.safetensors.insert((idx, c.offset), b.clone());
                 b
             }
         };
-        let e = blob.entries.get(&t.fqn).ok_or_else(|| {
-            tensor_err(&t.fqn, format!("not in the safetensors blob at byte {}", c.offset)).in_file(&file.name)
+        // The reader checked every entry: a known dtype, offsets contiguous and inside the file.
+        let e = blob.tensors.get(&t.fqn).ok_or_else(|| {
+            tensor_err(&t.fqn, format!("not in the safetensors item at byte {}", c.offset)).in_file(&file.name)
         })?;
-        let dtype = e["dtype"].as_str().and_then(DType::from_safetensors_name);
-        let shape: Option<Vec<u64>> = e["shape"].as_array().map(|a| a.iter().filter_map(|v| v.as_u64()).collect());
-        let offs: Option<Vec<u64>> =
-            e["data_offsets"].as_array().map(|a| a.iter().filter_map(|v| v.as_u64()).collect());
-        let (Some(dtype), Some(shape), Some([a, b])) = (dtype, shape, offs.as_deref()) else {
-            return Err(tensor_err(&t.fqn, "malformed safetensors header entry").in_file(&file.name));
-        };
-        if dtype != t.dtype || shape != c.sizes {
+        if e.dtype != t.dtype || e.shape != c.sizes {
             return Err(tensor_err(
                 &t.fqn,
                 format!(
-                    "safetensors entry is {} {shape:?}, the metadata says {} {:?}",
-                    dtype.torch_name(),
+                    "safetensors entry is {} {:?}, the metadata says {} {:?}",
+                    e.dtype.torch_name(),
+                    e.shape,
                     t.dtype.torch_name(),
                     c.sizes
                 ),
             )
             .in_file(&file.name));
         }
-        let start = blob.data_start.checked_add(*a).ok_or_else(|| tensor_err(&t.fqn, "offset overflows"))?;
-        let strides = contiguous_strides(&shape);
-        let nbytes = b.checked_sub(*a).ok_or_else(|| tensor_err(&t.fqn, "inverted data offsets"))?;
-        if start.checked_add(nbytes).is_none_or(|e| e > file.len()) {
-            return Err(Error::new(ErrorKind::Truncated(format!("tensor '{}' runs past the end of the file", t.fqn)))
-                .in_file(&file.name));
-        }
-        StridedView::new(&t.fqn, idx, start, nbytes, dtype, 0, shape, strides, 64).map_err(|e| e.in_file(&file.name))
+        let [a, b] = e.offsets;
+        let start = blob.data_start.checked_add(a).ok_or_else(|| tensor_err(&t.fqn, "offset overflows"))?;
+        let strides = contiguous_strides(&e.shape);
+        StridedView::new(&t.fqn, idx, start, b - a, e.dtype, 0, e.shape.clone(), strides, 64)
+            .map_err(|e| e.in_file(&file.name))
     }
 }
 
@@ -349,29 +332,6 @@ fn contiguous_strides(shape: &[u64]) -> Vec<u64> {
         s[d] = s[d + 1].saturating_mul(shape[d + 1]);
     }
     s
-}
-
-fn read_safetensors_blob(file: &Input, at: u64) -> Result<SafetensorsBlob> {
-    let mut n = [0u8; 8];
-    file.read_exact_at(at, &mut n)?;
-    let n = u64::from_le_bytes(n);
-    if n > MAX_ST_HEADER {
-        return Err(
-            Error::new(ErrorKind::Limit(format!("safetensors header of {n} bytes at byte {at}"))).in_file(&file.name)
-        );
-    }
-    let header = file.read_vec(at + 8, n)?;
-    let v: serde_json::Value = serde_json::from_slice(&header).map_err(|e| {
-        Error::new(ErrorKind::NotCheckpoint(format!(
-            "item at byte {at} is neither a torch.save zip nor safetensors: {e}"
-        )))
-        .in_file(&file.name)
-    })?;
-    let serde_json::Value::Object(entries) = v else {
-        return Err(Error::new(ErrorKind::NotCheckpoint(format!("safetensors header at byte {at} is not an object")))
-            .in_file(&file.name));
-    };
-    Ok(SafetensorsBlob { data_start: at + 8 + n, entries })
 }
 
 /// The view of the one tensor stored in a chunk item: a torch.save zip at `[base, base + len)` of `input`.
@@ -396,4 +356,61 @@ fn item_view(input: &Input, idx: usize, base: u64, len: u64, c: &DcpChunk, t: &D
         .in_file(&input.name));
     }
     Ok(v.clone())
+}
+
+/// Plans the conversion of a DCP folder at `dir` inside `folder`.
+pub fn plan(folder: &dyn Folder, dir: &str, opts: &PlanOptions) -> Result<Planned> {
+    let meta = read_metadata(folder, dir)?;
+    let meta_name = format!("{}/{}", folder.name(), join(dir, ".metadata"));
+    let mut groups = GroupCounter::default();
+    for t in &meta.tensors {
+        groups.add(group_of(&t.path), Some(t.nbytes().map_err(|e| e.in_file(&meta_name))?));
+    }
+    for b in &meta.bytes_items {
+        groups.add(group_of(&TensorPath::from_parts(&b.split('.').collect::<Vec<_>>())), None);
+    }
+    if meta.tensors.is_empty() {
+        return Err(Error::new(ErrorKind::NoTensors("the DCP metadata lists no tensors".into())).in_file(&meta_name));
+    }
+    let items = meta.tensors.iter().map(|t| (t.path.clone(), t)).collect();
+    let (kept, sel) = select::select(items, &opts.prefix).map_err(|e| e.in_file(&meta_name))?;
+    let mut resolver = ChunkResolver::new(folder, dir);
+    let mut tensors = Vec::with_capacity(kept.len());
+    for (name, t) in kept {
+        let chunked = resolver.resolve(t).map_err(|e| e.in_file(&meta_name))?;
+        tensors.push(PlannedTensor::from_source(name, t.shape.clone(), Source::Chunked(chunked), opts.dtype));
+    }
+    let files = resolver.files_used();
+    Planned {
+        kind: InputKind::Dcp,
+        plan: Plan { tensors, notes: selection_notes(&sel) },
+        format: format!("torch.distributed.checkpoint folder ({files} .distcp file(s) used)"),
+        inputs: resolver.inputs,
+        groups: groups.into_groups(),
+    }
+    .checked(&meta_name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nbytes_of_a_shape_past_u64_is_an_error_not_a_wrap() {
+        let t = |shape: Vec<u64>| DcpTensor {
+            fqn: "optim.state.w.exp_avg".into(),
+            path: TensorPath::from_parts(&["optim", "state", "w", "exp_avg"]),
+            dtype: DType::F32,
+            shape,
+            chunks: Vec::new(),
+        };
+        assert_eq!(t(vec![6, 4]).nbytes().unwrap(), 96);
+        assert_eq!(t(vec![]).nbytes().unwrap(), 4);
+        // 2^40 * 2^40 elements wrap to 0 in u64; 2^62 elements of 4 bytes wrap to 0 too.
+        for shape in [vec![1 << 40, 1 << 40], vec![1 << 62]] {
+            let e = t(shape).nbytes().unwrap_err();
+            assert_eq!(e.label(), "tensor");
+            assert!(e.to_string().contains("optim.state.w.exp_avg") && e.to_string().contains("overflows"), "{e}");
+        }
+    }
 }

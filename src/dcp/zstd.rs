@@ -5,9 +5,9 @@
 //! last read stopped (bands read each chunk in order), restarting only for a backward read. Memory per item
 //! is the decoder's window (capped) plus small buffers, and [`ReadAt::release`] drops it.
 
-use crate::convert::{EXPANSION_ALLOWANCE, MAX_EXPANSION, expansion_limit};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::{Input, ReadAt};
+use crate::planned::{EXPANSION_ALLOWANCE, MAX_EXPANSION, expansion_limit};
 use ruzstd::decoding::{FrameDecoder, StreamingDecoder};
 use std::cell::RefCell;
 use std::io::Read;

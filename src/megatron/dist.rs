@@ -8,8 +8,9 @@
 //! the chunks. SwiGLU's fc1 is the exception: stored as `[gate_all; up_all]`, its halves come apart.
 
 use super::{Args, FC1_GATE, FC1_UP, RankModel, bad, read_args};
-use crate::dcp::{self, ChunkResolver, join};
+use crate::dcp::{self, ChunkResolver};
 use crate::error::{Error, ErrorKind, Result};
+use crate::io::join;
 use crate::io::{Folder, Input};
 use crate::pickle::Node;
 use crate::plan::StridedView;
@@ -33,6 +34,8 @@ pub struct DistRanks {
     pub ranks: Vec<RankModel>,
     /// `args` from `common.pt`.
     pub args: Option<Args>,
+    /// `common.pt`'s name, for messages about `args`.
+    pub args_file: String,
     /// The grid the checkpoint was saved from.
     pub tp: u64,
     /// Pipeline stages it was saved from (the tensors no longer depend on it).
@@ -127,7 +130,7 @@ pub fn load_dist(folder: &dyn Folder, dir: &str) -> Result<DistRanks> {
         .enumerate()
         .map(|(r, m)| RankModel { tp: r as u64, pp: 0, input: at, chunks: vec![m], args: args.clone() })
         .collect();
-    Ok(DistRanks { inputs, ranks, args, tp, pp, files })
+    Ok(DistRanks { inputs, ranks, args, args_file: common.name.clone(), tp, pp, files })
 }
 
 /// Which rank a chunk (`offsets`/`sizes` in a tensor of `shape`, layer dimension removed) belongs to: the one

@@ -12,6 +12,9 @@ mod vm;
 
 pub use vm::{Limits, parse};
 
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+
 /// Index of a node in a [`Heap`].
 pub type Id = u32;
 
@@ -86,6 +89,76 @@ pub enum Node {
 pub struct Heap {
     nodes: Vec<Node>,
     payload_bytes: u64,
+    /// Where each str/int key sits in its dict: the VM finds repeated keys and [`Heap::dict_get`] finds fields
+    /// without scanning, so a dict of a million keys costs a million steps, not a million squared.
+    keys: DictKeys,
+}
+
+/// A hash index over the str and int keys of every dict in a heap: (dict, hash of key) -> positions in that
+/// dict. Keys are hashed, not copied (a million string keys would double the pickle's payload); positions that
+/// share a hash are told apart by comparing the key nodes. The hasher is randomly keyed, so a crafted pickle
+/// cannot make its keys collide.
+#[derive(Debug, Default)]
+struct DictKeys {
+    hasher: RandomState,
+    slots: HashMap<(Id, u64), Positions>,
+}
+
+/// The positions in one dict whose keys share a hash: nearly always one.
+#[derive(Debug)]
+enum Positions {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl DictKeys {
+    /// The hash of a key that dicts index (str, int, bool as int), or `None` for other keys.
+    fn hash(&self, key: &Node) -> Option<u64> {
+        match key {
+            Node::Str(s) => Some(self.hash_str(s)),
+            Node::Int(i) => Some(self.hasher.hash_one((1u8, *i))),
+            Node::Bool(b) => Some(self.hasher.hash_one((1u8, i64::from(*b)))),
+            _ => None,
+        }
+    }
+
+    fn hash_str(&self, s: &str) -> u64 {
+        self.hasher.hash_one((0u8, s))
+    }
+
+    fn positions(&self, dict: Id, hash: u64) -> &[u32] {
+        match self.slots.get(&(dict, hash)) {
+            Some(Positions::One(p)) => std::slice::from_ref(p),
+            Some(Positions::Many(v)) => v,
+            None => &[],
+        }
+    }
+
+    fn add(&mut self, dict: Id, hash: u64, position: u32) {
+        let slot = self.slots.entry((dict, hash)).or_insert(Positions::Many(Vec::new()));
+        match slot {
+            Positions::Many(v) if v.is_empty() => *slot = Positions::One(position),
+            Positions::Many(v) => v.push(position),
+            Positions::One(first) => *slot = Positions::Many(vec![*first, position]),
+        }
+    }
+}
+
+/// Dicts with fewer items than this are scanned (most pickled dicts are a dataclass's two or three fields); from
+/// this many on, their keys are in the index.
+const INDEX_FROM: usize = 8;
+
+/// Whether two dict keys are equal as Python compares them (str with str, int with int or bool).
+fn same_key(a: &Node, b: &Node) -> bool {
+    let int = |n: &Node| match n {
+        Node::Int(i) => Some(*i),
+        Node::Bool(b) => Some(i64::from(*b)),
+        _ => None,
+    };
+    match (a, b) {
+        (Node::Str(x), Node::Str(y)) => x == y,
+        _ => int(a).is_some_and(|x| int(b) == Some(x)),
+    }
 }
 
 impl Heap {
@@ -144,13 +217,61 @@ impl Heap {
         for _ in 0..8 {
             match self.get(at) {
                 Node::Dict(items) => {
-                    return items.iter().rev().find(|(k, _)| self.as_str(*k) == Some(key)).map(|(_, v)| *v);
+                    let hash = (items.len() >= INDEX_FROM).then(|| self.keys.hash_str(key));
+                    let p = self.find_key(at, hash, |k| matches!(k, Node::Str(s) if s == key))?;
+                    return items.get(p as usize).map(|&(_, v)| v);
                 }
                 Node::Object { state: Some(s), .. } => at = *s,
                 _ => return None,
             }
         }
         None
+    }
+
+    /// The position in dict `dict` of the key for which `is_key` holds: a scan of a small dict, else through the
+    /// key index (`hash`: the key's hash, `None` for keys the index does not hold).
+    fn find_key(&self, dict: Id, hash: Option<u64>, is_key: impl Fn(&Node) -> bool) -> Option<u32> {
+        let Node::Dict(items) = self.get(dict) else { return None };
+        if items.len() < INDEX_FROM {
+            return items.iter().position(|&(k, _)| is_key(self.get(k))).and_then(|p| u32::try_from(p).ok());
+        }
+        self.keys
+            .positions(dict, hash?)
+            .iter()
+            .copied()
+            .find(|&p| items.get(p as usize).is_some_and(|&(k, _)| is_key(self.get(k))))
+    }
+
+    /// Sets `dict[k] = v` with Python's semantics for str and int keys (a bool is the int 0 or 1): a repeated key
+    /// keeps its first position and takes the new value. Other keys (tuples, floats, ...) are appended as they
+    /// come. `None` when `dict` is not a dict.
+    fn dict_set(&mut self, dict: Id, k: Id, v: Id) -> Option<()> {
+        let Node::Dict(items) = self.get(dict) else { return None };
+        let len = items.len();
+        let key = self.get(k);
+        let hash = if len + 1 >= INDEX_FROM { self.keys.hash(key) } else { None };
+        let found = self.find_key(dict, hash, |other| same_key(other, key));
+        let Some(Node::Dict(items)) = self.nodes.get_mut(dict as usize) else { return None };
+        if let Some(item) = found.and_then(|p| items.get_mut(p as usize)) {
+            item.1 = v;
+            return Some(());
+        }
+        items.push((k, v));
+        if len + 1 == INDEX_FROM {
+            // The dict just grew out of scanning: index every key it holds.
+            let Node::Dict(items) = self.get(dict) else { return None };
+            let hashed: Vec<(u32, u64)> = items
+                .iter()
+                .enumerate()
+                .filter_map(|(p, &(key, _))| Some((u32::try_from(p).ok()?, self.keys.hash(self.get(key))?)))
+                .collect();
+            for (p, h) in hashed {
+                self.keys.add(dict, h, p);
+            }
+        } else if let (Some(h), Ok(p)) = (hash, u32::try_from(len)) {
+            self.keys.add(dict, h, p);
+        }
+        Some(())
     }
 
     /// A short human description of a node, for messages and `inspect`.

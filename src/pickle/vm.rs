@@ -114,7 +114,10 @@ struct Vm<'c, 'a> {
     heap: Heap,
     stack: Vec<Id>,
     marks: Vec<usize>,
-    memo: HashMap<u32, Id>,
+    memo: Memo,
+    /// The one node of each immutable constant pushed so far (None, bools, ints up to 65535, the empty tuple),
+    /// as Python shares them: a DCP `.metadata` of 100,000 entries pushes 1.3 million of them.
+    consts: HashMap<Const, Id>,
     limits: Limits,
     op_offset: u64,
 }
@@ -127,7 +130,8 @@ pub fn parse(cur: &mut ByteCursor<'_>, limits: Limits) -> Result<(Heap, Id)> {
         heap: Heap::default(),
         stack: Vec::new(),
         marks: Vec::new(),
-        memo: HashMap::new(),
+        memo: Memo::default(),
+        consts: HashMap::new(),
         limits,
         op_offset: 0,
     };
@@ -174,6 +178,29 @@ impl Vm<'_, '_> {
         self.push(id)
     }
 
+    /// Pushes an immutable constant, sharing one node per value (nothing mutates these nodes).
+    fn push_const(&mut self, c: Const) -> Result<()> {
+        let id = match self.consts.get(&c) {
+            Some(&id) => id,
+            None => {
+                let id = self.alloc(match c {
+                    Const::None => Node::None,
+                    Const::Bool(b) => Node::Bool(b),
+                    Const::Int(i) => Node::Int(i),
+                    Const::EmptyTuple => Node::Tuple(Vec::new()),
+                })?;
+                self.consts.insert(c, id);
+                id
+            }
+        };
+        self.push(id)
+    }
+
+    /// Pushes an int from BININT/BININT1/BININT2: shared when small.
+    fn push_int(&mut self, v: i64) -> Result<()> {
+        if v.unsigned_abs() <= 65535 { self.push_const(Const::Int(v)) } else { self.push_new(Node::Int(v)) }
+    }
+
     fn pop(&mut self) -> Result<Id> {
         let floor = self.marks.last().copied().unwrap_or(0);
         if self.stack.len() <= floor {
@@ -199,15 +226,15 @@ impl Vm<'_, '_> {
     }
 
     fn memo_put(&mut self, key: u32, id: Id) -> Result<()> {
-        if self.memo.len() >= self.limits.max_memo && !self.memo.contains_key(&key) {
+        if self.memo.len >= self.limits.max_memo && self.memo.get(key).is_none() {
             return Err(self.limit(format!("memo larger than {} entries", self.limits.max_memo)));
         }
-        self.memo.insert(key, id);
+        self.memo.put(key, id);
         Ok(())
     }
 
     fn memo_get(&self, key: u32) -> Result<Id> {
-        self.memo.get(&key).copied().ok_or_else(|| self.err(format!("memo key {key} was never stored")))
+        self.memo.get(key).ok_or_else(|| self.err(format!("memo key {key} was never stored")))
     }
 
     fn u16le(&mut self) -> Result<u16> {
@@ -229,6 +256,8 @@ impl Vm<'_, '_> {
         String::from_utf8(bytes).map_err(|_| self.err("string is not valid UTF-8"))
     }
 
+    /// The VM's loop. Long by design: one match arm per opcode, as in CPython's `load` loop, so every opcode's
+    /// stack effect reads in one place against the protocol's table.
     fn run(&mut self) -> Result<Id> {
         loop {
             self.op_offset = self.cur.pos();
@@ -264,20 +293,20 @@ impl Vm<'_, '_> {
                     let t = self.top()?;
                     self.push(t)?;
                 }
-                b'N' => self.push_new(Node::None)?,
-                0x88 => self.push_new(Node::Bool(true))?,
-                0x89 => self.push_new(Node::Bool(false))?,
+                b'N' => self.push_const(Const::None)?,
+                0x88 => self.push_const(Const::Bool(true))?,
+                0x89 => self.push_const(Const::Bool(false))?,
                 b'J' => {
                     let v = i32::from_le_bytes(self.cur.array()?);
-                    self.push_new(Node::Int(v as i64))?
+                    self.push_int(v as i64)?
                 }
                 b'K' => {
                     let v = self.cur.u8()?;
-                    self.push_new(Node::Int(v as i64))?
+                    self.push_int(v as i64)?
                 }
                 b'M' => {
                     let v = self.u16le()?;
-                    self.push_new(Node::Int(v as i64))?
+                    self.push_int(v as i64)?
                 }
                 b'I' => {
                     let s = self.text_line()?;
@@ -376,7 +405,7 @@ impl Vm<'_, '_> {
                         self.op_offset
                     ))));
                 }
-                b')' => self.push_new(Node::Tuple(Vec::new()))?,
+                b')' => self.push_const(Const::EmptyTuple)?,
                 b']' => self.push_new(Node::List(Vec::new()))?,
                 b'}' => self.push_new(Node::Dict(Vec::new()))?,
                 0x8f => self.push_new(Node::Set(Vec::new()))?,
@@ -471,7 +500,7 @@ impl Vm<'_, '_> {
                     self.memo_put(key, t)?
                 }
                 0x94 => {
-                    let key = u32::try_from(self.memo.len()).map_err(|_| self.err("memo too large"))?;
+                    let key = u32::try_from(self.memo.len).map_err(|_| self.err("memo too large"))?;
                     let t = self.top()?;
                     self.memo_put(key, t)?
                 }
@@ -585,29 +614,30 @@ impl Vm<'_, '_> {
 
     fn set_items(&mut self, target: Id, pairs: Vec<(Id, Id)>) -> Result<()> {
         for (k, v) in pairs {
-            // Python dict semantics: a repeated string or int key replaces the earlier value.
-            let key = match self.heap.get(k) {
-                Node::Str(s) => Some(KeyRef::Str(s.clone())),
-                Node::Int(i) => Some(KeyRef::Int(*i)),
-                _ => None,
-            };
-            let existing = match (&key, self.heap.get(target)) {
-                (Some(key), Node::Dict(items)) => items.iter().position(|(ek, _)| key.matches(self.heap.get(*ek))),
-                _ => None,
-            };
-            match &mut self.heap.nodes[target as usize] {
-                Node::Dict(items) => match existing {
-                    Some(i) => items[i].1 = v,
-                    None => items.push((k, v)),
-                },
-                Node::Object { items, .. } => items.push((k, v)),
+            match self.heap.nodes.get(target as usize) {
+                Some(Node::Dict(_)) => self.dict_set(target, k, v)?,
+                Some(Node::Object { .. }) => {
+                    if let Some(Node::Object { items, .. }) = self.heap.nodes.get_mut(target as usize) {
+                        items.push((k, v));
+                    }
+                }
                 _ => return Err(self.err("SETITEM on a value that is not a dict")),
             }
         }
         Ok(())
     }
 
-    /// REDUCE / NEWOBJ / INST / OBJ: builds data for known callables, inert objects for the rest.
+    fn dict_set(&mut self, dict: Id, k: Id, v: Id) -> Result<()> {
+        if let Node::Dict(items) = self.heap.get(dict)
+            && u32::try_from(items.len()).is_err()
+        {
+            return Err(self.limit("a dict of more than 2^32 items".into()));
+        }
+        self.heap.dict_set(dict, k, v).ok_or_else(|| self.err("SETITEM on a value that is not a dict"))
+    }
+
+    /// REDUCE / NEWOBJ / INST / OBJ: builds data for known callables, inert objects for the rest. Long by design:
+    /// one arm per callable it knows, each checking its own arguments.
     fn call(&mut self, callable: Id, args: Id, depth: u32) -> Result<Id> {
         let (module, name) = match self.heap.get(callable) {
             Node::Global { module, name } => (module.clone(), name.clone()),
@@ -740,19 +770,49 @@ impl Vm<'_, '_> {
     }
 }
 
-enum KeyRef {
-    Str(String),
-    Int(i64),
+/// The memo: keys 0, 1, 2, ... (what pickle writes, and all MEMOIZE can make) in a vector, any others in a map.
+#[derive(Default)]
+struct Memo {
+    dense: Vec<Id>,
+    sparse: HashMap<u32, Id>,
+    /// Entries stored, for the limit and for MEMOIZE's next key (Python's `len(memo)`).
+    len: usize,
 }
 
-impl KeyRef {
-    fn matches(&self, n: &Node) -> bool {
-        match (self, n) {
-            (KeyRef::Str(a), Node::Str(b)) => a == b,
-            (KeyRef::Int(a), Node::Int(b)) => a == b,
-            _ => false,
+impl Memo {
+    const EMPTY: Id = Id::MAX;
+
+    fn get(&self, key: u32) -> Option<Id> {
+        match self.dense.get(key as usize) {
+            Some(&id) if id != Self::EMPTY => Some(id),
+            Some(_) => None,
+            None => self.sparse.get(&key).copied(),
         }
     }
+
+    fn put(&mut self, key: u32, id: Id) {
+        let k = key as usize;
+        if let Some(slot) = self.dense.get_mut(k) {
+            if *slot == Self::EMPTY {
+                self.len += 1;
+            }
+            *slot = id;
+        } else if k == self.dense.len() && !self.sparse.contains_key(&key) {
+            self.dense.push(id);
+            self.len += 1;
+        } else if self.sparse.insert(key, id).is_none() {
+            self.len += 1;
+        }
+    }
+}
+
+/// An immutable value the VM keeps one node of.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Const {
+    None,
+    Bool(bool),
+    Int(i64),
+    EmptyTuple,
 }
 
 /// LONG1/LONG4 payload: little-endian two's complement.
@@ -846,6 +906,89 @@ mod tests {
         let b = heap.dict_get(root, "b").unwrap();
         assert_eq!(a, b);
         assert_eq!(heap.as_seq(a).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_repeated_key_keeps_its_first_position_and_the_last_value() {
+        // Python: d = {'a': 1, 'b': 2}; d['a'] = 3; d[1] = 4; d[True] = 5  ->  {'a': 3, 'b': 2, 1: 5}
+        // as pickle.dumps(d, protocol=2) would write it after the edits (SETITEMS, then SETITEM twice).
+        let p =
+            b"\x80\x02}(X\x01\x00\x00\x00aK\x01X\x01\x00\x00\x00bK\x02X\x01\x00\x00\x00aK\x03uK\x01K\x04s\x88K\x05s.";
+        let (heap, root) = run(p).unwrap();
+        let Node::Dict(items) = heap.get(root) else { panic!("not a dict") };
+        let shown: Vec<(String, i64)> =
+            items.iter().map(|&(k, v)| (heap.describe(k), heap.as_int(v).unwrap())).collect();
+        assert_eq!(shown, [("\"a\"".to_string(), 3), ("\"b\"".to_string(), 2), ("1".to_string(), 5)]);
+    }
+
+    #[test]
+    fn a_dict_with_many_keys_builds_in_linear_time() {
+        // 200,000 distinct keys, then all of them again: with a scan per insert this takes minutes.
+        let mut p = vec![0x80, 2, b'}', b'('];
+        for round in 0..2u32 {
+            for i in 0..200_000u32 {
+                p.push(b'J');
+                p.extend(i.to_le_bytes());
+                p.push(b'J');
+                p.extend((i + round).to_le_bytes());
+            }
+        }
+        p.extend(*b"u.");
+        let (heap, root) = run(&p).unwrap();
+        let Node::Dict(items) = heap.get(root) else { panic!("not a dict") };
+        assert_eq!(items.len(), 200_000);
+        assert_eq!(heap.as_int(items[7].1), Some(8));
+    }
+
+    #[test]
+    fn constants_share_one_node_and_stay_immutable() {
+        // [None, None, True, 7, 7, (), (), 70000, 70000] as pickle.dumps(..., protocol=2) writes it, minus the memo.
+        let p = b"\x80\x02](NN\x88K\x07K\x07))Jp\x11\x01\x00Jp\x11\x01\x00e.";
+        let (heap, root) = run(p).unwrap();
+        let items = heap.as_seq(root).unwrap().to_vec();
+        assert_eq!(items.len(), 9);
+        assert_eq!((items[0], items[3], items[5]), (items[1], items[4], items[6]));
+        assert_ne!(items[7], items[8], "large ints are not interned");
+        assert_eq!(heap.as_int(items[4]), Some(7));
+        assert_eq!(heap.as_int(items[8]), Some(70000));
+        assert_eq!(heap.get(items[6]), &Node::Tuple(Vec::new()));
+    }
+
+    #[test]
+    fn memo_keys_dense_and_sparse() {
+        let mut m = Memo::default();
+        m.put(5, 50);
+        for k in 0..5 {
+            m.put(k, k * 10);
+        }
+        m.put(5, 55);
+        m.put(1, 11);
+        m.put(1 << 30, 7);
+        assert_eq!(m.len, 7);
+        assert_eq!((m.get(0), m.get(1), m.get(4), m.get(5), m.get(6)), (Some(0), Some(11), Some(40), Some(55), None));
+        assert_eq!((m.get(1 << 30), m.get(u32::MAX)), (Some(7), None));
+    }
+
+    #[test]
+    fn small_dicts_grow_into_the_index_without_losing_keys() {
+        // 20 keys, then each again with a new value: positions stay, values are the last, across the switch from
+        // scanning to the index at 8 items; dict_get finds every key either way.
+        let mut p = vec![0x80, 2, b'}'];
+        for round in 0..2u8 {
+            for i in 0..20u8 {
+                p.extend([0x8c, 2, b'k', b'a' + i, b'K', i + round * 100, b's']);
+            }
+        }
+        p.push(b'.');
+        let (heap, root) = run(&p).unwrap();
+        let Node::Dict(items) = heap.get(root) else { panic!("not a dict") };
+        assert_eq!(items.len(), 20);
+        for i in 0..20u8 {
+            let key = format!("k{}", (b'a' + i) as char);
+            assert_eq!(heap.as_str(items[i as usize].0), Some(key.as_str()));
+            assert_eq!(heap.dict_get(root, &key).and_then(|v| heap.as_int(v)), Some(i as i64 + 100));
+        }
+        assert_eq!(heap.dict_get(root, "zz"), None);
     }
 
     #[test]

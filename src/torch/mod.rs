@@ -10,8 +10,9 @@ use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result, tensor_err};
 use crate::io::{ByteCursor, Input};
 use crate::pickle::{self, Heap, Id, Limits, Node, TensorNode};
-use crate::plan::StridedView;
-use crate::select::TensorPath;
+use crate::plan::{Plan, PlannedTensor, Source, StridedView};
+use crate::planned::{GroupCounter, InputKind, PlanOptions, Planned, group_of, selection_notes};
+use crate::select::{self, TensorPath};
 use std::collections::HashMap;
 use zip::ZipIndex;
 
@@ -307,7 +308,13 @@ impl TorchFile {
                 "the pickled object has more than {MAX_WALK_VISITS} reachable values (a self-multiplying 'billion laughs' graph?)"
             ))));
         }
-        if matches!(self.heap.get(id), Node::Dict(_) | Node::List(_) | Node::Tuple(_) | Node::Object { .. }) {
+        // An empty tuple is one shared node (the pickle VM keeps one per heap), and has nothing to multiply.
+        let container = match self.heap.get(id) {
+            Node::Tuple(v) => !v.is_empty(),
+            Node::Dict(_) | Node::List(_) | Node::Object { .. } => true,
+            _ => false,
+        };
+        if container {
             let n = visits.containers.entry(id).or_insert(0);
             *n += 1;
             if *n > MAX_CONTAINER_PATHS {
@@ -584,4 +591,43 @@ fn storage_info(h: &Heap, pid: Id, explicit: Option<DType>) -> Result<StorageInf
         Some(_) => return Err("malformed legacy storage view".into()),
     };
     Ok(StorageInfo { key, dtype, unit, numel, view })
+}
+
+/// Plans the conversion of a torch.save file.
+pub fn plan(input: Input, opts: &PlanOptions) -> Result<Planned> {
+    let file = TorchFile::open(&input)?;
+    let found = file.tensors(&input, 0)?;
+    if found.is_empty() {
+        return Err(Error::new(ErrorKind::NoTensors(format!(
+            "the pickled object ({}) holds no tensors",
+            file.heap.describe(file.root)
+        )))
+        .in_file(&input.name));
+    }
+    if let Some(t) = found.iter().find(|t| t.dtensor.is_some()) {
+        return Err(Error::new(ErrorKind::Unsupported(format!(
+            "'{}' is a DTensor shard of a sharded checkpoint (verl's model_world_size_W_rank_R.pt); convert the folder that holds every rank's file",
+            t.path.name
+        )))
+        .in_file(&input.name));
+    }
+    let mut groups = GroupCounter::default();
+    for t in &found {
+        groups.add(group_of(&t.path), Some(t.view.numel() * t.view.dtype.size() as u64));
+    }
+    let items = found.into_iter().map(|t| (t.path, t.view)).collect();
+    let (kept, sel) = select::select(items, &opts.prefix).map_err(|e| e.in_file(&input.name))?;
+    let tensors = kept
+        .into_iter()
+        .map(|(name, view)| PlannedTensor::from_source(name, view.shape.clone(), Source::View(view), opts.dtype))
+        .collect();
+    let name = input.name.clone();
+    Planned {
+        kind: InputKind::TorchFile,
+        plan: Plan { tensors, notes: selection_notes(&sel) },
+        format: file.format.to_string(),
+        inputs: vec![input],
+        groups: groups.into_groups(),
+    }
+    .checked(&name)
 }

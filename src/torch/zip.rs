@@ -72,6 +72,8 @@ impl ZipIndex {
         end.and_then(|_| Self::read_inner(input, base, len)).map_err(|e| e.in_file(&input.name))
     }
 
+    /// The central directory's checklist in file order (end record, zip64 locator and record, then each entry),
+    /// each step reading what the one before found; kept as one function so the order of checks is the code's order.
     fn read_inner(input: &Input, base: u64, len: u64) -> Result<ZipIndex> {
         // A file that starts like a zip (a local header) but has no end record was cut short.
         let starts_like_zip = len >= 4 && u32_at(&input.read_vec(base, 4)?, 0)? == LOCAL_SIG;

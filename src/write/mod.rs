@@ -4,8 +4,11 @@
 //! and ends it; `commit` publishes everything at once. A sink that is dropped without `commit` must
 //! leave nothing that looks like a finished output.
 
+pub mod puller;
 pub mod safetensors;
 pub mod torch_save;
+
+pub use puller::{OutputFile, OutputSet, Piece, Puller, Segment, drive};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::Input;

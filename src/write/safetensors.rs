@@ -5,15 +5,15 @@
 //! library does); headers carry `__metadata__ {"format":"pt"}` and are padded with spaces to 8 bytes.
 
 use super::Sink;
-use crate::dtype::DType;
+use super::puller::{OnePlan, OutputFile, Segment};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::Input;
-use crate::plan::{BandBuffers, Plan};
+use crate::plan::Plan;
 use std::collections::BTreeMap;
 
-/// One file of the output, with its exact size.
+/// One file of a safetensors layout, with its exact size.
 #[derive(Debug, Clone)]
-pub struct OutputFile {
+pub struct LayoutFile {
     /// File name inside the output folder.
     pub name: String,
     /// Exact size in bytes.
@@ -33,7 +33,7 @@ enum Content {
 #[derive(Debug, Clone)]
 pub struct OutputLayout {
     /// The files; the index, when present, is last.
-    pub files: Vec<OutputFile>,
+    pub files: Vec<LayoutFile>,
 }
 
 impl OutputLayout {
@@ -84,7 +84,7 @@ fn header_entry(plan: &Plan, i: usize, begin: u64) -> String {
     )
 }
 
-fn build_file(plan: &Plan, mut members: Vec<usize>, name: String) -> OutputFile {
+fn build_file(plan: &Plan, mut members: Vec<usize>, name: String) -> LayoutFile {
     members.sort_by(|&a, &b| {
         let (ta, tb) = (&plan.tensors[a], &plan.tensors[b]);
         tb.dtype.size().cmp(&ta.dtype.size()).then_with(|| ta.name.cmp(&tb.name))
@@ -102,7 +102,7 @@ fn build_file(plan: &Plan, mut members: Vec<usize>, name: String) -> OutputFile 
     let mut header = (json.len() as u64).to_le_bytes().to_vec();
     header.extend_from_slice(json.as_bytes());
     let size = header.len() as u64 + at;
-    OutputFile { name, size, content: Content::Tensors { header, order: members } }
+    LayoutFile { name, size, content: Content::Tensors { header, order: members } }
 }
 
 /// Splits the plan into files: one when `max_shard` is `None` or everything fits, shards otherwise.
@@ -152,7 +152,7 @@ pub fn layout(plan: &Plan, max_shard: Option<u64>) -> Result<OutputLayout> {
     let mut bytes =
         serde_json::to_vec_pretty(&index).map_err(|e| Error::new(ErrorKind::Output(format!("index: {e}"))))?;
     bytes.push(b'\n');
-    files.push(OutputFile { name: INDEX_NAME.into(), size: bytes.len() as u64, content: Content::Bytes(bytes) });
+    files.push(LayoutFile { name: INDEX_NAME.into(), size: bytes.len() as u64, content: Content::Bytes(bytes) });
     Ok(OutputLayout { files })
 }
 
@@ -175,181 +175,27 @@ pub fn as_adapter(layout: &mut OutputLayout) -> Result<()> {
     }
 }
 
-/// One step of a streamed output, in file order.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Piece<'a> {
-    /// A file starts; exactly `size` bytes follow before its `End`.
-    Begin {
-        /// File name inside the output folder.
-        name: &'a str,
-        /// Exact size.
-        size: u64,
-    },
-    /// Header or index bytes.
-    Header(&'a [u8]),
-    /// Tensor bytes.
-    Data(&'a [u8]),
-    /// Tensor bytes to be copied verbatim from `input` at `offset` (only when the puller allows copies).
-    Copy {
-        /// Input index.
-        input: usize,
-        /// Byte offset in that input.
-        offset: u64,
-        /// Length.
-        len: u64,
-    },
-    /// Tensor bytes already written at their place through the sink's positional file; the sink moves past them.
-    Written(u64),
-    /// The current file is complete.
-    End,
-}
-
-enum Stage {
-    Begin,
-    Head,
-    Tensors { k: usize, start: u64 },
-    End,
-    Done,
-}
-
-/// Produces the bytes of every file of a layout on demand, one band at a time: the pull side of the writer,
-/// for consumers that must await each write (a JS stream) as well as for [`write`]. It holds only its
-/// position and buffers; the plan, layout and inputs are passed to each call, so it can live beside them.
-pub struct Puller {
-    allow_copy: bool,
-    file: usize,
-    stage: Stage,
-    pending: std::collections::VecDeque<(usize, u64, u64)>,
-    bufs: BandBuffers,
-    band: Vec<u8>,
-    written: u64,
-    direct: Option<crate::io::Positional>,
-}
-
-impl Puller {
-    /// The buffer the last [`Piece::Data`] came from, for a sink that takes it over ([`Sink::write_owned`]);
-    /// whatever is left in its place is resized before the next band is read into it.
-    pub fn band_mut(&mut self) -> &mut Vec<u8> {
-        &mut self.band
-    }
-
-    /// A puller at the start of a layout; with `allow_copy`, verbatim tensor ranges come as [`Piece::Copy`].
-    pub fn new(allow_copy: bool) -> Self {
-        Puller {
-            allow_copy,
-            file: 0,
-            stage: Stage::Begin,
-            pending: Default::default(),
-            bufs: BandBuffers::default(),
-            band: Vec::new(),
-            written: 0,
-            direct: None,
-        }
-    }
-
-    /// The current file for positional writes (or none): a tensor that can be computed by several workers
-    /// at once (a LoRA merge) is then written whole, straight to its place, and comes as [`Piece::Written`].
-    pub fn set_direct(&mut self, direct: Option<crate::io::Positional>) {
-        self.direct = direct;
-    }
-
-    /// The next piece, or `None` after the last file's `End`. Pass the same plan, layout and inputs each time.
-    pub fn next_piece<'s>(
-        &'s mut self,
-        plan: &'s Plan,
-        layout: &'s OutputLayout,
-        inputs: &'s [Input],
-    ) -> Result<Option<Piece<'s>>> {
-        loop {
-            if let Some((input, offset, len)) = self.pending.pop_front() {
-                self.written += len;
-                return Ok(Some(Piece::Copy { input, offset, len }));
-            }
-            let Some(file) = layout.files.get(self.file) else { return Ok(None) };
-            match &mut self.stage {
-                Stage::Done => return Ok(None),
-                Stage::Begin => {
-                    self.stage = Stage::Head;
-                    self.written = 0;
-                    return Ok(Some(Piece::Begin { name: &file.name, size: file.size }));
-                }
-                Stage::Head => {
-                    let bytes = match &file.content {
-                        Content::Bytes(b) => {
-                            self.stage = Stage::End;
-                            b
-                        }
-                        Content::Tensors { header, .. } => {
-                            self.stage = Stage::Tensors { k: 0, start: 0 };
-                            header
-                        }
-                    };
-                    self.written += bytes.len() as u64;
-                    return Ok(Some(Piece::Header(bytes)));
-                }
-                Stage::Tensors { k, start } => {
-                    let Content::Tensors { order, .. } = &file.content else {
-                        self.stage = Stage::End;
-                        continue;
-                    };
-                    let Some(&i) = order.get(*k) else {
-                        self.stage = Stage::End;
-                        continue;
-                    };
-                    let t = &plan.tensors[i];
-                    let n = t.numel();
-                    if *start >= n {
-                        t.release(inputs);
-                        *k += 1;
-                        *start = 0;
-                        continue;
+impl OutputLayout {
+    /// The layout's files as output files of plan `plan` of an output set: each safetensors file is its header
+    /// bytes then its tensors' data; the index is bytes.
+    pub fn into_files(self, plan: usize) -> Vec<OutputFile> {
+        self.files
+            .into_iter()
+            .map(|f| {
+                let segments = match f.content {
+                    Content::Tensors { header, order } => {
+                        vec![Segment::Bytes(header), Segment::Tensors { plan, order }]
                     }
-                    let esz = t.dtype.size() as u64;
-                    if self.allow_copy && t.verbatim_pieces(*start, 0).is_some() {
-                        // Whole band units, so a tensor never mixes copies and bands mid-way.
-                        let chunk = (COPY_CHUNK / esz / t.band_elems()).max(1) * t.band_elems();
-                        let count = chunk.min(n - *start);
-                        self.pending.extend(t.verbatim_pieces(*start, count).unwrap_or_default());
-                        *start += count;
-                        continue;
-                    }
-                    if *start == 0
-                        && let Some(d) = &self.direct
-                        && t.write_whole_at(inputs, d, self.written, &mut self.bufs)?
-                    {
-                        *start = n;
-                        self.written += n * esz;
-                        return Ok(Some(Piece::Written(n * esz)));
-                    }
-                    let count = t.band_elems().min(n - *start);
-                    crate::plan::fit(&mut self.band, (count * esz) as usize);
-                    t.read_band(inputs, *start, count, &mut self.band, &mut self.bufs)?;
-                    *start += count;
-                    self.written += self.band.len() as u64;
-                    return Ok(Some(Piece::Data(&self.band)));
-                }
-                Stage::End => {
-                    if self.written != file.size {
-                        return Err(Error::new(ErrorKind::Output(format!(
-                            "internal size mismatch for {}: planned {} bytes, wrote {}",
-                            file.name, file.size, self.written
-                        ))));
-                    }
-                    self.file += 1;
-                    self.stage = if self.file < layout.files.len() { Stage::Begin } else { Stage::Done };
-                    return Ok(Some(Piece::End));
-                }
-            }
-        }
+                    Content::Bytes(b) => vec![Segment::Bytes(b)],
+                };
+                OutputFile { name: f.name, size: f.size, segments }
+            })
+            .collect()
     }
 }
 
-/// Piece size when verbatim bytes pass through the caller (no in-kernel copy: WASI, or a sink without one): small
-/// enough to stay in the CPU's cache between the read and the write.
-const COPY_BUF: u64 = 256 << 10;
-
-/// Streams every file of `layout` into `sink` (the caller commits once every output file is written).
-/// Verbatim ranges go to the sink's own copy when it has one. `progress` gets the tensor bytes written so far.
+/// Streams every file of `layout` into `sink` through the one puller (the caller commits once every output file
+/// is written). `progress` gets the tensor bytes written so far.
 pub fn write(
     plan: &Plan,
     layout: &OutputLayout,
@@ -357,117 +203,14 @@ pub fn write(
     sink: &mut dyn Sink,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
-    let mut puller = Puller::new(true);
-    let mut done = 0u64;
-    let mut buf = Vec::new();
-    while let Some(piece) = puller.next_piece(plan, layout, inputs)? {
-        match piece {
-            Piece::Begin { name, size } => {
-                sink.begin(name, size)?;
-                let direct = sink.positional();
-                puller.set_direct(direct);
-            }
-            Piece::Header(b) => sink.write(b)?,
-            Piece::Data(b) => {
-                done += b.len() as u64;
-                sink.write_owned(puller.band_mut())?;
-                progress(done);
-            }
-            Piece::Copy { input, offset, len } => {
-                let src = inputs
-                    .get(input)
-                    .ok_or_else(|| Error::new(ErrorKind::Output(format!("plan refers to missing input {input}"))))?;
-                if !sink.copy_range(src, offset, len)? {
-                    let mut at = 0;
-                    while at < len {
-                        let n = (len - at).min(COPY_BUF);
-                        crate::plan::fit(&mut buf, n as usize);
-                        src.read_exact_at(offset + at, &mut buf)?;
-                        sink.write_owned(&mut buf)?;
-                        at += n;
-                    }
-                }
-                done += len;
-                progress(done);
-            }
-            Piece::Written(len) => {
-                sink.skip(len)?;
-                done += len;
-                progress(done);
-            }
-            Piece::End => {
-                puller.set_direct(None);
-                sink.end()?
-            }
-        }
-    }
-    Ok(())
+    let files = layout.clone().into_files(0);
+    super::puller::drive(&OnePlan { files, plan, inputs }, sink, progress)
 }
-
-/// Largest safetensors header read back (HF files stay far below it).
-const MAX_HEADER: u64 = 100 << 20;
-
-/// Reads a safetensors header: every tensor's `(dtype, shape, [begin, end))` by name, and where data starts.
-/// Every number is checked: offsets must be contiguous from 0 and end exactly at the end of the file.
-#[allow(clippy::type_complexity)]
-pub fn read_header(input: &Input) -> Result<(BTreeMap<String, (DType, Vec<u64>, [u64; 2])>, u64)> {
-    let bad =
-        |m: String| Error::new(ErrorKind::NotCheckpoint(format!("bad safetensors file: {m}"))).in_file(&input.name);
-    let mut n = [0u8; 8];
-    input.read_exact_at(0, &mut n)?;
-    let n = u64::from_le_bytes(n);
-    if n > MAX_HEADER || n.checked_add(8).is_none_or(|e| e > input.len()) {
-        return Err(bad(format!("header length {n} does not fit the {}-byte file", input.len())));
-    }
-    let bytes = input.read_vec(8, n)?;
-    let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| bad(format!("header JSON: {e}")))?;
-    let obj = v.as_object().ok_or_else(|| bad("header is not an object".into()))?;
-    let mut out = BTreeMap::new();
-    let mut ranges = Vec::new();
-    for (name, e) in obj {
-        if name == "__metadata__" {
-            continue;
-        }
-        let dtype = e.get("dtype").and_then(|d| d.as_str()).and_then(DType::from_safetensors_name);
-        let shape: Option<Vec<u64>> =
-            e.get("shape").and_then(|s| s.as_array()).and_then(|a| a.iter().map(|x| x.as_u64()).collect());
-        let offs: Option<Vec<u64>> =
-            e.get("data_offsets").and_then(|s| s.as_array()).and_then(|a| a.iter().map(|x| x.as_u64()).collect());
-        let (Some(dtype), Some(shape), Some(&[a, b])) = (dtype, shape, offs.as_deref()) else {
-            return Err(bad(format!("entry '{name}' lacks a known dtype, a shape or two data offsets")));
-        };
-        let numel = shape.iter().try_fold(1u64, |x, &d| x.checked_mul(d));
-        let want = numel.and_then(|x| x.checked_mul(dtype.size() as u64));
-        if b < a || Some(b - a) != want {
-            return Err(bad(format!(
-                "entry '{name}': offsets {a}..{b} do not hold a {shape:?} {}",
-                dtype.safetensors_name()
-            )));
-        }
-        ranges.push((a, b, name.clone()));
-        out.insert(name.clone(), (dtype, shape, [a, b]));
-    }
-    ranges.sort();
-    let mut at = 0;
-    for (a, b, name) in &ranges {
-        if *a != at {
-            return Err(bad(format!("entry '{name}' starts at {a}, expected {at} (gap or overlap)")));
-        }
-        at = *b;
-    }
-    let data_start = 8 + n;
-    if data_start + at != input.len() {
-        return Err(bad(format!("data ends at {} but the file has {} bytes", data_start + at, input.len())));
-    }
-    Ok((out, data_start))
-}
-
-/// Verbatim chunk handed out as one copy; it only bounds progress granularity.
-const COPY_CHUNK: u64 = 256 << 20;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dtype::DType;
     use crate::plan::{PlannedTensor, Source, StridedView};
     use crate::write::MemorySink;
 

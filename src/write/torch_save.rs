@@ -6,6 +6,7 @@
 //! zip64 records appear only when an offset or size needs them. Output is deterministic.
 
 use super::Sink;
+use super::puller::{OnePlan, OutputFile, Segment};
 use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::Input;
@@ -23,11 +24,13 @@ const FLAG_DESCRIPTOR: u16 = 0x0008;
 /// 1980-01-01 00:00, the earliest DOS date: fixed so the output is deterministic.
 const DOS_DATE: u16 = 0x0021;
 
+#[derive(Debug, Clone)]
 enum Body {
     Bytes(Vec<u8>),
     Tensor(usize),
 }
 
+#[derive(Debug, Clone)]
 struct Entry {
     name: String,
     body: Body,
@@ -40,6 +43,7 @@ struct Entry {
 }
 
 /// A planned torch.save file: every entry's place is known before a byte is written.
+#[derive(Debug, Clone)]
 pub struct TorchSaveLayout {
     entries: Vec<Entry>,
     /// Where the central directory starts.
@@ -233,7 +237,208 @@ fn put64(v: &mut Vec<u8>, x: u64) {
     v.extend(x.to_le_bytes());
 }
 
-/// Streams the archive of `layout` into `sink` as one file named `name`; the caller commits.
+/// Where a torch.save archive's streaming is: the entry, its phase, the running CRC and the CRCs so far.
+#[derive(Default)]
+pub struct ZipStep {
+    entry: usize,
+    phase: Phase,
+    start: u64,
+    crc: crc32fast::Hasher,
+    crcs: Vec<u32>,
+}
+
+#[derive(Default, Clone, Copy)]
+enum Phase {
+    #[default]
+    Local,
+    Body,
+    Descriptor,
+    Directory,
+    Done,
+}
+
+/// What [`TorchSaveLayout::step`] put out.
+pub enum ZipOut {
+    /// Record bytes, in the scratch buffer.
+    Bytes,
+    /// Tensor bytes, in the band buffer.
+    Data,
+    /// The archive is complete.
+    Done,
+}
+
+impl TorchSaveLayout {
+    /// The next bytes of the archive: local headers, small entries and data descriptors in `scratch`, tensor bands
+    /// in `band` (their CRC taken as they pass), then the central directory. Deterministic, and exactly
+    /// [`TorchSaveLayout::size`] bytes in all.
+    pub(crate) fn step(
+        &self,
+        z: &mut ZipStep,
+        plan: &Plan,
+        inputs: &[Input],
+        scratch: &mut Vec<u8>,
+        band: &mut Vec<u8>,
+        bufs: &mut BandBuffers,
+    ) -> Result<ZipOut> {
+        loop {
+            match z.phase {
+                Phase::Done => return Ok(ZipOut::Done),
+                Phase::Directory => {
+                    scratch.clear();
+                    self.central_directory(&z.crcs, scratch);
+                    z.phase = Phase::Done;
+                    return Ok(ZipOut::Bytes);
+                }
+                Phase::Local => {
+                    let Some(e) = self.entries.get(z.entry) else {
+                        z.phase = Phase::Directory;
+                        continue;
+                    };
+                    scratch.clear();
+                    local_header(e, scratch);
+                    z.crc = crc32fast::Hasher::new();
+                    z.start = 0;
+                    z.phase = Phase::Body;
+                    if let Body::Bytes(b) = &e.body {
+                        // A small entry goes out in one piece with its header and descriptor.
+                        z.crc.update(b);
+                        scratch.extend_from_slice(b);
+                        self.finish_entry(z, scratch);
+                    }
+                    return Ok(ZipOut::Bytes);
+                }
+                Phase::Body => {
+                    let Some(Entry { body: Body::Tensor(i), .. }) = self.entries.get(z.entry) else {
+                        z.phase = Phase::Descriptor;
+                        continue;
+                    };
+                    let t = plan.tensors.get(*i).ok_or_else(|| {
+                        Error::new(ErrorKind::Output(format!("internal: the archive names a missing tensor {i}")))
+                    })?;
+                    if z.start >= t.numel() {
+                        t.release(inputs);
+                        z.phase = Phase::Descriptor;
+                        continue;
+                    }
+                    let count = t.band_elems().min(t.numel() - z.start);
+                    crate::plan::fit(band, (count * t.dtype.size() as u64) as usize);
+                    t.read_band(inputs, z.start, count, band, bufs)?;
+                    z.crc.update(band);
+                    z.start += count;
+                    return Ok(ZipOut::Data);
+                }
+                Phase::Descriptor => {
+                    scratch.clear();
+                    self.finish_entry(z, scratch);
+                    return Ok(ZipOut::Bytes);
+                }
+            }
+        }
+    }
+
+    /// Appends the current entry's data descriptor to `out` and moves to the next entry.
+    fn finish_entry(&self, z: &mut ZipStep, out: &mut Vec<u8>) {
+        let crc = std::mem::take(&mut z.crc).finalize();
+        if let Some(e) = self.entries.get(z.entry) {
+            put32(out, DESCRIPTOR_SIG);
+            put32(out, crc);
+            if e.zip64 {
+                put64(out, e.size);
+                put64(out, e.size);
+            } else {
+                put32(out, e.size as u32);
+                put32(out, e.size as u32);
+            }
+        }
+        z.crcs.push(crc);
+        z.entry += 1;
+        z.phase = Phase::Local;
+    }
+
+    /// The central directory and end records, from every entry's CRC.
+    fn central_directory(&self, crcs: &[u32], cd: &mut Vec<u8>) {
+        for (e, crc) in self.entries.iter().zip(crcs) {
+            let z = cdir_needs_zip64(e);
+            put32(cd, CDIR_SIG);
+            put16(cd, 45); // made by
+            put16(cd, if z || e.zip64 { 45 } else { 20 });
+            put16(cd, FLAG_DESCRIPTOR);
+            put16(cd, 0);
+            put16(cd, 0);
+            put16(cd, DOS_DATE);
+            put32(cd, *crc);
+            let small = |v: u64| if z { 0xFFFF_FFFF } else { v as u32 };
+            put32(cd, small(e.size));
+            put32(cd, small(e.size));
+            put16(cd, e.name.len() as u16);
+            put16(cd, if z { 28 } else { 0 });
+            put16(cd, 0); // comment
+            put16(cd, 0); // disk
+            put16(cd, 0); // internal attributes
+            put32(cd, 0); // external attributes
+            put32(cd, small(e.header_at));
+            cd.extend(e.name.as_bytes());
+            if z {
+                put16(cd, 0x0001);
+                put16(cd, 24);
+                put64(cd, e.size);
+                put64(cd, e.size);
+                put64(cd, e.header_at);
+            }
+        }
+        let cd_len = cd.len() as u64;
+        let n = self.entries.len() as u64;
+        let end64 = self.cd_at + cd_len >= 0xFFFF_FFFF || self.cd_at >= 0xFFFF_FFFF || n >= 0xFFFF;
+        if end64 {
+            let z64_at = self.cd_at + cd_len;
+            put32(cd, ZIP64_EOCD_SIG);
+            put64(cd, 44);
+            put16(cd, 45);
+            put16(cd, 45);
+            put32(cd, 0);
+            put32(cd, 0);
+            put64(cd, n);
+            put64(cd, n);
+            put64(cd, cd_len);
+            put64(cd, self.cd_at);
+            put32(cd, ZIP64_LOCATOR_SIG);
+            put32(cd, 0);
+            put64(cd, z64_at);
+            put32(cd, 1);
+        }
+        put32(cd, EOCD_SIG);
+        put16(cd, 0);
+        put16(cd, 0);
+        let count16 = if end64 { 0xFFFF } else { n as u16 };
+        put16(cd, count16);
+        put16(cd, count16);
+        put32(cd, if end64 { 0xFFFF_FFFF } else { cd_len as u32 });
+        put32(cd, if end64 { 0xFFFF_FFFF } else { self.cd_at as u32 });
+        put16(cd, 0);
+    }
+}
+
+/// An entry's local header, with torch's `FB` alignment padding.
+fn local_header(e: &Entry, h: &mut Vec<u8>) {
+    put32(h, LOCAL_SIG);
+    put16(h, if e.zip64 { 45 } else { 20 });
+    put16(h, FLAG_DESCRIPTOR);
+    put16(h, 0); // stored
+    put16(h, 0);
+    put16(h, DOS_DATE);
+    put32(h, 0); // CRC and sizes follow in the descriptor
+    put32(h, 0);
+    put32(h, 0);
+    put16(h, e.name.len() as u16);
+    put16(h, 4 + e.pad);
+    h.extend(e.name.as_bytes());
+    put16(h, 0x4246); // "FB": torch's alignment padding
+    put16(h, e.pad);
+    h.extend(std::iter::repeat_n(b'Z', e.pad as usize));
+}
+
+/// Streams the archive of `layout` into `sink` as one file named `name`, through the one puller; the caller
+/// commits.
 pub fn write(
     plan: &Plan,
     layout: &TorchSaveLayout,
@@ -242,139 +447,19 @@ pub fn write(
     sink: &mut dyn Sink,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
-    sink.begin(name, layout.size)?;
-    let mut written = 0u64;
-    let mut crcs = Vec::with_capacity(layout.entries.len());
-    let mut bufs = BandBuffers::default();
-    let mut band = Vec::new();
-    let mut done = 0u64;
-    for e in &layout.entries {
-        let mut h = Vec::with_capacity(64 + e.name.len() + e.pad as usize);
-        put32(&mut h, LOCAL_SIG);
-        put16(&mut h, if e.zip64 { 45 } else { 20 });
-        put16(&mut h, FLAG_DESCRIPTOR);
-        put16(&mut h, 0); // stored
-        put16(&mut h, 0);
-        put16(&mut h, DOS_DATE);
-        put32(&mut h, 0); // CRC and sizes follow in the descriptor
-        put32(&mut h, 0);
-        put32(&mut h, 0);
-        put16(&mut h, e.name.len() as u16);
-        put16(&mut h, 4 + e.pad);
-        h.extend(e.name.as_bytes());
-        put16(&mut h, 0x4246); // "FB": torch's alignment padding
-        put16(&mut h, e.pad);
-        h.extend(std::iter::repeat_n(b'Z', e.pad as usize));
-        sink.write(&h)?;
-        written += h.len() as u64;
-        let mut crc = crc32fast::Hasher::new();
-        match &e.body {
-            Body::Bytes(b) => {
-                crc.update(b);
-                sink.write(b)?;
-            }
-            Body::Tensor(i) => {
-                let t = &plan.tensors[*i];
-                let esz = t.dtype.size() as u64;
-                let step = t.band_elems();
-                let mut start = 0u64;
-                while start < t.numel() {
-                    let count = step.min(t.numel() - start);
-                    crate::plan::fit(&mut band, (count * esz) as usize);
-                    t.read_band(inputs, start, count, &mut band, &mut bufs)?;
-                    crc.update(&band);
-                    sink.write(&band)?;
-                    done += band.len() as u64;
-                    progress(done);
-                    start += count;
-                }
-                t.release(inputs);
-            }
-        }
-        written += e.size;
-        let crc = crc.finalize();
-        let mut d = Vec::with_capacity(24);
-        put32(&mut d, DESCRIPTOR_SIG);
-        put32(&mut d, crc);
-        if e.zip64 {
-            put64(&mut d, e.size);
-            put64(&mut d, e.size);
-        } else {
-            put32(&mut d, e.size as u32);
-            put32(&mut d, e.size as u32);
-        }
-        sink.write(&d)?;
-        written += d.len() as u64;
-        crcs.push(crc);
-    }
-    let mut cd = Vec::new();
-    for (e, crc) in layout.entries.iter().zip(&crcs) {
-        let z = cdir_needs_zip64(e);
-        put32(&mut cd, CDIR_SIG);
-        put16(&mut cd, 45); // made by
-        put16(&mut cd, if z || e.zip64 { 45 } else { 20 });
-        put16(&mut cd, FLAG_DESCRIPTOR);
-        put16(&mut cd, 0);
-        put16(&mut cd, 0);
-        put16(&mut cd, DOS_DATE);
-        put32(&mut cd, *crc);
-        let small = |v: u64| if z { 0xFFFF_FFFF } else { v as u32 };
-        put32(&mut cd, small(e.size));
-        put32(&mut cd, small(e.size));
-        put16(&mut cd, e.name.len() as u16);
-        put16(&mut cd, if z { 28 } else { 0 });
-        put16(&mut cd, 0); // comment
-        put16(&mut cd, 0); // disk
-        put16(&mut cd, 0); // internal attributes
-        put32(&mut cd, 0); // external attributes
-        put32(&mut cd, small(e.header_at));
-        cd.extend(e.name.as_bytes());
-        if z {
-            put16(&mut cd, 0x0001);
-            put16(&mut cd, 24);
-            put64(&mut cd, e.size);
-            put64(&mut cd, e.size);
-            put64(&mut cd, e.header_at);
+    let file = layout.clone().into_output_file(name, 0);
+    super::puller::drive(&OnePlan { files: vec![file], plan, inputs }, sink, progress)
+}
+
+impl TorchSaveLayout {
+    /// This archive as output file `name`, of plan `plan` of an output set.
+    pub fn into_output_file(self, name: &str, plan: usize) -> OutputFile {
+        OutputFile {
+            name: name.to_string(),
+            size: self.size,
+            segments: vec![Segment::TorchSave { plan, layout: Box::new(self) }],
         }
     }
-    let cd_len = cd.len() as u64;
-    let n = layout.entries.len() as u64;
-    let end64 = layout.cd_at + cd_len >= 0xFFFF_FFFF || layout.cd_at >= 0xFFFF_FFFF || n >= 0xFFFF;
-    if end64 {
-        let z64_at = layout.cd_at + cd_len;
-        put32(&mut cd, ZIP64_EOCD_SIG);
-        put64(&mut cd, 44);
-        put16(&mut cd, 45);
-        put16(&mut cd, 45);
-        put32(&mut cd, 0);
-        put32(&mut cd, 0);
-        put64(&mut cd, n);
-        put64(&mut cd, n);
-        put64(&mut cd, cd_len);
-        put64(&mut cd, layout.cd_at);
-        put32(&mut cd, ZIP64_LOCATOR_SIG);
-        put32(&mut cd, 0);
-        put64(&mut cd, z64_at);
-        put32(&mut cd, 1);
-    }
-    put32(&mut cd, EOCD_SIG);
-    put16(&mut cd, 0);
-    put16(&mut cd, 0);
-    let count16 = if end64 { 0xFFFF } else { n as u16 };
-    put16(&mut cd, count16);
-    put16(&mut cd, count16);
-    put32(&mut cd, if end64 { 0xFFFF_FFFF } else { cd_len as u32 });
-    put32(&mut cd, if end64 { 0xFFFF_FFFF } else { layout.cd_at as u32 });
-    put16(&mut cd, 0);
-    sink.write(&cd)?;
-    written += cd.len() as u64;
-    if written != layout.size {
-        return Err(Error::new(ErrorKind::Output(format!(
-            "internal size mismatch for {name}: planned {} bytes, wrote {written}",
-            layout.size
-        ))));
-    }
-    sink.end()
 }
 
 #[cfg(test)]

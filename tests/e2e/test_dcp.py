@@ -377,6 +377,28 @@ def test_broken_dcp_to_pt_refused(run, tmp_path, name):
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "output or temp file left behind"
 
 
+def test_safetensors_item_with_overlapping_offsets_is_refused(run, tmp_path):
+    """A safetensors .distcp whose header points model.embed.weight at the bytes of its exp_avg (same dtype and
+    shape, so only the offsets checklist sees it) is refused with the file named, not converted from wrong bytes."""
+    src = tmp_path / "dcp"
+    shutil.copytree(DCP / "variants" / "safetensors_ws2", src)
+    f = src / "__0_0.distcp"
+    data = f.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    assert header["model.embed.weight"]["data_offsets"] != header["optim.state.embed.weight.exp_avg"]["data_offsets"]
+    header["model.embed.weight"]["data_offsets"] = header["optim.state.embed.weight.exp_avg"]["data_offsets"]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= n, "the edited header must keep its length"
+    f.write_bytes(data[:8] + text.ljust(n) + data[8 + n:])
+    out = tmp_path / "out"
+    r = run("convert", src, out, "--format", "pt")
+    assert r.returncode == 1, f"exit {r.returncode}, stderr:\n{r.stderr}"
+    assert f"{f}: not a torch checkpoint: bad safetensors item at byte 0: entry '" in r.stderr, r.stderr
+    assert "(gap or overlap)" in r.stderr, r.stderr
+    assert not leftovers(out), f"output left behind: {leftovers(out)}"
+
+
 @pytest.mark.parametrize("name", [k for k in BROKEN_EXPECTED if k.startswith("metadata_")])
 def test_broken_metadata_inspect_refused(run, tmp_path, name):
     src = BROKEN / name

@@ -508,7 +508,19 @@ def test_untied_base_keeps_equal_lm_head(run, tmp_path):
 def test_rank_mismatch_refused(run, tmp_path, mode):
     out = tmp_path / "out"
     r = run("convert", L / "bad" / "rank_mismatch.pt", out, "--base", BASE, "--lora", mode, "--lora-path", LORA_PATH)
-    failed_cleanly(r, out, "model.layers.1.mlp.up_proj", "rank", what=f"rank mismatch ({mode})")
+    # The error names the checkpoint (issue #16: LoRA errors named no file).
+    failed_cleanly(r, out, f"{L / 'bad' / 'rank_mismatch.pt'}: ", "model.layers.1.mlp.up_proj", "rank",
+                   what=f"rank mismatch ({mode})")
+
+
+def test_lora_flags_without_lora_tensors_name_the_checkpoint(run, tmp_path):
+    """--lora on a checkpoint with no LoRA tensors, and --lora-r against its real rank: errors about the
+    checkpoint's tensors, so they name it."""
+    plain = FIXTURES / "pt" / "odd_names.pt"
+    out = tmp_path / "out"
+    failed_cleanly(run("convert", plain, out, "--lora", "merge"), out, f"{plain}: ", "no lora tensors", what="--lora")
+    failed_cleanly(run("convert", CKPT, out, "--base", BASE, "--lora", "adapter", "--lora-r", "3"), out, f"{CKPT}: ",
+                   "--lora-r says r = 3", what="--lora-r")
 
 
 # The checkpoint is fine in these cases: a message calling it "not a torch checkpoint" sends the user to the

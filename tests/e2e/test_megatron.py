@@ -2,8 +2,8 @@
 files, and the same models saved as torch_dist.
 
 Owns: tests/e2e/test_megatron.py. Inputs: tests/fixtures/make_megatron_fixtures.py -> tests/fixtures/megatron/,
-REAL megatron-core GPT models (TP 1/2/4, TP2xPP2, bf16, tied, padded vocab, Qwen3 qk-norm, Llama, TE norm
-names) saved per rank the way Megatron saves them. Expectations never come from hard-coded values:
+REAL megatron-core GPT models (TP 1/2/4, TP2xPP2, bf16, tied, padded vocab, Qwen3 qk-norm, Llama, Phi-3's fused
+names, TE norm names) saved per rank the way Megatron saves them. Expectations never come from hard-coded values:
   - logits: transformers' float32 forward of ckptconv's output must reproduce megatron's own forward
     (reference_logits.pt) within 1e-4 (fp32) / 5e-2 (bf16 compute; the bf16 case also has an fp32-compute
     reference of the same weights, held to 1e-4);
@@ -163,6 +163,28 @@ def test_base_weights_never_copied(converted):
     assert not stray, f"weight files the output does not announce: {sorted(stray)}"
 
 
+def test_phi3_fuses_qkv_and_gate_up(converted, reference):
+    """A Phi-3 base gets Phi-3's fused projections: qkv_proj = [all q heads; all k heads; all v heads] gathered
+    from both TP ranks' per-group rows, gate_up_proj = [gate; up], no split names, and transformers builds a
+    Phi3ForCausalLM from the output (its logits are test_logits_match_megatron's)."""
+    from transformers import AutoModelForCausalLM
+
+    case = "phi3_tp2"
+    out, m, cfg = converted(case), MANIFEST[case], base_config(MG / case)
+    got = load_output(out)
+    split = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    assert not [k for k in got if k.split(".")[-2] in split], "split names in a Phi-3 output"
+    heads, groups, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"] // cfg["num_attention_heads"]
+    assert m["tp"] == groups == 2, "the fixture should hold one query group per TP rank"
+    for i in range(m["layers"]):
+        qkv = got[f"model.layers.{i}.self_attn.qkv_proj.weight"]
+        assert qkv.shape[0] == (heads + 2 * groups) * hd
+        assert got[f"model.layers.{i}.mlp.gate_up_proj.weight"].shape[0] == 2 * cfg["intermediate_size"]
+    assert_same(got, reference(case), case)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert type(model).__name__ == "Phi3ForCausalLM"
+
+
 def test_te_norm_names_give_same_model(converted):
     """TE-fused norm names (layer_norm_weight) map to the same HF tensors as the local spec's."""
     assert_same(load_output(converted("qwen2_tp2_te_names")), load_output(converted("qwen2_tp2")), "te_names")
@@ -260,7 +282,7 @@ def test_dtype_flag_overrides_base(run, reference, tmp_path, case, flag, dtype):
     assert_same(load_output(out), reference(case, dtype), f"{case} --dtype {flag}")
 
 
-@pytest.mark.parametrize("case", ["qwen2_tp2_pp2", "qwen3_tp2"])
+@pytest.mark.parametrize("case", ["qwen2_tp2_pp2", "qwen3_tp2", "phi3_tp2"])
 def test_inspect_lists_plan(run, case):
     r = run("inspect", MG / case / "actor", "--base", MG / case / "base_hf")
     assert r.returncode == 0, r.stderr
@@ -273,6 +295,42 @@ def test_inspect_without_base(run):
     r = run("inspect", MG / "qwen2_tp2" / "actor")
     assert r.returncode == 0, r.stderr
     assert "layers" in (r.stdout + r.stderr).lower(), "inspect shows none of the args it read"
+
+
+def _with_args(src, tmp_path, value, files):
+    """A copy of `src` whose `args` (in each of `files`, found under it) are `value` instead of a Namespace."""
+    dst = tmp_path / "actor"
+    shutil.copytree(src, dst)
+    for f in sorted(dst.rglob(files)):
+        c = torch.load(f, weights_only=False)
+        c["args"] = value
+        torch.save(c, f)
+    return dst
+
+
+@pytest.mark.parametrize("value", [7, {"lr": 0.1}], ids=["int", "dict"])
+def test_args_not_a_namespace(run, converted, tmp_path, value):
+    """`args` that are not an argparse.Namespace (an int, a dict of other things) give no layout: without a base
+    model that is an error naming the rank file the args came from (issue #16: it named no file); with one, the
+    layout comes from tensor shapes and config.json and the model is the same."""
+    actor = _with_args(MG / "qwen2_tp2" / "actor", tmp_path, value, "model_optim_rng.pt")
+    r = run("inspect", actor)
+    assert r.returncode == 1, r.stderr
+    rank0 = actor / ITER / "mp_rank_00" / "model_optim_rng.pt"
+    assert r.stderr.startswith(f"ckptconv: error[inconsistent]: {rank0}: inconsistent checkpoint: no hidden_size: "), r.stderr
+    assert "args" in r.stderr and "--base" in r.stderr, r.stderr
+    out = tmp_path / "out"
+    r = run("mg2hf", actor, out, MG / "qwen2_tp2" / "base_hf")
+    assert r.returncode == 0, r.stderr
+    assert_same(load_output(out), load_output(converted("qwen2_tp2")), f"args = {value!r}")
+
+
+def test_torch_dist_args_not_a_namespace(run, tmp_path):
+    """The same in torch_dist: common.pt's `args` an int names common.pt."""
+    actor = _with_args(MG / "qwen2_tp2_pp2" / "actor_dist", tmp_path, 7, "common.pt")
+    r = run("inspect", actor, "--base", MG / "qwen2_tp2_pp2" / "base_hf")
+    assert r.returncode == 1, r.stderr
+    assert f"ckptconv: error[inconsistent]: {actor / ITER / 'common.pt'}: " in r.stderr, r.stderr
 
 
 def test_deterministic(run, tmp_path):

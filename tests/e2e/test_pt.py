@@ -9,6 +9,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -17,6 +18,9 @@ import torch
 from safetensors import safe_open
 
 from conftest import FIXTURES, INDEX, assert_same, expected_tensors, load_output, read_header, shard_files, tensor_bytes
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hostile"))
+import terminal  # noqa: E402  (tests/hostile/terminal.py: how names are shown)
 
 PT_FILES = sorted((FIXTURES / "pt").glob("*.pt")) + [FIXTURES / "sample" / "full_weights.pt"]
 HOSTILE = FIXTURES.parent / "hostile"
@@ -78,7 +82,8 @@ def test_inspect_lists_format_and_tensors(run, src):
     r = run("inspect", src)
     assert r.returncode == 0, r.stderr
     assert ("zip" if zipfile.is_zipfile(src) else "legacy") in r.stdout.lower(), "inspect does not name the format"
-    missing = [k for k in expected_tensors(load(src)) if k not in r.stdout]
+    # Names are listed as a terminal may show them: tab\tnewline\n as tab\x09newline\x0a (issue #16).
+    missing = [k for k in expected_tensors(load(src)) if terminal.escaped(k) not in r.stdout]
     assert not missing, f"inspect does not list {missing[:5]}"
 
 

@@ -1,13 +1,16 @@
 //! The wasm-bindgen API (browser only).
 
-use ckptconv::convert::{self, PlanOptions, Planned};
+use ckptconv::conversion::{Checkpoint, Conversion, ConversionOptions, Output};
 use ckptconv::dtype::DType;
 use ckptconv::hf::BaseModel;
 use ckptconv::io::{Folder, Input, ReadAt};
 use ckptconv::lora::{self, LoraMode, LoraOptions};
+use ckptconv::planned::PlanOptions;
 use ckptconv::select::Prefix;
-use ckptconv::write::safetensors::{self, OutputLayout, Piece, Puller};
+use ckptconv::write::safetensors;
+use ckptconv::write::{OutputSet, Piece, Puller};
 use ckptconv::{Error, ErrorKind};
+use serde::Deserialize;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use wasm_bindgen::prelude::*;
@@ -149,32 +152,88 @@ fn js_err(e: Error) -> JsError {
     JsError::new(&e.to_string())
 }
 
-fn opt_str(o: &JsValue, k: &str) -> Option<String> {
-    js_sys::Reflect::get(o, &k.into()).ok().and_then(|v| v.as_string())
+/// The options object of [`Job::new`] (every field optional).
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+struct JsOptions {
+    /// Output dtype for float tensors: keep, bf16, fp16 or fp32.
+    dtype: Option<String>,
+    /// `merge` or `adapter`.
+    lora: Option<String>,
+    lora_alpha: Option<f64>,
+    lora_r: Option<f64>,
+    /// e.g. `5GB`; empty means one file.
+    max_shard_size: Option<String>,
+    prefix: Option<String>,
+    allow_mismatch: bool,
+    /// Verbatim ranges come as `copy` pieces naming an input Blob.
+    copies: bool,
+    /// `convert` (the default) or `dcp-to-pt`: the checkpoint's tensors as saved, in one torch.save file.
+    mode: Option<String>,
+    /// `safetensors` (the default) or `pt` (one `pytorch_model.bin`).
+    format: Option<String>,
+    /// The torch.save file's name in `dcp-to-pt` mode (default `full_weights.pt`, RLinf's).
+    output_name: Option<String>,
 }
 
-fn opt_f64(o: &JsValue, k: &str) -> Option<f64> {
-    js_sys::Reflect::get(o, &k.into()).ok().and_then(|v| v.as_f64())
-}
-
-/// One output file after the model files: bytes in memory, or a base-model file copied through (with its Blob
-/// when the caller takes copies).
-enum Extra {
-    Bytes(String, Vec<u8>),
-    Copy(String, Input, Option<web_sys::Blob>),
+impl JsOptions {
+    fn conversion(&self, base_folder: Option<&JsFolder>) -> Result<ConversionOptions, JsError> {
+        let dtype = match &self.dtype {
+            Some(d) => DType::from_cli(d).map_err(|e| JsError::new(&e))?,
+            None => None,
+        };
+        let adapter_config = match base_folder {
+            Some(f) if f.files.contains_key("adapter_config.json") => {
+                let i = f.open("adapter_config.json").map_err(js_err)?;
+                Some(lora::read_adapter_config(&i).map_err(js_err)?)
+            }
+            _ => None,
+        };
+        let plan = PlanOptions {
+            dtype,
+            prefix: match &self.prefix {
+                Some(p) => Prefix::Explicit(p.clone()),
+                None => Prefix::Auto,
+            },
+            require_base: true,
+            allow_mismatch: self.allow_mismatch,
+            lora: LoraOptions {
+                mode: if self.lora.as_deref() == Some("adapter") { LoraMode::Adapter } else { LoraMode::Merge },
+                explicit: self.lora.is_some(),
+                alpha: self.lora_alpha,
+                r: self.lora_r.map(|r| r as u64),
+                r_origin: None,
+                adapter_config,
+            },
+        };
+        let as_saved = match self.mode.as_deref() {
+            None | Some("convert") => false,
+            Some("dcp-to-pt") => true,
+            Some(m) => return Err(JsError::new(&format!("unknown mode '{m}' (convert or dcp-to-pt)"))),
+        };
+        let output = match (as_saved, self.format.as_deref()) {
+            (true, _) => {
+                Output::TorchSave { name: self.output_name.clone().unwrap_or_else(|| "full_weights.pt".into()) }
+            }
+            (false, None | Some("safetensors")) => Output::Safetensors {
+                max_shard: match &self.max_shard_size {
+                    Some(s) if !s.is_empty() => Some(safetensors::parse_size(s).map_err(|e| JsError::new(&e))?),
+                    _ => None,
+                },
+            },
+            (false, Some("pt")) => Output::TorchSave { name: "pytorch_model.bin".into() },
+            (false, Some(f)) => return Err(JsError::new(&format!("unknown format '{f}' (safetensors or pt)"))),
+        };
+        Ok(ConversionOptions { plan, output, as_saved, ..Default::default() })
+    }
 }
 
 /// A conversion: planned when constructed, then pulled piece by piece with `next()`.
 #[wasm_bindgen]
 pub struct Job {
-    planned: Planned,
-    layout: OutputLayout,
-    extras: Vec<Extra>,
+    conv: Conversion,
     puller: Puller,
-    /// Index into `extras` once the model files are done, and the byte position in it.
-    extra_at: Option<(usize, u64, bool)>,
-    chunk: Vec<u8>,
-    /// With `options.copies`: the Blob behind each planned input, so verbatim ranges go out as `copy` pieces.
+    /// With `options.copies`: the Blob behind each input, so verbatim ranges go out as `copy` pieces.
     blobs: Option<Vec<web_sys::Blob>>,
 }
 
@@ -182,78 +241,38 @@ pub struct Job {
 impl Job {
     /// Plans a conversion. `files`: array of `{path, file}` (a single file, or a dropped folder);
     /// `base`: the same for an optional base-model folder (or `null`); `options`: `{dtype, lora, loraAlpha,
-    /// loraR, maxShardSize, prefix, allowMismatch, copies}`. With `copies: true`, bytes that go to the output
-    /// unchanged come as `copy` pieces naming a range of an input Blob, for the caller to read and write itself,
-    /// instead of passing through wasm memory.
+    /// loraR, maxShardSize, prefix, allowMismatch, copies, mode, format, outputName}`. With `copies: true`, bytes
+    /// that go to the output unchanged come as `copy` pieces naming a range of an input Blob, for the caller to
+    /// read and write itself, instead of passing through wasm memory.
     #[wasm_bindgen(constructor)]
     pub fn new(files: js_sys::Array, base: JsValue, options: JsValue) -> Result<Job, JsError> {
         // A lone file is named by itself in messages; a folder without a shared top folder as "input".
         let folder = JsFolder::from_js(&files, if files.length() == 1 { "" } else { "input" })?;
+        let opts: JsOptions = if options.is_object() {
+            serde_wasm_bindgen::from_value(options).map_err(|e| JsError::new(&format!("options: {e}")))?
+        } else {
+            JsOptions::default()
+        };
         let base_folder = match base.dyn_ref::<js_sys::Array>() {
-            Some(a) if a.length() > 0 => Some(JsFolder::from_js(a, "base")?),
+            Some(a) if a.length() > 0 && opts.mode.as_deref() != Some("dcp-to-pt") => {
+                Some(JsFolder::from_js(a, "base")?)
+            }
             _ => None,
         };
         let base_model = match &base_folder {
             Some(f) => Some(BaseModel::open(f).map_err(js_err)?),
             None => None,
         };
-        let dtype = match opt_str(&options, "dtype") {
-            Some(d) => DType::from_cli(&d).map_err(|e| JsError::new(&e))?,
-            None => None,
-        };
-        let lora_mode = opt_str(&options, "lora");
-        let adapter_config = match &base_folder {
-            Some(f) if f.files.contains_key("adapter_config.json") => {
-                let i = f.open("adapter_config.json").map_err(js_err)?;
-                Some(lora::read_adapter_config(&i).map_err(js_err)?)
-            }
-            _ => None,
-        };
-        let opts = PlanOptions {
-            dtype,
-            prefix: match opt_str(&options, "prefix") {
-                Some(p) => Prefix::Explicit(p),
-                None => Prefix::Auto,
-            },
-            require_base: true,
-            allow_mismatch: js_sys::Reflect::get(&options, &"allowMismatch".into()).ok().and_then(|v| v.as_bool())
-                == Some(true),
-            lora: LoraOptions {
-                mode: if lora_mode.as_deref() == Some("adapter") { LoraMode::Adapter } else { LoraMode::Merge },
-                explicit: lora_mode.is_some(),
-                alpha: opt_f64(&options, "loraAlpha"),
-                r: opt_f64(&options, "loraR").map(|r| r as u64),
-                r_origin: None,
-                adapter_config,
-            },
-        };
+        let conversion = opts.conversion(base_folder.as_ref())?;
         // A single file can only be a torch.save file; anything else is a folder.
-        let mut planned = if folder.files.len() == 1 {
-            let rel = folder.files().into_iter().next().unwrap_or_default();
-            convert::plan_torch_file(folder.open(&rel).map_err(js_err)?, &opts).map_err(js_err)?
-        } else {
-            convert::plan_folder(&folder, base_model.as_ref(), &opts).map_err(js_err)?
+        let checkpoint = match folder.files.keys().next() {
+            Some(rel) if folder.files.len() == 1 => Checkpoint::File(folder.open(rel).map_err(js_err)?),
+            _ => Checkpoint::Folder(&folder),
         };
-        let adapter = convert::finish(&mut planned, base_model.as_ref(), &opts).map_err(js_err)?;
-        let max_shard = match opt_str(&options, "maxShardSize") {
-            Some(s) if !s.is_empty() => Some(safetensors::parse_size(&s).map_err(|e| JsError::new(&e))?),
-            _ => None,
-        };
-        let mut layout = safetensors::layout(&planned.plan, max_shard).map_err(js_err)?;
-        let mut extras = Vec::new();
-        if let Some(cfg) = adapter {
-            safetensors::as_adapter(&mut layout).map_err(js_err)?;
-            extras.push(Extra::Bytes(safetensors::ADAPTER_CONFIG.into(), cfg));
-        }
-        let copies = js_sys::Reflect::get(&options, &"copies".into()).ok().and_then(|v| v.as_bool()) == Some(true);
-        if let (Some(b), Some(f)) = (&base_model, &base_folder) {
-            for name in &b.files {
-                let blob = if copies { f.files.get(name).cloned() } else { None };
-                extras.push(Extra::Copy(name.clone(), f.open(name).map_err(js_err)?, blob));
-            }
-        }
+        let conv = Conversion::new(checkpoint, base_model.as_ref(), &conversion).map_err(js_err)?;
         // Inputs are named as their folder shows them; every one must have its Blob, or nothing is copied.
-        let blobs = copies
+        let blobs = opts
+            .copies
             .then(|| {
                 let mut by_name = BTreeMap::new();
                 for f in std::iter::once(&folder).chain(&base_folder) {
@@ -261,34 +280,23 @@ impl Job {
                         by_name.insert(f.display(rel), blob);
                     }
                 }
-                planned.inputs.iter().map(|i| by_name.get(&i.name).map(|b| (*b).clone())).collect::<Option<Vec<_>>>()
+                conv.inputs().iter().map(|i| by_name.get(&i.name).map(|b| (*b).clone())).collect::<Option<Vec<_>>>()
             })
             .flatten();
         let puller = Puller::new(blobs.is_some());
-        Ok(Job { planned, layout, extras, puller, extra_at: None, chunk: Vec::new(), blobs })
+        Ok(Job { conv, puller, blobs })
     }
 
     /// The plan as JSON: format, notes, groups, tensors (name, dtype, shape, bytes, source_dtype), total bytes and
     /// output files.
     #[wasm_bindgen(js_name = planJson)]
     pub fn plan_json(&self) -> String {
-        let mut doc = self.planned.json_fields();
-        doc.insert("totalBytes".into(), self.planned.plan.total_bytes().into());
-        doc.insert("outputs".into(), self.outputs().into());
+        let mut doc = self.conv.planned().json_fields();
+        doc.insert("totalBytes".into(), self.conv.plan().total_bytes().into());
+        let outputs: Vec<_> =
+            self.conv.files().iter().map(|f| serde_json::json!({"name": f.name, "size": f.size})).collect();
+        doc.insert("outputs".into(), outputs.into());
         serde_json::Value::Object(doc).to_string()
-    }
-
-    fn outputs(&self) -> Vec<serde_json::Value> {
-        let mut v: Vec<_> =
-            self.layout.files.iter().map(|f| serde_json::json!({"name": f.name, "size": f.size})).collect();
-        for e in &self.extras {
-            let (name, size) = match e {
-                Extra::Bytes(n, b) => (n.as_str(), b.len() as u64),
-                Extra::Copy(n, i, _) => (n.as_str(), i.len()),
-            };
-            v.push(serde_json::json!({"name": name, "size": size}));
-        }
-        v
     }
 
     /// The next piece: `{kind: "begin", name, size}`, `{kind: "data", bytes}` (a fresh `Uint8Array` the
@@ -297,74 +305,32 @@ impl Job {
     /// call `name`), `{kind: "end"}`, or `null` when done.
     #[wasm_bindgen(js_name = next)]
     pub fn next_piece(&mut self) -> Result<JsValue, JsError> {
+        let piece = self.puller.next_piece(&self.conv).map_err(js_err)?;
         let obj = js_sys::Object::new();
         let set = |k: &str, v: JsValue| js_sys::Reflect::set(&obj, &k.into(), &v).map(|_| ());
-        if self.extra_at.is_none() {
-            let piece =
-                self.puller.next_piece(&self.planned.plan, &self.layout, &self.planned.inputs).map_err(js_err)?;
-            match piece {
-                Some(Piece::Begin { name, size }) => {
-                    set("kind", "begin".into()).ok();
-                    set("name", name.into()).ok();
-                    set("size", (size as f64).into()).ok();
-                }
-                Some(Piece::Header(b) | Piece::Data(b)) => {
-                    set("kind", "data".into()).ok();
-                    // A copy: the band buffer in wasm memory is reused by the next call.
-                    set("bytes", js_sys::Uint8Array::from(b).into()).ok();
-                }
-                Some(Piece::Copy { input, offset, len }) => {
-                    let blob = self.blobs.as_ref().and_then(|b| b.get(input));
-                    let Some(blob) = blob else { return Err(JsError::new("internal: a copy from an unknown input")) };
-                    let name = self.planned.inputs.get(input).map(|i| i.name.as_str()).unwrap_or("");
-                    return Ok(copy_piece(blob, name, offset, len));
-                }
-                Some(Piece::Written(_)) => {
-                    return Err(JsError::new("internal: positional writes are off in the browser"));
-                }
-                Some(Piece::End) => set("kind", "end".into()).ok().unwrap_or(()),
-                None => self.extra_at = Some((0, 0, false)),
+        match piece {
+            None => return Ok(JsValue::NULL),
+            Some(Piece::Begin { name, size }) => {
+                set("kind", "begin".into()).ok();
+                set("name", name.into()).ok();
+                set("size", (size as f64).into()).ok();
             }
-            if self.extra_at.is_none() {
-                return Ok(obj.into());
+            Some(Piece::Bytes(b) | Piece::Data(b)) => {
+                set("kind", "data".into()).ok();
+                // A copy: the band buffer in wasm memory is reused by the next call.
+                set("bytes", js_sys::Uint8Array::from(b).into()).ok();
             }
-        }
-        let Some((i, pos, begun)) = self.extra_at else { return Ok(JsValue::NULL) };
-        let Some(extra) = self.extras.get(i) else { return Ok(JsValue::NULL) };
-        let (name, size) = match extra {
-            Extra::Bytes(n, b) => (n.clone(), b.len() as u64),
-            Extra::Copy(n, inp, _) => (n.clone(), inp.len()),
-        };
-        if !begun {
-            self.extra_at = Some((i, 0, true));
-            set("kind", "begin".into()).ok();
-            set("name", name.into()).ok();
-            set("size", (size as f64).into()).ok();
-            return Ok(obj.into());
-        }
-        if pos >= size {
-            self.extra_at = Some((i + 1, 0, false));
-            set("kind", "end".into()).ok();
-            return Ok(obj.into());
-        }
-        if let Extra::Copy(_, inp, Some(blob)) = extra {
-            self.extra_at = Some((i, size, true));
-            return Ok(copy_piece(blob, &inp.name, 0, size));
-        }
-        let n = (size - pos).min(4 << 20);
-        match extra {
-            Extra::Bytes(_, b) => {
-                self.chunk.clear();
-                self.chunk.extend_from_slice(&b[pos as usize..(pos + n) as usize]);
+            Some(Piece::Copy { input, offset, len, .. }) => {
+                let blob = self.blobs.as_ref().and_then(|b| b.get(input));
+                let Some(blob) = blob else { return Err(JsError::new("internal: a copy from an unknown input")) };
+                let name = self.conv.inputs().get(input).map(|i| i.name.as_str()).unwrap_or("");
+                return Ok(copy_piece(blob, name, offset, len));
             }
-            Extra::Copy(_, inp, _) => {
-                self.chunk.resize(n as usize, 0);
-                inp.read_exact_at(pos, &mut self.chunk).map_err(js_err)?;
+            Some(Piece::Written(_)) => {
+                return Err(JsError::new("internal: positional writes are off in the browser"));
             }
+            Some(Piece::End) => set("kind", "end".into()).ok().unwrap_or(()),
         }
-        self.extra_at = Some((i, pos + n, true));
-        set("kind", "data".into()).ok();
-        set("bytes", js_sys::Uint8Array::from(&self.chunk[..]).into()).ok();
         Ok(obj.into())
     }
 

@@ -172,6 +172,26 @@ describe('the page', () => {
     });
   }
 
+  for (const [label, dir] of [
+    ['a DCP folder', DCP],
+    ['a Megatron torch_dist iteration folder', join(MEGATRON_DIST, 'iter_0000001')],
+  ]) {
+    test(`dcp-to-pt: ${label} written as one .pt is byte-identical to \`ckptconv dcp-to-pt\``, async () => {
+      const page = await openPage();
+      await page.setInputFiles('#folder-input', dir);
+      await page.selectOption('select[name=mode]', 'dcp-to-pt');
+      await page.dispatchEvent('#options', 'change');
+      const { job, hashes } = await convertOnPage(page);
+      assert.deepEqual(job.outputs.map((o) => o.name), ['full_weights.pt']);
+      const out = join(await mkdtemp(join(tmpdir(), 'ckptconv-native-')), 'out');
+      execFileSync(NATIVE, ['dcp-to-pt', '--dcp_path', dir, '--output_path', join(out, 'full_weights.pt')], {
+        stdio: 'pipe',
+      });
+      assert.deepEqual(hashes, hashTree(out));
+      await page.clean();
+    });
+  }
+
   test('a Megatron TP=2 folder with its base folder matches `ckptconv mg2hf`, config and tokenizer included', async () => {
     const page = await openPage();
     await page.setInputFiles('#folder-input', MEGATRON);
@@ -304,7 +324,9 @@ describe('the page', () => {
   });
 
   test('cancel stops the worker and deletes the partial files; only .partial names exist mid-way', async () => {
-    const page = await openPage();
+    // ?hold=4: the engine stops after four pieces (some data on disk) until cancelled, so the job cannot finish
+    // before Cancel is clicked however fast or loaded the machine is.
+    const page = await openPage('?hold=4');
     await page.setInputFiles('#files-input', bigPt);
     assert.equal(await waitState(page, ['ready', 'invalid']), 'ready', await errorText(page));
     const before = await opfs(page);
@@ -323,7 +345,8 @@ describe('the page', () => {
   });
 
   test('an input that breaks mid-way fails with a message and leaves nothing in OPFS', async () => {
-    const page = await openPage();
+    // Held after four pieces, so the file changes while the job is surely still reading it.
+    const page = await openPage('?hold=4');
     const victim = join(scratch, 'changing.pt');
     copyFileSync(bigPt, victim);
     await page.setInputFiles('#files-input', victim);
@@ -334,6 +357,7 @@ describe('the page', () => {
     assert.equal((await newInOpfs(page, before)).length, 1);
     // The file changes under the browser: its File snapshot no longer reads.
     truncateSync(victim, Math.floor(statSync(victim).size / 2));
+    await page.evaluate(() => window.ckptconvTest.release());
     assert.equal(await waitState(page, ['failed', 'done']), 'failed');
     assert.match(await errorText(page), /changing\.pt/);
     assert.deepEqual(await newInOpfs(page, before), []);

@@ -1,5 +1,5 @@
 // Human-readable numbers for the page: sizes in decimal units (as HF's "5GB" and the CLI's MB/s use), durations,
-// and the progress line (bytes, MB/s, ETA).
+// and the progress line (bytes, MB/s, ETA); and displaySafe, which every string from a checkpoint goes through.
 
 export function formatBytes(n) {
   if (!Number.isFinite(n)) return '?';
@@ -34,4 +34,22 @@ export function progressLine(done, total, ms) {
 /** A tensor shape as torch prints it: [151936, 1536]; a 0-dim tensor is []. */
 export function formatShape(shape) {
   return `[${shape.join(', ')}]`;
+}
+
+// What must not be shown as itself (the core's is_unsafe_char in src/error.rs, the same set): controls (C0, DEL,
+// C1), bidi overrides, embeddings, isolates and marks, and invisible characters (zero-width, BOM, soft hyphen,
+// Hangul fillers, interlinear annotations, tag characters, line and paragraph separators).
+const UNSAFE =
+  /[\u{0}-\u{1f}\u{7f}-\u{9f}\u{ad}\u{61c}\u{115f}\u{1160}\u{180e}\u{200b}-\u{200f}\u{2028}-\u{202e}\u{2060}-\u{2064}\u{2066}-\u{206f}\u{3164}\u{feff}\u{ffa0}\u{fff9}-\u{fffb}\u{e0000}-\u{e007f}]/gu;
+
+/**
+ * A name or message from a checkpoint as the page shows it: each unsafe character as a visible escape (`\x1b`,
+ * `\u{202e}`), as the CLI prints it; everything else (ASCII, non-ASCII letters) unchanged. The engine's JSON stays
+ * exact; textContent already keeps HTML out, this keeps a name from reordering or hiding what is around it.
+ */
+export function displaySafe(text) {
+  return String(text).replace(UNSAFE, (c) => {
+    const cp = c.codePointAt(0);
+    return cp < 0x80 ? `\\x${cp.toString(16).padStart(2, '0')}` : `\\u{${cp.toString(16)}}`;
+  });
 }

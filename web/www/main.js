@@ -3,7 +3,7 @@
 // OPFS files, or a folder export).
 // State lives in `state`; the phase is mirrored on <body data-state> for styling and for the tests.
 import { describeFiles, filesFromDrop, filesFromInput } from './entries.js';
-import { formatBytes, formatDuration, progressLine } from './format.js';
+import { displaySafe, formatBytes, formatDuration, progressLine } from './format.js';
 import { holdJob, listAll, newJobId, outputHandle, removeJob, saveToFolder, sha256, sweepJobs } from './opfs.js';
 import { hidePlan, showOutputs, showPlan } from './planview.js';
 
@@ -14,6 +14,9 @@ const forceMemory = query.get('store') === 'memory';
 // `?copiers=0` makes the OPFS writer copy unchanged ranges itself, as on engines without shared access handles.
 const copiers = query.get('copiers') === '0' ? 0 : undefined;
 const store = forceMemory ? 'memory' : 'opfs';
+// `?hold=N` (tests only): the engine stops after N pieces until cancelled or released (ckptconvTest.release()), so a
+// test can act on a job mid-way whatever the machine's speed.
+const hold = Number(query.get('hold')) || undefined;
 
 const state = {
   files: [],
@@ -36,7 +39,8 @@ function setPhase(phase) {
 
 function showError(message) {
   $('error').hidden = !message;
-  $('error').textContent = message ? `Error: ${message}` : '';
+  // The engine's messages are escaped already; a message from elsewhere (a file name in a drop) may not be.
+  $('error').textContent = message ? `Error: ${displaySafe(message)}` : '';
 }
 
 function say(text) {
@@ -46,6 +50,7 @@ function say(text) {
 function readOptions() {
   const form = new FormData($('options'));
   const options = { dtype: form.get('dtype') || 'keep' };
+  if (form.get('mode') === 'dcp-to-pt') options.mode = 'dcp-to-pt';
   if (form.get('lora')) options.lora = form.get('lora');
   const shard = String(form.get('maxShardSize') ?? '').trim();
   if (shard) options.maxShardSize = shard;
@@ -177,7 +182,7 @@ async function convert() {
     }
   };
   job.worker.onerror = (e) => failed(job, `the engine stopped (${e.message || 'worker error'})`);
-  if (warm) job.worker.postMessage({ type: 'run', jobId: id, store: job.store, copiers });
+  if (warm) job.worker.postMessage({ type: 'run', jobId: id, store: job.store, copiers, hold });
   else
     job.worker.postMessage({
       type: 'convert',
@@ -187,6 +192,7 @@ async function convert() {
       jobId: id,
       store: job.store,
       copiers,
+      hold,
     });
 }
 
@@ -240,13 +246,13 @@ async function cancel() {
 function setFiles(files) {
   if (document.body.dataset.state === 'converting') return;
   state.files = files;
-  $('input-summary').textContent = describeFiles(files, formatBytes);
+  $('input-summary').textContent = displaySafe(describeFiles(files, formatBytes));
   replan();
 }
 
 function setBase(files) {
   state.base = files;
-  $('base-summary').textContent = files.length ? describeFiles(files, formatBytes) : 'none';
+  $('base-summary').textContent = files.length ? displaySafe(describeFiles(files, formatBytes)) : 'none';
   $('clear-base').hidden = files.length === 0;
   if (state.files.length) replan();
 }
@@ -259,7 +265,7 @@ async function exportToFolder() {
       : (await outputHandle(job.id, name)).getFile();
   try {
     const saved = await saveToFolder(job.outputs, fileOf, (i, o) =>
-      say(`Saving ${o.name} (${i + 1} of ${job.outputs.length})…`),
+      say(`Saving ${displaySafe(o.name)} (${i + 1} of ${job.outputs.length})…`),
     );
     if (saved) say(`Saved ${job.outputs.length} file${job.outputs.length === 1 ? '' : 's'}.`);
   } catch (e) {
@@ -323,6 +329,8 @@ window.ckptconvTest = {
   list: listAll,
   hash: sha256,
   job: () => state.job && { id: state.job.id, store: state.job.store, outputs: state.job.outputs, run: state.job.run },
+  // Lets an engine held with ?hold=N go on.
+  release: () => state.job?.worker?.postMessage({ type: 'release' }),
   async sha256(name) {
     const job = state.job;
     const m = job.memoryFiles.find((f) => f.name === name);

@@ -1,6 +1,7 @@
 // Renders the engine's plan (format, notes, groups, planned tensors with totals) and the list of finished outputs.
-// Everything goes in through textContent: tensor names come from the checkpoint and are never treated as HTML.
-import { formatBytes, formatShape } from './format.js';
+// Everything goes in through textContent: tensor names come from the checkpoint and are never treated as HTML;
+// and every string from it through displaySafe, so control and bidi characters show as escapes.
+import { displaySafe, formatBytes, formatShape } from './format.js';
 
 const $ = (id) => document.getElementById(id);
 
@@ -14,22 +15,22 @@ function cell(row, text, tag = 'td', cls = '') {
 
 export function showPlan(plan) {
   $('plan').hidden = false;
-  $('plan-format').textContent = plan.format;
+  $('plan-format').textContent = displaySafe(plan.format);
   const outs = plan.outputs;
   const outBytes = outs.reduce((n, o) => n + o.size, 0);
   $('plan-outputs').textContent =
     `${outs.length} file${outs.length === 1 ? '' : 's'}, ${formatBytes(outBytes)}: ` +
-    outs.map((o) => o.name).join(', ');
+    outs.map((o) => displaySafe(o.name)).join(', ');
 
   const notes = $('plan-notes');
-  notes.replaceChildren(...plan.notes.map((n) => Object.assign(document.createElement('li'), { textContent: n })));
+  notes.replaceChildren(...plan.notes.map((n) => Object.assign(document.createElement('li'), { textContent: displaySafe(n) })));
 
   const groups = $('plan-groups');
   groups.hidden = plan.groups.length === 0;
   groups.tBodies[0].replaceChildren(
     ...plan.groups.map((g) => {
       const tr = document.createElement('tr');
-      cell(tr, g.name, 'th').scope = 'row';
+      cell(tr, displaySafe(g.name), 'th').scope = 'row';
       cell(tr, String(g.tensors), 'td', 'num');
       cell(tr, formatBytes(g.bytes), 'td', 'num');
       cell(tr, String(g.others), 'td', 'num');
@@ -41,7 +42,7 @@ export function showPlan(plan) {
   const rows = document.createDocumentFragment();
   for (const t of plan.tensors) {
     const tr = document.createElement('tr');
-    cell(tr, t.name, 'th').scope = 'row';
+    cell(tr, displaySafe(t.name), 'th').scope = 'row';
     cell(tr, t.dtype);
     cell(tr, formatShape(t.shape));
     cell(tr, formatBytes(t.bytes), 'td', 'num').title = `${t.bytes} bytes`;
@@ -70,7 +71,7 @@ export function showOutputs(files) {
       a.href = f.url;
       // Browsers refuse '/' in download names: keep the folder in the name instead.
       a.download = f.name.replaceAll('/', '_');
-      a.textContent = f.name;
+      a.textContent = displaySafe(f.name);
       li.append(a, ` ${formatBytes(f.size)}`);
       return li;
     }),

@@ -20,8 +20,14 @@ let plan = null;
 // The OPFS writer (and its copier pool), started as soon as a plan is shown, so that the workers' start-up is over
 // by the time Convert is pressed.
 let warmWriter = null;
+// Resumes a run held with `hold` (tests).
+let releaseHold = null;
 
 self.onmessage = async ({ data }) => {
+  if (data.type === 'release') {
+    releaseHold?.();
+    return;
+  }
   let sink;
   try {
     ready ??= init({ module_or_path: new URL('./pkg/ckptconv_web_bg.wasm', import.meta.url) });
@@ -36,14 +42,16 @@ self.onmessage = async ({ data }) => {
     if (data.type !== 'run' && data.type !== 'convert') return;
     const total = plan.outputs.reduce((n, o) => n + o.size, 0);
     sink = usesOpfs(data.store) ? await opfsSink(data.jobId, data.copiers) : memorySink(total);
-    await run(sink, total);
+    await run(sink, total, data.hold);
   } catch (e) {
     await sink?.abort().catch(() => {});
     postMessage({ type: 'error', message: e instanceof Error ? e.message : String(e) });
   }
 };
 
-async function run(sink, total) {
+/** Pulls every piece into `sink`; with `hold` (tests), stops after that many pieces, once some are on disk, until
+ * released or terminated. */
+async function run(sink, total, hold) {
   const t0 = performance.now();
   let shown = 0;
   // Where the time goes, for the bench: inside the engine (reading, converting) or waiting for the writer.
@@ -51,7 +59,13 @@ async function run(sink, total) {
   let waitMs = 0;
   // Bytes that went out as copies of input ranges (never through wasm memory).
   let copiedBytes = 0;
-  for (;;) {
+  for (let pieces = 0; ; pieces++) {
+    if (pieces === hold) {
+      while (sink.done() === 0) await new Promise((ok) => setTimeout(ok, 10));
+      postMessage({ type: 'progress', done: sink.done(), total, ms: performance.now() - t0 });
+      await new Promise((ok) => (releaseHold = ok)); // or until the page terminates this worker (Cancel)
+      releaseHold = null;
+    }
     const t = performance.now();
     await sink.room();
     const t1 = performance.now();

@@ -29,6 +29,61 @@ pub struct FileInput {
     len: u64,
     #[cfg(not(unix))]
     pos: std::cell::Cell<u64>,
+    #[cfg(target_os = "linux")]
+    ahead: ReadAhead,
+}
+
+/// Asks the kernel to read ahead of sequential reads (`posix_fadvise(WILLNEED)`): the disk reads the next band
+/// while the current one is cast or gathered and the writer thread writes the previous one. The kernel's own
+/// read-ahead covers small sequential reads but not the pause between two band-sized ones.
+#[cfg(target_os = "linux")]
+#[derive(Default)]
+struct ReadAhead {
+    /// Where the last read ended (a read starting there continues a sequential run).
+    end: std::sync::atomic::AtomicU64,
+    /// How far read-ahead has been asked for.
+    asked: std::sync::atomic::AtomicU64,
+}
+
+/// How far ahead of a sequential read the kernel is asked to read: two bands.
+#[cfg(target_os = "linux")]
+const READ_AHEAD: u64 = 2 * ckptconv::plan::BAND_BYTES as u64;
+/// One request's length (the kernel caps each at its read-ahead window, commonly larger than this).
+#[cfg(target_os = "linux")]
+const READ_AHEAD_STEP: u64 = 4 << 20;
+
+#[cfg(target_os = "linux")]
+impl ReadAhead {
+    fn after_read(&self, file: &File, offset: u64, len: u64, file_len: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let end = offset.saturating_add(len);
+        let sequential = self.end.swap(end, Relaxed) == offset;
+        if !sequential {
+            self.asked.store(end, Relaxed);
+            return;
+        }
+        let want = end.saturating_add(READ_AHEAD).min(file_len);
+        let mut at = self.asked.load(Relaxed).max(end);
+        while at < want {
+            let n = READ_AHEAD_STEP.min(want - at);
+            fadvise_willneed(file, at, n);
+            at += n;
+        }
+        self.asked.store(at, Relaxed);
+    }
+}
+
+/// A hint only: any failure (a filesystem without read-ahead, a pipe) is ignored.
+#[cfg(target_os = "linux")]
+fn fadvise_willneed(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    unsafe extern "C" {
+        fn posix_fadvise(fd: i32, offset: i64, len: i64, advice: i32) -> i32;
+    }
+    const POSIX_FADV_WILLNEED: i32 = 3;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else { return };
+    // SAFETY: the descriptor is open for the call's duration (borrowed from `file`); the call reads no memory of ours.
+    let _ = unsafe { posix_fadvise(file.as_raw_fd(), offset, len, POSIX_FADV_WILLNEED) };
 }
 
 impl FileInput {
@@ -45,6 +100,8 @@ impl FileInput {
             len: meta.len(),
             #[cfg(not(unix))]
             pos: std::cell::Cell::new(u64::MAX),
+            #[cfg(target_os = "linux")]
+            ahead: ReadAhead::default(),
         })
     }
 }
@@ -61,12 +118,20 @@ impl ReadAt for FileInput {
     #[cfg(unix)]
     fn sendable(&self) -> Option<Box<dyn ReadAt + Send + Sync>> {
         let file = self.file.try_clone().ok()?;
-        Some(Box::new(FileInput { file, len: self.len }))
+        Some(Box::new(FileInput {
+            file,
+            len: self.len,
+            #[cfg(target_os = "linux")]
+            ahead: ReadAhead::default(),
+        }))
     }
 
     #[cfg(unix)]
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)
+        std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)?;
+        #[cfg(target_os = "linux")]
+        self.ahead.after_read(&self.file, offset, buf.len() as u64, self.len);
+        Ok(())
     }
 
     #[cfg(not(unix))]
@@ -176,17 +241,19 @@ impl Sink for DirSink {
         Ok(())
     }
 
-    /// On Linux, std's `io::copy` between two files is `copy_file_range`: the bytes move inside the
-    /// kernel, as with `cp`. Elsewhere (WASI included) the caller's buffered path is as fast.
+    /// Verbatim bytes take the buffered path by default: the caller reads 256 KiB pieces while the writer thread
+    /// writes the previous ones, so reading and writing overlap. The in-kernel copy (`copy_file_range`, std's
+    /// `io::copy` between files on Linux, as `cp` does) runs both in one thread, one after the other, and measured
+    /// slower on every input (`bench/bench_io.py`, README: Performance); `CKPTCONV_KERNEL_COPY=1` selects it, for
+    /// comparison.
     #[cfg(target_os = "linux")]
     fn copy_range(&mut self, input: &ckptconv::io::Input, offset: u64, len: u64) -> Result<bool> {
+        if !kernel_copy_chosen() {
+            return Ok(false);
+        }
         let Some(src) = input.data.as_any().and_then(|a| a.downcast_ref::<FileInput>()) else {
             return Ok(false);
         };
-        // For measurements: the buffered path every other target takes.
-        if std::env::var_os("CKPTCONV_NO_KERNEL_COPY").is_some() {
-            return Ok(false);
-        }
         let Some((dst, tmp, _)) = &mut self.current else { return Ok(false) };
         let from = src.file.try_clone().map_err(|e| Error::new(ErrorKind::Io(e.to_string())).in_file(&input.name))?;
         // A short source surfaces as UnexpectedEof from the writer; name both files then.
@@ -204,6 +271,14 @@ impl Sink for DirSink {
         self.committed = true;
         Ok(())
     }
+}
+
+/// Whether verbatim bytes move by `copy_file_range` (`CKPTCONV_KERNEL_COPY=1`) rather than the default buffered
+/// path; `CKPTCONV_NO_KERNEL_COPY=1`, which chose the buffered path when the kernel copy was the default, wins.
+#[cfg(target_os = "linux")]
+fn kernel_copy_chosen() -> bool {
+    let set = |name| std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0");
+    set("CKPTCONV_KERNEL_COPY") && !set("CKPTCONV_NO_KERNEL_COPY")
 }
 
 impl Drop for DirSink {

@@ -5,28 +5,28 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 /// A line on standard error. Unlike `eprintln!`, a closed stderr (`2>&1 | head -1`) is not a panic: the run goes
-/// on and its exit code still says how it ended.
+/// on and its exit code still says how it ended. The line is one line: names from a file in it are escaped
+/// (`display_safe`), so a control character in one can neither end it nor rewrite what the terminal shows.
 macro_rules! say {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($arg)*);
+        let line = format!($($arg)*);
+        let _ = writeln!(std::io::stderr(), "{}", ckptconv::display_safe(&line));
     }};
 }
 
 mod fsio;
 mod progress;
 
-use ckptconv::convert::{self, PlanOptions, Planned};
+use ckptconv::conversion::{Checkpoint, Conversion, ConversionOptions, Output};
 use ckptconv::dtype::DType;
-use ckptconv::hf::{self, BaseModel, ExtraPt};
+use ckptconv::hf::BaseModel;
 use ckptconv::io::{Folder, Input};
 use ckptconv::lora::{LoraMode, LoraOptions};
-use ckptconv::plan::{Plan, PlannedTensor};
+use ckptconv::planned::{InputKind, PlanOptions};
 use ckptconv::select::Prefix;
-use ckptconv::write::Sink;
-use ckptconv::write::safetensors::{self, OutputLayout};
-use ckptconv::write::torch_save::{self, TorchSaveLayout};
-use ckptconv::{Error, ErrorKind};
+use ckptconv::write::{Sink, safetensors};
+use ckptconv::{Error, ErrorKind, display_safe};
 use ckptconv::{rlinf, verify};
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -226,6 +226,24 @@ impl PlanArgs {
     }
 }
 
+impl PlanArgs {
+    /// The conversion these flags ask for, writing `output`; reads the LoRA's adapter_config.json (from
+    /// `--lora-path` or the base folder) when there is one.
+    fn conversion(&self, output: Output) -> ckptconv::Result<ConversionOptions> {
+        let flags = [("use_film", self.use_film), ("use_proprio", self.use_proprio)];
+        Ok(ConversionOptions {
+            plan: PlanOptions { lora: lora_options(self)?, ..self.options() },
+            output,
+            expect: self.megatron_only.then_some(InputKind::Megatron),
+            as_saved: false,
+            model_type: self
+                .model_type
+                .clone()
+                .map(|mt| (mt, flags.iter().filter(|(_, on)| *on).map(|(f, _)| f.to_string()).collect())),
+        })
+    }
+}
+
 /// Runs `f` with the base model of `--base`, if one was given.
 fn with_base<T>(base: Option<&Path>, f: impl FnOnce(Option<&BaseModel>) -> ckptconv::Result<T>) -> ckptconv::Result<T> {
     match base {
@@ -243,15 +261,11 @@ fn with_base<T>(base: Option<&Path>, f: impl FnOnce(Option<&BaseModel>) -> ckptc
     }
 }
 
-fn open_and_plan(path: &Path, base: Option<&BaseModel>, args: &PlanArgs) -> ckptconv::Result<Planned> {
-    plan_with(path, base, &args.options())
-}
-
-fn plan_with(path: &Path, base: Option<&BaseModel>, opts: &PlanOptions) -> ckptconv::Result<Planned> {
+/// Runs `f` on the checkpoint at `path`: a folder, or a file. One Megatron rank (a model_optim_rng.pt, or its
+/// mp_rank_* folder) is only part of the model, so it stands for the whole iteration folder it belongs to.
+fn with_checkpoint<T>(path: &Path, f: impl FnOnce(Checkpoint) -> ckptconv::Result<T>) -> ckptconv::Result<T> {
     let shown = path.display().to_string();
     let meta = std::fs::metadata(path).map_err(|e| Error::new(ErrorKind::Io(fsio::io_text(&e))).in_file(&shown))?;
-    // One Megatron rank (a model_optim_rng.pt, or its mp_rank_* folder) is only part of the model: read
-    // the whole iteration folder it belongs to.
     let rank_dir = if meta.is_dir() { Some(path) } else { path.parent() };
     let is_rank_dir = rank_dir.and_then(Path::file_name).is_some_and(|n| n.to_string_lossy().starts_with("mp_rank_"));
     let is_rank_file = meta.is_file() && path.file_name().is_some_and(|n| n == "model_optim_rng.pt");
@@ -261,14 +275,14 @@ fn plan_with(path: &Path, base: Option<&BaseModel>, opts: &PlanOptions) -> ckptc
     {
         say!("ckptconv: {shown} is one Megatron rank; reading every rank in {}", iter_dir.display());
         let folder = fsio::DiskFolder::open(iter_dir)?;
-        return convert::plan_folder(&folder, base, opts);
+        return f(Checkpoint::Folder(&folder));
     }
     if meta.is_dir() {
         let folder = fsio::DiskFolder::open(path)?;
-        convert::plan_folder(&folder, base, opts)
+        f(Checkpoint::Folder(&folder))
     } else {
         let data = fsio::FileInput::open(path)?;
-        convert::plan_torch_file(Input::new(shown, Box::new(data)), opts)
+        f(Checkpoint::File(Input::new(shown, Box::new(data))))
     }
 }
 
@@ -285,34 +299,39 @@ fn human(bytes: u64) -> String {
 
 fn inspect(input: &Path, json: bool, args: &PlanArgs) -> ckptconv::Result<()> {
     use std::fmt::Write as _;
-    let opts = PlanOptions { require_base: false, ..args.options() };
-    let planned = with_base(args.base.as_deref(), |base| plan_with(input, base, &opts))?;
+    let opts = ConversionOptions { plan: PlanOptions { require_base: false, ..args.options() }, ..Default::default() };
+    let planned =
+        with_base(args.base.as_deref(), |base| with_checkpoint(input, |c| ckptconv::conversion::plan(c, base, &opts)))?;
     let plan = &planned.plan;
     if json {
         let mut doc = planned.json_fields();
         doc.insert("input".into(), input.display().to_string().into());
         doc.insert("total_bytes".into(), plan.total_bytes().into());
         let doc = serde_json::Value::Object(doc);
-        return print_out(&format!("{doc:#}\n"));
+        // Exact names; JSON escapes C0 controls itself, json_safe the rest that a terminal would act on.
+        return print_out(&ckptconv::error::json_safe(&format!("{doc:#}\n")));
     }
-    // Writing into a String cannot fail; the text goes out in one piece (see print_out).
+    // Writing into a String cannot fail; the text goes out in one piece (see print_out). Every string from the
+    // file is escaped on its own, so a newline in a name cannot start a line of its own.
     let mut s = String::new();
-    let _ = writeln!(s, "input:   {}", input.display());
-    let _ = writeln!(s, "format:  {}", planned.format);
+    let _ = writeln!(s, "input:   {}", display_safe(&input.display().to_string()));
+    let _ = writeln!(s, "format:  {}", display_safe(&planned.format));
     for n in &plan.notes {
-        let _ = writeln!(s, "note:    {n}");
+        let _ = writeln!(s, "note:    {}", display_safe(n));
     }
     let _ = writeln!(s, "groups:");
     for g in &planned.groups {
         let others = if g.others > 0 { format!(", {} non-tensor item(s)", g.others) } else { String::new() };
-        let _ = writeln!(s, "  {:<40} {:>7} tensor(s) {:>12}{others}", g.name, g.tensors, human(g.bytes));
+        let name = display_safe(&g.name);
+        let _ = writeln!(s, "  {name:<40} {:>7} tensor(s) {:>12}{others}", g.tensors, human(g.bytes));
     }
     let _ = writeln!(s, "tensors: {} ({} in {})\n", plan.tensors.len(), human(plan.total_bytes()), plan.total_bytes());
-    let w = plan.tensors.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
+    let names: Vec<_> = plan.tensors.iter().map(|t| display_safe(&t.name)).collect();
+    let w = names.iter().map(|n| n.len()).max().unwrap_or(4).max(4);
     let _ = writeln!(s, "{:<w$}  {:<7}  {:<20}  {:>14}", "name", "dtype", "shape", "bytes");
-    for t in &plan.tensors {
+    for (t, name) in plan.tensors.iter().zip(&names) {
         let shape = format!("{:?}", t.shape);
-        let _ = writeln!(s, "{:<w$}  {:<7}  {:<20}  {:>14}", t.name, t.dtype.safetensors_name(), shape, t.nbytes());
+        let _ = writeln!(s, "{name:<w$}  {:<7}  {:<20}  {:>14}", t.dtype.safetensors_name(), shape, t.nbytes());
     }
     print_out(&s)
 }
@@ -338,76 +357,23 @@ fn convert(
     format: OutFormat,
     out: &OutArgs,
 ) -> ckptconv::Result<()> {
+    let output = match format {
+        OutFormat::Safetensors => Output::Safetensors { max_shard },
+        OutFormat::Pt if max_shard.is_some() => {
+            return Err(Error::new(ErrorKind::Unsupported(
+                "--format pt writes one merged pytorch_model.bin (no shards, no adapter)".into(),
+            )));
+        }
+        OutFormat::Pt => Output::TorchSave { name: "pytorch_model.bin".into() },
+    };
     with_base(args.base.as_deref(), |base| {
-        let mut planned = open_and_plan(input, base, args)?;
-        if args.megatron_only && !planned.format.starts_with("Megatron") {
-            return Err(Error::new(ErrorKind::NotCheckpoint(format!(
-                "mg2hf converts Megatron checkpoints, and this is a {}",
-                planned.format
-            )))
-            .in_file(&input.display().to_string()));
-        }
-        let opts = PlanOptions { lora: lora_options(args)?, ..args.options() };
-        let adapter = convert::finish(&mut planned, base, &opts)?;
-        let helpers: Vec<ExtraPt> = match (&args.model_type, &adapter) {
-            (Some(mt), None) => hf::save_helpers(mt, &|f| {
-                (f == "use_film" && args.use_film) || (f == "use_proprio" && args.use_proprio)
-            }),
-            _ => Vec::new(),
-        };
-        let helper_plans: Vec<(String, Plan)> =
-            helpers.iter().map(|h| (h.file.clone(), sub_plan(&planned.plan, &h.prefix))).collect();
-        let package: Vec<String> = base.map(|b| b.files.clone()).unwrap_or_default();
-        let mut names: Vec<String> = Vec::new();
-        let total = planned.plan.total_bytes() + helper_plans.iter().map(|(_, p)| p.total_bytes()).sum::<u64>();
-        let mut bar = progress::Progress::new(total, !out.quiet);
-        let mut done = 0u64;
-        let mut sink;
-        match format {
-            OutFormat::Safetensors => {
-                let mut layout: OutputLayout = safetensors::layout(&planned.plan, max_shard)?;
-                if adapter.is_some() {
-                    safetensors::as_adapter(&mut layout)?;
-                    names.push(safetensors::ADAPTER_CONFIG.into());
-                }
-                names.extend(layout.files.iter().map(|f| f.name.clone()));
-                names.extend(helper_plans.iter().map(|(f, _)| f.clone()));
-                names.extend(package.iter().cloned());
-                sink = prepare(out_dir, &names, out, input, &planned)?;
-                safetensors::write(&planned.plan, &layout, &planned.inputs, &mut sink, &mut |d| bar.update(d))?;
-            }
-            OutFormat::Pt => {
-                if max_shard.is_some() || adapter.is_some() {
-                    return Err(Error::new(ErrorKind::Unsupported(
-                        "--format pt writes one merged pytorch_model.bin (no shards, no adapter)".into(),
-                    )));
-                }
-                names.push("pytorch_model.bin".into());
-                names.extend(helper_plans.iter().map(|(f, _)| f.clone()));
-                names.extend(package.iter().cloned());
-                sink = prepare(out_dir, &names, out, input, &planned)?;
-                write_pt(&planned.plan, &planned.inputs, "pytorch_model.bin", &mut sink, &mut |d| bar.update(d))?;
-            }
-        }
-        done += planned.plan.total_bytes();
-        for (file, p) in &helper_plans {
-            write_pt(p, &planned.inputs, file, &mut sink, &mut |d| bar.update(done + d))?;
-            done += p.total_bytes();
-        }
-        bar.finish();
-        if let Some(cfg) = &adapter {
-            sink.begin(safetensors::ADAPTER_CONFIG, cfg.len() as u64)?;
-            sink.write(cfg)?;
-            sink.end()?;
-        }
-        if let Some(b) = base {
-            b.copy_into(&mut sink)?;
-        }
-        sink.commit()?;
-        report(&planned, out_dir, &names);
+        let opts = args.conversion(output)?;
+        let conv = with_checkpoint(input, |c| Conversion::new(c, base, &opts))?;
+        write_out(&conv, out_dir, out, input)?;
         if format == OutFormat::Safetensors {
             let folder = fsio::DiskFolder::open(out_dir)?;
-            let sub = if adapter.is_some() { safetensors::ADAPTER_DIR } else { "" };
+            let sub = if conv.is_adapter() { safetensors::ADAPTER_DIR } else { "" };
+            let planned = conv.planned();
             let r = if out.verify {
                 verify::against(&folder, sub, &planned.plan, &planned.inputs)?
             } else {
@@ -417,6 +383,30 @@ fn convert(
         }
         Ok(())
     })
+}
+
+/// Writes every output of `conv` into `out_dir` (temp names, renamed together at the end), with a progress bar.
+fn write_out(conv: &Conversion, out_dir: &Path, out: &OutArgs, input: &Path) -> ckptconv::Result<()> {
+    let names = conv.names();
+    let planned = conv.planned();
+    let mut sink = fsio::DirSink::new(out_dir, out.force)?;
+    sink.check_free(&names)?;
+    say!("ckptconv: {} is {}", input.display(), planned.format);
+    for n in &planned.plan.notes {
+        say!("ckptconv: {n}");
+    }
+    let mut bar = progress::Progress::new(conv.tensor_bytes(), !out.quiet);
+    conv.write(&mut sink, &mut |d| bar.update(d))?;
+    bar.finish();
+    sink.commit()?;
+    say!(
+        "ckptconv: wrote {} tensors ({}) to {}: {}",
+        planned.plan.tensors.len(),
+        human(planned.plan.total_bytes()),
+        out_dir.display(),
+        names.join(", ")
+    );
+    Ok(())
 }
 
 fn describe(r: &verify::VerifyReport) -> String {
@@ -435,23 +425,12 @@ fn verify_cmd(out_dir: &Path, against: Option<&Path>, args: &PlanArgs) -> ckptco
     let r = match against {
         None => verify::structural(&folder, sub)?,
         Some(input) => with_base(args.base.as_deref(), |base| {
-            let mut planned = open_and_plan(input, base, args)?;
-            let opts = PlanOptions { lora: lora_options(args)?, ..args.options() };
-            convert::finish(&mut planned, base, &opts)?;
-            verify::against(&folder, sub, &planned.plan, &planned.inputs)
+            let opts = args.conversion(Output::Safetensors { max_shard: None })?;
+            let conv = with_checkpoint(input, |c| Conversion::new(c, base, &opts))?;
+            verify::against(&folder, sub, conv.plan(), &conv.planned().inputs)
         })?,
     };
     print_out(&format!("ok: {}\n", describe(&r)))
-}
-
-/// The tensors under `prefix`, renamed without it (for save helpers).
-fn sub_plan(plan: &Plan, prefix: &str) -> Plan {
-    let tensors = plan
-        .tensors
-        .iter()
-        .filter_map(|t| t.name.strip_prefix(prefix).map(|n| PlannedTensor { name: n.to_string(), ..t.clone() }))
-        .collect();
-    Plan { tensors, notes: Vec::new() }
 }
 
 /// The LoRA settings of the command line, with an adapter_config.json from `--lora-path` or the base folder.
@@ -485,50 +464,6 @@ fn lora_options(args: &PlanArgs) -> ckptconv::Result<LoraOptions> {
     })
 }
 
-fn prepare(
-    out_dir: &Path,
-    names: &[String],
-    out: &OutArgs,
-    input: &Path,
-    planned: &Planned,
-) -> ckptconv::Result<fsio::DirSink> {
-    let mut seen = std::collections::HashSet::new();
-    if let Some(dup) = names.iter().find(|n| !seen.insert(n.as_str())) {
-        return Err(Error::new(ErrorKind::Output(format!("two outputs are both named {dup}"))));
-    }
-    let sink = fsio::DirSink::new(out_dir, out.force)?;
-    sink.check_free(names)?;
-    say!("ckptconv: {} is {}", input.display(), planned.format);
-    for n in &planned.plan.notes {
-        say!("ckptconv: {n}");
-    }
-    Ok(sink)
-}
-
-fn report(planned: &Planned, out_dir: &Path, names: &[String]) {
-    say!(
-        "ckptconv: wrote {} tensors ({}) to {}: {}",
-        planned.plan.tensors.len(),
-        human(planned.plan.total_bytes()),
-        out_dir.display(),
-        names.join(", ")
-    );
-}
-
-/// Writes `plan` as the torch.save file `name` into `sink` (the caller commits).
-fn write_pt(
-    plan: &Plan,
-    inputs: &[Input],
-    name: &str,
-    sink: &mut fsio::DirSink,
-    progress: &mut dyn FnMut(u64),
-) -> ckptconv::Result<()> {
-    let stem = Path::new(name).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or("archive".into());
-    let root = stem.replace(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'), "_");
-    let layout = TorchSaveLayout::new(plan, &root)?;
-    torch_save::write(plan, &layout, name, inputs, sink, progress)
-}
-
 fn dcp_to_pt(dcp_path: &Path, output_path: &Path, args: &PlanArgs, out: &OutArgs) -> ckptconv::Result<()> {
     let shown = output_path.display().to_string();
     let name = output_path
@@ -544,26 +479,14 @@ fn dcp_to_pt(dcp_path: &Path, output_path: &Path, args: &PlanArgs, out: &OutArgs
             Error::new(ErrorKind::NotCheckpoint("is not a folder".into())).in_file(&dcp_path.display().to_string())
         );
     }
-    // A DCP folder is written as saved, whatever wrote it: a Megatron torch_dist folder too, as torch's
-    // dcp_to_torch_save would (its stacked Megatron tensors; `mg2hf` makes the HF model).
-    let folder = fsio::DiskFolder::open(dcp_path)?;
-    let files = folder.files();
-    let planned = if files.iter().any(|f| f == ".metadata") {
-        let mut p = convert::plan_dcp(&folder, "", &args.options())?;
-        if ckptconv::megatron::is_dist(&files, "") {
-            p.plan.notes.push("a Megatron torch_dist checkpoint, written as saved; `mg2hf` converts it to HF".into());
-        }
-        p
-    } else {
-        open_and_plan(dcp_path, None, args)?
+    let opts = ConversionOptions {
+        plan: args.options(),
+        output: Output::TorchSave { name },
+        as_saved: true,
+        ..Default::default()
     };
-    let mut sink = prepare(&dir, std::slice::from_ref(&name), out, dcp_path, &planned)?;
-    let mut bar = progress::Progress::new(planned.plan.total_bytes(), !out.quiet);
-    write_pt(&planned.plan, &planned.inputs, &name, &mut sink, &mut |d| bar.update(d))?;
-    bar.finish();
-    sink.commit()?;
-    report(&planned, &dir, &[name]);
-    Ok(())
+    let conv = with_checkpoint(dcp_path, |c| Conversion::new(c, None, &opts))?;
+    write_out(&conv, &dir, out, dcp_path)
 }
 
 /// Runs RLinf's convert_pt_to_hf.py job from its YAML config; flags given on the command line win.

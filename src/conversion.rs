@@ -1,0 +1,287 @@
+//! One conversion pipeline for every front end: from a checkpoint, options and an optional base model to the
+//! ordered set of output files, each with its name, exact size and segments, pulled through one puller.
+//!
+//! The CLI, the WASI build and the page only drive a [`Conversion`]: they say where input bytes come from
+//! (a [`Folder`] or one [`Input`]) and where output pieces go (a [`crate::write::Sink`], or the pieces themselves
+//! through a [`crate::write::Puller`]). Planning, LoRA, the checks against the base model, the output layout,
+//! save-helper files, the adapter config and the base model's files are all decided here.
+
+use crate::detect;
+use crate::error::{Error, ErrorKind, Result};
+use crate::hf::{self, BaseModel};
+use crate::io::{Folder, Input};
+use crate::lora::{self, LoraMode};
+use crate::plan::{Plan, PlannedTensor};
+use crate::planned::{InputKind, PlanOptions, Planned};
+use crate::write::safetensors::{self, ADAPTER_CONFIG};
+use crate::write::torch_save::TorchSaveLayout;
+use crate::write::{OutputFile, OutputSet, Segment, Sink};
+
+/// What the user gave: one file, or a folder to look inside.
+pub enum Checkpoint<'a> {
+    /// A single file (a torch.save file).
+    File(Input),
+    /// A folder: a DCP, RLinf, verl or Megatron checkpoint, found inside by [`detect::locate`].
+    Folder(&'a dyn Folder),
+}
+
+/// The output format.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// `model.safetensors`, or shards of at most `max_shard` bytes plus an index.
+    Safetensors {
+        /// Largest shard, in bytes.
+        max_shard: Option<u64>,
+    },
+    /// One torch.save archive with this file name.
+    TorchSave {
+        /// File name inside the output folder.
+        name: String,
+    },
+}
+
+/// Everything a conversion is asked to do.
+#[derive(Debug, Clone)]
+pub struct ConversionOptions {
+    /// What the plan keeps and how it casts.
+    pub plan: PlanOptions,
+    /// The output format.
+    pub output: Output,
+    /// Only this kind of checkpoint is accepted (`mg2hf`: Megatron).
+    pub expect: Option<InputKind>,
+    /// The checkpoint's tensors are written as saved (`dcp-to-pt`, as RLinf's convert_dcp_to_pt.py): a DCP folder
+    /// whatever wrote it (a Megatron torch_dist folder keeps its stacked tensors, as torch's `dcp_to_torch_save`
+    /// does), and no LoRA merge or base-model checks.
+    pub as_saved: bool,
+    /// Per-model save helpers: the model type (e.g. `openvla_oft`) and the flags it reads (e.g. `use_film`).
+    pub model_type: Option<(String, Vec<String>)>,
+}
+
+impl Default for ConversionOptions {
+    fn default() -> Self {
+        ConversionOptions {
+            plan: PlanOptions::default(),
+            output: Output::Safetensors { max_shard: None },
+            expect: None,
+            as_saved: false,
+            model_type: None,
+        }
+    }
+}
+
+/// Plans what `checkpoint` holds, as `opts` asks (no LoRA handling, no output layout: what `inspect` shows).
+pub fn plan(checkpoint: Checkpoint, base: Option<&BaseModel>, opts: &ConversionOptions) -> Result<Planned> {
+    let (planned, shown) = match checkpoint {
+        Checkpoint::File(input) => {
+            let shown = input.name.clone();
+            // Every error names a file: the input's name unless the reader named a more specific one.
+            (detect::plan_file(input, &opts.plan).map_err(|e| e.in_file(&shown))?, shown)
+        }
+        Checkpoint::Folder(folder) => {
+            let files = folder.files();
+            let planned = if opts.as_saved && files.iter().any(|f| f == ".metadata") {
+                let mut p = crate::dcp::plan(folder, "", &opts.plan)?;
+                if crate::megatron::is_dist(&files, "") {
+                    p.plan
+                        .notes
+                        .push("a Megatron torch_dist checkpoint, written as saved; `mg2hf` converts it to HF".into());
+                }
+                p
+            } else {
+                detect::plan_folder(folder, base, &opts.plan).map_err(|e| e.in_file(folder.name()))?
+            };
+            (planned, folder.name().to_string())
+        }
+    };
+    if let Some(kind) = opts.expect
+        && planned.kind != kind
+    {
+        return Err(Error::new(ErrorKind::NotCheckpoint(format!(
+            "mg2hf converts Megatron checkpoints, and this is a {}",
+            planned.format
+        )))
+        .in_file(&shown));
+    }
+    Ok(planned)
+}
+
+/// A planned conversion: the plan, the save-helper plans and every output file with its segments.
+pub struct Conversion {
+    planned: Planned,
+    helpers: Vec<Plan>,
+    files: Vec<OutputFile>,
+    adapter: bool,
+}
+
+impl Conversion {
+    /// Plans `checkpoint` and lays out every output file.
+    pub fn new(checkpoint: Checkpoint, base: Option<&BaseModel>, opts: &ConversionOptions) -> Result<Conversion> {
+        let shown = match &checkpoint {
+            Checkpoint::File(input) => input.name.clone(),
+            Checkpoint::Folder(folder) => folder.name().to_string(),
+        };
+        let planned = plan(checkpoint, base, opts)?;
+        // LoRA and layout errors are about the checkpoint's tensors: they name it (the base model's checks name
+        // the base's files themselves).
+        Conversion::from_planned(planned, base, opts).map_err(|e| e.in_file(&shown))
+    }
+
+    /// Lays out every output file of an existing plan: LoRA merge or adapter export, the checks against the base
+    /// model, the model files, save-helper files, the adapter config, then the base model's files.
+    pub fn from_planned(
+        mut planned: Planned,
+        base: Option<&BaseModel>,
+        opts: &ConversionOptions,
+    ) -> Result<Conversion> {
+        let adapter_config = if opts.as_saved { None } else { finish(&mut planned, base, &opts.plan)? };
+        let adapter = adapter_config.is_some();
+        let mut files = match &opts.output {
+            Output::Safetensors { max_shard } => {
+                let mut layout = safetensors::layout(&planned.plan, *max_shard)?;
+                if adapter {
+                    safetensors::as_adapter(&mut layout)?;
+                }
+                layout.into_files(0)
+            }
+            Output::TorchSave { name } => {
+                if adapter {
+                    return Err(Error::new(ErrorKind::Unsupported(format!(
+                        "a torch.save output is one merged {name} (no shards, no adapter)"
+                    ))));
+                }
+                vec![torch_save_file(&planned.plan, name, 0)?]
+            }
+        };
+        let mut helpers = Vec::new();
+        if let (Some((model_type, flags)), false) = (&opts.model_type, adapter) {
+            for h in hf::save_helpers(model_type, &|f| flags.iter().any(|x| x == f)) {
+                helpers.push(sub_plan(&planned.plan, &h.prefix));
+                files.push(torch_save_file(&helpers[helpers.len() - 1], &h.file, helpers.len())?);
+            }
+        }
+        if let Some(cfg) = adapter_config {
+            files.push(OutputFile {
+                name: ADAPTER_CONFIG.into(),
+                size: cfg.len() as u64,
+                segments: vec![Segment::Bytes(cfg)],
+            });
+        }
+        if let Some(b) = base {
+            for name in &b.files {
+                let input = b.folder.open(name)?;
+                files.push(OutputFile {
+                    name: name.clone(),
+                    size: input.len(),
+                    segments: vec![Segment::Input(planned.inputs.len())],
+                });
+                planned.inputs.push(input);
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = files.iter().find(|f| !seen.insert(f.name.as_str())) {
+            return Err(Error::new(ErrorKind::Output(format!("two outputs are both named {}", dup.name))));
+        }
+        Ok(Conversion { planned, helpers, files, adapter })
+    }
+
+    /// The plan and what was detected.
+    pub fn planned(&self) -> &Planned {
+        &self.planned
+    }
+
+    /// The model's plan.
+    pub fn plan(&self) -> &Plan {
+        &self.planned.plan
+    }
+
+    /// Whether the output is a PEFT adapter export (in [`safetensors::ADAPTER_DIR`]).
+    pub fn is_adapter(&self) -> bool {
+        self.adapter
+    }
+
+    /// Every output file's name, in writing order.
+    pub fn names(&self) -> Vec<String> {
+        self.files.iter().map(|f| f.name.clone()).collect()
+    }
+
+    /// Tensor bytes written in all (the model's and the save helpers'), for progress.
+    pub fn tensor_bytes(&self) -> u64 {
+        self.planned.plan.total_bytes() + self.helpers.iter().map(Plan::total_bytes).sum::<u64>()
+    }
+
+    /// Writes every output file into `sink` (the caller commits); `progress` gets the tensor bytes done so far.
+    pub fn write(&self, sink: &mut dyn Sink, progress: &mut dyn FnMut(u64)) -> Result<()> {
+        crate::write::drive(self, sink, progress)
+    }
+}
+
+impl OutputSet for Conversion {
+    fn files(&self) -> &[OutputFile] {
+        &self.files
+    }
+    fn plan(&self, i: usize) -> Option<&Plan> {
+        match i {
+            0 => Some(&self.planned.plan),
+            _ => self.helpers.get(i - 1),
+        }
+    }
+    fn inputs(&self) -> &[Input] {
+        &self.planned.inputs
+    }
+}
+
+/// The torch.save archive of `plan` as file `name` (entries under the file's stem, as torch names them).
+fn torch_save_file(plan: &Plan, name: &str, index: usize) -> Result<OutputFile> {
+    // The file stem as std::path::Path::file_stem gives it ("archive" when there is none).
+    let file = name.rsplit('/').next().unwrap_or(name);
+    let stem = match file.rfind('.') {
+        _ if file.is_empty() || file == ".." => "archive",
+        Some(0) | None => file,
+        Some(i) => &file[..i],
+    };
+    let root = stem.replace(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'), "_");
+    Ok(TorchSaveLayout::new(plan, &root)?.into_output_file(name, index))
+}
+
+/// The tensors under `prefix`, renamed without it (for save helpers).
+fn sub_plan(plan: &Plan, prefix: &str) -> Plan {
+    let tensors = plan
+        .tensors
+        .iter()
+        .filter_map(|t| t.name.strip_prefix(prefix).map(|n| PlannedTensor { name: n.to_string(), ..t.clone() }))
+        .collect();
+    Plan { tensors, notes: Vec::new() }
+}
+
+/// Applies what comes after planning: merges or exports LoRA, then, against the base model, drops a tied
+/// `lm_head.weight` and checks names and shapes. Returns the `adapter_config.json` bytes in adapter mode.
+fn finish(planned: &mut Planned, base: Option<&BaseModel>, opts: &PlanOptions) -> Result<Option<Vec<u8>>> {
+    let mut adapter = None;
+    if lora::has_lora(&planned.plan) {
+        let plan = std::mem::take(&mut planned.plan);
+        match opts.lora.mode {
+            LoraMode::Merge => planned.plan = lora::merge(plan, &opts.lora)?,
+            LoraMode::Adapter => {
+                let base_name = base.map(|b| b.folder.name().to_string()).unwrap_or_default();
+                let (p, cfg) = lora::adapter(plan, &opts.lora, &base_name)?;
+                planned.plan = p;
+                adapter = Some(cfg);
+            }
+        }
+    } else if opts.lora.explicit {
+        return Err(Error::new(ErrorKind::NoTensors(
+            "--lora was given but the checkpoint holds no LoRA tensors".into(),
+        )));
+    }
+    if let Some(b) = base
+        && adapter.is_none()
+    {
+        if let Some(n) = hf::drop_tied_lm_head(&mut planned.plan, b, &planned.inputs)? {
+            planned.plan.notes.push(n);
+        }
+        if let Some(n) = hf::check_against_base(&planned.plan, b, opts.allow_mismatch)? {
+            planned.plan.notes.push(n);
+        }
+    }
+    Ok(adapter)
+}

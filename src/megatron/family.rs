@@ -1,0 +1,179 @@
+//! The Hugging Face families a Megatron GPT model converts to, as data. Megatron's side is the same for every
+//! dense family (megatron-core's GPT keys); one [`Family`] entry says what the HF side calls each tensor, which
+//! projections it fuses, and which optional tensors (q/k/v bias, q/k norms) it must or must not have. The
+//! merge (`merge.rs`) reads only this table, so a dense family that differs in names or flags is one entry.
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::hf::BaseModel;
+
+/// Whether a family's attention has q/k/v biases (Megatron's `add_qkv_bias`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkvBias {
+    /// Always (Qwen2).
+    Always,
+    /// Never (Phi-3's `qkv_proj` has none).
+    Never,
+    /// As the base config's `attention_bias` says, absent meaning none (transformers' Llama and Qwen3).
+    FromConfig,
+}
+
+/// The HF names of one family's tensors. Layer tensors are relative to `layers.N.`; the q/k/v and gate/up
+/// lists name either each projection or, with one name, a single tensor stacking them on dim 0 in that order.
+#[derive(Debug, Clone, Copy)]
+pub struct Names {
+    /// Token embedding.
+    pub embed: &'static str,
+    /// The norm after the last layer.
+    pub final_norm: &'static str,
+    /// Output projection (absent with tied embeddings).
+    pub lm_head: &'static str,
+    /// Prefix of the layers, before the layer number.
+    pub layers: &'static str,
+    /// q, k and v projections (`.weight`/`.bias` appended), or one fused `[q; k; v]`.
+    pub qkv: &'static [&'static str],
+    /// Attention output projection.
+    pub o_proj: &'static str,
+    /// q and k norms, for families with `qk_norm`.
+    pub qk_norm: [&'static str; 2],
+    /// Gate and up projections, or one fused `[gate; up]`; for an ungated MLP, its one input projection.
+    pub gate_up: &'static [&'static str],
+    /// MLP output projection.
+    pub down: &'static str,
+    /// The norm before attention.
+    pub input_norm: &'static str,
+    /// The norm before the MLP.
+    pub post_attn_norm: &'static str,
+}
+
+/// One HF family: how megatron-core's dense GPT model is named and shaped in it.
+#[derive(Debug, Clone, Copy)]
+pub struct Family {
+    /// Shown in messages and `inspect`.
+    pub name: &'static str,
+    /// The base config.json `model_type` values that select it.
+    pub model_types: &'static [&'static str],
+    /// Whether q/k/v have biases.
+    pub qkv_bias: QkvBias,
+    /// Whether attention has q/k norms (Megatron's `qk_layernorm`).
+    pub qk_norm: bool,
+    /// Whether the MLP is gated (Megatron's `swiglu`: fc1 holds gate and up).
+    pub gated_mlp: bool,
+    /// transformers' `tie_word_embeddings` when config.json leaves it out.
+    pub tied_default: bool,
+    /// The HF tensor names.
+    pub names: Names,
+}
+
+/// Llama's names, which Qwen2, Qwen3 and Mistral share.
+const LLAMA_NAMES: Names = Names {
+    embed: "model.embed_tokens.weight",
+    final_norm: "model.norm.weight",
+    lm_head: "lm_head.weight",
+    layers: "model.layers",
+    qkv: &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+    o_proj: "self_attn.o_proj.weight",
+    qk_norm: ["self_attn.q_norm.weight", "self_attn.k_norm.weight"],
+    gate_up: &["mlp.gate_proj.weight", "mlp.up_proj.weight"],
+    down: "mlp.down_proj.weight",
+    input_norm: "input_layernorm.weight",
+    post_attn_norm: "post_attention_layernorm.weight",
+};
+
+/// Every supported family. Without a base model the first entry whose flags fit the checkpoint is used, so the
+/// order matters there: Qwen2 (a bias), Qwen3 (q/k norms), then Llama.
+pub const FAMILIES: &[Family] = &[
+    Family {
+        name: "Qwen2",
+        model_types: &["qwen2"],
+        qkv_bias: QkvBias::Always,
+        qk_norm: false,
+        gated_mlp: true,
+        tied_default: false,
+        names: LLAMA_NAMES,
+    },
+    Family {
+        name: "Qwen3",
+        model_types: &["qwen3"],
+        qkv_bias: QkvBias::FromConfig,
+        qk_norm: true,
+        gated_mlp: true,
+        tied_default: false,
+        names: LLAMA_NAMES,
+    },
+    Family {
+        name: "Llama",
+        model_types: &["llama", "mistral"],
+        qkv_bias: QkvBias::FromConfig,
+        qk_norm: false,
+        gated_mlp: true,
+        tied_default: false,
+        names: LLAMA_NAMES,
+    },
+    Family {
+        name: "Phi3",
+        model_types: &["phi3"],
+        qkv_bias: QkvBias::Never,
+        qk_norm: false,
+        gated_mlp: true,
+        tied_default: false,
+        names: Names { qkv: &["self_attn.qkv_proj"], gate_up: &["mlp.gate_up_proj.weight"], ..LLAMA_NAMES },
+    },
+];
+
+/// The family the base config's `model_type` names.
+pub fn by_model_type(base: &BaseModel) -> Result<&'static Family> {
+    let mt = base.text("model_type").unwrap_or("");
+    FAMILIES.iter().find(|f| f.model_types.contains(&mt)).ok_or_else(|| {
+        let known: Vec<&str> = FAMILIES.iter().flat_map(|f| f.model_types.iter().copied()).collect();
+        Error::new(ErrorKind::Unsupported(format!(
+            "base model_type '{mt}': Megatron conversion supports {} (qwen2 includes DeepSeek-R1-Distill-Qwen)",
+            known.join(", ")
+        )))
+        .in_file(base.folder.name())
+    })
+}
+
+/// Without a base model (inspect only): the first family whose flags fit what the checkpoint holds.
+pub fn by_flags(qkv_bias: bool, qk_norm: bool) -> &'static Family {
+    let fits =
+        |f: &&Family| f.qk_norm == qk_norm && f.qkv_bias != if qkv_bias { QkvBias::Never } else { QkvBias::Always };
+    FAMILIES.iter().find(fits).unwrap_or(&FAMILIES[0])
+}
+
+impl Family {
+    /// Whether the q/k/v biases must be present (`Some(true)`) or absent (`Some(false)`), and why; `None` when
+    /// nothing says (a config-dependent family without a base model).
+    pub fn bias_rule(&self, base: Option<&BaseModel>) -> Option<(bool, String)> {
+        match self.qkv_bias {
+            QkvBias::Always => Some((true, format!("{} attention has q/k/v biases", self.name))),
+            QkvBias::Never => Some((false, format!("{} attention has no q/k/v biases", self.name))),
+            QkvBias::FromConfig => base.map(|b| {
+                let on = b.flag("attention_bias") == Some(true);
+                let says = if on { "says attention_bias: true" } else { "has no attention_bias: true" };
+                (on, format!("the base {} config {says}", self.name))
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_entry_names_its_pieces_whole_or_fused() {
+        for f in FAMILIES {
+            assert!(matches!(f.names.qkv.len(), 1 | 3), "{}: q/k/v names", f.name);
+            let gate_up = if f.gated_mlp { [1, 2] } else { [1, 1] };
+            assert!(gate_up.contains(&f.names.gate_up.len()), "{}: gate/up names", f.name);
+        }
+    }
+
+    #[test]
+    fn without_a_base_the_flags_choose() {
+        assert_eq!(by_flags(true, false).name, "Qwen2");
+        assert_eq!(by_flags(false, true).name, "Qwen3");
+        assert_eq!(by_flags(true, true).name, "Qwen3");
+        assert_eq!(by_flags(false, false).name, "Llama");
+    }
+}

@@ -1,0 +1,230 @@
+//! The hyperparameters that decide a Megatron merge: read from the pickled `args` (or, without them, from tensor
+//! shapes and the base config.json), then checked against the rank grid, the base config and the HF family.
+
+use super::family::Family;
+use super::{Args, RankModel, bad};
+use crate::error::{Error, ErrorKind, Result};
+use crate::hf::BaseModel;
+
+/// The hyperparameters that decide the merge.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Layout {
+    /// Transformer layers.
+    pub num_layers: u64,
+    /// Hidden size.
+    pub hidden: u64,
+    /// Attention heads.
+    pub heads: u64,
+    /// Key/value groups (GQA).
+    pub groups: u64,
+    /// Head dimension.
+    pub kv_channels: u64,
+    /// MLP hidden size.
+    pub ffn: u64,
+    /// Gated MLP (fc1 holds gate and up).
+    pub swiglu: bool,
+    /// Bias on the fused QKV.
+    pub qkv_bias: bool,
+    /// Layer norms on q and k (Qwen3).
+    pub qk_norm: bool,
+    /// Padded vocabulary rows.
+    pub padded_vocab: u64,
+    /// Whether embedding and output layer are tied.
+    pub tied: bool,
+    /// Tensor-parallel size.
+    pub tp: u64,
+    /// Pipeline-parallel size.
+    pub pp: u64,
+}
+
+/// Where the layout is read from: the ranks' tensors, their `args`, the base model, and the grid they form.
+pub(super) struct LayoutSource<'a> {
+    /// Every rank's model tensors.
+    pub ranks: &'a [RankModel],
+    /// `args`, when the checkpoint has them.
+    pub args: Option<&'a Args>,
+    /// The base model, when given.
+    pub base: Option<&'a BaseModel<'a>>,
+    /// The (TP, PP) grid the checkpoint was saved from.
+    pub grid: (u64, u64),
+    /// What messages about the checkpoint name.
+    pub file: &'a str,
+}
+
+impl LayoutSource<'_> {
+    fn arg(&self, k: &str) -> Option<u64> {
+        self.args.and_then(|a| a.get(k))
+    }
+    fn flag(&self, k: &str) -> Option<bool> {
+        self.args.and_then(|a| a.flag(k))
+    }
+    fn cfg(&self, k: &str) -> Option<u64> {
+        self.base.and_then(|b| b.int(k))
+    }
+    /// The shape of `key` on tensor-parallel rank 0 (any stage and chunk).
+    fn shape_of(&self, key: &str) -> Option<Vec<u64>> {
+        self.ranks
+            .iter()
+            .filter(|r| r.tp == 0)
+            .find_map(|r| r.chunks.iter().find_map(|m| m.get(key).map(|v| v.shape.clone())))
+    }
+    /// Neither `args` nor the base config give `k` (an `args` that is not an argparse Namespace gives nothing).
+    fn missing(&self, k: &str) -> Error {
+        let args = match self.args {
+            None => "the checkpoint has no args".to_string(),
+            Some(a) if a.is_empty() => {
+                format!("its args ({}) hold none of the fields an argparse Namespace has", a.what)
+            }
+            Some(_) => format!("its args have no {k}"),
+        };
+        let base =
+            if self.base.is_some() { "nor has the base config.json" } else { "and no base model was given (--base)" };
+        bad(format!("no {k}: {args}, {base}")).in_file(self.file)
+    }
+    /// The base config disagrees with the checkpoint about `what`.
+    fn mismatch(&self, what: &str, ckpt: u64, hf: u64) -> Error {
+        let base_name = self.base.map(|b| b.folder.name()).unwrap_or("");
+        Error::new(ErrorKind::Inconsistent(format!(
+            "the checkpoint has {what} = {ckpt} but the base config.json says {hf}: is the base model the one this checkpoint was trained from?"
+        )))
+        .in_file(&format!("{base_name}/config.json"))
+    }
+}
+
+/// The layout from `args` (or tensor shapes), checked against the rank grid and the base config.
+pub(super) fn derive_layout(src: &LayoutSource) -> Result<Layout> {
+    let layout = read_layout(src)?;
+    check_grid(src, &layout)?;
+    check_base(src, &layout)?;
+    Ok(layout)
+}
+
+fn read_layout(src: &LayoutSource) -> Result<Layout> {
+    let (tp, pp) = src.grid;
+    let hidden = src.arg("hidden_size").or(src.cfg("hidden_size")).ok_or_else(|| src.missing("hidden_size"))?;
+    let heads = src
+        .arg("num_attention_heads")
+        .or(src.cfg("num_attention_heads"))
+        .ok_or_else(|| src.missing("num_attention_heads"))?;
+    let groups = match (src.flag("group_query_attention"), src.arg("num_query_groups")) {
+        (Some(false), _) => heads,
+        (_, Some(g)) => g,
+        _ => src.cfg("num_key_value_heads").unwrap_or(heads),
+    };
+    let kv_channels = src.arg("kv_channels").or(src.cfg("head_dim")).or(hidden.checked_div(heads)).unwrap_or(0);
+    let num_layers = src.arg("num_layers").or(src.cfg("num_hidden_layers")).ok_or_else(|| src.missing("num_layers"))?;
+    let ffn =
+        src.arg("ffn_hidden_size").or(src.cfg("intermediate_size")).ok_or_else(|| src.missing("ffn_hidden_size"))?;
+    let emb_rows = src.shape_of("embedding.word_embeddings.weight").and_then(|s| s.first().copied()).unwrap_or(0);
+    let padded_vocab = src.arg("padded_vocab_size").unwrap_or(emb_rows * tp);
+    let tied = match src.flag("untie_embeddings_and_output_weights") {
+        Some(untie) => !untie,
+        None => src.shape_of("output_layer.weight").is_none(),
+    };
+    let fc1_rows = || src.shape_of("decoder.layers.0.mlp.linear_fc1.weight").and_then(|s| s.first().copied());
+    let swiglu = src.flag("swiglu").unwrap_or_else(|| fc1_rows() == Some(2 * ffn / tp));
+    let qkv_bias = src
+        .flag("add_qkv_bias")
+        .unwrap_or_else(|| src.shape_of("decoder.layers.0.self_attention.linear_qkv.bias").is_some());
+    let qk_norm = src.shape_of("decoder.layers.0.self_attention.q_layernorm.weight").is_some();
+    Ok(Layout {
+        num_layers,
+        hidden,
+        heads,
+        groups,
+        kv_channels,
+        ffn,
+        swiglu,
+        qkv_bias,
+        qk_norm,
+        padded_vocab,
+        tied,
+        tp,
+        pp,
+    })
+}
+
+/// `args` name the grid the folder holds, and the heads, groups and MLP split evenly over it.
+fn check_grid(src: &LayoutSource, l: &Layout) -> Result<()> {
+    for (k, have) in [("tensor_model_parallel_size", l.tp), ("pipeline_model_parallel_size", l.pp)] {
+        if let Some(want) = src.arg(k)
+            && want != have
+        {
+            return Err(bad(format!("args say {k} = {want} but the folder holds a grid of {have}")).in_file(src.file));
+        }
+    }
+    let (heads, groups, ffn, tp) = (l.heads, l.groups, l.ffn, l.tp);
+    if heads == 0 || groups == 0 || heads % groups != 0 || groups % tp != 0 || ffn % tp != 0 || l.kv_channels == 0 {
+        return Err(bad(format!("inconsistent layout: {heads} heads, {groups} query groups, ffn {ffn}, TP {tp}"))
+            .in_file(src.file));
+    }
+    Ok(())
+}
+
+/// The base config describes the same model.
+fn check_base(src: &LayoutSource, l: &Layout) -> Result<()> {
+    for (what, ckpt, key) in [
+        ("hidden_size", l.hidden, "hidden_size"),
+        ("num_layers", l.num_layers, "num_hidden_layers"),
+        ("num_attention_heads", l.heads, "num_attention_heads"),
+        ("num_query_groups", l.groups, "num_key_value_heads"),
+        ("ffn_hidden_size", l.ffn, "intermediate_size"),
+    ] {
+        if let Some(hf) = src.cfg(key)
+            && hf != ckpt
+        {
+            return Err(src.mismatch(what, ckpt, hf));
+        }
+    }
+    if let Some(hd) = src.cfg("head_dim")
+        && hd != l.kv_channels
+    {
+        return Err(src.mismatch("kv_channels", l.kv_channels, hd));
+    }
+    if let Some(v) = src.cfg("vocab_size")
+        && v > l.padded_vocab
+    {
+        return Err(src.mismatch("padded_vocab_size", l.padded_vocab, v));
+    }
+    if let Some(tie) = src.base.and_then(|b| b.flag("tie_word_embeddings"))
+        && tie != l.tied
+    {
+        return Err(src.mismatch("tied embeddings", l.tied as u64, tie as u64));
+    }
+    Ok(())
+}
+
+/// The checkpoint has what the family's HF model has: a gated MLP or not, q/k norms or not, and (when the base
+/// config leaves `tie_word_embeddings` to transformers' default) the same tying.
+pub(super) fn check_family(src: &LayoutSource, l: &Layout, fam: &Family) -> Result<()> {
+    let has = |b: bool| if b { "has" } else { "has no" };
+    if l.swiglu != fam.gated_mlp {
+        return Err(Error::new(ErrorKind::Unsupported(format!(
+            "the checkpoint's MLP {} gate (swiglu), the {} model's {} one",
+            has(l.swiglu),
+            fam.name,
+            has(fam.gated_mlp)
+        )))
+        .in_file(src.file));
+    }
+    if l.qk_norm != fam.qk_norm {
+        return Err(bad(format!(
+            "the checkpoint {} q/k layernorms (self_attention.q_layernorm), the {} model {} q/k norms",
+            has(l.qk_norm),
+            fam.name,
+            has(fam.qk_norm)
+        ))
+        .in_file(src.file));
+    }
+    if let Some(b) = src.base
+        && b.flag("tie_word_embeddings").is_none()
+        && fam.tied_default != l.tied
+    {
+        return Err(src.mismatch(
+            "tied embeddings (the config leaves it to its default)",
+            l.tied as u64,
+            fam.tied_default as u64,
+        ));
+    }
+    Ok(())
+}

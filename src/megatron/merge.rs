@@ -1,0 +1,635 @@
+//! The one Megatron merge: megatron-core GPT tensors of every rank become the HF tensors one [`Family`] entry
+//! names. Every output is a view over the rank files: column-parallel tensors stack on dim 0, row-parallel ones
+//! on dim 1, the fused QKV splits per query group into q/k/v, SwiGLU's fc1 splits per rank into gate/up (a
+//! family that fuses them stacks the pieces again, still as views), the padded vocabulary is trimmed, and
+//! replicated tensors must match across tensor-parallel ranks. Nothing here depends on which family it is.
+
+use super::family::{self, Family};
+use super::layout::{Layout, LayoutSource, check_family, derive_layout};
+use super::{Args, FC1_GATE, FC1_UP, RankModel, bad};
+use crate::dtype::DType;
+use crate::error::{Error, ErrorKind, Result, tensor_err};
+use crate::hf::BaseModel;
+use crate::io::{Folder, Input};
+use crate::plan::{Chunk, ChunkedTensor, Plan, PlannedTensor, Source, StridedView, check_tiling};
+use crate::planned::{GroupCounter, InputKind, PlanOptions, Planned, group_of, selection_notes};
+use crate::select::{self, Selection, TensorPath};
+use std::collections::{HashMap, HashSet};
+
+/// A checkpoint's model tensors, rank by rank, as the readers (rank files, torch_dist) hand them over.
+pub(super) struct Checkpoint {
+    /// The files the views read.
+    pub inputs: Vec<Input>,
+    /// Every rank's model tensors.
+    pub ranks: Vec<RankModel>,
+    /// `args`, agreed by every rank.
+    pub args: Option<Args>,
+    /// The file `args` were read from (rank 0's, or torch_dist's common.pt): what messages about them name.
+    pub args_file: String,
+    /// The (TP, PP) grid the checkpoint was saved from.
+    pub grid: (u64, u64),
+    /// How many pipeline stages `ranks` are split into: the grid's PP for rank files, 1 when the layers are
+    /// already numbered globally (torch_dist).
+    pub stages: u64,
+    /// What the plan calls the input.
+    pub format: String,
+}
+
+/// Where one global layer's tensors are.
+#[derive(Debug, Clone, Copy)]
+struct LayerHome {
+    stage: u64,
+    chunk: usize,
+    local: u64,
+}
+
+impl LayerHome {
+    fn key(&self, suffix: &str) -> String {
+        format!("decoder.layers.{}.{suffix}", self.local)
+    }
+}
+
+/// One output tensor under construction.
+struct Out {
+    name: String,
+    shape: Vec<u64>,
+    dtype: DType,
+    chunks: Vec<Chunk>,
+}
+
+/// The merge in progress: what it reads, the family it writes, and what it has produced and consumed.
+struct Merge<'a> {
+    inputs: &'a [Input],
+    ranks: &'a [RankModel],
+    /// Index into `ranks` by (stage, tensor-parallel rank), built once so every key costs a hash lookup.
+    at: HashMap<(u64, u64), usize>,
+    tp: u64,
+    stages: u64,
+    chunks_per_stage: usize,
+    layout: &'a Layout,
+    fam: &'static Family,
+    /// Whether q/k/v biases must be present or absent, and why (`None`: either).
+    bias_rule: Option<(bool, String)>,
+    /// (stage, chunk, key) of every Megatron tensor given a place.
+    used: HashSet<(u64, usize, String)>,
+    outs: Vec<Out>,
+    /// Tensors replicated across tensor-parallel ranks, checked equal at the end.
+    replicated: Vec<(String, Vec<StridedView>)>,
+}
+
+/// Plans the HF model of `base` from the model tensors of every rank.
+pub(super) fn plan_ranks(
+    folder: &dyn Folder,
+    ck: Checkpoint,
+    base: Option<&BaseModel>,
+    opts: &PlanOptions,
+) -> Result<(Planned, String)> {
+    let src = LayoutSource { ranks: &ck.ranks, args: ck.args.as_ref(), base, grid: ck.grid, file: &ck.args_file };
+    let layout = derive_layout(&src)?;
+    // Without a base model (inspect only) the family is guessed from the layout and nothing is trimmed.
+    let fam = match base {
+        Some(b) => family::by_model_type(b)?,
+        None => family::by_flags(layout.qkv_bias, layout.qk_norm),
+    };
+    check_family(&src, &layout, fam)?;
+    let vocab = base.and_then(|b| b.int("vocab_size")).unwrap_or(layout.padded_vocab);
+    let mut m = Merge::new(&ck, &layout, fam, base);
+    let homes = m.layer_homes(folder)?;
+    m.embedding(folder, vocab)?;
+    for (g, home) in homes.iter().enumerate() {
+        m.attention(g, *home)?;
+        m.mlp(g, *home)?;
+        m.norms(g, *home)?;
+    }
+    m.tail(folder, vocab)?;
+    m.check_all_placed()?;
+    for (name, p) in &m.replicated {
+        check_replicated(m.inputs, name, p)?;
+    }
+    let notes = vec![m.note(vocab)];
+    let outs = std::mem::take(&mut m.outs);
+    let target =
+        opts.dtype.or(base.and_then(|b| b.text("torch_dtype").or(b.text("dtype"))).and_then(DType::from_torch_name));
+    let (plan, groups) = into_plan(outs, opts, target, notes)?;
+    let args_text = match &ck.args {
+        Some(a) => format!("args: {}", a.summary()),
+        None => "args: none in the checkpoint; layout inferred from tensor shapes and config.json".into(),
+    };
+    let planned = Planned { kind: InputKind::Megatron, plan, format: ck.format, inputs: ck.inputs, groups };
+    Ok((planned.checked(folder.name())?, args_text))
+}
+
+/// The planned tensors (after `--prefix` selection, cast to `target`) and their group counts.
+fn into_plan(
+    outs: Vec<Out>,
+    opts: &PlanOptions,
+    target: Option<DType>,
+    mut notes: Vec<String>,
+) -> Result<(Plan, Vec<crate::planned::Group>)> {
+    let mut groups = GroupCounter::default();
+    let mut items = Vec::new();
+    for o in outs {
+        let (name, t) = finish(o)?;
+        let path = TensorPath::from_parts(&[name.as_str()]);
+        groups.add(group_of(&path), Some(t.nbytes()));
+        items.push((path, t));
+    }
+    let (kept, sel): (Vec<(String, ChunkedTensor)>, Selection) = select::select(items, &opts.prefix)?;
+    let tensors = kept
+        .into_iter()
+        .map(|(name, t)| {
+            let shape = t.shape().to_vec();
+            PlannedTensor::from_source(name, shape, Source::Chunked(t), target)
+        })
+        .collect();
+    let mut all = selection_notes(&sel);
+    all.append(&mut notes);
+    Ok((Plan { tensors, notes: all }, groups.into_groups()))
+}
+
+impl<'a> Merge<'a> {
+    fn new(ck: &'a Checkpoint, layout: &'a Layout, fam: &'static Family, base: Option<&BaseModel>) -> Merge<'a> {
+        Merge {
+            inputs: &ck.inputs,
+            ranks: &ck.ranks,
+            at: ck.ranks.iter().enumerate().map(|(i, r)| ((r.pp, r.tp), i)).collect(),
+            tp: ck.grid.0,
+            stages: ck.stages,
+            chunks_per_stage: ck.ranks.iter().map(|r| r.chunks.len()).max().unwrap_or(1),
+            layout,
+            fam,
+            bias_rule: fam.bias_rule(base),
+            used: HashSet::new(),
+            outs: Vec::new(),
+            replicated: Vec::new(),
+        }
+    }
+
+    /// Every tensor-parallel rank's `key` in one chunk of one stage, marked used; `None` if a rank lacks it.
+    fn parts(&mut self, stage: u64, chunk: usize, key: &str) -> Option<Vec<StridedView>> {
+        let mut out = Vec::with_capacity(self.tp as usize);
+        for t in 0..self.tp {
+            let r = self.ranks.get(*self.at.get(&(stage, t))?)?;
+            out.push(r.chunks.get(chunk)?.get(key)?.clone());
+        }
+        self.used.insert((stage, chunk, key.to_string()));
+        Some(out)
+    }
+
+    fn need(&mut self, stage: u64, chunk: usize, key: &str) -> Result<Vec<StridedView>> {
+        self.parts(stage, chunk, key).ok_or_else(|| bad(format!("tensor '{key}' is missing on some rank")))
+    }
+
+    /// A row-parallel weight: every TP rank's part concatenated along dim 1, as output `name`.
+    fn push_row_parallel(&mut self, name: String, parts: &[StridedView]) -> Result<()> {
+        let (shape, chunks) = concat(self.inputs, &name, parts, 1)?;
+        let dtype = parts.first().map(|p| p.dtype).ok_or_else(|| bad(format!("no rank holds '{name}'")))?;
+        self.outs.push(Out { name, shape, dtype, chunks });
+        Ok(())
+    }
+
+    /// A layer tensor, which every rank of its stage must hold.
+    fn layer_part(&mut self, h: LayerHome, suffix: &str) -> Result<Vec<StridedView>> {
+        self.need(h.stage, h.chunk, &h.key(suffix))
+    }
+
+    /// The first (stage, chunk) whose tensor-parallel rank 0 holds `key`.
+    fn find_stage(&self, key: &str) -> Option<(u64, usize)> {
+        (0..self.stages).flat_map(|s| (0..self.chunks_per_stage).map(move |v| (s, v))).find(|&(s, v)| {
+            let r = self.at.get(&(s, 0)).and_then(|&i| self.ranks.get(i));
+            r.is_some_and(|r| r.chunks.get(v).is_some_and(|m| m.contains_key(key)))
+        })
+    }
+
+    /// The name of a layer tensor in the family's HF model.
+    fn hf(&self, g: usize, suffix: &str) -> String {
+        format!("{}.{g}.{suffix}", self.fam.names.layers)
+    }
+
+    /// A tensor replicated across tensor-parallel ranks: rank 0's copy, the others checked equal to it later.
+    fn replicated(&mut self, key: String, parts: Vec<StridedView>, name: String) {
+        let p0 = &parts[0];
+        self.outs.push(Out { name, shape: p0.shape.clone(), dtype: p0.dtype, chunks: vec![whole(p0)] });
+        self.replicated.push((key, parts));
+    }
+
+    /// Global layer order: virtual chunk, then stage, then local index.
+    fn layer_homes(&self, folder: &dyn Folder) -> Result<Vec<LayerHome>> {
+        let mut homes = Vec::new();
+        for chunk in 0..self.chunks_per_stage {
+            for stage in 0..self.stages {
+                let r0 = self.at.get(&(stage, 0)).and_then(|&i| self.ranks.get(i));
+                let r0 = r0.ok_or_else(|| bad("rank grid hole"))?;
+                let Some(map) = r0.chunks.get(chunk) else { continue };
+                let mut locals: Vec<u64> = map
+                    .keys()
+                    .filter_map(|k| k.strip_prefix("decoder.layers.")?.split('.').next()?.parse().ok())
+                    .collect();
+                locals.sort_unstable();
+                locals.dedup();
+                for (i, &local) in locals.iter().enumerate() {
+                    if local != i as u64 {
+                        let msg = format!("stage {stage} holds layers {locals:?}: local layer numbers must run from 0");
+                        return Err(bad(msg).in_file(&self.inputs[r0.input].name));
+                    }
+                    homes.push(LayerHome { stage, chunk, local });
+                }
+            }
+        }
+        if homes.len() as u64 != self.layout.num_layers {
+            let (n, want) = (homes.len(), self.layout.num_layers);
+            return Err(bad(format!("the checkpoint holds {n} layers but num_layers is {want}")).in_file(folder.name()));
+        }
+        Ok(homes)
+    }
+
+    /// The embedding (column-parallel on the vocabulary), trimmed to the HF vocabulary.
+    fn embedding(&mut self, folder: &dyn Folder, vocab: u64) -> Result<()> {
+        let key = "embedding.word_embeddings.weight";
+        let (s, v) =
+            self.find_stage(key).ok_or_else(|| bad(format!("no {key} on any stage")).in_file(folder.name()))?;
+        let emb = self.need(s, v, key)?;
+        self.outs.push(vocab_out(self.inputs, self.fam.names.embed, &emb, vocab)?);
+        Ok(())
+    }
+
+    /// q/k/v (and their biases) from the fused QKV, the q/k norms, and the output projection.
+    fn attention(&mut self, g: usize, h: LayerHome) -> Result<()> {
+        let names = self.fam.names;
+        let qkv = self.layer_part(h, "self_attention.linear_qkv.weight")?;
+        let prefix = self.hf(g, "self_attn");
+        self.place(split_qkv(self.inputs, &prefix, "weight", &qkv, self.layout)?, g, names.qkv, ".weight")?;
+        let key = h.key("self_attention.linear_qkv.bias");
+        match (self.parts(h.stage, h.chunk, &key), &self.bias_rule) {
+            (Some(_), Some((false, why))) => return Err(bad(format!("{key} is present, but {why}"))),
+            (None, Some((true, why))) => return Err(bad(format!("{key} is missing, but {why}"))),
+            (Some(b), _) => {
+                self.place(split_qkv(self.inputs, &prefix, "bias", &b, self.layout)?, g, names.qkv, ".bias")?
+            }
+            (None, _) => {}
+        }
+        if self.fam.qk_norm {
+            for (mg, name) in
+                ["self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"].iter().zip(names.qk_norm)
+            {
+                let p = self.layer_part(h, mg)?;
+                self.replicated(h.key(mg), p, self.hf(g, name));
+            }
+        }
+        let proj = self.layer_part(h, "self_attention.linear_proj.weight")?;
+        self.push_row_parallel(self.hf(g, names.o_proj), &proj)
+    }
+
+    /// fc1 as gate and up (or, ungated, as itself), and fc2 as the down projection.
+    fn mlp(&mut self, g: usize, h: LayerHome) -> Result<()> {
+        let names = self.fam.names;
+        let fc1_name = self.hf(g, "mlp.linear_fc1");
+        // Rank files hold each rank's [gate_r; up_r]; torch_dist stores the halves apart (see load_dist).
+        let pieces = match self.parts(h.stage, h.chunk, &h.key("mlp.linear_fc1.weight")) {
+            Some(fc1) if self.layout.swiglu => gate_up(fc1_halves(self.inputs, &fc1_name, &fc1)?),
+            Some(fc1) => {
+                let (shape, chunks) = concat(self.inputs, &fc1_name, &fc1, 0)?;
+                vec![Out { name: fc1_name, shape, dtype: fc1[0].dtype, chunks }]
+            }
+            None => {
+                let gate = self.parts(h.stage, h.chunk, &h.key(FC1_GATE));
+                let up = self.parts(h.stage, h.chunk, &h.key(FC1_UP));
+                let (Some(gate), Some(up)) = (gate, up) else {
+                    let key = h.key("mlp.linear_fc1.weight");
+                    return Err(bad(format!("tensor '{key}' is missing on some rank")));
+                };
+                gate_up((gate, up))
+            }
+        };
+        self.place(pieces, g, names.gate_up, "")?;
+        let fc2 = self.layer_part(h, "mlp.linear_fc2.weight")?;
+        self.push_row_parallel(self.hf(g, names.down), &fc2)
+    }
+
+    /// The two norms of a layer: local spec names, or Transformer Engine's fused ones.
+    fn norms(&mut self, g: usize, h: LayerHome) -> Result<()> {
+        let names = self.fam.names;
+        for (alts, name) in [
+            (["input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"], names.input_norm),
+            (["pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"], names.post_attn_norm),
+        ] {
+            let found = alts.iter().find_map(|n| self.parts(h.stage, h.chunk, &h.key(n)).map(|p| (n, p)));
+            let Some((n, p)) = found else {
+                let (l, s) = (h.local, h.stage);
+                return Err(bad(format!("layer {l} of stage {s} has no {}", alts.join(" or "))));
+            };
+            self.replicated(h.key(n), p, self.hf(g, name));
+        }
+        Ok(())
+    }
+
+    /// The final norm (on the last stage) and the output layer, unless the embeddings are tied.
+    fn tail(&mut self, folder: &dyn Folder, vocab: u64) -> Result<()> {
+        let key = "decoder.final_layernorm.weight";
+        let last = (self.stages - 1, self.chunks_per_stage - 1);
+        let norm = match self.parts(last.0, last.1, key) {
+            Some(p) => Some(p),
+            None => self.find_stage(key).and_then(|(s, v)| self.parts(s, v, key)),
+        };
+        let norm = norm.ok_or_else(|| bad(format!("tensor '{key}' is missing on some rank")))?;
+        self.replicated(key.to_string(), norm, self.fam.names.final_norm.to_string());
+        let key = "output_layer.weight";
+        if let Some((s, v)) = self.find_stage(key) {
+            let out = self.need(s, v, key)?;
+            // With tied embeddings the last stage keeps a copy for its own use; HF has no lm_head then.
+            if !self.layout.tied {
+                self.outs.push(vocab_out(self.inputs, self.fam.names.lm_head, &out, vocab)?);
+            }
+        } else if !self.layout.tied {
+            return Err(bad("untied embeddings but no output_layer.weight on any stage").in_file(folder.name()));
+        }
+        Ok(())
+    }
+
+    /// Everything in the checkpoint must have a place in the output.
+    fn check_all_placed(&self) -> Result<()> {
+        for r in self.ranks {
+            for (v, map) in r.chunks.iter().enumerate() {
+                if let Some(k) = map.keys().find(|k| !self.used.contains(&(r.pp, v, (*k).clone()))) {
+                    return Err(bad(format!(
+                        "tensor '{k}' has no Hugging Face equivalent for a {} model",
+                        self.fam.name
+                    ))
+                    .in_file(&self.inputs[r.input].name));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Names row pieces (q, k, v, or gate, up) after the family: one name each, or one name for a tensor that
+    /// stacks them on dim 0 (Phi-3's fused qkv_proj and gate_up_proj).
+    fn place(&mut self, pieces: Vec<Out>, g: usize, names: &[&str], suffix: &str) -> Result<()> {
+        if names.len() == pieces.len() {
+            for (mut p, n) in pieces.into_iter().zip(names) {
+                p.name = self.hf(g, &format!("{n}{suffix}"));
+                self.outs.push(p);
+            }
+            return Ok(());
+        }
+        let [n] = names else {
+            let msg = format!("the {} table names {} tensors for {} pieces", self.fam.name, names.len(), pieces.len());
+            return Err(bad(msg));
+        };
+        self.outs.push(stack(self.hf(g, &format!("{n}{suffix}")), pieces));
+        Ok(())
+    }
+
+    /// What `inspect` shows about the merge.
+    fn note(&self, vocab: u64) -> String {
+        let (l, (tp, pp)) = (self.layout, (self.layout.tp, self.layout.pp));
+        let virt = self.chunks_per_stage;
+        format!(
+            "Megatron grid TP={tp} x PP={pp}{}, {} layout: {} layers, hidden {}, {} heads in {} groups of dim {}, ffn {}, vocab {} padded to {}{}{}",
+            if virt > 1 { format!(" (virtual pipeline x{virt})") } else { String::new() },
+            self.fam.name,
+            l.num_layers,
+            l.hidden,
+            l.heads,
+            l.groups,
+            l.kv_channels,
+            l.ffn,
+            vocab,
+            l.padded_vocab,
+            if l.tied { ", tied embeddings" } else { "" },
+            if l.qkv_bias { ", qkv bias" } else { "" },
+        )
+    }
+}
+
+/// The ranks of one checkpoint (or the checkpoint and its base model) disagree about tensor `name`.
+fn ranks_disagree(name: &str, msg: String) -> Error {
+    Error::new(ErrorKind::Inconsistent(format!("tensor '{name}': {msg}")))
+}
+
+/// Concatenates `parts` along `dim` into one chunked tensor.
+fn concat(inputs: &[Input], name: &str, parts: &[StridedView], dim: usize) -> Result<(Vec<u64>, Vec<Chunk>)> {
+    let first = parts.first().ok_or_else(|| tensor_err(name, "no parts"))?;
+    let mut shape = first.shape.clone();
+    if dim >= shape.len() {
+        return Err(tensor_err(name, format!("cannot concatenate a {}-d tensor on dim {dim}", shape.len())));
+    }
+    shape[dim] = 0;
+    let mut chunks = Vec::new();
+    for p in parts {
+        if p.shape.len() != first.shape.len()
+            || p.shape.iter().zip(&first.shape).enumerate().any(|(d, (a, b))| d != dim && a != b)
+            || p.dtype != first.dtype
+        {
+            let (ps, fs) = ((&p.shape, p.dtype.torch_name()), (&first.shape, first.dtype.torch_name()));
+            let msg = format!("tensor-parallel parts disagree: {:?} {} vs {:?} {}", ps.0, ps.1, fs.0, fs.1);
+            return Err(ranks_disagree(name, msg).in_file(&inputs[p.input].name));
+        }
+        let mut offsets = vec![0u64; shape.len()];
+        offsets[dim] = shape[dim];
+        shape[dim] += p.shape[dim];
+        if p.numel() > 0 {
+            chunks.push(Chunk { offsets, sizes: p.shape.clone(), view: p.clone() });
+        }
+    }
+    Ok((shape, chunks))
+}
+
+fn finish(o: Out) -> Result<(String, ChunkedTensor)> {
+    let boxes: Vec<(&[u64], &[u64])> = o.chunks.iter().map(|c| (c.offsets.as_slice(), c.sizes.as_slice())).collect();
+    check_tiling(&o.name, &o.shape, &boxes)?;
+    let t = ChunkedTensor::new(&o.name, o.shape, o.dtype, o.chunks)?;
+    Ok((o.name, t))
+}
+
+/// Checks that replicated copies hold the same bytes on every tensor-parallel rank.
+fn check_replicated(inputs: &[Input], name: &str, parts: &[StridedView]) -> Result<()> {
+    let Some(first) = parts.first() else { return Ok(()) };
+    let mut window = crate::plan::Window::default();
+    let n = first.numel();
+    let esz = first.dtype.size() as u64;
+    let step = (1u64 << 20) / esz;
+    let mut a = Vec::new();
+    let mut b = Vec::new();
+    for (r, p) in parts.iter().enumerate().skip(1) {
+        if p.shape != first.shape || p.dtype != first.dtype {
+            let msg = format!("tensor-parallel rank {r} has shape {:?}, rank 0 {:?}", p.shape, first.shape);
+            return Err(ranks_disagree(name, msg).in_file(&inputs[p.input].name));
+        }
+        let mut at = 0;
+        while at < n {
+            let c = step.min(n - at);
+            a.resize((c * esz) as usize, 0);
+            b.resize((c * esz) as usize, 0);
+            first.read(inputs, at, c, &mut a, &mut window)?;
+            p.read(inputs, at, c, &mut b, &mut window)?;
+            if a != b {
+                return Err(ranks_disagree(
+                    name,
+                    format!(
+                        "replicated across tensor-parallel ranks, but rank {r} differs from rank 0 (corrupt or mismatched shards)"
+                    ),
+                )
+                .in_file(&inputs[p.input].name));
+            }
+            at += c;
+        }
+    }
+    Ok(())
+}
+
+fn whole(v: &StridedView) -> Chunk {
+    Chunk { offsets: vec![0; v.shape.len()], sizes: v.shape.clone(), view: v.clone() }
+}
+
+/// A vocabulary-parallel tensor stacked on dim 0 and cut to the first `vocab` rows.
+fn vocab_out(inputs: &[Input], name: &str, parts: &[StridedView], vocab: u64) -> Result<Out> {
+    let (mut shape, chunks) = concat(inputs, name, parts, 0)?;
+    if vocab > shape[0] {
+        return Err(ranks_disagree(
+            name,
+            format!("the base config's vocab_size {vocab} exceeds the checkpoint's {} rows", shape[0]),
+        ));
+    }
+    let mut kept = Vec::new();
+    for c in chunks {
+        let start = c.offsets[0];
+        if start >= vocab {
+            continue;
+        }
+        let keep = c.sizes[0].min(vocab - start);
+        let view = c.view.rows(name, 0, keep)?;
+        let mut sizes = c.sizes.clone();
+        sizes[0] = keep;
+        kept.push(Chunk { offsets: c.offsets, sizes, view });
+    }
+    shape[0] = vocab;
+    let dtype = parts[0].dtype;
+    Ok(Out { name: name.into(), shape, dtype, chunks: kept })
+}
+
+/// Splits each rank's fused QKV (`[groups_r][q heads, k, v][head_dim]` rows) into q, k and v, unnamed
+/// (`prefix` and `what` name the fused tensor in messages).
+fn split_qkv(inputs: &[Input], prefix: &str, what: &str, parts: &[StridedView], l: &Layout) -> Result<Vec<Out>> {
+    let (hd, hpg) = (l.kv_channels, l.heads / l.groups);
+    let tp = parts.len() as u64;
+    let groups_r = l.groups / tp;
+    let per_group = (hpg + 2) * hd;
+    let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
+    let name = format!("{prefix}.qkv.{what}");
+    for (r, p) in parts.iter().enumerate() {
+        if p.shape.first() != Some(&(groups_r * per_group)) {
+            let msg = format!(
+                "rank {r} holds {:?} but {groups_r} groups x ({hpg} q + k + v) x {hd} rows were expected",
+                p.shape
+            );
+            return Err(ranks_disagree(&name, msg).in_file(&inputs[p.input].name));
+        }
+        for lg in 0..groups_r {
+            let g = r as u64 * groups_r + lg;
+            let base = lg * per_group;
+            let push = |dst: &mut Vec<Chunk>, from: u64, rows: u64, at: u64| -> Result<()> {
+                let view = p.rows(&name, base + from, base + from + rows)?;
+                let mut offsets = vec![0u64; view.shape.len()];
+                offsets[0] = at;
+                dst.push(Chunk { offsets, sizes: view.shape.clone(), view });
+                Ok(())
+            };
+            push(&mut q, 0, hpg * hd, g * hpg * hd)?;
+            push(&mut k, hpg * hd, hd, g * hd)?;
+            push(&mut v, (hpg + 1) * hd, hd, g * hd)?;
+        }
+    }
+    let rest: Vec<u64> = parts[0].shape[1..].to_vec();
+    let dtype = parts[0].dtype;
+    let mk = |rows: u64, chunks: Vec<Chunk>| {
+        let mut shape = vec![rows];
+        shape.extend(&rest);
+        Out { name: String::new(), shape, dtype, chunks }
+    };
+    Ok(vec![mk(l.heads * hd, q), mk(l.groups * hd, k), mk(l.groups * hd, v)])
+}
+
+/// Each rank's SwiGLU fc1 (`[gate_r; up_r]`) cut into its gate and up halves.
+fn fc1_halves(inputs: &[Input], name: &str, parts: &[StridedView]) -> Result<(Vec<StridedView>, Vec<StridedView>)> {
+    let (mut gate, mut up) = (Vec::new(), Vec::new());
+    for p in parts {
+        let rows = p.shape.first().copied().unwrap_or(0);
+        if rows % 2 != 0 {
+            return Err(tensor_err(name, format!("fc1 has an odd number of rows ({rows}) for a gated MLP"))
+                .in_file(&inputs[p.input].name));
+        }
+        gate.push(p.rows(name, 0, rows / 2)?);
+        up.push(p.rows(name, rows / 2, rows)?);
+    }
+    Ok((gate, up))
+}
+
+/// Gate and up, each the ranks' halves stacked on dim 0, unnamed.
+fn gate_up((gate, up): (Vec<StridedView>, Vec<StridedView>)) -> Vec<Out> {
+    [gate, up]
+        .into_iter()
+        .map(|parts| {
+            let mut chunks = Vec::new();
+            let mut at = 0u64;
+            for view in parts {
+                let mut offsets = vec![0u64; view.shape.len()];
+                offsets[0] = at;
+                at += view.shape.first().copied().unwrap_or(0);
+                chunks.push(Chunk { offsets, sizes: view.shape.clone(), view });
+            }
+            let mut shape = chunks.first().map(|c| c.sizes.clone()).unwrap_or_default();
+            if let Some(rows) = shape.first_mut() {
+                *rows = at;
+            }
+            let dtype = chunks.first().map_or(DType::F32, |c| c.view.dtype);
+            Out { name: String::new(), shape, dtype, chunks }
+        })
+        .collect()
+}
+
+/// One tensor `name` stacking `pieces` on dim 0, in order: their chunks moved down by the rows before them.
+fn stack(name: String, pieces: Vec<Out>) -> Out {
+    let mut shape = pieces.first().map(|p| p.shape.clone()).unwrap_or_default();
+    let dtype = pieces.first().map_or(DType::F32, |p| p.dtype);
+    let mut at = 0u64;
+    let mut chunks = Vec::new();
+    for p in pieces {
+        for mut c in p.chunks {
+            if let Some(row) = c.offsets.first_mut() {
+                *row += at;
+            }
+            chunks.push(c);
+        }
+        at += p.shape.first().copied().unwrap_or(0);
+    }
+    if let Some(rows) = shape.first_mut() {
+        *rows = at;
+    }
+    Out { name, shape, dtype, chunks }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rank `r`'s fused QKV for 4 heads in 2 groups of head dim 1, one group per rank: rows [q, q, k, v].
+    fn rank_qkv(r: usize) -> Result<StridedView> {
+        StridedView::new("qkv", r, 0, 48, DType::F32, 0, vec![4, 3], vec![3, 1], 2)
+    }
+
+    #[test]
+    fn fused_qkv_stacks_all_q_then_k_then_v_as_views() -> Result<()> {
+        let l = Layout { heads: 4, groups: 2, kv_channels: 1, ..Layout::default() };
+        let parts = [rank_qkv(0)?, rank_qkv(1)?];
+        let pieces = split_qkv(&[], "p", "weight", &parts, &l)?;
+        let fused = stack("qkv_proj".into(), pieces);
+        assert_eq!(fused.shape, vec![8, 3]);
+        // (first output row, rank, first row in that rank's tensor) of every chunk
+        let rows: Vec<(u64, usize, u64)> =
+            fused.chunks.iter().map(|c| (c.offsets[0], c.view.input, c.view.offset / 3)).collect();
+        assert_eq!(rows, vec![(0, 0, 0), (2, 1, 0), (4, 0, 2), (5, 1, 2), (6, 0, 3), (7, 1, 3)]);
+        finish(fused)?; // the chunks tile the fused tensor
+        Ok(())
+    }
+}
