@@ -25,6 +25,11 @@ export interface Options {
   prefix?: string;
   /** Accept names or shapes that differ from the base model's. */
   allowMismatch?: boolean;
+  /**
+   * `module.name` of globals the checkpoint's pickles may call beyond ckptconv's allowlist of data (as the CLI's
+   * `--allow-global`, torch's `add_safe_globals`): only for a file you trust. ckptconv still calls nothing.
+   */
+  allowGlobals?: string[];
   /** A Hugging Face model folder (config.json, tokenizer…): names, config and files to package with the output. */
   base?: Inputs;
   /**

@@ -9,7 +9,7 @@
 use crate::detect;
 use crate::error::{Error, ErrorKind, Result};
 use crate::hf::{self, BaseModel};
-use crate::io::{Folder, Input};
+use crate::io::{Folder, Input, Trusting};
 use crate::lora::{self, LoraMode};
 use crate::plan::{Plan, PlannedTensor};
 use crate::planned::{InputKind, PlanOptions, Planned};
@@ -72,12 +72,16 @@ impl Default for ConversionOptions {
 /// Plans what `checkpoint` holds, as `opts` asks (no LoRA handling, no output layout: what `inspect` shows).
 pub fn plan(checkpoint: Checkpoint, base: Option<&BaseModel>, opts: &ConversionOptions) -> Result<Planned> {
     let (planned, shown) = match checkpoint {
-        Checkpoint::File(input) => {
+        Checkpoint::File(mut input) => {
+            input.allowed_globals = opts.plan.allow_globals.clone();
             let shown = input.name.clone();
             // Every error names a file: the input's name unless the reader named a more specific one.
             (detect::plan_file(input, &opts.plan).map_err(|e| e.in_file(&shown))?, shown)
         }
         Checkpoint::Folder(folder) => {
+            // Every file opened below may call what the user allows, and nothing more.
+            let trusting = Trusting { folder, allowed: opts.plan.allow_globals.clone() };
+            let folder: &dyn Folder = &trusting;
             let files = folder.files();
             let planned = if opts.as_saved && files.iter().any(|f| f == ".metadata") {
                 let mut p = crate::dcp::plan(folder, "", &opts.plan)?;

@@ -33,15 +33,13 @@ pub enum ErrorKind {
     /// A safety limit (depth, memo, object count, sizes) was hit.
     #[error("safety limit exceeded: {0}")]
     Limit(String),
-    /// The pickle calls a global that can execute code; it was never called.
-    #[error(
-        "refused to call {global} (pickle byte {offset}): it can run code and is not a torch tensor; ckptconv never executes anything from a checkpoint"
-    )]
+    /// The pickle would call globals that are not on the allowlist (the pickle reader's policy); none was called.
+    #[error("{}", unsafe_globals_message(calls, named))]
     UnsafeGlobal {
-        /// `module.name` of the refused callable.
-        global: String,
-        /// Byte offset of the call in the pickle.
-        offset: u64,
+        /// Each refused call: the global and where.
+        calls: Vec<GlobalUse>,
+        /// Globals off the allowlist that the pickle names without calling them.
+        named: Vec<GlobalUse>,
     },
     /// The file is not any format ckptconv reads.
     #[error("not a torch checkpoint: {0}")]
@@ -72,6 +70,70 @@ pub enum ErrorKind {
     /// A configuration file or option is missing or wrong.
     #[error("bad configuration: {0}")]
     Config(String),
+}
+
+/// A global a pickle uses, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GlobalUse {
+    /// `module.name`.
+    pub global: String,
+    /// Byte offset of the opcode in the pickle.
+    pub offset: u64,
+    /// How it is used (`called by REDUCE`, `class given to copyreg._reconstructor`, ...).
+    pub how: String,
+}
+
+/// Most globals a message lists of each kind; the rest are counted.
+const LISTED: usize = 16;
+
+fn list_uses(uses: &[GlobalUse], with_how: bool) -> String {
+    let mut text: Vec<String> = uses
+        .iter()
+        .take(LISTED)
+        .map(|u| {
+            if with_how {
+                format!("{} ({}, pickle byte {})", u.global, u.how, u.offset)
+            } else {
+                format!("{} (pickle byte {})", u.global, u.offset)
+            }
+        })
+        .collect();
+    if uses.len() > LISTED {
+        text.push(format!("and {} more", uses.len() - LISTED));
+    }
+    text.join(", ")
+}
+
+/// Whether `s` is `module.name` as a pickle's GLOBAL spells a Python global: identifier parts joined by dots.
+pub fn is_dotted_name(s: &str) -> bool {
+    s.split('.').count() >= 2
+        && s.split('.').all(|part| !part.is_empty() && part.chars().all(|c| c == '_' || c.is_alphanumeric()))
+}
+
+fn unsafe_globals_message(calls: &[GlobalUse], named: &[GlobalUse]) -> String {
+    let mut msg = format!(
+        "refused: the pickle would call {} not on ckptconv's allowlist of data: {}",
+        if calls.len() == 1 { "a global" } else { "globals" },
+        list_uses(calls, true)
+    );
+    if !named.is_empty() {
+        msg.push_str(&format!("; it also names {} without calling it", list_uses(named, false)));
+    }
+    let flags: Vec<String> = calls
+        .iter()
+        .filter(|u| is_dotted_name(&u.global))
+        .take(LISTED)
+        .map(|u| format!("--allow-global {}", u.global))
+        .collect();
+    msg.push_str(&format!(
+        ". Nothing was run (ckptconv never executes anything from a checkpoint), but torch.load(weights_only=False) \
+         would make {}",
+        if calls.len() == 1 { "that call" } else { "these calls" }
+    ));
+    if !flags.is_empty() {
+        msg.push_str(&format!(". Only if you trust this file: {}", flags.join(" ")));
+    }
+    msg
 }
 
 /// A failure, naming the file it concerns when known.
@@ -253,9 +315,13 @@ mod tests {
             (ErrorKind::Pickle { offset: 7, msg: m() }, "bad pickle at byte 7: m"),
             (ErrorKind::Limit(m()), "safety limit exceeded: m"),
             (
-                ErrorKind::UnsafeGlobal { global: "os.system".into(), offset: 9 },
-                "refused to call os.system (pickle byte 9): it can run code and is not a torch tensor; ckptconv never \
-                 executes anything from a checkpoint",
+                ErrorKind::UnsafeGlobal {
+                    calls: vec![GlobalUse { global: "os.system".into(), offset: 9, how: "called by REDUCE".into() }],
+                    named: vec![],
+                },
+                "refused: the pickle would call a global not on ckptconv's allowlist of data: os.system (called by \
+                 REDUCE, pickle byte 9). Nothing was run (ckptconv never executes anything from a checkpoint), but \
+                 torch.load(weights_only=False) would make that call. Only if you trust this file: --allow-global os.system",
             ),
             (ErrorKind::NotCheckpoint(m()), "not a torch checkpoint: m"),
             (ErrorKind::Tensor { name: "w".into(), msg: m() }, "tensor 'w': m"),

@@ -115,12 +115,17 @@ pub struct Input {
     pub name: String,
     /// The bytes.
     pub data: Box<dyn ReadAt>,
+    /// Globals beyond the allowlist that the user trusts this input's pickles to call (`--allow-global`).
+    pub allowed_globals: AllowedGlobals,
 }
+
+/// `module.name` of globals the user allows (`--allow-global`), shared by every input of one conversion.
+pub type AllowedGlobals = std::sync::Arc<[String]>;
 
 impl Input {
     /// Wraps a reader under a display name.
     pub fn new(name: impl Into<String>, data: Box<dyn ReadAt>) -> Self {
-        Input { name: name.into(), data }
+        Input { name: name.into(), data, allowed_globals: AllowedGlobals::from([]) }
     }
 
     /// Reads exactly `buf.len()` bytes at `offset`, with a clear error on a short file.
@@ -284,6 +289,28 @@ pub trait Folder {
     fn files(&self) -> Vec<String>;
     /// Opens one file by relative path.
     fn open(&self, rel: &str) -> Result<Input>;
+}
+
+/// A folder whose inputs carry the globals the user allows: every pickle read through it may call those too.
+pub struct Trusting<'a> {
+    /// The folder.
+    pub folder: &'a dyn Folder,
+    /// What it may call beyond the allowlist.
+    pub allowed: AllowedGlobals,
+}
+
+impl Folder for Trusting<'_> {
+    fn name(&self) -> &str {
+        self.folder.name()
+    }
+    fn files(&self) -> Vec<String> {
+        self.folder.files()
+    }
+    fn open(&self, rel: &str) -> Result<Input> {
+        let mut input = self.folder.open(rel)?;
+        input.allowed_globals = self.allowed.clone();
+        Ok(input)
+    }
 }
 
 /// A folder held in memory, for tests.

@@ -4,11 +4,30 @@
 
 use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result};
-use crate::io::Input;
+use crate::io::{AllowedGlobals, Input};
 use crate::lora::LoraOptions;
 use crate::plan::Plan;
 use crate::select::{Prefix, Selection, TensorPath};
 use std::collections::HashMap;
+
+/// A note for globals off the allowlist that a pickle names without calling them (a config naming a function,
+/// say): nothing was called, but the user should know the file names them.
+pub fn named_globals_note(named: &[crate::error::GlobalUse]) -> Option<String> {
+    if named.is_empty() {
+        return None;
+    }
+    let mut listed: Vec<String> =
+        named.iter().take(8).map(|u| format!("{} (pickle byte {})", u.global, u.offset)).collect();
+    if named.len() > 8 {
+        listed.push(format!("and {} more", named.len() - 8));
+    }
+    Some(format!(
+        "the pickle names {} off ckptconv's allowlist without calling {}: {}; nothing was called",
+        if named.len() == 1 { "a global" } else { "globals" },
+        if named.len() == 1 { "it" } else { "them" },
+        listed.join(", ")
+    ))
+}
 
 /// Options that shape the plan.
 #[derive(Debug, Clone, Default)]
@@ -23,6 +42,8 @@ pub struct PlanOptions {
     pub lora: LoraOptions,
     /// Write even when the output's names or shapes differ from the base model's weights.
     pub allow_mismatch: bool,
+    /// Globals beyond the allowlist that the checkpoint's pickles may call (`--allow-global`).
+    pub allow_globals: AllowedGlobals,
 }
 
 /// A group of entries in the checkpoint (e.g. `fsdp_checkpoint.optimizers`), for `inspect`.

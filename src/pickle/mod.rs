@@ -4,10 +4,11 @@
 //! structures (memo references) cost nothing extra, and dropping a hostile, deeply nested pickle cannot
 //! overflow the stack. A `GLOBAL` is only a name. `REDUCE` of torch's rebuild functions yields a
 //! [`Node::Tensor`]; a handful of harmless builtins (`OrderedDict`, `torch.Size`, `_codecs.encode`, sets)
-//! become plain data; every other call becomes an inert [`Node::Object`] that records the callable and its
-//! arguments. Calls to globals that could run code (`os.system`, `builtins.eval`, `subprocess.Popen`, ...)
-//! are refused with an error that names them.
+//! become plain data; calls of the data classes on the allowlist ([`policy`]) become inert [`Node::Object`]s
+//! that record the callable and its arguments. A call of anything else is refused: the parse names every such
+//! global and where, and fails.
 
+pub mod policy;
 mod vm;
 
 pub use vm::{Limits, parse};
@@ -92,6 +93,8 @@ pub struct Heap {
     /// Where each str/int key sits in its dict: the VM finds repeated keys and [`Heap::dict_get`] finds fields
     /// without scanning, so a dict of a million keys costs a million steps, not a million squared.
     keys: DictKeys,
+    /// Globals off the allowlist that the pickle names without calling them, for reports.
+    pub named_globals: Vec<crate::error::GlobalUse>,
 }
 
 /// A hash index over the str and int keys of every dict in a heap: (dict, hash of key) -> positions in that

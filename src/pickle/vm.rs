@@ -1,9 +1,10 @@
 //! The pickle virtual machine: protocols 0 to 5, limits on everything a hostile stream can grow.
 
+use super::policy::{self, Role};
 use super::{Heap, Id, Node, TensorNode};
-use crate::error::{Error, ErrorKind, Result};
-use crate::io::ByteCursor;
-use std::collections::HashMap;
+use crate::error::{Error, ErrorKind, GlobalUse, Result};
+use crate::io::{AllowedGlobals, ByteCursor};
+use std::collections::{HashMap, HashSet};
 
 /// Caps on what one pickle may build. Defaults fit real checkpoints with wide margins.
 #[derive(Debug, Clone, Copy)]
@@ -32,83 +33,6 @@ impl Default for Limits {
     }
 }
 
-/// Globals whose call can run code, touch files or the network. Never called; refusing them by name
-/// tells the user the file is hostile instead of reporting a confusing "no tensors".
-fn is_unsafe_global(module: &str, name: &str) -> bool {
-    let root = module.split('.').next().unwrap_or(module);
-    const MODULES: &[&str] = &[
-        "os",
-        "posix",
-        "nt",
-        "subprocess",
-        "sys",
-        "socket",
-        "shutil",
-        "pty",
-        "importlib",
-        "runpy",
-        "pickle",
-        "_pickle",
-        "marshal",
-        "ctypes",
-        "webbrowser",
-        "code",
-        "commands",
-        "popen2",
-        "platform",
-        "multiprocessing",
-        "signal",
-        "asyncio",
-        "threading",
-        "http",
-        "urllib",
-        "requests",
-        "tempfile",
-        "operator",
-        "functools",
-        "types",
-        "pdb",
-        "timeit",
-        "cProfile",
-        "profile",
-        "trace",
-        "bdb",
-        "pip",
-        "setuptools",
-        "distutils",
-    ];
-    const BUILTINS: &[&str] = &[
-        "eval",
-        "exec",
-        "execfile",
-        "compile",
-        "open",
-        "__import__",
-        "getattr",
-        "setattr",
-        "delattr",
-        "globals",
-        "locals",
-        "vars",
-        "input",
-        "breakpoint",
-        "apply",
-        "file",
-    ];
-    if (module == "builtins" || module == "__builtin__") && BUILTINS.contains(&name) {
-        return true;
-    }
-    // A dotted name is an attribute chain (`Path.write_text`): a way to reach methods, never data.
-    if name.contains('.') {
-        return true;
-    }
-    // `_io.BytesIO` is data (Transformer Engine extra state); nothing else in `io` is.
-    if module == "_io" || module == "io" {
-        return name != "BytesIO";
-    }
-    MODULES.contains(&root)
-}
-
 struct Vm<'c, 'a> {
     cur: &'c mut ByteCursor<'a>,
     heap: Heap,
@@ -120,11 +44,34 @@ struct Vm<'c, 'a> {
     consts: HashMap<Const, Id>,
     limits: Limits,
     op_offset: u64,
+    /// Globals the user allows beyond the allowlist (the input's `--allow-global`s).
+    allowed: AllowedGlobals,
+    /// Calls of globals off the allowlist: recorded, never made; the parse fails with all of them at the end.
+    refused: Uses,
+    /// Globals off the allowlist that the pickle names (called or not).
+    named: Uses,
+}
+
+/// Distinct globals and where each is first used.
+#[derive(Default)]
+struct Uses {
+    list: Vec<GlobalUse>,
+    seen: HashSet<String>,
+}
+
+impl Uses {
+    fn add(&mut self, global: String, offset: u64, how: &str) {
+        if !self.seen.contains(&global) {
+            self.seen.insert(global.clone());
+            self.list.push(GlobalUse { global, offset, how: how.to_string() });
+        }
+    }
 }
 
 /// Runs one pickle from the cursor's position to its `STOP`, returning the heap and the root node.
 pub fn parse(cur: &mut ByteCursor<'_>, limits: Limits) -> Result<(Heap, Id)> {
     let name = cur.input().name.clone();
+    let allowed = cur.input().allowed_globals.clone();
     let mut vm = Vm {
         cur,
         heap: Heap::default(),
@@ -134,8 +81,19 @@ pub fn parse(cur: &mut ByteCursor<'_>, limits: Limits) -> Result<(Heap, Id)> {
         consts: HashMap::new(),
         limits,
         op_offset: 0,
+        allowed,
+        refused: Uses::default(),
+        named: Uses::default(),
     };
-    let root = vm.run().map_err(|e| e.in_file(&name))?;
+    let run = vm.run();
+    // A refused call outranks whatever else is wrong with the stream: it says what the file is.
+    if !vm.refused.list.is_empty() {
+        let refused = &vm.refused.seen;
+        let named = vm.named.list.into_iter().filter(|u| !refused.contains(&u.global)).collect();
+        return Err(Error::new(ErrorKind::UnsafeGlobal { calls: vm.refused.list, named }).in_file(&name));
+    }
+    let root = run.map_err(|e| e.in_file(&name))?;
+    vm.heap.named_globals = vm.named.list;
     Ok((vm.heap, root))
 }
 
@@ -507,6 +465,7 @@ impl Vm<'_, '_> {
                 b'c' => {
                     let module = self.text_line()?;
                     let name = self.text_line()?;
+                    self.note_global(&module, &name);
                     self.push_new(Node::Global { module, name })?
                 }
                 0x93 => {
@@ -515,8 +474,9 @@ impl Vm<'_, '_> {
                     let (Some(m), Some(n)) = (self.heap.as_str(module), self.heap.as_str(name)) else {
                         return Err(self.err("STACK_GLOBAL needs two strings"));
                     };
-                    let node = Node::Global { module: m.to_string(), name: n.to_string() };
-                    self.push_new(node)?
+                    let (module, name) = (m.to_string(), n.to_string());
+                    self.note_global(&module, &name);
+                    self.push_new(Node::Global { module, name })?
                 }
                 0x82..=0x84 => {
                     return Err(Error::new(ErrorKind::Unsupported(format!(
@@ -527,29 +487,30 @@ impl Vm<'_, '_> {
                 b'R' => {
                     let args = self.pop()?;
                     let callable = self.pop()?;
-                    let id = self.call(callable, args, 0)?;
+                    let id = self.call(callable, args, "called by REDUCE", 0)?;
                     self.push(id)?
                 }
                 0x81 => {
                     let args = self.pop()?;
                     let cls = self.pop()?;
-                    let id = self.call(cls, args, 0)?;
+                    let id = self.call(cls, args, "instantiated by NEWOBJ", 0)?;
                     self.push(id)?
                 }
                 0x92 => {
                     let _kwargs = self.pop()?;
                     let args = self.pop()?;
                     let cls = self.pop()?;
-                    let id = self.call(cls, args, 0)?;
+                    let id = self.call(cls, args, "instantiated by NEWOBJ_EX", 0)?;
                     self.push(id)?
                 }
                 b'i' => {
                     let module = self.text_line()?;
                     let name = self.text_line()?;
+                    self.note_global(&module, &name);
                     let items = self.pop_mark()?;
                     let cls = self.alloc(Node::Global { module, name })?;
                     let args = self.alloc(Node::Tuple(items))?;
-                    let id = self.call(cls, args, 0)?;
+                    let id = self.call(cls, args, "instantiated by INST", 0)?;
                     self.push(id)?
                 }
                 b'o' => {
@@ -559,16 +520,21 @@ impl Vm<'_, '_> {
                     }
                     let cls = items.remove(0);
                     let args = self.alloc(Node::Tuple(items))?;
-                    let id = self.call(cls, args, 0)?;
+                    let id = self.call(cls, args, "instantiated by OBJ", 0)?;
                     self.push(id)?
                 }
                 b'b' => {
                     let state = self.pop()?;
                     let target = self.top()?;
-                    if let Node::Object { state: s, .. } = &mut self.heap.nodes[target as usize] {
-                        *s = Some(state);
+                    match &mut self.heap.nodes[target as usize] {
+                        Node::Object { state: s, .. } => *s = Some(state),
+                        // State on a class, function or module object rebinds what it holds: a call in disguise.
+                        Node::Global { module, name } if !policy::user_allows(module, name, &self.allowed) => {
+                            self.refuse(target, "its attributes set by BUILD")
+                        }
+                        // BUILD on dicts (torch's `_metadata`) and tensors sets attributes we do not need.
+                        _ => {}
                     }
-                    // BUILD on dicts (torch's `_metadata`) and tensors sets attributes we do not need.
                 }
                 b'P' => {
                     let s = self.text_line()?;
@@ -577,6 +543,7 @@ impl Vm<'_, '_> {
                 }
                 b'Q' => {
                     let pid = self.pop()?;
+                    self.check_storage_type(pid);
                     self.push_new(Node::PersistentId(pid))?
                 }
                 other => return Err(self.err(format!("unknown opcode 0x{other:02x}"))),
@@ -638,18 +605,19 @@ impl Vm<'_, '_> {
 
     /// REDUCE / NEWOBJ / INST / OBJ: builds data for known callables, inert objects for the rest. Long by design:
     /// one arm per callable it knows, each checking its own arguments.
-    fn call(&mut self, callable: Id, args: Id, depth: u32) -> Result<Id> {
+    fn call(&mut self, callable: Id, args: Id, how: &str, depth: u32) -> Result<Id> {
         let (module, name) = match self.heap.get(callable) {
             Node::Global { module, name } => (module.clone(), name.clone()),
             _ => {
-                return self.alloc(Node::Object { callable, args, state: None, items: vec![], list: vec![] });
+                // Calling a value the pickle built (the result of another call, a string, ...): never data.
+                self.refuse(callable, how);
+                return self.err_object(callable, args);
             }
         };
-        if is_unsafe_global(&module, &name) {
-            return Err(Error::new(ErrorKind::UnsafeGlobal {
-                global: format!("{module}.{name}"),
-                offset: self.op_offset,
-            }));
+        if !self.callable(callable) {
+            // Recorded, never made: the parse goes on to name every such call, then fails.
+            self.refuse(callable, how);
+            return self.err_object(callable, args);
         }
         let argv: Vec<Id> = match self.heap.get(args) {
             Node::Tuple(v) | Node::List(v) => v.clone(),
@@ -661,17 +629,43 @@ impl Vm<'_, '_> {
             }
             ("torch._utils", "_rebuild_parameter" | "_rebuild_parameter_with_state") => {
                 let t = *argv.first().ok_or_else(|| self.err("_rebuild_parameter without a tensor"))?;
+                if let Some(&hooks) = argv.get(2) {
+                    self.check_hooks(hooks);
+                }
                 Ok(t)
+            }
+            ("torch._utils", "_rebuild_wrapper_subclass") => {
+                if let Some(&cls) = argv.first() {
+                    self.check_role(cls, Role::TensorType, "class given to _rebuild_wrapper_subclass");
+                }
+                self.err_object(callable, args)
+            }
+            ("copyreg" | "copy_reg", "_reconstructor" | "__newobj__" | "__newobj_ex__") => {
+                // copyreg builds an instance of its first argument (and `_reconstructor` calls its base's __new__
+                // and __init__): both must be allowed as the call itself would be.
+                let what = format!("class given to copyreg.{name}");
+                let cls = *argv.first().ok_or_else(|| self.err(format!("copyreg.{name} without a class")))?;
+                if !self.callable(cls) {
+                    self.refuse(cls, &what);
+                }
+                if name == "_reconstructor"
+                    && let Some(&base) = argv.get(1)
+                    && !self.callable(base)
+                {
+                    self.refuse(base, "base class given to copyreg._reconstructor");
+                }
+                self.err_object(callable, args)
             }
             ("torch._tensor", "_rebuild_from_type_v2") | ("torch._tensor", "_rebuild_from_type") => {
                 // (func, type, args, state): the subclass is dropped, the tensor inside is kept.
                 if depth > 4 {
                     return Err(self.limit("nested _rebuild_from_type calls".into()));
                 }
-                let (Some(&func), Some(&inner)) = (argv.first(), argv.get(2)) else {
+                let (Some(&func), Some(&ty), Some(&inner)) = (argv.first(), argv.get(1), argv.get(2)) else {
                     return Err(self.err("_rebuild_from_type_v2 needs (func, type, args, state)"));
                 };
-                let id = self.call(func, inner, depth + 1)?;
+                self.check_role(ty, Role::TensorType, "tensor type given to _rebuild_from_type_v2");
+                let id = self.call(func, inner, "function called by _rebuild_from_type_v2", depth + 1)?;
                 // Wrapper subclasses (DTensor) keep their content in the state: keep it on the object.
                 if let (Some(&st), Node::Object { state, .. }) = (argv.get(3), &mut self.heap.nodes[id as usize]) {
                     *state = Some(st);
@@ -733,6 +727,69 @@ impl Vm<'_, '_> {
         }
     }
 
+    /// Notes a global the pickle names: one off the allowlist is reported even if it is never called.
+    fn note_global(&mut self, module: &str, name: &str) {
+        if policy::classify(module, name).is_none() && !policy::user_allows(module, name, &self.allowed) {
+            self.named.add(policy::full_name(module, name), self.op_offset, "named");
+        }
+    }
+
+    /// Whether calling `id` is allowed: a global on the allowlist as callable, or one the user allows.
+    fn callable(&self, id: Id) -> bool {
+        matches!(self.heap.get(id), Node::Global { module, name } if policy::callable(module, name, &self.allowed))
+    }
+
+    /// Records that `id` would be called (`how`) though it is not allowed.
+    fn refuse(&mut self, id: Id, how: &str) {
+        let global = match self.heap.get(id) {
+            Node::Global { module, name } => policy::full_name(module, name),
+            _ => match self.heap.describe(id) {
+                d if d.starts_with('<') => d,
+                d => format!("<the value {d}>"),
+            },
+        };
+        self.refused.add(global, self.op_offset, how);
+    }
+
+    /// Refuses `id` unless it is a global of `role` on the allowlist, or one the user allows.
+    fn check_role(&mut self, id: Id, role: Role, how: &str) {
+        let ok = match self.heap.get(id) {
+            Node::Global { module, name } => {
+                policy::classify(module, name).is_some_and(|r| r.role == role)
+                    || policy::user_allows(module, name, &self.allowed)
+            }
+            _ => false,
+        };
+        if !ok {
+            self.refuse(id, how);
+        }
+    }
+
+    /// A persistent id `('storage', type, key, location, numel)`: the type must be a storage class, as torch's
+    /// loader reads attributes of it.
+    fn check_storage_type(&mut self, pid: Id) {
+        if let Some(&[tag, ty, ..]) = self.heap.as_seq(pid)
+            && self.heap.as_str(tag) == Some("storage")
+        {
+            self.check_role(ty, Role::Storage, "used as a storage type");
+        }
+    }
+
+    /// Backward hooks: torch.save always writes an empty dict; every entry of a non-empty one would be called.
+    fn check_hooks(&mut self, hooks: Id) {
+        let entries: Vec<Id> = match self.heap.get(hooks) {
+            Node::Dict(items) => items.iter().map(|&(_, v)| v).collect(),
+            _ => return,
+        };
+        for hook in entries {
+            let allowed = matches!(self.heap.get(hook), Node::Global { module, name }
+                if policy::user_allows(module, name, &self.allowed));
+            if !allowed {
+                self.refuse(hook, "used as a backward hook");
+            }
+        }
+    }
+
     fn err_object(&mut self, callable: Id, args: Id) -> Result<Id> {
         self.alloc(Node::Object { callable, args, state: None, items: vec![], list: vec![] })
     }
@@ -741,6 +798,9 @@ impl Vm<'_, '_> {
         let need = if func == "_rebuild_tensor" { 4 } else { 6 };
         if argv.len() < need {
             return Err(self.err(format!("{func} needs at least {need} arguments, got {}", argv.len())));
+        }
+        if func != "_rebuild_tensor" {
+            self.check_hooks(argv[5]);
         }
         let storage = argv[0];
         let offset = self
@@ -1001,14 +1061,6 @@ mod tests {
         assert_eq!(heap.as_int(items[0]), Some(1));
         assert_eq!(heap.get(items[1]), &Node::Float(2.5));
         assert_eq!(heap.as_str(items[2]), Some("hi"));
-    }
-
-    #[test]
-    fn refuses_os_system() {
-        let p = b"cos\nsystem\n(Vecho pwned\ntR.";
-        let e = run(p).unwrap_err();
-        assert!(matches!(e.kind(), ErrorKind::UnsafeGlobal { global, .. } if global == "os.system"), "{e}");
-        assert!(e.to_string().contains("t.pkl"));
     }
 
     #[test]

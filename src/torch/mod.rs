@@ -622,9 +622,11 @@ pub fn plan(input: Input, opts: &PlanOptions) -> Result<Planned> {
         .map(|(name, view)| PlannedTensor::from_source(name, view.shape.clone(), Source::View(view), opts.dtype))
         .collect();
     let name = input.name.clone();
+    let mut notes = selection_notes(&sel);
+    notes.extend(crate::planned::named_globals_note(&file.heap.named_globals));
     Planned {
         kind: InputKind::TorchFile,
-        plan: Plan { tensors, notes: selection_notes(&sel) },
+        plan: Plan { tensors, notes },
         format: file.format.to_string(),
         inputs: vec![input],
         groups: groups.into_groups(),

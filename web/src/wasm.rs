@@ -3,8 +3,9 @@
 use ckptconv::conversion::{Checkpoint, Conversion, ConversionOptions, Output};
 use ckptconv::dtype::DType;
 use ckptconv::hf::BaseModel;
-use ckptconv::io::{Folder, Input, ReadAt};
+use ckptconv::io::{AllowedGlobals, Folder, Input, ReadAt, Trusting};
 use ckptconv::lora::{self, LoraMode, LoraOptions};
+use ckptconv::pickle::policy;
 use ckptconv::planned::PlanOptions;
 use ckptconv::select::Prefix;
 use ckptconv::write::safetensors;
@@ -174,9 +175,17 @@ struct JsOptions {
     format: Option<String>,
     /// The torch.save file's name in `dcp-to-pt` mode (default `full_weights.pt`, RLinf's).
     output_name: Option<String>,
+    /// `module.name` of globals the checkpoint's pickles may call beyond the allowlist (`--allow-global`).
+    allow_globals: Vec<String>,
 }
 
 impl JsOptions {
+    fn allowed_globals(&self) -> Result<AllowedGlobals, JsError> {
+        let checked: Result<Vec<String>, String> =
+            self.allow_globals.iter().map(|g| policy::parse_allowed(g)).collect();
+        checked.map(AllowedGlobals::from).map_err(|e| JsError::new(&format!("allowGlobals: {e}")))
+    }
+
     fn conversion(&self, base_folder: Option<&JsFolder>) -> Result<ConversionOptions, JsError> {
         let dtype = match &self.dtype {
             Some(d) => DType::from_cli(d).map_err(|e| JsError::new(&e))?,
@@ -197,6 +206,7 @@ impl JsOptions {
             },
             require_base: true,
             allow_mismatch: self.allow_mismatch,
+            allow_globals: self.allowed_globals()?,
             lora: LoraOptions {
                 mode: if self.lora.as_deref() == Some("adapter") { LoraMode::Adapter } else { LoraMode::Merge },
                 explicit: self.lora.is_some(),
@@ -241,7 +251,7 @@ pub struct Job {
 impl Job {
     /// Plans a conversion. `files`: array of `{path, file}` (a single file, or a dropped folder);
     /// `base`: the same for an optional base-model folder (or `null`); `options`: `{dtype, lora, loraAlpha,
-    /// loraR, maxShardSize, prefix, allowMismatch, copies, mode, format, outputName}`. With `copies: true`, bytes
+    /// loraR, maxShardSize, prefix, allowMismatch, allowGlobals, copies, mode, format, outputName}`. With `copies: true`, bytes
     /// that go to the output unchanged come as `copy` pieces naming a range of an input Blob, for the caller to
     /// read and write itself, instead of passing through wasm memory.
     #[wasm_bindgen(constructor)]
@@ -259,7 +269,12 @@ impl Job {
             }
             _ => None,
         };
-        let base_model = match &base_folder {
+        // The base's pickled weights may call what the checkpoint's may.
+        let trusted_base = match &base_folder {
+            Some(f) => Some(Trusting { folder: f, allowed: opts.allowed_globals()? }),
+            None => None,
+        };
+        let base_model = match &trusted_base {
             Some(f) => Some(BaseModel::open(f).map_err(js_err)?),
             None => None,
         };

@@ -21,7 +21,7 @@ mod progress;
 use ckptconv::conversion::{Checkpoint, Conversion, ConversionOptions, Output};
 use ckptconv::dtype::DType;
 use ckptconv::hf::BaseModel;
-use ckptconv::io::{Folder, Input};
+use ckptconv::io::{Folder, Input, Trusting};
 use ckptconv::lora::{LoraMode, LoraOptions};
 use ckptconv::planned::{InputKind, PlanOptions};
 use ckptconv::select::Prefix;
@@ -185,6 +185,10 @@ struct PlanArgs {
     /// openvla_oft: also write proprio_projector--0_checkpoint.pt.
     #[arg(long)]
     use_proprio: bool,
+    /// Allow the checkpoint's pickles to call this global too (repeatable), like torch's add_safe_globals: for
+    /// a file you trust that needs a class off ckptconv's allowlist. ckptconv still calls nothing.
+    #[arg(long = "allow-global", value_name = "MODULE.NAME", value_parser = parse_global)]
+    allow_global: Vec<String>,
     /// Set by mg2hf: anything but a Megatron checkpoint is an error.
     #[arg(skip)]
     megatron_only: bool,
@@ -207,6 +211,10 @@ fn parse_dtype(s: &str) -> Result<CastTo, String> {
     DType::from_cli(s).map(CastTo)
 }
 
+fn parse_global(s: &str) -> Result<String, String> {
+    ckptconv::pickle::policy::parse_allowed(s)
+}
+
 fn parse_size(s: &str) -> Result<u64, String> {
     safetensors::parse_size(s)
 }
@@ -216,6 +224,7 @@ impl PlanArgs {
         PlanOptions {
             require_base: true,
             allow_mismatch: self.allow_mismatch,
+            allow_globals: self.allow_global.clone().into(),
             lora: LoraOptions::default(),
             dtype: self.dtype.0,
             prefix: match &self.prefix {
@@ -245,8 +254,8 @@ impl PlanArgs {
 }
 
 /// Runs `f` with the base model of `--base`, if one was given.
-fn with_base<T>(base: Option<&Path>, f: impl FnOnce(Option<&BaseModel>) -> ckptconv::Result<T>) -> ckptconv::Result<T> {
-    match base {
+fn with_base<T>(args: &PlanArgs, f: impl FnOnce(Option<&BaseModel>) -> ckptconv::Result<T>) -> ckptconv::Result<T> {
+    match args.base.as_deref() {
         None => f(None),
         Some(p) => {
             if !p.is_dir() {
@@ -254,7 +263,9 @@ fn with_base<T>(base: Option<&Path>, f: impl FnOnce(Option<&BaseModel>) -> ckptc
                 return Err(Error::new(ErrorKind::Config(format!("the base model folder {what}")))
                     .in_file(&p.display().to_string()));
             }
-            let folder = fsio::DiskFolder::open(p)?;
+            let disk = fsio::DiskFolder::open(p)?;
+            // The base's pickled weights (a pytorch_model.bin) may call what the checkpoint's may.
+            let folder = Trusting { folder: &disk, allowed: args.options().allow_globals };
             let base = BaseModel::open(&folder)?;
             f(Some(&base))
         }
@@ -300,8 +311,7 @@ fn human(bytes: u64) -> String {
 fn inspect(input: &Path, json: bool, args: &PlanArgs) -> ckptconv::Result<()> {
     use std::fmt::Write as _;
     let opts = ConversionOptions { plan: PlanOptions { require_base: false, ..args.options() }, ..Default::default() };
-    let planned =
-        with_base(args.base.as_deref(), |base| with_checkpoint(input, |c| ckptconv::conversion::plan(c, base, &opts)))?;
+    let planned = with_base(args, |base| with_checkpoint(input, |c| ckptconv::conversion::plan(c, base, &opts)))?;
     let plan = &planned.plan;
     if json {
         let mut doc = planned.json_fields();
@@ -366,7 +376,7 @@ fn convert(
         }
         OutFormat::Pt => Output::TorchSave { name: "pytorch_model.bin".into() },
     };
-    with_base(args.base.as_deref(), |base| {
+    with_base(args, |base| {
         let opts = args.conversion(output)?;
         let conv = with_checkpoint(input, |c| Conversion::new(c, base, &opts))?;
         write_out(&conv, out_dir, out, input)?;
@@ -424,7 +434,7 @@ fn verify_cmd(out_dir: &Path, against: Option<&Path>, args: &PlanArgs) -> ckptco
         if folder.files().iter().any(|f| f == safetensors::ADAPTER_MODEL) { safetensors::ADAPTER_DIR } else { "" };
     let r = match against {
         None => verify::structural(&folder, sub)?,
-        Some(input) => with_base(args.base.as_deref(), |base| {
+        Some(input) => with_base(args, |base| {
             let opts = args.conversion(Output::Safetensors { max_shard: None })?;
             let conv = with_checkpoint(input, |c| Conversion::new(c, base, &opts))?;
             verify::against(&folder, sub, conv.plan(), &conv.planned().inputs)
