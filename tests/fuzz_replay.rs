@@ -7,6 +7,7 @@ type Target = fn(&[u8]);
 
 const TARGETS: &[(&str, Target)] = &[
     ("pickle", ckptconv::fuzzing::pickle),
+    ("pickle_policy", ckptconv::fuzzing::pickle_policy),
     ("torch_file", ckptconv::fuzzing::torch_file),
     ("dcp_metadata", ckptconv::fuzzing::dcp_metadata),
     ("dcp_folder", ckptconv::fuzzing::dcp_folder),

@@ -2,6 +2,9 @@
 //! takes arbitrary bytes, must never panic, hang or allocate without bound, and may only return errors.
 #![allow(missing_docs)]
 
+mod classifier;
+pub use classifier::pickle_policy;
+
 use crate::io::{Input, MemoryFolder};
 use crate::planned::PlanOptions;
 
