@@ -48,21 +48,20 @@ const NAMES: &[&str] = &[
     "x",
 ];
 
-/// Callables whose arguments the reader interprets (pairs, latin-1 text, tensors): called with none here, as the
-/// generator only promises well-formed pickles.
-fn takes_no_args(module: &str, name: &str) -> bool {
+/// Callables whose arguments the reader interprets (pairs, latin-1 text, tensors, a class to build): the generator
+/// only promises well-formed pickles, so it never calls these with random arguments (they have shapes of their own).
+fn interprets_args(module: &str, name: &str) -> bool {
+    const INTERPRETED: &[&str] = &[
+        "collections.OrderedDict",
+        "builtins.dict",
+        "_codecs.encode",
+        "builtins.bytes",
+        "builtins.bytearray",
+        "numpy.core.multiarray._reconstruct",
+        "numpy._core.multiarray._reconstruct",
+    ];
     matches!(policy::classify(module, name).map(|r| r.role), Some(Role::Rebuild | Role::Reconstruct))
-        || matches!(
-            (policy::full_name(module, name).as_str(), name),
-            (
-                "collections.OrderedDict"
-                    | "builtins.dict"
-                    | "_codecs.encode"
-                    | "builtins.bytes"
-                    | "builtins.bytearray",
-                _
-            )
-        )
+        || INTERPRETED.contains(&policy::full_name(module, name).as_str())
 }
 
 struct Gen<'a> {
@@ -221,7 +220,7 @@ impl Gen<'_> {
     /// A global to call, never one whose arguments the reader interprets.
     fn callee(&mut self) -> (String, String) {
         let (m, n) = self.pick();
-        if takes_no_args(&m, &n) { ("mypkg.sub".into(), "x".into()) } else { (m, n) }
+        if interprets_args(&m, &n) { ("mypkg.sub".into(), "x".into()) } else { (m, n) }
     }
 
     fn call(&mut self, depth: u32) {

@@ -588,6 +588,9 @@ mod tests {
         let (made, named) = refusal(p);
         assert_eq!(made, [pair("builtins.map", "called by REDUCE")]);
         assert_eq!(named, ["os.system"]);
+        // numpy's _reconstruct(cls, shape, dtype) builds its class.
+        let p = b"cnumpy.core.multiarray\n_reconstruct\n(cos\nsystem\n(K\x00tC\x01btR.";
+        assert_eq!(calls(p), [pair("os.system", "class given to numpy's _reconstruct")]);
         // _rebuild_from_type_v2(func, type, args, state): both func and type are checked.
         let p = b"ctorch._tensor\n_rebuild_from_type_v2\n(cos\nsystem\ncpydoc\nlocate\n(Vid\ntNtR.";
         assert_eq!(

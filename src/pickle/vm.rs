@@ -640,6 +640,15 @@ impl Vm<'_, '_> {
                 }
                 self.err_object(callable, args)
             }
+            ("numpy.core.multiarray" | "numpy._core.multiarray", "_reconstruct") => {
+                // numpy builds an instance of its first argument (numpy.ndarray in real files).
+                if let Some(&cls) = argv.first()
+                    && !self.callable(cls)
+                {
+                    self.refuse(cls, "class given to numpy's _reconstruct");
+                }
+                self.err_object(callable, args)
+            }
             ("copyreg" | "copy_reg", "_reconstructor" | "__newobj__" | "__newobj_ex__") => {
                 // copyreg builds an instance of its first argument (and `_reconstructor` calls its base's __new__
                 // and __init__): both must be allowed as the call itself would be.
