@@ -248,6 +248,9 @@ def same_bytes_cases():
         cases.append(case(f"pt/{qwen}:{tag}", PT, ["convert", In(qwen), Out("hf")] + flags))
     cases.append(case("pt/dtypes_all.pt:bf16", PT, ["convert", In("dtypes_all.pt"), Out("hf"), "--dtype", "bf16"]))
     cases.append(case("pt/lightning_style.pt:prefix-empty", PT, ["convert", In("lightning_style.pt"), Out("hf"), "--prefix", ""]))
+    # A config class off the allowlist, accepted by the user's --allow-global (issue #16).
+    cases.append(case("trust/simple_namespace_config.pt:allow-global", FIXTURES / "trust",
+                      ["convert", In("simple_namespace_config.pt"), Out("hf"), "--allow-global", "types.SimpleNamespace"]))
     return cases + lora_cases()
 
 
@@ -546,6 +549,9 @@ def last_error(stderr, roots):
 
 SAME_REFUSAL = [
     ("verl/single-rank-file", VERL / "fsdp2_ws2", ["convert", In("actor/model_world_size_2_rank_1.pt"), Out("hf")]),
+    ("trust/without-allow-global", FIXTURES / "trust", ["convert", In("simple_namespace_config.pt"), Out("hf")]),
+    ("trust/another-allow-global", FIXTURES / "trust", ["convert", In("simple_namespace_config.pt"), Out("hf"),
+                                                        "--allow-global", "types.ModuleType"]),
     ("megatron/mg2hf-not-megatron", PT, ["mg2hf", In("parameters.pt"), Out("hf"), In("")]),
 ] + ([(f"lora/rank_mismatch-{mode}", LORA, ["convert", In("bad/rank_mismatch.pt"), Out("hf"), "--base", In("base_qwen2"),
                                              "--lora", mode, "--lora-path", In("lora_path")]) for mode in ("merge", "adapter")]

@@ -15,6 +15,7 @@ const PT = join(FIXTURES, 'pt/qwen2_tiny_full_weights.pt');
 const MEGATRON = join(FIXTURES, 'megatron/qwen2_tp2/actor');
 const BASE = join(FIXTURES, 'megatron/qwen2_tp2/base_hf');
 const HOSTILE = join(FIXTURES, '../hostile/pickle_os_system.pt');
+const TRUST = join(FIXTURES, 'trust/simple_namespace_config.pt');
 
 const SHIPPED = [
   'README.md',
@@ -42,11 +43,11 @@ async function hex(buf) {
   return [...new Uint8Array(await crypto.subtle.digest('SHA-256', buf))].map((b) => b.toString(16).padStart(2, '0')).join('');
 }
 // Streams every output in order; returns {name: sha256} plus the stream's chunk count and the engine's memory.
-window.run = async (inputId, withBase) => {
+window.run = async (inputId, withBase, options = {}) => {
   const input = document.getElementById(inputId).files;
   const base = withBase ? document.getElementById('base').files : undefined;
-  const plan = await inspect(input, { base });
-  const conversion = await convert(input, { base });
+  const plan = await inspect(input, { base, ...options });
+  const conversion = await convert(input, { base, ...options });
   const hashes = {};
   let chunks = 0;
   for (const file of conversion.files) {
@@ -59,9 +60,9 @@ window.run = async (inputId, withBase) => {
   }
   return { hashes, chunks, tensors: plan.tensors.length, memory: await conversion.memoryBytes() };
 };
-window.fails = async (inputId) => {
+window.fails = async (inputId, options = {}) => {
   try {
-    await convert(document.getElementById(inputId).files);
+    await convert(document.getElementById(inputId).files, options);
     return null;
   } catch (e) {
     return e.message;
@@ -108,6 +109,21 @@ after(async () => {
 });
 
 describe('the npm package', () => {
+  test('allowGlobals accepts a class off the allowlist, as the CLI\'s --allow-global does', async () => {
+    const page = await browser.context.newPage();
+    await page.goto(server.url);
+    await page.waitForFunction(() => typeof window.run === 'function');
+    await page.setInputFiles('#file', TRUST);
+    const refused = await page.evaluate(() => window.fails('file'));
+    assert.match(refused, /types\.SimpleNamespace \(called by REDUCE, pickle byte \d+\)/);
+    assert.match(refused, /--allow-global types\.SimpleNamespace/);
+    assert.match(await page.evaluate(() => window.fails('file', { allowGlobals: ['types'] })), /^allowGlobals: 'types'/);
+    const ok = await page.evaluate(() => window.run('file', false, { allowGlobals: ['types.SimpleNamespace'] }));
+    const native = await nativeOutput('convert', TRUST, 'OUT', '--allow-global', 'types.SimpleNamespace');
+    assert.deepEqual(ok.hashes, hashTree(native));
+    await page.close();
+  });
+
   test('the tarball ships only the engine, the JS, the types and the README', () => {
     assert.deepEqual(tarball.files, SHIPPED);
   });
@@ -155,7 +171,10 @@ describe('the npm package', () => {
     await page.goto(server.url);
     await page.waitForFunction(() => typeof window.run === 'function');
     await page.setInputFiles('#file', HOSTILE);
-    assert.match(await page.evaluate(() => window.fails('file')), /^pickle_os_system\.pt: refused to call os\.system/);
+    assert.match(
+      await page.evaluate(() => window.fails('file')),
+      /^pickle_os_system\.pt: refused: the pickle would call a global not on ckptconv's allowlist of data: os\.system /,
+    );
     await page.setInputFiles('#file', PT);
     assert.match(
       await page.evaluate(() => window.outOfOrder()),
