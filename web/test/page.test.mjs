@@ -32,6 +32,7 @@ const BASE = join(FIXTURES, 'megatron/qwen2_tp2/base_hf');
 const MEGATRON_DIST = join(FIXTURES, 'megatron/qwen2_tp2_pp2/actor_dist');
 const MEGATRON_DIST_BASE = join(FIXTURES, 'megatron/qwen2_tp2_pp2/base_hf');
 const HOSTILE = join(FIXTURES, '../hostile/pickle_os_system.pt');
+const TRUST = join(FIXTURES, 'trust/simple_namespace_config.pt');
 const LORA = join(FIXTURES, 'lora/full_weights.pt');
 const LORA_BASE = join(FIXTURES, 'lora/base_qwen2');
 
@@ -304,6 +305,19 @@ describe('the page', () => {
     assert.equal(await errorText(page), `Error: pickle_os_system.pt: ${message}`);
     assert.ok(await page.isDisabled('#convert'));
     assert.deepEqual(await newInOpfs(page, before), []);
+    await page.clean();
+  });
+
+  test('a class off the allowlist is refused by name, and "Allow globals" accepts it as --allow-global does', async () => {
+    const page = await openPage();
+    await page.setInputFiles('#files-input', TRUST);
+    assert.equal(await waitState(page, ['ready', 'invalid']), 'invalid');
+    assert.match(await errorText(page), /types\.SimpleNamespace \(called by REDUCE, pickle byte \d+\)/);
+    assert.ok(await page.isDisabled('#convert'));
+    await page.fill('input[name="allowGlobals"]', 'types.SimpleNamespace');
+    await page.dispatchEvent('#options', 'change');
+    const { hashes } = await convertOnPage(page);
+    assert.deepEqual(hashes, hashTree(await nativeOutput('convert', TRUST, 'OUT', '--allow-global', 'types.SimpleNamespace')));
     await page.clean();
   });
 

@@ -54,6 +54,11 @@ function readOptions() {
   if (form.get('lora')) options.lora = form.get('lora');
   const shard = String(form.get('maxShardSize') ?? '').trim();
   if (shard) options.maxShardSize = shard;
+  // A file refused for a class off the allowlist names it and the flag; the user may allow it here.
+  const allow = String(form.get('allowGlobals') ?? '')
+    .split(/[\s,]+/)
+    .filter(Boolean);
+  if (allow.length) options.allowGlobals = allow;
   return options;
 }
 
