@@ -69,6 +69,8 @@ pub struct DcpMetadata {
     pub tensors: Vec<DcpTensor>,
     /// Keys of non-tensor (bytes) entries: lr schedulers, RNG state, scalars.
     pub bytes_items: Vec<String>,
+    /// Globals off the allowlist that the metadata pickle names without calling them.
+    pub named_globals: Vec<crate::error::GlobalUse>,
 }
 
 fn meta_err(msg: impl Into<String>) -> Error {
@@ -114,7 +116,9 @@ pub fn read_metadata(folder: &dyn Folder, dir: &str) -> Result<DcpMetadata> {
     let input = folder.open(&rel)?;
     let mut cur = ByteCursor::new(&input, 0, input.len())?;
     let (h, root) = pickle::parse(&mut cur, Limits::default())?;
-    parse_metadata(&h, root).map_err(|e| e.in_file(&input.name))
+    let mut meta = parse_metadata(&h, root).map_err(|e| e.in_file(&input.name))?;
+    meta.named_globals = h.named_globals;
+    Ok(meta)
 }
 
 fn parse_metadata(h: &Heap, root: Id) -> Result<DcpMetadata> {
@@ -381,9 +385,11 @@ pub fn plan(folder: &dyn Folder, dir: &str, opts: &PlanOptions) -> Result<Planne
         tensors.push(PlannedTensor::from_source(name, t.shape.clone(), Source::Chunked(chunked), opts.dtype));
     }
     let files = resolver.files_used();
+    let mut notes = selection_notes(&sel);
+    notes.extend(crate::planned::named_globals_note(&meta.named_globals));
     Planned {
         kind: InputKind::Dcp,
-        plan: Plan { tensors, notes: selection_notes(&sel) },
+        plan: Plan { tensors, notes },
         format: format!("torch.distributed.checkpoint folder ({files} .distcp file(s) used)"),
         inputs: resolver.inputs,
         groups: groups.into_groups(),

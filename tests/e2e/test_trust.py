@@ -68,3 +68,19 @@ def test_a_global_only_named_converts_with_a_note(run, tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"names a global off ckptconv's allowlist without calling it: {os.system.__module__}.system" in r.stderr
     assert_same(load_output(tmp_path / "out"), {"w": torch.load(src, weights_only=False)["w"]})
+
+
+def test_a_dcp_metadata_naming_a_global_converts_with_a_note(run, tmp_path):
+    import shutil
+
+    src = FIXTURES / "dcp" / "fsdp2_ws2" / "global_step_1" / "actor" / "dcp_checkpoint"
+    dcp = tmp_path / "dcp"
+    shutil.copytree(src, dcp)
+    with open(dcp / ".metadata", "rb") as f:
+        meta = pickle.load(f)  # our own fixture, written by torch.distributed.checkpoint
+    meta.planner_data = {"hook": os.system}
+    with open(dcp / ".metadata", "wb") as f:
+        pickle.dump(meta, f)
+    r = run("inspect", dcp)
+    assert r.returncode == 0, r.stderr
+    assert f"without calling it: {os.system.__module__}.system (pickle byte " in r.stdout, r.stdout
