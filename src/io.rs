@@ -14,7 +14,8 @@ pub trait ReadAt {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Fills `buf` from `offset`; a short source is an error.
+    /// Fills `buf` from `offset`; a short source is an error. A reader that decodes may carry its own [`Error`]
+    /// inside the `io::Error` (`io::Error::other(error)`): [`read_exact_named`] hands it back as it is.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
     /// The concrete reader, so that a sink built for it can take a faster path (e.g. an in-kernel file
     /// copy). The core itself never looks.
@@ -29,8 +30,9 @@ pub trait ReadAt {
         None
     }
     /// The bytes this source stores of its own: its length, or 0 for a view decoded out of another source (a
-    /// compressed item), whose stored bytes that source already counts. The expansion limit weighs a plan's
-    /// tensors against these.
+    /// compressed item), whose stored bytes that source already counts; a file whose deflated entries it inflates
+    /// stores its first `stored_len` bytes, and the rest are decoded. The expansion limit weighs a plan's tensors
+    /// against these, and only bytes below it are ever copied verbatim.
     fn stored_len(&self) -> u64 {
         self.len()
     }
@@ -106,7 +108,11 @@ pub fn read_exact_named(name: &str, data: &dyn ReadAt, offset: u64, buf: &mut [u
         )))
         .in_file(name));
     }
-    data.read_at(offset, buf).map_err(|e| Error::new(ErrorKind::Io(format!("read at {offset}: {e}"))).in_file(name))
+    data.read_at(offset, buf).map_err(|e| match e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) {
+        // A decoding reader's own error (a corrupt deflated entry) keeps its kind and message.
+        Some(own) => own.clone().in_file(name),
+        None => Error::new(ErrorKind::Io(format!("read at {offset}: {e}"))).in_file(name),
+    })
 }
 
 /// A named input: the name is what errors and reports show.
