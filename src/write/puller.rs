@@ -266,7 +266,7 @@ impl Puller {
             return Ok(Step::Again);
         }
         let esz = t.dtype.size() as u64;
-        if self.allow_copy && t.verbatim_pieces(*start, 0).is_some() {
+        if self.allow_copy && t.verbatim_pieces(*start, 0).is_some() && t.reads_stored_bytes(inputs) {
             // Whole band units, so a tensor never mixes copies and bands mid-way.
             let chunk = (COPY_CHUNK / esz / t.band_elems()).max(1) * t.band_elems();
             let count = chunk.min(n - *start);
