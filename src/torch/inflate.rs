@@ -11,8 +11,9 @@
 //!
 //! Each entry must inflate to exactly the size its directory record declares (inflating stops at the first byte
 //! past it: a lying size or a deflate bomb is an error, not more memory), and once inflated to its end its CRC-32
-//! must match the record's. How far an entry may inflate at all is checked before, from its record
-//! ([`super::zip::ZipIndex::locate`]).
+//! must match the record's. An entry that reads stopped short of (a view of part of a storage) is inflated to its
+//! end once every output byte is written, before anything is committed ([`ReadAt::check_unread`]). How far an
+//! entry may inflate at all is checked before, from its record ([`super::zip::ZipIndex::locate`]).
 //!
 //! A file with deflated entries is one input ([`Inflated`]): the file's own bytes, then each deflated entry's
 //! inflated bytes at offsets past the end of the file, so a view of a deflated storage is an ordinary view of that
@@ -60,8 +61,6 @@ struct Stream {
     crc: crc32fast::Hasher,
     /// The deflate stream has ended.
     ended: bool,
-    /// It ended at the declared size with the declared CRC-32.
-    checked: bool,
 }
 
 /// A deflated entry of a file: its directory record, where its compressed bytes start, and how much reading it has
@@ -72,11 +71,13 @@ struct Deflated {
     start: Cell<Option<u64>>,
     /// Bytes inflated for it so far, over every pass.
     work: Cell<u64>,
+    /// It was inflated to its end, with its declared size and CRC-32.
+    checked: Cell<bool>,
 }
 
 impl Deflated {
     fn new(entry: ZipEntry) -> Self {
-        Deflated { entry, start: Cell::new(None), work: Cell::new(0) }
+        Deflated { entry, start: Cell::new(None), work: Cell::new(0), checked: Cell::new(false) }
     }
 
     fn fresh(&self, raw: &dyn ReadAt) -> Result<Stream> {
@@ -102,7 +103,6 @@ impl Deflated {
             skip: Vec::new(),
             crc: crc32fast::Hasher::new(),
             ended: false,
-            checked: false,
         })
     }
 
@@ -216,7 +216,7 @@ impl Deflated {
                 e.name, e.size, e.crc
             )));
         }
-        s.checked = true;
+        self.checked.set(true);
         Ok(())
     }
 
@@ -272,8 +272,7 @@ impl EntryReader {
     /// Inflates the rest of the entry, so that its size and CRC-32 are checked even where no read reached its end.
     pub fn verify(&self) -> Result<()> {
         let size = self.entry.entry.size;
-        let checked = self.stream.borrow().as_ref().is_some_and(|s| s.checked);
-        match checked {
+        match self.entry.checked.get() {
             true => Ok(()),
             _ if size == 0 => {
                 let mut slot = self.stream.borrow_mut();
@@ -379,6 +378,15 @@ impl ReadAt for Inflated {
     fn stored_len(&self) -> u64 {
         self.raw_len
     }
+    /// Every entry that was read but not to its end is inflated to it now, so that its size and CRC-32 are checked
+    /// (a view of part of a storage, or a storage shorter than its entry declares).
+    fn check_unread(&self) -> std::io::Result<()> {
+        for d in self.entries.iter().filter(|d| d.work.get() > 0 && !d.checked.get()) {
+            let last = d.entry.inflated_at.unwrap_or(0) + d.entry.size - 1;
+            self.read(last, &mut [0u8]).map_err(|e| std::io::Error::other(e.in_file(&self.file)))?;
+        }
+        Ok(())
+    }
     // No `as_any` (an in-kernel copy would read the file at offsets that are inflated bytes here), no `sendable`,
     // and no `release`: the open streams are few and small, and keeping them lets the next tensor over the same
     // storage continue where this one stopped instead of inflating it again.
@@ -470,6 +478,52 @@ mod tests {
         let file_len = 7 + comp.len() as u64;
         assert!(input.read_at(file_len - 3, &mut b).is_err(), "a read across the file's end and the first entry");
         assert_eq!(input.stored_len(), file_len);
+    }
+
+    /// An input of one file's bytes and one deflated entry declaring `declared` bytes, placed after the file.
+    fn placed(comp: &[u8], declared: u64, crc: u32) -> Inflated {
+        let file: Vec<u8> = comp.to_vec();
+        let entry = ZipEntry {
+            name: "archive/data/0".into(),
+            data_start: 0,
+            size: declared,
+            method: super::super::zip::DEFLATED,
+            compressed: comp.len() as u64,
+            crc,
+            inflated_at: Some(comp.len() as u64),
+            local_header: 0,
+        };
+        let input = Inflated::new("t.pt", Rc::new(file), vec![entry], comp.len() as u64 + declared);
+        input.entries[0].start.set(Some(0));
+        input
+    }
+
+    #[test]
+    fn what_reads_did_not_reach_is_checked_at_the_end() {
+        let data = content();
+        let comp = miniz_oxide::deflate::compress_to_vec(&data, 6);
+        let n = data.len() as u64;
+        let at = comp.len() as u64;
+        // Read in part, then checked to the end: a sound entry passes, an unread one is not inflated at all.
+        let good = placed(&comp, n, crc(&data));
+        assert!(good.check_unread().is_ok());
+        assert_eq!(good.entries[0].work.get(), 0);
+        let mut b = vec![0u8; 1000];
+        good.read_at(at + 10, &mut b).unwrap();
+        assert_eq!(b, data[10..1010]);
+        assert!(!good.entries[0].checked.get());
+        assert!(good.check_unread().is_ok());
+        assert!(good.entries[0].checked.get());
+        // A storage shorter than its entry declares: every read of it succeeds, the end does not.
+        let short = placed(&comp, n + 4096, crc(&data));
+        short.read_at(at, &mut vec![0u8; data.len()]).unwrap();
+        let e = short.check_unread().unwrap_err().to_string();
+        assert!(e.contains("t.pt: ") && e.contains("inflates to only 300000 bytes"), "{e}");
+        // A wrong CRC behind the part that was read.
+        let bad = placed(&comp, n, crc(&data) ^ 1);
+        bad.read_at(at, &mut b).unwrap();
+        let e = bad.check_unread().unwrap_err().to_string();
+        assert!(e.contains("fails its CRC-32 check"), "{e}");
     }
 
     #[test]
