@@ -13,8 +13,6 @@ import zipfile
 import zlib
 from pathlib import Path
 
-import torch
-
 EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed entry dates: the same bytes on every run
 # Broken copies: file name -> (entry suffix, what is wrong, phrase the error must hold)
 BROKEN = {
@@ -30,6 +28,8 @@ def state_dict():
     """Tensors that exercise every read path over a deflated storage: storages larger than one 8 MiB band (read in
     several forward steps), a transposed view (read band by band, each band starting the entry over), a slice at an
     offset, two names over one storage, bf16, int64, a 0-d tensor and an all-zero storage (deflates ~1000x)."""
+    import torch  # here, so that importing this module (rezip, broken) needs no torch
+
     g = torch.Generator().manual_seed(16)
     embed = torch.randn(4096, 768, generator=g)  # 12 MiB
     square = torch.randn(1536, 1536, generator=g)  # 9 MiB
@@ -49,6 +49,8 @@ def state_dict():
 
 def saved():
     """A real torch.save of state_dict(): stored entries, root folder `archive/`."""
+    import torch
+
     buf = io.BytesIO()
     torch.save(state_dict(), buf)
     return buf.getvalue()
