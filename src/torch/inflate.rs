@@ -127,7 +127,7 @@ impl Deflated {
         };
         while s.pos < offset {
             let mut skip = std::mem::take(&mut s.skip);
-            skip.resize(SKIP_BUF.min((offset - s.pos) as usize), 0);
+            skip.resize((offset - s.pos).min(SKIP_BUF as u64) as usize, 0); // min first: usize is 32 bits on wasm32
             let r = self.inflate(raw, s, &mut skip);
             s.skip = skip;
             r?;
