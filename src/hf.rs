@@ -140,8 +140,8 @@ impl BaseModel<'_> {
             if !has("pytorch_model.bin") {
                 return Ok(None);
             }
-            let input = self.folder.open("pytorch_model.bin")?;
-            let file = crate::torch::TorchFile::open(&input)?;
+            let mut input = self.folder.open("pytorch_model.bin")?;
+            let file = crate::torch::TorchFile::open(&mut input)?;
             for t in file.tensors(&input, 0)? {
                 shapes.insert(t.path.name, t.view.shape);
             }

@@ -14,7 +14,8 @@ pub trait ReadAt {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Fills `buf` from `offset`; a short source is an error.
+    /// Fills `buf` from `offset`; a short source is an error. A reader that decodes may carry its own [`Error`]
+    /// inside the `io::Error` (`io::Error::other(error)`): [`read_exact_named`] hands it back as it is.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
     /// The concrete reader, so that a sink built for it can take a faster path (e.g. an in-kernel file
     /// copy). The core itself never looks.
@@ -23,14 +24,21 @@ pub trait ReadAt {
     }
     /// Drops caches and decoder state; called when a tensor that read this source is done.
     fn release(&self) {}
+    /// Checks what no read reached, once every output byte is written and before anything is committed: a decoding
+    /// reader finishes the compressed entries that reads stopped short of (a deflated entry's size and CRC-32 are
+    /// only known at its end). Errors travel as in [`ReadAt::read_at`].
+    fn check_unread(&self) -> std::io::Result<()> {
+        Ok(())
+    }
     /// A second handle on the same bytes that another thread may read from, when this source can give one
     /// (a native file: another descriptor); work that splits across threads then reads in parallel.
     fn sendable(&self) -> Option<Box<dyn ReadAt + Send + Sync>> {
         None
     }
     /// The bytes this source stores of its own: its length, or 0 for a view decoded out of another source (a
-    /// compressed item), whose stored bytes that source already counts. The expansion limit weighs a plan's
-    /// tensors against these.
+    /// compressed item), whose stored bytes that source already counts; a file whose deflated entries it inflates
+    /// stores its first `stored_len` bytes, and the rest are decoded. The expansion limit weighs a plan's tensors
+    /// against these, and only bytes below it are ever copied verbatim.
     fn stored_len(&self) -> u64 {
         self.len()
     }
@@ -65,6 +73,9 @@ impl ReadAt for SharedInput {
     }
     fn stored_len(&self) -> u64 {
         self.0.data.stored_len()
+    }
+    fn check_unread(&self) -> std::io::Result<()> {
+        self.0.data.check_unread()
     }
 }
 
@@ -106,7 +117,16 @@ pub fn read_exact_named(name: &str, data: &dyn ReadAt, offset: u64, buf: &mut [u
         )))
         .in_file(name));
     }
-    data.read_at(offset, buf).map_err(|e| Error::new(ErrorKind::Io(format!("read at {offset}: {e}"))).in_file(name))
+    data.read_at(offset, buf).map_err(|e| from_io(name, e, || format!("read at {offset}")))
+}
+
+/// The error of a read of `name`: a decoding reader's own [`Error`] (a corrupt deflated entry) as it is, with its
+/// kind and message; any other as an I/O error saying what was being done.
+fn from_io(name: &str, e: std::io::Error, doing: impl FnOnce() -> String) -> Error {
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) {
+        Some(own) => own.clone().in_file(name),
+        None => Error::new(ErrorKind::Io(format!("{}: {e}", doing()))).in_file(name),
+    }
 }
 
 /// A named input: the name is what errors and reports show.
@@ -145,6 +165,11 @@ impl Input {
         let mut buf = vec![0u8; (end - offset) as usize];
         self.read_exact_at(offset, &mut buf)?;
         Ok(buf)
+    }
+
+    /// Checks what no read of the input reached ([`ReadAt::check_unread`]).
+    pub fn check_unread(&self) -> Result<()> {
+        self.data.check_unread().map_err(|e| from_io(&self.name, e, || "checking what was not read".into()))
     }
 
     /// Length of the input in bytes.

@@ -99,8 +99,8 @@ fn read_ranks(folder: &dyn Folder, dir: &str, world: u64) -> Result<(Vec<Input>,
             return Err(Error::new(ErrorKind::NotCheckpoint(format!("rank {r} of {world} is missing ({rel})")))
                 .in_file(folder.name()));
         }
-        let input: Input = folder.open(&rel)?;
-        let file = TorchFile::open(&input)?;
+        let mut input: Input = folder.open(&rel)?;
+        let file = TorchFile::open(&mut input)?;
         ranks.push(file.tensors(&input, r as usize)?);
         inputs.push(input);
     }

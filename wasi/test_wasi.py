@@ -9,11 +9,13 @@ Owns: wasi/test_wasi.py. Shows that
      the same relative paths both ways); inspect prints the same report; content refusals give the same error;
   2. the module cannot reach outside its preopens: host paths, `..` and symlink escapes fail with exit 1, writes
      outside /out fail and create nothing on the host; every hostile / broken input is refused with exit 1 and
-     its expected message under a 256 MiB linear-memory cap (134 = a trap, e.g. an allocation over the cap);
+     its expected message under a 256 MiB linear-memory cap (134 = a trap, e.g. an allocation over the cap), and
+     so is every broken deflated entry of tests/deflated.py, with the native error line;
   3. exit codes under WASI: 0 ok, 1 error, 2 usage;
   4. converting fixtures, and inputs larger than 64 MiB (generated here with torch: .pt incl. --dtype/shards/
-     --format pt, DCP, dcp-to-pt, non-contiguous views), runs within a 64 MiB linear-memory cap (-W
-     max-memory-size, so any runner enforces it) with the same bytes as native; run.py also reports the peak.
+     --format pt, DCP, dcp-to-pt, non-contiguous views; the .pt files also re-zipped deflated, as a user would),
+     runs within a 64 MiB linear-memory cap (-W max-memory-size, so any runner enforces it) with the same bytes as
+     native; run.py also reports the peak.
 
 Runner: env CKPTCONV_WASM_RUNNER (a command line, e.g. "wasmtime run"); else `wasmtime run` when the wasmtime
 CLI is on PATH; else `python wasi/run.py` (PyPI wasmtime, same flags). Both are called with the `wasmtime run`
@@ -498,6 +500,49 @@ def test_zstd_decode_budget_under_cap(tmp_path):
     assert not [p for p in out.rglob("*") if p.is_file()], "output left behind"
 
 
+import deflated  # noqa: E402  (tests/deflated.py: a real torch.save re-zipped deflated, and broken copies)
+
+
+@pytest.fixture(scope="module")
+def deflated_files(tmp_path_factory):
+    return deflated.write_all(tmp_path_factory.mktemp("deflated"))
+
+
+def test_deflated_same_bytes_within_64mib(tmp_path, deflated_files):
+    """A torch.save re-zipped with zipfile ZIP_DEFLATED (every entry, data.pkl too): the same output bytes as
+    natively under the 64 MiB cap, and as the stored original gives."""
+    report = tmp_path / "peak"
+    nat, wasm, _ = both(tmp_path, deflated_files, ["convert", In("deflated.pt"), Out("hf")],
+                        limits={"max-memory-size": MEMORY_TARGET}, memory_report=report)
+    assert_same_tree(nat, wasm, "deflated.pt")
+    original = tmp_path / "original"
+    r = run_native(["convert", deflated_files / "original.pt", original])
+    assert r.returncode == 0, r.stderr
+    assert tree(original) == tree(nat / "hf"), "the deflated copy converts to other bytes than the original"
+    peak = peak_of(report)
+    if peak is not None:
+        assert peak <= MEMORY_TARGET
+
+
+@pytest.mark.parametrize("file", sorted(deflated.BROKEN))
+def test_deflated_broken_entry_refused_as_natively(tmp_path, deflated_files, file):
+    """A deflated entry that lies about its size, fails its CRC-32 or is cut short: exit 1 under the 256 MiB cap with
+    the native error line (naming the file and the entry), nothing left in /out."""
+    suffix, why, phrase = deflated.BROKEN[file]
+    out, native_out = tmp_path / "out", tmp_path / "native"
+    out.mkdir()
+    native_out.mkdir()
+    r = run_wasm(["convert", f"/in/{file}", "/out/hf"], dirs=[(deflated_files, "/in"), (out, "/out")],
+                 limits={"max-memory-size": HOSTILE_CAP}, timeout=120)
+    assert r.returncode == 1, f"{file} ({why}): exit {r.returncode} (134 = trap), stderr:\n{r.stderr[-3000:]}"
+    line = last_error(r.stderr, {})
+    assert line.startswith("ckptconv: error[zip]: ") and f"/in/{file}" in line, line
+    assert f"entry 'archive/{suffix}'" in line and phrase in line.lower(), line
+    n = run_native(["convert", deflated_files / file, native_out / "hf"])
+    assert last_error(n.stderr, {"in": deflated_files, "out": native_out}) == line, "WASI and native errors differ"
+    assert not [p for p in out.rglob("*") if p.is_file()], "output left behind"
+
+
 def test_hostile_inspect_refused_under_cap():
     r = run_wasm(["inspect", "/in/zip_os_system.pt"], dirs=[(HOSTILE, "/in")], limits={"max-memory-size": HOSTILE_CAP})
     assert_error(r, "os.system")
@@ -732,6 +777,28 @@ def test_input_larger_than_cap_within_64mib(tmp_path, big_inputs, args):
     peak = peak_of(report)
     if peak is not None:
         print(f"{size / MiB:.0f} MiB input: peak linear memory {peak / MiB:.1f} MiB")
+        assert peak <= MEMORY_TARGET
+
+
+@pytest.mark.parametrize("name", ["big.pt", "views.pt"])
+def test_deflated_input_larger_than_cap_within_64mib(tmp_path, big_inputs, name):
+    """The >64 MiB inputs re-zipped deflated (tests/deflated.py): storages larger than the cap are inflated as bands
+    read them, the transposed view of views.pt starts its entry over once per band; the same bytes as natively
+    and as the stored original, under the 64 MiB cap."""
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / name).write_bytes(deflated.rezip((big_inputs / name).read_bytes(), level=1))
+    report = tmp_path / "peak"
+    nat, wasm, _ = both(tmp_path, d, ["convert", In(name), Out("hf")], limits={"max-memory-size": MEMORY_TARGET},
+                        memory_report=report)
+    assert_same_tree(nat, wasm, f"deflated {name}")
+    original = tmp_path / "original"
+    r = run_native(["convert", big_inputs / name, original])
+    assert r.returncode == 0, r.stderr
+    assert tree(original) == tree(nat / "hf"), f"deflated {name} converts to other bytes than the original"
+    peak = peak_of(report)
+    if peak is not None:
+        print(f"deflated {name}: peak linear memory {peak / MiB:.1f} MiB")
         assert peak <= MEMORY_TARGET
 
 

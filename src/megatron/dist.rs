@@ -56,8 +56,8 @@ enum Home {
 
 /// Reads `dir`'s `common.pt` args and `.metadata`, and assigns every model tensor's chunks to ranks.
 pub fn load_dist(folder: &dyn Folder, dir: &str) -> Result<DistRanks> {
-    let common = folder.open(&join(dir, COMMON))?;
-    let file = TorchFile::open(&common)?;
+    let mut common = folder.open(&join(dir, COMMON))?;
+    let file = TorchFile::open(&mut common)?;
     let h = &file.heap;
     let args = h.dict_get(file.root, "args").filter(|&a| !matches!(h.get(a), Node::None)).map(|a| read_args(h, a));
     let meta = dcp::read_metadata(folder, dir)?;

@@ -194,8 +194,8 @@ struct RankModel {
 }
 
 fn load_rank(folder: &dyn Folder, rel: &str, tp: u64, pp: u64, idx: usize) -> Result<(Input, RankModel)> {
-    let input = folder.open(rel)?;
-    let file = TorchFile::open(&input)?;
+    let mut input = folder.open(rel)?;
+    let file = TorchFile::open(&mut input)?;
     let h = &file.heap;
     let args = h.dict_get(file.root, "args").filter(|&a| !matches!(h.get(a), Node::None)).map(|a| read_args(h, a));
     let mut chunks = Vec::new();

@@ -188,6 +188,20 @@ impl PlannedTensor {
         }
     }
 
+    /// Whether the bytes a verbatim copy of this tensor would take lie in bytes its inputs store (below
+    /// [`crate::io::ReadAt::stored_len`]): bytes decoded out of a compressed entry exist only through their reader,
+    /// never in the file a copy would read from.
+    pub fn reads_stored_bytes(&self, inputs: &[Input]) -> bool {
+        let stored = |v: &StridedView| {
+            inputs.get(v.input).is_some_and(|i| v.data_start.saturating_add(v.storage_bytes) <= i.data.stored_len())
+        };
+        match &self.source {
+            Source::View(v) => stored(v),
+            Source::Chunked(c) => c.chunks.iter().all(|c| stored(&c.view)),
+            Source::Lora(_) => false,
+        }
+    }
+
     /// Computes the whole tensor with several workers, each handing its finished blocks to `write`, when its source
     /// allows it (a LoRA merge whose W the workers can read); `false` means nothing was done.
     pub fn write_whole(&self, inputs: &[Input], write: BlockWriter, bufs: &mut BandBuffers) -> Result<bool> {

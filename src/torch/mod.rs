@@ -4,17 +4,20 @@
 //! byte range of the file. Tensor data is never read here: the result is a list of [`StridedView`]s
 //! named by their dotted path in the pickled object.
 
+pub mod inflate;
 pub mod zip;
 
 use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result, tensor_err};
-use crate::io::{ByteCursor, Input};
+use crate::io::{ByteCursor, Input, ReadAt};
 use crate::pickle::{self, Heap, Id, Limits, Node, TensorNode};
 use crate::plan::{Plan, PlannedTensor, Source, StridedView};
 use crate::planned::{GroupCounter, InputKind, PlanOptions, Planned, group_of, selection_notes};
 use crate::select::{self, TensorPath};
+use inflate::{EntryReader, Inflated, SharedEntry};
 use std::collections::HashMap;
-use zip::ZipIndex;
+use std::rc::Rc;
+use zip::{ZipEntry, ZipIndex};
 
 /// Which torch.save layout a file uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,8 +128,9 @@ pub fn sniff(head: &[u8]) -> bool {
 }
 
 impl TorchFile {
-    /// Parses the metadata of a torch.save file.
-    pub fn open(input: &Input) -> Result<TorchFile> {
+    /// Parses the metadata of a torch.save file. A zip with deflated entries gets `input`'s reader replaced by one
+    /// that also reads their inflated bytes ([`inflate::Inflated`]), where the storages' views then point.
+    pub fn open(input: &mut Input) -> Result<TorchFile> {
         let mut head = [0u8; 4];
         let n = input.len().min(4) as usize;
         input.read_exact_at(0, &mut head[..n])?;
@@ -134,7 +138,16 @@ impl TorchFile {
         if head.is_empty() {
             Err(Error::new(ErrorKind::NotCheckpoint("the file is empty".into())).in_file(&input.name))
         } else if head.starts_with(ZIP_MAGIC) || head.starts_with(EMPTY_ZIP_MAGIC) {
-            Self::open_zip_range(input, 0, input.len())
+            let mut index = ZipIndex::read(input)?;
+            let (deflated, total) = index.place_deflated(input.len()).map_err(|e| e.in_file(&input.name))?;
+            let raw = if deflated.is_empty() {
+                None
+            } else {
+                let raw: Rc<dyn ReadAt> = Rc::from(std::mem::replace(&mut input.data, Box::new(Vec::new())));
+                input.data = Box::new(Inflated::new(&input.name, raw.clone(), deflated, total));
+                Some(raw)
+            };
+            Self::from_index(input, index, raw)
         } else if head.first() == Some(&0x80) {
             Self::open_pickle(input)
         } else {
@@ -146,9 +159,15 @@ impl TorchFile {
         }
     }
 
-    /// Parses a torch.save zip stored at `[base, base + len)` of `input` (a whole file, or a DCP item).
+    /// Parses a torch.save zip stored at `[base, base + len)` of `input` (a DCP item). torch's DCP writer stores its
+    /// entries, so deflated ones are refused here.
     pub fn open_zip_range(input: &Input, base: u64, len: u64) -> Result<TorchFile> {
-        let index = ZipIndex::read_range(input, base, len)?;
+        Self::from_index(input, ZipIndex::read_range(input, base, len)?, None)
+    }
+
+    /// Reads the archive's byte order and object pickle; `raw` is the file's own bytes when its deflated entries
+    /// are inflated.
+    fn from_index(input: &Input, index: ZipIndex, raw: Option<Rc<dyn ReadAt>>) -> Result<TorchFile> {
         let pkl_names: Vec<&str> = index.names().filter(|n| n.ends_with("/data.pkl") || *n == "data.pkl").collect();
         let pkl_name = match pkl_names.as_slice() {
             [one] => one.to_string(),
@@ -170,7 +189,15 @@ impl TorchFile {
         let root = pkl_name.strip_suffix("data.pkl").unwrap_or("").trim_end_matches('/').to_string();
         let prefix = if root.is_empty() { String::new() } else { format!("{root}/") };
         if let Some(bo) = index.locate(input, &format!("{prefix}byteorder"))? {
-            let text = input.read_vec(bo.data_start, bo.size.min(16))?;
+            let text = if bo.is_deflated() {
+                let reader = entry_reader(input, raw.as_ref(), &bo)?;
+                let mut text = vec![0u8; bo.size.min(16) as usize];
+                reader.read(0, &mut text)?;
+                reader.verify()?;
+                text
+            } else {
+                input.read_vec(bo.data_start, bo.size.min(16))?
+            };
             if text != b"little" {
                 return Err(Error::new(ErrorKind::Unsupported(format!(
                     "byte order '{}'; only little-endian checkpoints are supported",
@@ -182,8 +209,22 @@ impl TorchFile {
         let pkl = index
             .locate(input, &pkl_name)?
             .ok_or_else(|| Error::new(ErrorKind::Zip("data.pkl vanished".into())).in_file(&input.name))?;
-        let mut cur = ByteCursor::new(input, pkl.data_start, pkl.data_start + pkl.size)?;
-        let (heap, root_id) = pickle::parse(&mut cur, Limits::default())?;
+        let (heap, root_id) = if pkl.is_deflated() {
+            // Streamed from the inflater (never whole in memory); its offsets are the entry's, and so its name says.
+            let reader = Rc::new(entry_reader(input, raw.as_ref(), &pkl)?);
+            let mut entry = Input::new(
+                format!("{} (inflated entry '{}')", input.name, pkl.name),
+                Box::new(SharedEntry(reader.clone())),
+            );
+            entry.allowed_globals = input.allowed_globals.clone();
+            let mut cur = ByteCursor::new(&entry, 0, pkl.size)?;
+            let parsed = pickle::parse(&mut cur, Limits::default())?;
+            reader.verify()?;
+            parsed
+        } else {
+            let mut cur = ByteCursor::new(input, pkl.data_start, pkl.data_start + pkl.size)?;
+            pickle::parse(&mut cur, Limits::default())?
+        };
         Ok(TorchFile {
             format: TorchFormat::Zip { root: root.clone() },
             heap,
@@ -462,7 +503,8 @@ impl TorchFile {
                         let e = index.locate(input, &entry)?.ok_or_else(|| {
                             tensor_err(name, format!("storage entry '{entry}' is missing from the archive"))
                         })?;
-                        (e.data_start, e.size)
+                        let start = e.content_start().ok_or_else(|| not_inflated(&e).in_file(&input.name))?;
+                        (start, e.size)
                     }
                     Storages::Legacy(map) => *map
                         .get(&info.key)
@@ -507,6 +549,20 @@ impl TorchFile {
             MAX_DIMS,
         )
     }
+}
+
+/// A reader of deflated entry `e` of `input`, whose own bytes are `raw` when its deflated entries are inflated.
+fn entry_reader(input: &Input, raw: Option<&Rc<dyn ReadAt>>, e: &ZipEntry) -> Result<EntryReader> {
+    let raw = raw.ok_or_else(|| not_inflated(e).in_file(&input.name))?;
+    Ok(EntryReader::new(&input.name, raw.clone(), e.clone()))
+}
+
+fn not_inflated(e: &ZipEntry) -> Error {
+    Error::new(ErrorKind::Unsupported(format!(
+        "zip entry '{}' is deflated inside a zip embedded in a file (a DCP item); only a whole torch.save file's \
+         deflated entries are read (torch's DCP writer stores them)",
+        e.name
+    )))
 }
 
 /// `s` cut to about `max` bytes on a char boundary, with an ellipsis when cut.
@@ -594,8 +650,8 @@ fn storage_info(h: &Heap, pid: Id, explicit: Option<DType>) -> Result<StorageInf
 }
 
 /// Plans the conversion of a torch.save file.
-pub fn plan(input: Input, opts: &PlanOptions) -> Result<Planned> {
-    let file = TorchFile::open(&input)?;
+pub fn plan(mut input: Input, opts: &PlanOptions) -> Result<Planned> {
+    let file = TorchFile::open(&mut input)?;
     let found = file.tensors(&input, 0)?;
     if found.is_empty() {
         return Err(Error::new(ErrorKind::NoTensors(format!(

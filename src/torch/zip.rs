@@ -1,20 +1,53 @@
-//! Just enough of the zip format to find torch.save entries: the central directory (with zip64),
-//! stored entries only, data located through each local header. Nothing is decompressed.
+//! Just enough of the zip format to find torch.save entries: the central directory (with zip64), stored and
+//! deflated entries, data located through each local header. Deflated entries are inflated by
+//! [`super::inflate`]; every other compression method is refused.
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::io::Input;
+use crate::io::{Input, ReadAt};
+use crate::planned::{MAX_EXPANSION, expansion_limit};
 use std::collections::HashMap;
 
-/// One stored entry's name and the byte range of its data in the file.
+/// Compression method 0: the entry's bytes are stored as they are (torch.save writes only these).
+pub const STORED: u16 = 0;
+/// Compression method 8: deflate (what Python's `zipfile.ZIP_DEFLATED` writes).
+pub const DEFLATED: u16 = 8;
+/// What a deflated entry may inflate to beyond [`MAX_EXPANSION`] times its compressed bytes: room for the tensors
+/// that deflate a thousandfold (an all-zero LoRA B or bias, a causal mask buffer) without letting a small file
+/// inflate to gigabytes.
+pub const INFLATE_ALLOWANCE: u64 = 64 << 20;
+
+/// One entry's name, compression and the byte range of its data in the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ZipEntry {
     /// Entry name as written in the central directory.
     pub name: String,
-    /// Absolute offset of the entry's first data byte.
+    /// Absolute offset of the entry's first data byte (its compressed bytes when deflated); 0 until located.
     pub data_start: u64,
-    /// Data length in bytes.
+    /// Length of the entry's content in bytes (inflated, when deflated).
     pub size: u64,
-    local_header: u64,
+    /// [`STORED`] or [`DEFLATED`].
+    pub method: u16,
+    /// Bytes the entry takes in the file (equal to `size` when stored).
+    pub compressed: u64,
+    /// CRC-32 of the content, from the central directory.
+    pub crc: u32,
+    /// Where a deflated entry's inflated bytes are read in its input (past the end of the file: see
+    /// [`super::inflate::Inflated`]); `None` for stored entries and for deflated ones that no reader inflates.
+    pub inflated_at: Option<u64>,
+    pub(crate) local_header: u64,
+}
+
+impl ZipEntry {
+    /// Whether the entry is deflated.
+    pub fn is_deflated(&self) -> bool {
+        self.method == DEFLATED
+    }
+
+    /// Where the entry's content can be read in its input: its data when stored, its inflated bytes when deflated
+    /// (`None` for a deflated entry of a zip that no reader inflates).
+    pub fn content_start(&self) -> Option<u64> {
+        if self.is_deflated() { self.inflated_at } else { Some(self.data_start) }
+    }
 }
 
 /// The entries of a zip file, by name.
@@ -176,7 +209,7 @@ impl ZipIndex {
             prev_end = e
                 .local_header
                 .checked_add(30)
-                .and_then(|v| v.checked_add(e.size))
+                .and_then(|v| v.checked_add(e.compressed))
                 .filter(|&v| v <= cd_offset)
                 .ok_or_else(|| zerr(format!("entry '{}' runs past the central directory", e.name)))?;
         }
@@ -191,31 +224,70 @@ impl ZipIndex {
         self.entries.iter().map(|e| e.name.as_str())
     }
 
-    /// Locates the data of entry `name` by reading its local header.
+    /// Locates the data of entry `name` by reading its local header. A deflated entry must not declare more than
+    /// [`MAX_EXPANSION`] times its compressed bytes plus [`INFLATE_ALLOWANCE`] (checked here, before anything is
+    /// inflated; whether it inflates to exactly what it declares is checked as it is inflated).
     pub fn locate(&self, input: &Input, name: &str) -> Result<Option<ZipEntry>> {
         let Some(&i) = self.by_name.get(name) else {
             return Ok(None);
         };
         let mut e = self.entries[i].clone();
-        let h = input.read_vec(e.local_header, 30).map_err(|err| err.in_file(&input.name))?;
-        if u32_at(&h, 0)? != LOCAL_SIG {
-            return Err(
-                zerr(format!("entry '{name}' has no local header at offset {}", e.local_header)).in_file(&input.name)
-            );
-        }
-        let skip = 30 + u16_at(&h, 26)? as u64 + u16_at(&h, 28)? as u64;
-        e.data_start = e.local_header + skip;
-        if e.data_start.checked_add(e.size).is_none_or(|end| end > self.end) {
+        e.data_start = local_data_start(&*input.data, e.local_header, name).map_err(|err| err.in_file(&input.name))?;
+        if e.data_start.checked_add(e.compressed).is_none_or(|end| end > self.end) {
             return Err(Error::new(ErrorKind::Truncated(format!(
                 "entry '{name}' needs bytes {}..{} but the archive ends at {}",
                 e.data_start,
-                e.data_start.saturating_add(e.size),
+                e.data_start.saturating_add(e.compressed),
                 self.end
+            )))
+            .in_file(&input.name));
+        }
+        if e.is_deflated() && e.size > expansion_limit(e.compressed, INFLATE_ALLOWANCE) {
+            return Err(Error::new(ErrorKind::Limit(format!(
+                "deflated entry '{name}' declares {} bytes inflated from {} ({}x): a deflated entry may inflate to at \
+                 most {MAX_EXPANSION} times its compressed bytes plus {} MiB (a zip bomb?)",
+                e.size,
+                e.compressed,
+                e.size / e.compressed.max(1),
+                INFLATE_ALLOWANCE >> 20
             )))
             .in_file(&input.name));
         }
         Ok(Some(e))
     }
+
+    /// Gives every deflated entry its place in an input of `from` bytes: each one's inflated bytes follow the
+    /// previous one's, from offset `from` on. Returns the placed entries (not yet located) and where the last ends.
+    pub(crate) fn place_deflated(&mut self, from: u64) -> Result<(Vec<ZipEntry>, u64)> {
+        let mut at = from;
+        let mut placed = Vec::new();
+        for e in self.entries.iter_mut().filter(|e| e.is_deflated()) {
+            e.inflated_at = Some(at);
+            at = at.checked_add(e.size).ok_or_else(|| {
+                zerr(format!("the deflated entries declare more than 2^64 bytes together (entry '{}')", e.name))
+            })?;
+            placed.push(e.clone());
+        }
+        Ok((placed, at))
+    }
+}
+
+/// Where the data of the entry whose local header is at `local_header` starts: after the 30-byte fixed header,
+/// the name and the extra field, whose lengths the local header gives.
+pub(crate) fn local_data_start(data: &dyn ReadAt, local_header: u64, name: &str) -> Result<u64> {
+    let mut h = [0u8; 30];
+    if local_header.checked_add(30).is_none_or(|end| end > data.len()) {
+        return Err(Error::new(ErrorKind::Truncated(format!(
+            "entry '{name}' has its local header at {local_header} but the file has {} bytes",
+            data.len()
+        ))));
+    }
+    data.read_at(local_header, &mut h)
+        .map_err(|err| Error::new(ErrorKind::Io(format!("read at {local_header}: {err}"))))?;
+    if u32_at(&h, 0)? != LOCAL_SIG {
+        return Err(zerr(format!("entry '{name}' has no local header at offset {local_header}")));
+    }
+    Ok(local_header + 30 + u16_at(&h, 26)? as u64 + u16_at(&h, 28)? as u64)
 }
 
 fn parse_cdir_record(cd: &[u8], at: &mut usize, cd_offset: u64) -> Result<ZipEntry> {
@@ -223,7 +295,9 @@ fn parse_cdir_record(cd: &[u8], at: &mut usize, cd_offset: u64) -> Result<ZipEnt
     if u32_at(cd, base)? != CDIR_SIG {
         return Err(zerr(format!("bad central directory record at offset {}", cd_offset + base as u64)));
     }
+    let flags = u16_at(cd, base + 8)?;
     let method = u16_at(cd, base + 10)?;
+    let crc = u32_at(cd, base + 16)?;
     let mut comp = u32_at(cd, base + 20)? as u64;
     let mut size = u32_at(cd, base + 24)? as u64;
     let name_len = u16_at(cd, base + 28)? as usize;
@@ -260,14 +334,17 @@ fn parse_cdir_record(cd: &[u8], at: &mut usize, cd_offset: u64) -> Result<ZipEnt
         }
         x += 4 + n;
     }
-    if method != 0 {
+    if method != STORED && method != DEFLATED {
         return Err(Error::new(ErrorKind::Unsupported(format!(
-            "zip entry '{name}' is compressed (method {method}); torch.save stores entries uncompressed"
+            "zip entry '{name}' is compressed with method {method}; only stored (0) and deflated (8) entries are read"
         ))));
     }
-    if comp != size {
+    if flags & 1 != 0 {
+        return Err(Error::new(ErrorKind::Unsupported(format!("zip entry '{name}' is encrypted"))));
+    }
+    if method == STORED && comp != size {
         return Err(zerr(format!("stored entry '{name}' has compressed size {comp} but size {size}")));
     }
     *at = name_start + name_len + extra_len + comment_len;
-    Ok(ZipEntry { name, data_start: 0, size, local_header: local })
+    Ok(ZipEntry { name, data_start: 0, size, method, compressed: comp, crc, inflated_at: None, local_header: local })
 }

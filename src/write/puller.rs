@@ -132,6 +132,8 @@ pub struct Puller {
     scratch: Vec<u8>,
     written: u64,
     direct: Option<Positional>,
+    /// The inputs' unread parts were checked ([`Input::check_unread`]).
+    checked: bool,
 }
 
 /// Verbatim tensor bytes handed out as one copy; it only bounds progress granularity.
@@ -154,6 +156,7 @@ impl Puller {
             scratch: Vec::new(),
             written: 0,
             direct: None,
+            checked: false,
         }
     }
 
@@ -176,7 +179,17 @@ impl Puller {
                 self.written += len;
                 return Ok(Some(Piece::Copy { input, offset, len, tensor }));
             }
-            let Some(file) = set.files().get(self.file) else { return Ok(None) };
+            let Some(file) = set.files().get(self.file) else {
+                // Before the caller commits anything: what no read reached is checked now (a deflated storage that
+                // views read only in part must still inflate to its declared size and CRC-32).
+                if !self.checked {
+                    self.checked = true;
+                    for input in set.inputs() {
+                        input.check_unread()?;
+                    }
+                }
+                return Ok(None);
+            };
             if !self.begun {
                 self.begun = true;
                 (self.segment, self.at, self.written) = (0, At::Start, 0);
@@ -266,7 +279,7 @@ impl Puller {
             return Ok(Step::Again);
         }
         let esz = t.dtype.size() as u64;
-        if self.allow_copy && t.verbatim_pieces(*start, 0).is_some() {
+        if self.allow_copy && t.verbatim_pieces(*start, 0).is_some() && t.reads_stored_bytes(inputs) {
             // Whole band units, so a tensor never mixes copies and bands mid-way.
             let chunk = (COPY_CHUNK / esz / t.band_elems()).max(1) * t.band_elems();
             let count = chunk.min(n - *start);

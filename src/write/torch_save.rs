@@ -487,8 +487,8 @@ mod tests {
         sink.commit().unwrap();
         let bytes = sink.files.remove("x.pt").unwrap();
         assert_eq!(bytes.len() as u64, layout.size);
-        let input = Input::new("x.pt", Box::new(bytes));
-        let file = TorchFile::open(&input).unwrap();
+        let mut input = Input::new("x.pt", Box::new(bytes));
+        let file = TorchFile::open(&mut input).unwrap();
         let found = file.tensors(&input, 0).unwrap();
         assert_eq!(found.len(), 2);
         assert_eq!(found[0].path.name, "a.w");

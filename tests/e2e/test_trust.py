@@ -84,3 +84,18 @@ def test_a_dcp_metadata_naming_a_global_converts_with_a_note(run, tmp_path):
     r = run("inspect", dcp)
     assert r.returncode == 0, r.stderr
     assert f"without calling it: {os.system.__module__}.system (pickle byte " in r.stdout, r.stdout
+
+
+def test_allow_global_reaches_a_deflated_data_pkl(run, tmp_path):
+    # The same checkpoint re-zipped with every entry deflated: its pickle is read through the inflater.
+    import zipfile
+
+    src = tmp_path / "deflated.pt"
+    with zipfile.ZipFile(CONFIG_PT) as zin, zipfile.ZipFile(src, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    r = run("convert", src, tmp_path / "refused")
+    assert r.returncode == 1 and f"--allow-global {GLOBAL}" in r.stderr, r.stderr
+    r = run("convert", src, tmp_path / "out", "--allow-global", GLOBAL)
+    assert r.returncode == 0, r.stderr
+    assert_same(load_output(tmp_path / "out"), torch_model())

@@ -12,6 +12,7 @@ import { after, before, beforeEach, describe, test } from 'node:test';
 import {
   FIXTURES,
   NATIVE,
+  PYTHON,
   ROOT,
   ensureBuilt,
   hashTree,
@@ -36,12 +37,15 @@ const TRUST = join(FIXTURES, 'trust/simple_namespace_config.pt');
 const LORA = join(FIXTURES, 'lora/full_weights.pt');
 const LORA_BASE = join(FIXTURES, 'lora/base_qwen2');
 
-let server, browser, scratch, bigPt;
+let server, browser, scratch, bigPt, deflated;
 
 before(async () => {
   ensureBuilt();
   scratch = await mkdtemp(join(tmpdir(), 'ckptconv-page-test-'));
   bigPt = makeBigPt(join(scratch, 'qwen2_small_bf16.pt'));
+  // A real torch.save re-zipped with zipfile ZIP_DEFLATED, its stored original and broken copies (tests/deflated.py).
+  deflated = join(scratch, 'deflated');
+  execFileSync(PYTHON, [join(ROOT, 'tests/deflated.py'), deflated], { stdio: 'pipe' });
   server = await serve(PAGE_MOUNTS);
   browser = await launch();
 });
@@ -320,6 +324,51 @@ describe('the page', () => {
     assert.deepEqual(hashes, hashTree(await nativeOutput('convert', TRUST, 'OUT', '--allow-global', 'types.SimpleNamespace')));
     await page.clean();
   });
+
+  test('a .pt re-zipped with deflated entries converts byte-identically to the CLI, inflated by the core', async () => {
+    const file = join(deflated, 'deflated.pt');
+    const page = await openPage();
+    await page.setInputFiles('#files-input', file);
+    const { job, hashes } = await convertOnPage(page);
+    const native = hashTree(await nativeOutput('convert', file, 'OUT'));
+    assert.deepEqual(hashes, native);
+    assert.deepEqual(hashes, hashTree(await nativeOutput('convert', join(deflated, 'original.pt'), 'OUT')));
+    // Inflated bytes exist only through the core: none may go out as a copy of the input's Blob.
+    assert.equal(job.run.copiedBytes, 0, JSON.stringify(job.run));
+    await page.clean();
+  });
+
+  for (const [name, when] of [
+    ['deflated_pickle_crc_mismatch.pt', 'planning'],
+    ['deflated_crc_mismatch.pt', 'converting'],
+  ]) {
+    test(`a deflated entry that fails its CRC-32 (found ${when}) gives the CLI's message; nothing is left`, async () => {
+      const file = join(deflated, name);
+      const native = (() => {
+        try {
+          execFileSync(NATIVE, ['convert', file, join(scratch, 'never')], { stdio: 'pipe' });
+        } catch (e) {
+          return e.stderr.toString();
+        }
+        assert.fail(`the CLI converted ${name}`);
+      })();
+      const message = native.trim().split('\n').at(-1).replace(/^ckptconv: error\[zip\]: .*?\.pt: /, '');
+      assert.match(message, /entry 'archive\/data(\.pkl|\/0)' fails its CRC-32 check/);
+      const page = await openPage();
+      const before = await opfs(page);
+      await page.setInputFiles('#files-input', file);
+      if (when === 'planning') {
+        assert.equal(await waitState(page, ['ready', 'invalid']), 'invalid');
+      } else {
+        assert.equal(await waitState(page, ['ready', 'invalid']), 'ready', await errorText(page));
+        await page.click('#convert');
+        assert.equal(await waitState(page, ['done', 'failed']), 'failed');
+      }
+      assert.equal(await errorText(page), `Error: ${name}: ${message}`);
+      assert.deepEqual(await newInOpfs(page, before), []);
+      await page.clean();
+    });
+  }
 
   test('a malformed adapter_config.json in the base folder is refused, as the CLI refuses it', async () => {
     // Its lora_alpha decides the merge: falling back to alpha = r would give other weights without a word.
