@@ -18,7 +18,8 @@ Where the pickles are found:
 A file where none of these parses is listed as "not a pickle container" (e.g. safetensors, json).
 
 Usage:  .venv/bin/python tests/security/globals_inventory.py [--json OUT.json] [--md OUT.md] PATH...
-PATHs are files or folders (walked recursively; files ending in .json/.safetensors/.txt/.py/... skipped).
+PATHs are files or folders (walked recursively, following symlinks, so a folder of links to several fixture roots
+works; files ending in .json/.safetensors/.txt/.py/... skipped).
 """
 
 import argparse
@@ -269,7 +270,7 @@ def iter_files(paths):
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            for root, dirs, files in os.walk(p):
+            for root, dirs, files in os.walk(p, followlinks=True):
                 dirs.sort()
                 for f in sorted(files):
                     q = Path(root) / f
@@ -331,6 +332,9 @@ def to_markdown(rows, scanned, skipped, errors):
         uses = ", ".join(f"{k}: {v}" for k, v in r["counts"].items())
         out.append(f"| `{r['global']}` | {'**called**' if r['called'] else 'referenced only'} | {uses} | "
                    f"{r['files']} | `{r['example']}` |")
+    called = [r["global"] for r in rows if r["called"]]
+    out.append("")
+    out.append(f"Called ({len(called)}): " + ", ".join(f"`{g}`" for g in called))
     out.append("")
     out.append(f"{len(scanned)} files scanned ({sum(n for _, n in scanned)} pickles), "
                f"{len(skipped)} not pickle containers, {len(errors)} errors.")
