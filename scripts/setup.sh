@@ -4,7 +4,8 @@
 # - Debian's Chromium (the browser tests drive it with npm playwright-core);
 # - npm packages from package-lock.json;
 # - a Python venv with the reference implementations the tests compare against (torch, safetensors,
-#   transformers, peft, megatron-core, zstandard) and PyPI's wasmtime engine for the WASI tests.
+#   transformers, peft, megatron-core, zstandard, deepspeed; transformers 4 in .venv/transformers4) and PyPI's
+#   wasmtime engine for the WASI tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,8 +32,12 @@ if [ -f package-lock.json ]; then
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-if ! .venv/bin/python -c "import torch, safetensors, transformers, pytest, numpy, zstandard, peft, megatron.core, wasmtime" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import torch, safetensors, transformers, pytest, numpy, zstandard, peft, megatron.core, wasmtime, deepspeed" >/dev/null 2>&1; then
   .venv/bin/pip install --quiet --upgrade pip
-  .venv/bin/pip install --quiet -r tests/requirements.txt
+  DS_BUILD_OPS=0 .venv/bin/pip install --quiet -r tests/requirements.txt
+fi
+# transformers 4 in a side folder (only the fixture script that writes pytorch_model.bin imports it)
+if ! PYTHONPATH=.venv/transformers4 .venv/bin/python -c "import transformers, sys; sys.exit(transformers.__version__ != '4.57.3')" >/dev/null 2>&1; then
+  .venv/bin/pip install --quiet --no-deps --upgrade --target .venv/transformers4 -r tests/requirements-transformers4.txt
 fi
 echo "setup: ok"
