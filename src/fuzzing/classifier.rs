@@ -3,7 +3,7 @@
 //! on a global, copyreg's builders, `_rebuild_from_type_v2`, storage types in persistent ids, backward hooks and
 //! calls of computed values; some globals are allowed as `--allow-global` would. The generator works out on its own
 //! what must be refused: a call is allowed only if its global is on the allowlist as callable (or allowed by the
-//! user), a storage type only if it is a storage class, a tensor type only if it is a tensor class, BUILD on a
+//! user; NEWOBJ and copyreg's builders may also build the classes listed as rebuilt with `__new__` only), a storage type only if it is a storage class, a tensor type only if it is a tensor class, BUILD on a
 //! global and a hook never. The parse must agree exactly: it succeeds iff nothing is to be refused, and a refusal
 //! names exactly those globals (plus the off-list ones only named).
 
@@ -108,6 +108,10 @@ impl Gen<'_> {
         let role = policy::classify(m, n).map(|r| r.role);
         matches!(role, Some(Role::Rebuild | Role::Data | Role::TensorType | Role::Reconstruct))
             || self.user_allows(m, n)
+    }
+
+    fn instantiable(&self, m: &str, n: &str) -> bool {
+        self.callable(m, n) || policy::classify(m, n).is_some_and(|r| r.role == Role::Instance)
     }
 
     fn has_role(&self, m: &str, n: &str, role: Role) -> bool {
@@ -262,7 +266,9 @@ impl Gen<'_> {
                 });
             }
         }
-        if !self.callable(&m, &n) {
+        // NEWOBJ and NEWOBJ_EX build with __new__ only: classes allowed just that way pass there, nowhere else.
+        let allowed = if matches!(shape, 1 | 2) { self.instantiable(&m, &n) } else { self.callable(&m, &n) };
+        if !allowed {
             self.refuse(&m, &n);
         }
     }
@@ -284,7 +290,7 @@ impl Gen<'_> {
             self.global(&cm, &cn);
             self.out.extend_from_slice(b"tR");
         }
-        if !self.callable(&cm, &cn) {
+        if !self.instantiable(&cm, &cn) {
             self.refuse(&cm, &cn);
         }
     }

@@ -23,6 +23,10 @@ pub enum Role {
     TensorType,
     /// `copyreg`'s object builders: allowed when the class they build is itself allowed.
     Reconstruct,
+    /// A class whose `__init__` does more than store fields (sets up devices, process groups, validation): pickle
+    /// may rebuild it with `__new__` and its state (NEWOBJ, copyreg), which is data; a call (REDUCE, INST, OBJ),
+    /// which would run `__init__`, is refused.
+    Instance,
     /// A storage class, named in a persistent id as the storage's type.
     Storage,
     /// A constant (a dtype, a quantization scheme) or a function a config names: referenced, never called.
@@ -211,14 +215,14 @@ pub static RULES: &[Rule] = &[
     Rule {
         module: "torch.distributed._mesh_layout",
         names: &["_MeshLayout", "_FlatLayout"],
-        role: Role::Data,
+        role: Role::Instance,
         why: "a device mesh's shape and strides (torch 2.9+)",
     },
     Rule {
         module: "torch.distributed.device_mesh",
         names: &["DeviceMesh"],
-        role: Role::Data,
-        why: "the device grid a DTensor lives on: ranks and names",
+        role: Role::Instance,
+        why: "the device grid a DTensor lives on: ranks and names (its __init__ would set up process groups)",
     },
     Rule {
         module: "torch",
@@ -367,14 +371,74 @@ pub static RULES: &[Rule] = &[
     Rule {
         module: "megatron.core.model_parallel_config",
         names: &["ModelParallelConfig"],
-        role: Role::Data,
-        why: "Megatron's parallelism settings dataclass",
+        role: Role::Instance,
+        why: "Megatron's parallelism settings dataclass (its __post_init__ validates)",
     },
     Rule {
         module: "megatron.core.transformer.transformer_config",
         names: &["TransformerConfig", "MLATransformerConfig"],
+        role: Role::Instance,
+        why: "Megatron's model settings dataclass (its __post_init__ validates and may import kernels)",
+    },
+    Rule {
+        module: "deepspeed.runtime.zero.config",
+        names: &["ZeroStageEnum"],
         role: Role::Data,
-        why: "Megatron's model settings dataclass",
+        why: "DeepSpeed's ZeRO stage enum in its optimizer states",
+    },
+    Rule {
+        module: "deepspeed.utils.tensor_fragment",
+        names: &["fragment_address"],
+        role: Role::Data,
+        why: "DeepSpeed's record of where a parameter's fragment sits in a flat buffer (numel, start)",
+    },
+    Rule {
+        module: "deepspeed.runtime.fp16.loss_scaler",
+        names: &["LossScaler", "DynamicLossScaler"],
+        role: Role::Instance,
+        why: "DeepSpeed's loss scale state in its optimizer states: numbers",
+    },
+    Rule {
+        module: "transformers.training_args",
+        names: &["TrainingArguments", "Seq2SeqTrainingArguments"],
+        role: Role::Instance,
+        why: "the Trainer's training_args.bin (its __post_init__ sets up devices)",
+    },
+    Rule {
+        module: "transformers.training_args",
+        names: &["OptimizerNames"],
+        role: Role::Data,
+        why: "an enum in TrainingArguments",
+    },
+    Rule {
+        module: "transformers.trainer_utils",
+        names: &["IntervalStrategy", "SaveStrategy", "SchedulerType", "HubStrategy", "FSDPOption"],
+        role: Role::Data,
+        why: "enums in TrainingArguments",
+    },
+    Rule {
+        module: "transformers.trainer_pt_utils",
+        names: &["AcceleratorConfig"],
+        role: Role::Instance,
+        why: "a dataclass of settings in TrainingArguments",
+    },
+    Rule {
+        module: "transformers.debug_utils",
+        names: &["DebugOption"],
+        role: Role::Data,
+        why: "an enum in TrainingArguments",
+    },
+    Rule {
+        module: "accelerate.state",
+        names: &["PartialState", "AcceleratorState"],
+        role: Role::Instance,
+        why: "accelerate's process state held by TrainingArguments (its __init__ would set up distributed runs)",
+    },
+    Rule {
+        module: "accelerate.utils.dataclasses",
+        names: &["DistributedType"],
+        role: Role::Data,
+        why: "an enum in accelerate's state",
     },
     Rule {
         module: "torch.nn.functional",
@@ -509,6 +573,12 @@ pub fn parse_allowed(s: &str) -> Result<String, String> {
     }
 }
 
+/// Whether building an instance of `module.name` with `__new__` and its state is allowed: anything callable, and the
+/// classes allowed only that way ([`Role::Instance`]).
+pub fn instantiable(module: &str, name: &str, user: &[String]) -> bool {
+    callable(module, name, user) || classify(module, name).is_some_and(|r| r.role == Role::Instance)
+}
+
 /// Whether the user allowed `module.name` (`--allow-global`).
 pub fn user_allows(module: &str, name: &str, user: &[String]) -> bool {
     !user.is_empty() && {
@@ -572,6 +642,15 @@ mod tests {
         );
         assert_eq!(calls(b"(isubprocess\nPopen\n."), [pair("subprocess.Popen", "instantiated by INST")]);
         assert_eq!(calls(b"(csubprocess\nPopen\no."), [pair("subprocess.Popen", "instantiated by OBJ")]);
+        // A class with a working __init__ may be rebuilt with NEWOBJ (its __new__ and state), never called.
+        assert!(run_allowing(b"\x80\x02ctorch.distributed.device_mesh\nDeviceMesh\n)\x81}b.", &[]).is_ok());
+        assert_eq!(
+            calls(b"ctorch.distributed.device_mesh\nDeviceMesh\n(Vcpu\ntR."),
+            [pair(
+                "torch.distributed.device_mesh.DeviceMesh",
+                "called by REDUCE, which runs its __init__; only NEWOBJ rebuilds it as data"
+            )]
+        );
         // BUILD with state on a module object rebinds its functions.
         assert_eq!(calls(b"cos\npath\n}b."), [pair("os.path", "its attributes set by BUILD")]);
         // Calling what another call returned.

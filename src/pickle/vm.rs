@@ -52,6 +52,46 @@ struct Vm<'c, 'a> {
     named: Uses,
 }
 
+/// How a pickle calls a global.
+#[derive(Clone, Copy)]
+enum Call {
+    Reduce,
+    NewObj,
+    NewObjEx,
+    Inst,
+    Obj,
+    /// The function `_rebuild_from_type_v2` calls.
+    FromType,
+}
+
+impl Call {
+    fn text(self) -> &'static str {
+        match self {
+            Call::Reduce => "called by REDUCE",
+            Call::NewObj => "instantiated by NEWOBJ",
+            Call::NewObjEx => "instantiated by NEWOBJ_EX",
+            Call::Inst => "instantiated by INST",
+            Call::Obj => "instantiated by OBJ",
+            Call::FromType => "function called by _rebuild_from_type_v2",
+        }
+    }
+
+    /// The text for a class that may be rebuilt with `__new__` but is called in a way that runs its `__init__`.
+    fn runs_init(self) -> &'static str {
+        match self {
+            Call::Reduce => "called by REDUCE, which runs its __init__; only NEWOBJ rebuilds it as data",
+            Call::Inst => "instantiated by INST, which runs its __init__; only NEWOBJ rebuilds it as data",
+            Call::Obj => "instantiated by OBJ, which runs its __init__; only NEWOBJ rebuilds it as data",
+            other => other.text(),
+        }
+    }
+
+    /// NEWOBJ and NEWOBJ_EX build with `cls.__new__(cls, *args)` and never run `__init__`.
+    fn only_new(self) -> bool {
+        matches!(self, Call::NewObj | Call::NewObjEx)
+    }
+}
+
 /// Distinct globals and where each is first used.
 #[derive(Default)]
 struct Uses {
@@ -487,20 +527,20 @@ impl Vm<'_, '_> {
                 b'R' => {
                     let args = self.pop()?;
                     let callable = self.pop()?;
-                    let id = self.call(callable, args, "called by REDUCE", 0)?;
+                    let id = self.call(callable, args, Call::Reduce, 0)?;
                     self.push(id)?
                 }
                 0x81 => {
                     let args = self.pop()?;
                     let cls = self.pop()?;
-                    let id = self.call(cls, args, "instantiated by NEWOBJ", 0)?;
+                    let id = self.call(cls, args, Call::NewObj, 0)?;
                     self.push(id)?
                 }
                 0x92 => {
                     let _kwargs = self.pop()?;
                     let args = self.pop()?;
                     let cls = self.pop()?;
-                    let id = self.call(cls, args, "instantiated by NEWOBJ_EX", 0)?;
+                    let id = self.call(cls, args, Call::NewObjEx, 0)?;
                     self.push(id)?
                 }
                 b'i' => {
@@ -510,7 +550,7 @@ impl Vm<'_, '_> {
                     let items = self.pop_mark()?;
                     let cls = self.alloc(Node::Global { module, name })?;
                     let args = self.alloc(Node::Tuple(items))?;
-                    let id = self.call(cls, args, "instantiated by INST", 0)?;
+                    let id = self.call(cls, args, Call::Inst, 0)?;
                     self.push(id)?
                 }
                 b'o' => {
@@ -520,7 +560,7 @@ impl Vm<'_, '_> {
                     }
                     let cls = items.remove(0);
                     let args = self.alloc(Node::Tuple(items))?;
-                    let id = self.call(cls, args, "instantiated by OBJ", 0)?;
+                    let id = self.call(cls, args, Call::Obj, 0)?;
                     self.push(id)?
                 }
                 b'b' => {
@@ -605,18 +645,20 @@ impl Vm<'_, '_> {
 
     /// REDUCE / NEWOBJ / INST / OBJ: builds data for known callables, inert objects for the rest. Long by design:
     /// one arm per callable it knows, each checking its own arguments.
-    fn call(&mut self, callable: Id, args: Id, how: &str, depth: u32) -> Result<Id> {
+    fn call(&mut self, callable: Id, args: Id, how: Call, depth: u32) -> Result<Id> {
         let (module, name) = match self.heap.get(callable) {
             Node::Global { module, name } => (module.clone(), name.clone()),
             _ => {
                 // Calling a value the pickle built (the result of another call, a string, ...): never data.
-                self.refuse(callable, how);
+                self.refuse(callable, how.text());
                 return self.err_object(callable, args);
             }
         };
-        if !self.callable(callable) {
+        let allowed = if how.only_new() { self.instantiable(callable) } else { self.callable(callable) };
+        if !allowed {
             // Recorded, never made: the parse goes on to name every such call, then fails.
-            self.refuse(callable, how);
+            let text = if self.instantiable(callable) { how.runs_init() } else { how.text() };
+            self.refuse(callable, text);
             return self.err_object(callable, args);
         }
         let argv: Vec<Id> = match self.heap.get(args) {
@@ -654,7 +696,7 @@ impl Vm<'_, '_> {
                 // and __init__): both must be allowed as the call itself would be.
                 let what = format!("class given to copyreg.{name}");
                 let cls = *argv.first().ok_or_else(|| self.err(format!("copyreg.{name} without a class")))?;
-                if !self.callable(cls) {
+                if !self.instantiable(cls) {
                     self.refuse(cls, &what);
                 }
                 if name == "_reconstructor"
@@ -674,7 +716,7 @@ impl Vm<'_, '_> {
                     return Err(self.err("_rebuild_from_type_v2 needs (func, type, args, state)"));
                 };
                 self.check_role(ty, Role::TensorType, "tensor type given to _rebuild_from_type_v2");
-                let id = self.call(func, inner, "function called by _rebuild_from_type_v2", depth + 1)?;
+                let id = self.call(func, inner, Call::FromType, depth + 1)?;
                 // Wrapper subclasses (DTensor) keep their content in the state: keep it on the object.
                 if let (Some(&st), Node::Object { state, .. }) = (argv.get(3), &mut self.heap.nodes[id as usize]) {
                     *state = Some(st);
@@ -746,6 +788,11 @@ impl Vm<'_, '_> {
     /// Whether calling `id` is allowed: a global on the allowlist as callable, or one the user allows.
     fn callable(&self, id: Id) -> bool {
         matches!(self.heap.get(id), Node::Global { module, name } if policy::callable(module, name, &self.allowed))
+    }
+
+    /// Whether building an instance of `id` with `__new__` and its state (no `__init__`) is allowed.
+    fn instantiable(&self, id: Id) -> bool {
+        matches!(self.heap.get(id), Node::Global { module, name } if policy::instantiable(module, name, &self.allowed))
     }
 
     /// Records that `id` would be called (`how`) though it is not allowed.
