@@ -311,7 +311,12 @@ impl Vm<'_, '_> {
         let size = self.u64le()?;
         let left = self.cur.remaining();
         if size > left {
-            return Err(self.err(format!("a FRAME of {size} bytes, but only {left} bytes of the pickle follow it")));
+            // As _pickle.c says ("pickle data was truncated"); pickle.py would read the short frame and go on.
+            return Err(Error::new(ErrorKind::Truncated(format!(
+                "a FRAME of {size} bytes at pickle byte {}, but only {left} bytes of the pickle follow it (cut \
+                 short, or the frame's size lies)",
+                self.op_offset
+            ))));
         }
         self.frame_end = Some(self.cur.pos() + size);
         Ok(())
@@ -1195,12 +1200,17 @@ mod tests {
     #[test]
     fn a_frame_larger_than_the_pickle_is_refused() {
         // pickle.py would read the short frame and go on; _pickle.c says the data was truncated.
-        let msg = pickle_err(&[&[0x80, 4][..], &frame(b"K\x01.", 1)].concat());
-        assert!(msg.contains("FRAME of 4 bytes, but only 3 bytes"), "{msg}");
+        let truncated = |bytes: &[u8]| {
+            let e = run(bytes).unwrap_err();
+            assert_eq!(e.label(), "truncated", "{e}");
+            e.to_string()
+        };
+        let msg = truncated(&[&[0x80, 4][..], &frame(b"K\x01.", 1)].concat());
+        assert!(msg.starts_with("t.pkl: ") && msg.contains("FRAME of 4 bytes at pickle byte 2, but only 3"), "{msg}");
         let mut huge = vec![0x80, 4, 0x95];
         huge.extend(u64::MAX.to_le_bytes());
         huge.extend(b"K\x01.");
-        assert!(pickle_err(&huge).contains("only 3 bytes"));
+        assert!(truncated(&huge).contains("only 3 bytes"));
     }
 
     #[test]
