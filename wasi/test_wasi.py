@@ -543,6 +543,29 @@ def test_deflated_broken_entry_refused_as_natively(tmp_path, deflated_files, fil
     assert not [p for p in out.rglob("*") if p.is_file()], "output left behind"
 
 
+import differential  # noqa: E402  (tests/hostile/differential.py: inputs that Python's readers read otherwise)
+
+
+@pytest.mark.parametrize("case", differential.cases(), ids=lambda c: c.name)
+def test_differential_refused_as_natively(tmp_path, case):
+    """Every parser-differential input (tests/e2e/test_differential.py shows what Python reads from each) is
+    refused under WASI with the native error line, nothing left in /out."""
+    src = tmp_path / "in"
+    src.mkdir()
+    path = case.build(src)
+    out, native_out = tmp_path / "out", tmp_path / "native"
+    out.mkdir()
+    native_out.mkdir()
+    r = run_wasm(["convert", f"/in/{path.name}", "/out/hf"], dirs=[(src, "/in"), (out, "/out")],
+                 limits={"max-memory-size": HOSTILE_CAP}, timeout=120)
+    assert r.returncode == 1, f"exit {r.returncode} (134 = trap), stderr:\n{r.stderr[-3000:]}"
+    line = last_error(r.stderr, {})
+    assert line.startswith(f"ckptconv: error[{case.kind}]: "), f"expected kind {case.kind} ({case.why}):\n{line}"
+    native = last_error(run_native(["convert", path, native_out / "hf"]).stderr, {"in": src, "out": native_out})
+    assert line == native, "WASI and native errors differ"
+    assert not [p for p in out.rglob("*") if p.is_file()], "output left behind"
+
+
 def test_hostile_inspect_refused_under_cap():
     r = run_wasm(["inspect", "/in/zip_os_system.pt"], dirs=[(HOSTILE, "/in")], limits={"max-memory-size": HOSTILE_CAP})
     assert_error(r, "os.system")

@@ -115,7 +115,7 @@ pub fn read_metadata(folder: &dyn Folder, dir: &str) -> Result<DcpMetadata> {
     let rel = join(dir, ".metadata");
     let input = folder.open(&rel)?;
     let mut cur = ByteCursor::new(&input, 0, input.len())?;
-    let (h, root) = pickle::parse(&mut cur, Limits::default())?;
+    let (h, root) = pickle::parse_all(&mut cur, Limits::default())?;
     let mut meta = parse_metadata(&h, root).map_err(|e| e.in_file(&input.name))?;
     meta.named_globals = h.named_globals;
     Ok(meta)

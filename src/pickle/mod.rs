@@ -11,7 +11,7 @@
 pub mod policy;
 mod vm;
 
-pub use vm::{Limits, parse};
+pub use vm::{Limits, ensure_consumed, parse, parse_all};
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};

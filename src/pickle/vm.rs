@@ -44,6 +44,8 @@ struct Vm<'c, 'a> {
     consts: HashMap<Const, Id>,
     limits: Limits,
     op_offset: u64,
+    /// Absolute end of the `FRAME` the cursor is inside, if any (see [`Vm::frame_step`]).
+    frame_end: Option<u64>,
     /// Globals the user allows beyond the allowlist (the input's `--allow-global`s).
     allowed: AllowedGlobals,
     /// Calls of globals off the allowlist: recorded, never made; the parse fails with all of them at the end.
@@ -121,6 +123,7 @@ pub fn parse(cur: &mut ByteCursor<'_>, limits: Limits) -> Result<(Heap, Id)> {
         consts: HashMap::new(),
         limits,
         op_offset: 0,
+        frame_end: None,
         allowed,
         refused: Uses::default(),
         named: Uses::default(),
@@ -135,6 +138,33 @@ pub fn parse(cur: &mut ByteCursor<'_>, limits: Limits) -> Result<(Heap, Id)> {
     let root = run.map_err(|e| e.in_file(&name))?;
     vm.heap.named_globals = vm.named.list;
     Ok((vm.heap, root))
+}
+
+/// Runs one pickle that must fill the cursor's whole range (a torch zip's `data.pkl`, a DCP `.metadata`, a
+/// whole file): see [`ensure_consumed`].
+pub fn parse_all(cur: &mut ByteCursor<'_>, limits: Limits) -> Result<(Heap, Id)> {
+    let parsed = parse(cur, limits)?;
+    ensure_consumed(cur)?;
+    Ok(parsed)
+}
+
+/// After [`parse`], refuses bytes left after the pickle's `STOP` in the cursor's range: Python stops reading at
+/// `STOP`, so they would be data that no reader checks (a second format appended to the pickle, a polyglot).
+/// Only for pickles that must fill their range: the legacy torch format is several pickles and raw bytes in a row.
+pub fn ensure_consumed(cur: &ByteCursor<'_>) -> Result<()> {
+    let left = cur.remaining();
+    if left == 0 {
+        return Ok(());
+    }
+    let stop = cur.pos().saturating_sub(1);
+    Err(Error::new(ErrorKind::Pickle {
+        offset: cur.pos(),
+        msg: format!(
+            "{left} bytes after the pickle's STOP at byte {stop}; Python stops reading at STOP, so no reader would \
+             check them"
+        ),
+    })
+    .in_file(&cur.input().name))
 }
 
 impl Vm<'_, '_> {
@@ -245,6 +275,64 @@ impl Vm<'_, '_> {
         Ok(u64::from_le_bytes(self.cur.array()?))
     }
 
+    /// Frame bookkeeping before each opcode. Python reads a frame's opcodes from the frame alone (`pickle.py`'s
+    /// `_Unframer`) or reads straight on and trusts the frame's size (`_pickle.c`, whose file reads also drop the
+    /// rest of a frame when an opcode runs past it), so every way a frame's size can disagree with the opcodes in
+    /// it is refused; then all three readings are the same as reading on. Opcodes outside any frame (pickle writes
+    /// large byte strings unframed) are read as usual.
+    fn frame_step(&mut self) {
+        if self.frame_end.is_some_and(|end| self.cur.pos() >= end) {
+            self.frame_end = None;
+        }
+    }
+
+    /// After an opcode: one that began inside a frame must end inside it, its arguments and text lines too.
+    fn frame_check(&self) -> Result<()> {
+        match self.frame_end {
+            Some(end) if self.cur.pos() > end => Err(self.err(format!(
+                "the opcode runs past the end of its frame at byte {end} (to byte {}); Python's unpicklers read \
+                 such an opcode differently",
+                self.cur.pos()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// FRAME: its size must fit in what is left of the pickle, and it may not begin inside another frame.
+    fn frame_open(&mut self) -> Result<()> {
+        if let Some(end) = self.frame_end {
+            return Err(self.err(format!(
+                "a FRAME begins inside the frame that runs to byte {end}; Python reads the rest of that frame \
+                 differently (\"beginning of a new frame before end of current frame\")"
+            )));
+        }
+        let size = self.u64le()?;
+        let left = self.cur.remaining();
+        if size > left {
+            // As _pickle.c says ("pickle data was truncated"); pickle.py would read the short frame and go on.
+            return Err(Error::new(ErrorKind::Truncated(format!(
+                "a FRAME of {size} bytes at pickle byte {}, but only {left} bytes of the pickle follow it (cut \
+                 short, or the frame's size lies)",
+                self.op_offset
+            ))));
+        }
+        self.frame_end = Some(self.cur.pos() + size);
+        Ok(())
+    }
+
+    /// STOP inside a frame must be the frame's last byte: Python leaves the rest of the frame unread (or, reading
+    /// a file, skips it, so the next pickle in the file would start elsewhere than here).
+    fn frame_stop(&self) -> Result<()> {
+        match self.frame_end {
+            Some(end) if self.cur.pos() < end => Err(self.err(format!(
+                "STOP inside a frame that runs {} bytes further, to byte {end}; Python would not read them as this \
+                 pickle",
+                end - self.cur.pos()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     fn text_line(&mut self) -> Result<String> {
         let line = self.cur.line(1 << 20)?;
         String::from_utf8(line).map_err(|_| self.err("text opcode argument is not UTF-8"))
@@ -258,10 +346,13 @@ impl Vm<'_, '_> {
     /// stack effect reads in one place against the protocol's table.
     fn run(&mut self) -> Result<Id> {
         loop {
+            self.frame_check()?;
+            self.frame_step();
             self.op_offset = self.cur.pos();
             let op = self.cur.u8()?;
             match op {
                 b'.' => {
+                    self.frame_stop()?;
                     let root = self.pop()?;
                     return Ok(root);
                 }
@@ -271,10 +362,7 @@ impl Vm<'_, '_> {
                         return Err(self.err(format!("unsupported pickle protocol {proto}")));
                     }
                 }
-                0x95 => {
-                    // FRAME: a length hint only; the opcodes inside are read as usual.
-                    self.u64le()?;
-                }
+                0x95 => self.frame_open()?,
                 b'(' => {
                     if self.marks.len() >= self.limits.max_marks {
                         return Err(self.limit(format!("nesting depth over {} MARKs", self.limits.max_marks)));
@@ -1184,6 +1272,106 @@ mod tests {
     fn long1_negative_and_large() {
         let (heap, root) = run(b"\x80\x02\x8a\x02\x00\xff.").unwrap();
         assert_eq!(heap.as_int(root), Some(-256));
+    }
+
+    /// `FRAME` of `body.len() + extra` bytes around `body`.
+    fn frame(body: &[u8], extra: i64) -> Vec<u8> {
+        let mut v = vec![0x95];
+        v.extend(((body.len() as i64 + extra) as u64).to_le_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn pickle_err(bytes: &[u8]) -> String {
+        let e = run(bytes).unwrap_err();
+        assert_eq!(e.label(), "pickle", "{e}");
+        assert!(e.to_string().contains("t.pkl"), "{e}");
+        e.to_string()
+    }
+
+    #[test]
+    fn frames_as_pickle_writes_them_parse() {
+        // pickle.dumps({'a': 1, 'b': b'x' * 70000, 'c': 2}, protocol=4): a frame, the large bytes unframed (written
+        // outside any frame), then a second frame that ends with STOP. An empty frame reads the same in every reader.
+        let mut p = vec![0x80, 4];
+        p.extend(frame(b"}\x94(\x8c\x01a\x94K\x01\x8c\x01b\x94", 0));
+        p.push(0x8e);
+        p.extend(70000u64.to_le_bytes());
+        p.extend(std::iter::repeat_n(b'x', 70000));
+        p.extend(frame(b"", 0));
+        p.extend(frame(b"\x94\x8c\x01c\x94K\x02u.", 0));
+        let (heap, root) = run(&p).unwrap();
+        assert_eq!(heap.dict_get(root, "c").and_then(|v| heap.as_int(v)), Some(2));
+        assert_eq!(heap.describe(heap.dict_get(root, "b").unwrap()), "<70000 bytes>");
+    }
+
+    #[test]
+    fn a_frame_larger_than_the_pickle_is_refused() {
+        // pickle.py would read the short frame and go on; _pickle.c says the data was truncated.
+        let truncated = |bytes: &[u8]| {
+            let e = run(bytes).unwrap_err();
+            assert_eq!(e.label(), "truncated", "{e}");
+            e.to_string()
+        };
+        let msg = truncated(&[&[0x80, 4][..], &frame(b"K\x01.", 1)].concat());
+        assert!(msg.starts_with("t.pkl: ") && msg.contains("FRAME of 4 bytes at pickle byte 2, but only 3"), "{msg}");
+        let mut huge = vec![0x80, 4, 0x95];
+        huge.extend(u64::MAX.to_le_bytes());
+        huge.extend(b"K\x01.");
+        assert!(truncated(&huge).contains("only 3 bytes"));
+    }
+
+    #[test]
+    fn an_opcode_straddling_its_frame_end_is_refused() {
+        // SHORT_BINUNICODE 'abc' whose last byte lies after the frame: pickle.py raises "pickle exhausted before
+        // end of frame"; _pickle.c reading a file drops the frame's rest and reads the argument from after it.
+        let msg = pickle_err(&[&[0x80, 4][..], &frame(b"\x8c\x03ab", 0), b"c."].concat());
+        assert!(msg.contains("bad pickle at byte 11") && msg.contains("past the end of its frame at byte 15"), "{msg}");
+        // A text line (GLOBAL's) that ends after the frame.
+        let msg = pickle_err(&[&[0x80, 2][..], &frame(b"cbuiltins\nse", 0), b"t\n)R."].concat());
+        assert!(msg.contains("past the end of its frame"), "{msg}");
+        // The 8-byte length of a BINBYTES8 split by the frame's end.
+        let mut p = vec![0x80, 4];
+        p.extend(frame(b"\x8e\x01\x00\x00", 0));
+        p.extend([0, 0, 0, 0, 0, b'z', b'.']);
+        assert!(pickle_err(&p).contains("past the end of its frame"));
+    }
+
+    #[test]
+    fn a_frame_inside_a_frame_is_refused() {
+        // pickle.py: "beginning of a new frame before end of current frame"; _pickle.c just reads on.
+        let inner = frame(b"K\x01.", 0);
+        let msg = pickle_err(&[&[0x80, 4][..], &frame(&[b"N0", &inner[..]].concat(), 0)].concat());
+        assert!(msg.contains("FRAME begins inside the frame"), "{msg}");
+        // Even when the inner FRAME is the outer frame's last 9 bytes.
+        let msg = pickle_err(&[&[0x80, 4][..], &frame(&inner[..9], 0), b"K\x01."].concat());
+        assert!(msg.contains("FRAME begins inside the frame"), "{msg}");
+    }
+
+    #[test]
+    fn stop_before_its_frame_end_is_refused() {
+        // The frame claims bytes after STOP: reading a file, Python skips them, so the next pickle starts after
+        // them, not after STOP (the legacy torch format is several pickles in a row).
+        let msg = pickle_err(&[&[0x80, 4][..], &frame(b"K\x01.K\x02.", 0)].concat());
+        assert!(msg.contains("STOP inside a frame that runs 3 bytes further"), "{msg}");
+    }
+
+    #[test]
+    fn bytes_after_stop_are_refused_only_where_the_pickle_must_fill_its_range() {
+        let bytes = b"\x80\x02K\x01.PK\x05\x06";
+        let (heap, root) = run(bytes).unwrap();
+        assert_eq!(heap.as_int(root), Some(1));
+        let input = Input::new("t.pkl", Box::new(bytes.to_vec()));
+        let mut cur = ByteCursor::new(&input, 0, input.len()).unwrap();
+        let e = parse_all(&mut cur, Limits::default()).unwrap_err();
+        assert_eq!(e.label(), "pickle");
+        assert_eq!(
+            e.to_string(),
+            "t.pkl: bad pickle at byte 5: 4 bytes after the pickle's STOP at byte 4; Python stops reading at STOP, \
+             so no reader would check them"
+        );
+        let mut cur = ByteCursor::new(&input, 0, 5).unwrap();
+        assert!(parse_all(&mut cur, Limits::default()).is_ok());
     }
 
     #[test]

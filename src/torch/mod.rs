@@ -98,7 +98,6 @@ enum Storages {
 }
 
 const ZIP_MAGIC: &[u8] = b"PK\x03\x04";
-const EMPTY_ZIP_MAGIC: &[u8] = b"PK\x05\x06";
 /// 0x1950a86a20f9469cfc6c, the legacy format's magic number, as pickled little-endian bytes.
 const LEGACY_MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
 /// Most dimensions a tensor may claim.
@@ -122,72 +121,124 @@ pub const MAX_TENSORS: usize = 400_000;
 /// Most bytes of tensor names in one file.
 const MAX_NAME_BYTES: usize = 64 << 20;
 
-/// Whether `head` (the first bytes of a file) looks like a torch.save file.
+/// Whether `head` (the first bytes of a file) looks like a torch.save file: torch.load's own test for a zip
+/// (the local-header magic at offset 0), else a pickle.
 pub fn sniff(head: &[u8]) -> bool {
-    head.starts_with(ZIP_MAGIC) || head.starts_with(EMPTY_ZIP_MAGIC) || head.first() == Some(&0x80)
+    head.starts_with(ZIP_MAGIC) || head.first() == Some(&0x80)
 }
 
 impl TorchFile {
-    /// Parses the metadata of a torch.save file. A zip with deflated entries gets `input`'s reader replaced by one
-    /// that also reads their inflated bytes ([`inflate::Inflated`]), where the storages' views then point.
+    /// Parses the metadata of a torch.save file, deciding its layout as `torch.load` does (see
+    /// [`refuse_tar`](Self::refuse_tar)): a zip when it starts with a zip local header (`_is_zipfile`), else the
+    /// legacy pickles; a file that a tar reader would open as well is refused, since `torch.load` tries the
+    /// pre-0.4 tar layout before the legacy pickles. A zip end record elsewhere in the file does not make it a zip
+    /// here, as it does not for torch (but a zip appended to a pickle is refused as bytes after its end). A zip
+    /// with deflated entries gets `input`'s reader replaced by one that also reads their inflated bytes
+    /// ([`inflate::Inflated`]), where the storages' views then point.
     pub fn open(input: &mut Input) -> Result<TorchFile> {
         let mut head = [0u8; 4];
         let n = input.len().min(4) as usize;
         input.read_exact_at(0, &mut head[..n])?;
         let head = &head[..n];
         if head.is_empty() {
-            Err(Error::new(ErrorKind::NotCheckpoint("the file is empty".into())).in_file(&input.name))
-        } else if head.starts_with(ZIP_MAGIC) || head.starts_with(EMPTY_ZIP_MAGIC) {
-            let mut index = ZipIndex::read(input)?;
-            let (deflated, total) = index.place_deflated(input.len()).map_err(|e| e.in_file(&input.name))?;
-            let raw = if deflated.is_empty() {
-                None
-            } else {
-                let raw: Rc<dyn ReadAt> = Rc::from(std::mem::replace(&mut input.data, Box::new(Vec::new())));
-                input.data = Box::new(Inflated::new(&input.name, raw.clone(), deflated, total));
-                Some(raw)
-            };
-            Self::from_index(input, index, raw)
-        } else if head.first() == Some(&0x80) {
-            Self::open_pickle(input)
-        } else {
-            Err(Error::new(ErrorKind::NotCheckpoint(format!(
-                "starts with bytes {}; expected a zip (torch >= 1.6) or a pickle (legacy torch.save)",
+            return Err(Error::new(ErrorKind::NotCheckpoint("the file is empty".into())).in_file(&input.name));
+        }
+        if !sniff(head) {
+            return Err(Error::new(ErrorKind::NotCheckpoint(format!(
+                "starts with bytes {}; expected a zip local header (torch >= 1.6) or a pickle (legacy torch.save)",
                 head.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
             )))
-            .in_file(&input.name))
+            .in_file(&input.name));
         }
+        Self::refuse_tar(input)?;
+        if !head.starts_with(ZIP_MAGIC) {
+            return Self::open_pickle(input);
+        }
+        let mut index = ZipIndex::read_range(input, 0, input.len())?;
+        let (deflated, total) = index.place_deflated(input.len()).map_err(|e| e.in_file(&input.name))?;
+        let raw = if deflated.is_empty() {
+            None
+        } else {
+            let raw: Rc<dyn ReadAt> = Rc::from(std::mem::replace(&mut input.data, Box::new(Vec::new())));
+            input.data = Box::new(Inflated::new(&input.name, raw.clone(), deflated, total));
+            Some(raw)
+        };
+        Self::from_index(input, index, raw)
+    }
+
+    /// Refuses a file whose first 512 bytes are a tar header with a valid checksum. `torch.load` of a file on disk
+    /// that is not a zip first tries `tarfile.open(f, 'r:')` (the pre-0.4 layout), which opens any such file;
+    /// only when that fails does it read the legacy pickles. torch.save never writes one, so a file that is both
+    /// is a polyglot whose tar reading this tool would never see.
+    fn refuse_tar(input: &Input) -> Result<()> {
+        if input.len() < 512 {
+            return Ok(());
+        }
+        let mut block = [0u8; 512];
+        input.read_exact_at(0, &mut block)?;
+        if !is_tar_header(&block) {
+            return Ok(());
+        }
+        Err(Error::new(ErrorKind::Unsupported(
+            "the file is also a tar archive (its first 512 bytes are a tar header with a valid checksum); torch.load \
+             would read it as one (the pre-0.4 tar layout), not as what ckptconv reads"
+                .into(),
+        ))
+        .in_file(&input.name))
     }
 
     /// Parses a torch.save zip stored at `[base, base + len)` of `input` (a DCP item). torch's DCP writer stores its
     /// entries, so deflated ones are refused here.
     pub fn open_zip_range(input: &Input, base: u64, len: u64) -> Result<TorchFile> {
+        let mut magic = [0u8; 4];
+        if len >= 4 {
+            input.read_exact_at(base, &mut magic)?;
+        }
+        if magic != ZIP_MAGIC {
+            return Err(Error::new(ErrorKind::NotCheckpoint(format!(
+                "the bytes at {base} do not start with a zip local header, so torch.load would not read them as a \
+                 zip"
+            )))
+            .in_file(&input.name));
+        }
         Self::from_index(input, ZipIndex::read_range(input, base, len)?, None)
     }
 
     /// Reads the archive's byte order and object pickle; `raw` is the file's own bytes when its deflated entries
-    /// are inflated.
+    /// are inflated. The entries are found as torch's reader finds them: the archive folder is the first entry's
+    /// top folder, every entry must be in it, records are `<folder>/<name>`, and a `constants.pkl` record makes it
+    /// TorchScript.
     fn from_index(input: &Input, index: ZipIndex, raw: Option<Rc<dyn ReadAt>>) -> Result<TorchFile> {
-        let pkl_names: Vec<&str> = index.names().filter(|n| n.ends_with("/data.pkl") || *n == "data.pkl").collect();
-        let pkl_name = match pkl_names.as_slice() {
-            [one] => one.to_string(),
-            [] => {
-                return Err(Error::new(ErrorKind::NotCheckpoint(
-                    "a zip without a data.pkl entry, so not a torch.save archive".into(),
-                ))
-                .in_file(&input.name));
-            }
-            many => {
-                return Err(Error::new(ErrorKind::Zip(format!(
-                    "{} data.pkl entries ({}); expected one",
-                    many.len(),
-                    many.join(", ")
-                )))
-                .in_file(&input.name));
-            }
+        let zerr = |msg: String| Error::new(ErrorKind::Zip(msg)).in_file(&input.name);
+        let first = index.names().next().unwrap_or("");
+        let Some((root, _)) = first.split_once('/') else {
+            return Err(zerr(format!(
+                "the first entry '{first}' is not in a folder; torch.load refuses such archives (\"file in archive \
+                 is not in a subdirectory\")"
+            )));
         };
-        let root = pkl_name.strip_suffix("data.pkl").unwrap_or("").trim_end_matches('/').to_string();
-        let prefix = if root.is_empty() { String::new() } else { format!("{root}/") };
+        let root = root.to_string();
+        let prefix = format!("{root}/");
+        if let Some(stray) = index.names().find(|n| !n.starts_with(&prefix)) {
+            return Err(zerr(format!(
+                "entry '{stray}' is outside the archive folder '{prefix}'; torch.load refuses such archives"
+            )));
+        }
+        if let Some(ts) = index.locate(input, &format!("{prefix}constants.pkl"))? {
+            return Err(Error::new(ErrorKind::Unsupported(format!(
+                "the archive holds '{}', so torch.load reads it as a TorchScript archive (torch.jit.load), not as \
+                 the data.pkl that ckptconv reads",
+                ts.name
+            )))
+            .in_file(&input.name));
+        }
+        let pkl_name = format!("{prefix}data.pkl");
+        let Some(pkl) = index.locate(input, &pkl_name)? else {
+            return Err(Error::new(ErrorKind::NotCheckpoint(format!(
+                "a zip without a '{pkl_name}' entry (the data.pkl of its archive folder), so not a torch.save archive"
+            )))
+            .in_file(&input.name));
+        };
         if let Some(bo) = index.locate(input, &format!("{prefix}byteorder"))? {
             let text = if bo.is_deflated() {
                 let reader = entry_reader(input, raw.as_ref(), &bo)?;
@@ -206,9 +257,7 @@ impl TorchFile {
                 .in_file(&input.name));
             }
         }
-        let pkl = index
-            .locate(input, &pkl_name)?
-            .ok_or_else(|| Error::new(ErrorKind::Zip("data.pkl vanished".into())).in_file(&input.name))?;
+        // The pickle must fill its entry: bytes after its STOP are read by nobody (pickle::parse_all).
         let (heap, root_id) = if pkl.is_deflated() {
             // Streamed from the inflater (never whole in memory); its offsets are the entry's, and so its name says.
             let reader = Rc::new(entry_reader(input, raw.as_ref(), &pkl)?);
@@ -218,12 +267,12 @@ impl TorchFile {
             );
             entry.allowed_globals = input.allowed_globals.clone();
             let mut cur = ByteCursor::new(&entry, 0, pkl.size)?;
-            let parsed = pickle::parse(&mut cur, Limits::default())?;
+            let parsed = pickle::parse_all(&mut cur, Limits::default())?;
             reader.verify()?;
             parsed
         } else {
             let mut cur = ByteCursor::new(input, pkl.data_start, pkl.data_start + pkl.size)?;
-            pickle::parse(&mut cur, Limits::default())?
+            pickle::parse_all(&mut cur, Limits::default())?
         };
         Ok(TorchFile {
             format: TorchFormat::Zip { root: root.clone() },
@@ -238,7 +287,9 @@ impl TorchFile {
         let (heap, first) = pickle::parse(&mut cur, Limits::default())?;
         let is_legacy = matches!(heap.get(first), Node::BigInt(b) if b.as_slice() == LEGACY_MAGIC);
         if !is_legacy {
-            // A bare pickle: it can hold data but no storages; tensor lookups will say so.
+            // A bare pickle: it can hold data but no storages; tensor lookups will say so. It must fill the file:
+            // what follows its STOP nobody reads (a zip appended to it is read by zip tools but not by torch).
+            pickle::ensure_consumed(&cur)?;
             return Ok(TorchFile {
                 format: TorchFormat::Legacy,
                 heap,
@@ -298,6 +349,15 @@ impl TorchFile {
             })?;
             map.insert(key, (start, nbytes));
             pos = end;
+        }
+        // torch.save writes nothing after the last storage and torch.load reads nothing there: bytes there are a
+        // second file appended (fickling's zip-and-pickle polyglot: zip tools read the zip, torch the pickles).
+        if pos != input.len() {
+            return Err(bad(format!(
+                "{} bytes after the last storage (from byte {pos}); torch.save writes nothing there (another file \
+                 appended to the checkpoint?)",
+                input.len() - pos
+            )));
         }
         Ok(TorchFile { format: TorchFormat::Legacy, heap, root, storages: Storages::Legacy(map) })
     }
@@ -688,4 +748,93 @@ pub fn plan(mut input: Input, opts: &PlanOptions) -> Result<Planned> {
         groups: groups.into_groups(),
     }
     .checked(&name)
+}
+
+/// Whether Python's `tarfile.open(f, 'r:')` could open a file starting with `block`: an all-zero block (an empty
+/// archive) or a header whose checksum field matches its bytes (`tarfile`'s `frombuf`: the unsigned or the
+/// signed byte sum with the field counted as spaces). The field is parsed a little more leniently than Python
+/// does (any underscores), so a file it opens is always caught.
+fn is_tar_header(block: &[u8; 512]) -> bool {
+    if block.iter().all(|&b| b == 0) {
+        return true;
+    }
+    let Some(field) = tar_number(&block[148..156]) else { return false };
+    let rest = block[..148].iter().chain(&block[156..]);
+    let unsigned: i64 = 256 + rest.clone().map(|&b| i64::from(b)).sum::<i64>();
+    let signed: i64 = 256 + rest.map(|&b| i64::from(b as i8)).sum::<i64>();
+    field == unsigned || field == signed
+}
+
+/// A tar number field as `tarfile.nti` reads it: base-256 after a 0x80 or 0xff byte, else octal text up to the
+/// first NUL, stripped of whitespace, with an optional sign and `0o` prefix; `None` where `nti` raises.
+fn tar_number(field: &[u8]) -> Option<i64> {
+    let (&lead, body) = field.split_first()?;
+    if lead == 0o200 || lead == 0o377 {
+        let n = body.iter().fold(0i64, |n, &b| (n << 8) | i64::from(b));
+        return Some(if lead == 0o377 { n - (1i64 << (8 * body.len())) } else { n });
+    }
+    let text = field.split(|&b| b == 0).next().unwrap_or(&[]);
+    if !text.is_ascii() {
+        return None;
+    }
+    let is_space = |b: &u8| matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r' | 0x1c..=0x1f);
+    let start = text.iter().position(|b| !is_space(b)).unwrap_or(text.len());
+    let end = text.iter().rposition(|b| !is_space(b)).map_or(start, |e| e + 1);
+    let t: Vec<u8> = text[start..end].iter().copied().filter(|&b| b != b'_').collect();
+    if t.is_empty() {
+        return Some(0);
+    }
+    let (neg, t) = match t.split_first() {
+        Some((b'-', r)) => (true, r),
+        Some((b'+', r)) => (false, r),
+        _ => (false, &t[..]),
+    };
+    let t = t.strip_prefix(b"0o").or_else(|| t.strip_prefix(b"0O")).unwrap_or(t);
+    if t.is_empty() || !t.iter().all(|b| (b'0'..=b'7').contains(b)) {
+        return None;
+    }
+    let n = t.iter().fold(0i64, |n, &b| n * 8 + i64::from(b - b'0'));
+    Some(if neg { -n } else { n })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tar_number_fields_read_as_tarfile_nti_reads_them() {
+        // Values printed by Python 3.11's tarfile.nti for the same 8 bytes (None where it raises).
+        let cases: [(&[u8; 8], Option<i64>); 9] = [
+            (b"0000644\0", Some(420)),
+            (b"  644 \0\0", Some(420)),
+            (b"\x80\0\0\0\0\0\x01\0", Some(256)),
+            (b"\xff\xff\xff\xff\xff\xff\xff\xff", Some(-1)),
+            (b"-0o7\0\0\0\0", Some(-7)),
+            (b"\0\0\0\0\0\0\0\0", Some(0)),
+            (b"12_3\0\0\0\0", Some(83)),
+            (b"089\0\0\0\0\0", None),
+            (b"\xc3\xa9\0\0\0\0\0\0", None),
+        ];
+        for (field, want) in cases {
+            assert_eq!(tar_number(field), want, "{field:?}");
+        }
+    }
+
+    #[test]
+    fn a_tar_header_is_told_by_its_checksum() {
+        // A ustar header for "x" as tarfile writes it, then the same bytes with one byte changed.
+        let mut h = [0u8; 512];
+        h[0] = b'x';
+        h[100..108].copy_from_slice(b"0000644\0");
+        h[124..136].copy_from_slice(b"00000000001\0");
+        h[156] = b'0';
+        h[257..265].copy_from_slice(b"ustar\x0000");
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        assert!(is_tar_header(&h));
+        h[0] = 0x80;
+        assert!(!is_tar_header(&h));
+        assert!(is_tar_header(&[0u8; 512]), "tarfile opens an all-zero block as an empty archive");
+    }
 }

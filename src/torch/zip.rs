@@ -54,6 +54,7 @@ impl ZipEntry {
 #[derive(Debug, Clone)]
 pub struct ZipIndex {
     entries: Vec<ZipEntry>,
+    /// Entry index by name in ASCII lower case, as torch's reader looks names up.
     by_name: HashMap<String, usize>,
     /// Absolute end of the zip inside its file.
     end: u64,
@@ -134,10 +135,25 @@ impl ZipIndex {
         };
         let (tail, tail_start, eocd) = found.ok_or_else(|| cut("an end-of-central-directory record".into()))?;
         let rec = &tail[eocd..];
+        // torch.save ends the file with the end record. Bytes after it (and its comment) are a second file
+        // appended (fickling's polyglots append a legacy pickle or tar to a zip): refused, as nothing reads them.
+        let eocd_abs = tail_start + eocd as u64;
+        let record_end = eocd_abs + 22 + u16_at(rec, 20)? as u64;
+        if record_end > len {
+            return Err(zerr(format!(
+                "the comment of the end record at byte {eocd_abs} runs past the end of the file"
+            )));
+        }
+        if record_end != len {
+            return Err(zerr(format!(
+                "{} bytes after the zip's end record at byte {eocd_abs}; torch.save writes nothing after it \
+                 (another file appended to the zip?)",
+                len - record_end
+            )));
+        }
         let mut count = u16_at(rec, 10)? as u64;
         let mut cd_size = u32_at(rec, 12)? as u64;
         let mut cd_offset = u32_at(rec, 16)? as u64;
-        let eocd_abs = tail_start + eocd as u64;
         let mut cd_limit = eocd_abs;
         let saturated = count == 0xFFFF || cd_size == 0xFFFF_FFFF || cd_offset == 0xFFFF_FFFF;
         // torch.save always writes a zip64 locator and end record, and torch's reader (miniz) trusts them over the
@@ -152,6 +168,14 @@ impl ZipIndex {
                 let z64_abs = u64_at(&loc, 8)?;
                 if z64_abs.checked_add(56).is_none_or(|e| e > loc_abs) {
                     return Err(zerr(format!("zip64 end record offset {z64_abs} lies outside the file")));
+                }
+                // miniz (torch) follows the locator's offset; Python's zipfile takes the 56 bytes before the
+                // locator. torch.save writes the record right there, so both find the same one.
+                if z64_abs + 56 != loc_abs {
+                    return Err(zerr(format!(
+                        "the zip64 end record at byte {z64_abs} does not end where its locator begins (byte \
+                         {loc_abs}); zip readers would disagree on which record to read"
+                    )));
                 }
                 let z = input.read_vec(base + z64_abs, 56)?;
                 if u32_at(&z, 0)? != ZIP64_EOCD_SIG {
@@ -179,6 +203,14 @@ impl ZipIndex {
             .checked_add(cd_size)
             .filter(|&e| e <= cd_limit)
             .ok_or_else(|| zerr(format!("central directory {cd_offset}+{cd_size} lies outside the file")))?;
+        // miniz reads the directory at its recorded offset; Python's zipfile, right before the end records. torch.save
+        // writes it there, so both read the same entries.
+        if cd_end != cd_limit {
+            return Err(zerr(format!(
+                "the central directory ends at byte {cd_end} but the end records begin at byte {cd_limit}; zip \
+                 readers would disagree on which entries the archive holds"
+            )));
+        }
         if cd_size > MAX_CDIR {
             return Err(Error::new(ErrorKind::Limit(format!("central directory of {cd_size} bytes"))));
         }
@@ -191,9 +223,20 @@ impl ZipIndex {
         let mut at = 0usize;
         for _ in 0..count {
             let e = parse_cdir_record(&cd, &mut at, cd_offset)?;
-            if by_name.insert(e.name.clone(), entries.len()).is_some() {
-                return Err(zerr(format!("entry '{}' appears twice", e.name)));
+            // torch's zip reader (miniz, as torch calls it) matches names without regard to ASCII case, so two
+            // names that differ only in case would be one entry to torch and two here.
+            if let Some(&other) = by_name.get(&e.name.to_ascii_lowercase()) {
+                let first: &ZipEntry = &entries[other];
+                return Err(zerr(if first.name == e.name {
+                    format!("entry '{}' appears twice", e.name)
+                } else {
+                    format!(
+                        "entries '{}' and '{}' differ only in case; torch's zip reader takes them for one",
+                        first.name, e.name
+                    )
+                }));
             }
+            by_name.insert(e.name.to_ascii_lowercase(), entries.len());
             entries.push(e);
         }
         // Entries must lie before the directory and must not overlap one another.
@@ -228,7 +271,7 @@ impl ZipIndex {
     /// [`MAX_EXPANSION`] times its compressed bytes plus [`INFLATE_ALLOWANCE`] (checked here, before anything is
     /// inflated; whether it inflates to exactly what it declares is checked as it is inflated).
     pub fn locate(&self, input: &Input, name: &str) -> Result<Option<ZipEntry>> {
-        let Some(&i) = self.by_name.get(name) else {
+        let Some(&i) = self.by_name.get(&name.to_ascii_lowercase()) else {
             return Ok(None);
         };
         let mut e = self.entries[i].clone();
