@@ -160,6 +160,22 @@ impl Error {
         self
     }
 
+    /// Adds `text` to the end of the message (kinds whose message is one text; others are left as they are).
+    pub fn with_more(mut self, text: &str) -> Self {
+        match &mut self.kind {
+            ErrorKind::Io(m)
+            | ErrorKind::Truncated(m)
+            | ErrorKind::Zip(m)
+            | ErrorKind::Pickle { msg: m, .. }
+            | ErrorKind::Limit(m)
+            | ErrorKind::NotCheckpoint(m)
+            | ErrorKind::Inconsistent(m)
+            | ErrorKind::Unsupported(m) => m.push_str(text),
+            _ => {}
+        }
+        self
+    }
+
     /// The category of the failure.
     pub fn kind(&self) -> &ErrorKind {
         &self.kind

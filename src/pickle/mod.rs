@@ -16,6 +16,35 @@ pub use vm::{Limits, ensure_consumed, parse, parse_all};
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 
+/// Whether a pickle stream may begin with opcode `b`: PROTO, or an opcode of protocols 0 and 1 that pushes
+/// without popping (a pickle written without PROTO starts with one of these). Not PERSID: torch.load's first
+/// unpickler has no persistent_load, so Python refuses such a stream (and `PK\x05\x06`, an empty zip, starts so).
+pub fn can_start(b: u8) -> bool {
+    matches!(
+        b,
+        0x80 | b'('
+            | b'c'
+            | b']'
+            | b'}'
+            | b')'
+            | b'N'
+            | b'I'
+            | b'L'
+            | b'S'
+            | b'V'
+            | b'J'
+            | b'K'
+            | b'M'
+            | b'U'
+            | b'T'
+            | b'X'
+            | b'F'
+            | b'G'
+            | b'i'
+            | 0x88..=0x8f
+    )
+}
+
 /// Index of a node in a [`Heap`].
 pub type Id = u32;
 

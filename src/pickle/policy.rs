@@ -700,6 +700,14 @@ mod tests {
     }
 
     #[test]
+    fn a_stream_that_breaks_off_still_says_what_it_names() {
+        // picklescan's broken_model.pkl: GLOBAL builtins.exec, then a BINUNICODE whose length runs past the end.
+        let e = run_allowing(b"cbuiltins\nexec\n(X>\nf = open('x')", &[]).unwrap_err();
+        assert_eq!(e.label(), "truncated");
+        assert!(e.to_string().ends_with("; before that, it names builtins.exec, off ckptconv's allowlist"), "{e}");
+    }
+
+    #[test]
     fn the_user_can_allow_a_global_and_names_without_calls_are_kept() {
         let p = b"cmypkg.config\nTrainConfig\n)R.";
         assert_eq!(calls(p), [pair("mypkg.config.TrainConfig", "called by REDUCE")]);

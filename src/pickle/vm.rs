@@ -135,7 +135,19 @@ pub fn parse(cur: &mut ByteCursor<'_>, limits: Limits) -> Result<(Heap, Id)> {
         let named = vm.named.list.into_iter().filter(|u| !refused.contains(&u.global)).collect();
         return Err(Error::new(ErrorKind::UnsafeGlobal { calls: vm.refused.list, named }).in_file(&name));
     }
-    let root = run.map_err(|e| e.in_file(&name))?;
+    let root = match run {
+        Ok(root) => root,
+        // A stream that breaks off still says what it names: a reviewer wants to know a broken file names
+        // `builtins.exec`, though no reader gets as far as calling it.
+        Err(e) if !vm.named.list.is_empty() => {
+            let listed: Vec<String> = vm.named.list.iter().take(8).map(|u| u.global.clone()).collect();
+            let more = vm.named.list.len().saturating_sub(listed.len());
+            let more = if more > 0 { format!(" and {more} more") } else { String::new() };
+            let text = format!("; before that, it names {}{more}, off ckptconv's allowlist", listed.join(", "));
+            return Err(e.with_more(&text).in_file(&name));
+        }
+        Err(e) => return Err(e.in_file(&name)),
+    };
     vm.heap.named_globals = vm.named.list;
     Ok((vm.heap, root))
 }

@@ -122,9 +122,11 @@ pub const MAX_TENSORS: usize = 400_000;
 const MAX_NAME_BYTES: usize = 64 << 20;
 
 /// Whether `head` (the first bytes of a file) looks like a torch.save file: torch.load's own test for a zip
-/// (the local-header magic at offset 0), else a pickle.
+/// (the local-header magic at offset 0), else a pickle. torch.load hands anything that is not a zip to the
+/// unpickler, so a protocol 0 or 1 pickle (no PROTO opcode: it starts with `c`, `(`, `]`, ...) counts too: it
+/// would run under torch.load, and the reader must say what it calls.
 pub fn sniff(head: &[u8]) -> bool {
-    head.starts_with(ZIP_MAGIC) || head.first() == Some(&0x80)
+    head.starts_with(ZIP_MAGIC) || head.first().is_some_and(|&b| pickle::can_start(b))
 }
 
 impl TorchFile {
@@ -800,6 +802,18 @@ fn tar_number(field: &[u8]) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pickle_without_proto_is_read_as_torch_load_reads_it() {
+        // pickle.dumps(..., protocol=0) of a call: torch.load hands a non-zip file to the unpickler, which would run
+        // it; the reader names the call instead of calling the file unknown.
+        let mut input = Input::new("p0.pt", Box::new(b"cos\nsystem\n(Vid\ntR.".to_vec()));
+        let e = TorchFile::open(&mut input).err().expect("refused");
+        assert!(matches!(e.kind(), ErrorKind::UnsafeGlobal { calls, .. } if calls[0].global == "os.system"), "{e}");
+        // Bytes no pickle starts with stay "not a torch checkpoint".
+        let mut input = Input::new("r.pt", Box::new(b"R\xf2&e".to_vec()));
+        assert_eq!(TorchFile::open(&mut input).err().expect("refused").label(), "not-checkpoint");
+    }
 
     #[test]
     fn tar_number_fields_read_as_tarfile_nti_reads_them() {
