@@ -83,10 +83,14 @@ def download_sdist(version, into):
     into.mkdir(parents=True, exist_ok=True)
     path = into / f"picklescan-{version}.tar.gz"
     if not path.exists():
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                            "--no-build-isolation", f"picklescan=={version}", "-d", str(into)],
-                           capture_output=True, text=True)
-        if r.returncode != 0 or not path.exists():
+        # pip prepares an sdist's metadata: with the venv's setuptools when it has one, else in an isolated build
+        # environment (setuptools then comes from PyPI too).
+        for isolation in (["--no-build-isolation"], []):
+            r = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                                *isolation, f"picklescan=={version}", "-d", str(into)], capture_output=True, text=True)
+            if r.returncode == 0 and path.exists():
+                break
+        else:
             raise SystemExit(f"fetch_corpora: pip download picklescan=={version} failed (PyPI reachable?):\n{r.stderr}")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != SDISTS[version]:
