@@ -12,7 +12,7 @@ for it (`module.name`, as the pickle spells them); nothing written to the output
 the working folder. The gadgets' payloads are shown to be live: torch.load (pickle.load for the DCP .metadata) of each
 creates the marker (test_gadget_payloads_are_live). Public corpus files are never loaded.
 Must-show 2: every torch / DCP / Megatron / verl / LoRA fixture of tests/fixtures passes `inspect` (exit 0).
-WASI and the page give the same verdicts: wasi/test_pickle_policy.py, web/test/policy.test.mjs.
+WASI and the page give the same verdicts: wasi/test_wasi_pickle_policy.py, web/test/policy.test.mjs.
 """
 
 import atexit

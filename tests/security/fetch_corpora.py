@@ -2,7 +2,7 @@
 the downloaded sdists stay in tests/security/.corpora-sdists/).
 
 Owns: tests/security/fetch_corpora.py (with rebuild_picklescan.py, rebuild_fickling.py and rebuild_modelscan.py).
-Called by scripts/setup.sh and by the tests' setup (tests/e2e/test_pickle_policy.py, wasi/test_pickle_policy.py,
+Called by scripts/setup.sh and by the tests' setup (tests/e2e/test_pickle_policy.py, wasi/test_wasi_pickle_policy.py,
 web/test/policy.test.mjs through tests/security/policy_cases.py); idempotent: when .corpora/manifest.json carries the
 stamp of these scripts and pins it returns at once, else it rebuilds everything in a fresh folder and swaps it in.
 Only PyPI is used (GitHub is not reachable from here nor from CI). Every file is data: nothing here unpickles one.

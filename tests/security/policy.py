@@ -7,7 +7,7 @@ ckptconv reads), which globals the message must name when the label is unsafe-gl
 picklescan reports as Dangerous, bar the manifest's `not_globals`, plus the globals the manifest records; for a gadget:
 its recorded globals), and which file name it must show.
 
-Used by tests/e2e/test_pickle_policy.py, wasi/test_pickle_policy.py and, through policy_cases.py, the page test
+Used by tests/e2e/test_pickle_policy.py, wasi/test_wasi_pickle_policy.py and, through policy_cases.py, the page test
 web/test/policy.test.mjs.
 """
 

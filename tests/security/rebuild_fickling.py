@@ -4,8 +4,8 @@ Owns: tests/security/rebuild_fickling.py (called by tests/security/fetch_corpora
 tests; what they build was read from trailofbits/fickling test/ at tag v0.1.12 (test_pytorch.py, test_pickle.py,
 test_polyglot.py, test_bypasses.py, test_crashes.py, test_scanner_deactivation_analysis.py); nothing is copied, each
 kind is written here with fickling's own API (fickling.pytorch.PyTorchModelWrapper.inject_payload,
-fickling.fickle.Pickled (one pickle at a time from a stack of them) and its opcode classes, fickling.polyglot) around real torch.save files and
-plain pickles of our own. Payload strings are never run here or by the tests (these files are only read).
+fickling.fickle.Pickled, read one pickle at a time from torch's stack of them, and its opcode classes,
+fickling.polyglot) around real torch.save files and plain pickles of our own. Payload strings are never run here or by the tests (these files are only read).
 
 build(out) -> ({relative path: (origin, labels?, labels_why?, names?)}, [skipped]); `names` lists the globals each
 file calls (`module.name`, as the pickle spells them), which ckptconv must name besides what picklescan reports.

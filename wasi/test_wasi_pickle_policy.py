@@ -1,6 +1,6 @@
 """Issue #16's pickle policy under WASI: the same verdict as the native binary on every public corpus file and gadget.
 
-Owns: wasi/test_pickle_policy.py. The cases are tests/e2e/test_pickle_policy.py's (tests/security/policy.py: the
+Owns: wasi/test_wasi_pickle_policy.py. The cases are tests/e2e/test_pickle_policy.py's (tests/security/policy.py: the
 public corpora of tests/security/fetch_corpora.py and the gadgets of tests/security/gadgets.py, built per session).
 Each input's folder is mounted as /in and an empty folder as /out; `inspect` and `convert` run under WASI (256 MiB
 linear-memory cap) and natively. Both must exit 1 with the same error label, name the same globals and give the same
