@@ -4,8 +4,9 @@
 # - Debian's Chromium (the browser tests drive it with npm playwright-core);
 # - npm packages from package-lock.json;
 # - a Python venv with the reference implementations the tests compare against (torch, safetensors,
-#   transformers, peft, megatron-core, zstandard, deepspeed; transformers 4 in .venv/transformers4) and PyPI's
-#   wasmtime engine for the WASI tests.
+#   transformers, peft, megatron-core, zstandard, deepspeed; transformers 4 in .venv/transformers4), PyPI's
+#   wasmtime engine for the WASI tests, picklescan and fickling;
+# - the public malicious-pickle corpora of tests/security/fetch_corpora.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,7 +33,7 @@ if [ -f package-lock.json ]; then
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-if ! .venv/bin/python -c "import torch, safetensors, transformers, pytest, numpy, zstandard, peft, megatron.core, wasmtime, deepspeed" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import torch, safetensors, transformers, pytest, numpy, zstandard, peft, megatron.core, wasmtime, deepspeed, picklescan, fickling" >/dev/null 2>&1; then
   .venv/bin/pip install --quiet --upgrade pip
   DS_BUILD_OPS=0 .venv/bin/pip install --quiet -r tests/requirements.txt
 fi
@@ -40,4 +41,7 @@ fi
 if ! PYTHONPATH=.venv/transformers4 .venv/bin/python -c "import transformers, sys; sys.exit(transformers.__version__ != '4.57.3')" >/dev/null 2>&1; then
   .venv/bin/pip install --quiet --no-deps --upgrade --target .venv/transformers4 -r tests/requirements-transformers4.txt
 fi
+# The public malicious-pickle corpora (picklescan's, fickling's and modelscan's kinds) the pickle policy tests read:
+# downloaded from PyPI and built once into tests/security/.corpora/ (a no-op when current).
+.venv/bin/python tests/security/fetch_corpora.py --quiet
 echo "setup: ok"
