@@ -20,6 +20,7 @@ use std::hash::{BuildHasher, RandomState};
 /// without popping (a pickle written without PROTO starts with one of these). Not PERSID: torch.load's first
 /// unpickler has no persistent_load, so Python refuses such a stream (and `PK\x05\x06`, an empty zip, starts so).
 pub fn can_start(b: u8) -> bool {
+    // Protocols 0 and 1 only: protocol 2 and later begin with PROTO, so 0x88 and up (a PNG's 0x89) start nothing.
     matches!(
         b,
         0x80 | b'('
@@ -41,7 +42,6 @@ pub fn can_start(b: u8) -> bool {
             | b'F'
             | b'G'
             | b'i'
-            | 0x88..=0x8f
     )
 }
 

@@ -46,6 +46,10 @@ struct Vm<'c, 'a> {
     op_offset: u64,
     /// Absolute end of the `FRAME` the cursor is inside, if any (see [`Vm::frame_step`]).
     frame_end: Option<u64>,
+    /// The first place where Python's unpicklers could read the stream otherwise (a frame that disagrees with its
+    /// opcodes). The parse fails with it, after reading on as `_pickle.c` reads a buffer, so that the calls further
+    /// on are still named (a refusal outranks it).
+    differential: Option<Error>,
     /// Globals the user allows beyond the allowlist (the input's `--allow-global`s).
     allowed: AllowedGlobals,
     /// Calls of globals off the allowlist: recorded, never made; the parse fails with all of them at the end.
@@ -124,11 +128,17 @@ pub fn parse(cur: &mut ByteCursor<'_>, limits: Limits) -> Result<(Heap, Id)> {
         limits,
         op_offset: 0,
         frame_end: None,
+        differential: None,
         allowed,
         refused: Uses::default(),
         named: Uses::default(),
     };
     let run = vm.run();
+    // The first differential is the first thing wrong with the stream, whatever came after it.
+    let run = match vm.differential.take() {
+        Some(d) => Err(d),
+        None => run,
+    };
     // A refused call outranks whatever else is wrong with the stream: it says what the file is.
     if !vm.refused.list.is_empty() {
         let refused = &vm.refused.seen;
@@ -310,13 +320,15 @@ impl Vm<'_, '_> {
         }
     }
 
-    /// FRAME: its size must fit in what is left of the pickle, and it may not begin inside another frame.
+    /// FRAME: its size must fit in what is left of the pickle (else the stream ends here, truncated), and it may
+    /// not begin inside another frame (a differential; the new frame is read on).
     fn frame_open(&mut self) -> Result<()> {
         if let Some(end) = self.frame_end {
-            return Err(self.err(format!(
+            let e = self.err(format!(
                 "a FRAME begins inside the frame that runs to byte {end}; Python reads the rest of that frame \
                  differently (\"beginning of a new frame before end of current frame\")"
-            )));
+            ));
+            self.differential.get_or_insert(e);
         }
         let size = self.u64le()?;
         let left = self.cur.remaining();
@@ -358,13 +370,17 @@ impl Vm<'_, '_> {
     /// stack effect reads in one place against the protocol's table.
     fn run(&mut self) -> Result<Id> {
         loop {
-            self.frame_check()?;
+            if let Err(e) = self.frame_check() {
+                self.differential.get_or_insert(e);
+            }
             self.frame_step();
             self.op_offset = self.cur.pos();
             let op = self.cur.u8()?;
             match op {
                 b'.' => {
-                    self.frame_stop()?;
+                    if let Err(e) = self.frame_stop() {
+                        self.differential.get_or_insert(e);
+                    }
                     let root = self.pop()?;
                     return Ok(root);
                 }
@@ -1347,6 +1363,16 @@ mod tests {
         p.extend(frame(b"\x8e\x01\x00\x00", 0));
         p.extend([0, 0, 0, 0, 0, b'z', b'.']);
         assert!(pickle_err(&p).contains("past the end of its frame"));
+    }
+
+    #[test]
+    fn a_call_after_a_frame_differential_is_still_named() {
+        // fickling appends opcodes after a pickle's last frame without growing it: the call that follows the
+        // straddling opcode is what the file is, so the refusal names it (it outranks the differential).
+        let p = [&[0x80, 4][..], &frame(b"\x8c\x02os\x8c\x06sys", 0), b"tem\x93\x8c\x02id\x85R."].concat();
+        assert!(pickle_err(&p[..p.len() - 2]).contains("past the end of its frame"));
+        let e = run(&p).unwrap_err();
+        assert!(matches!(e.kind(), ErrorKind::UnsafeGlobal { calls, .. } if calls[0].global == "os.system"), "{e}");
     }
 
     #[test]

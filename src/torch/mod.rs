@@ -286,12 +286,49 @@ impl TorchFile {
 
     fn open_pickle(input: &Input) -> Result<TorchFile> {
         let mut cur = ByteCursor::new(input, 0, input.len())?;
-        let (heap, first) = pickle::parse(&mut cur, Limits::default())?;
+        match Self::read_pickles(input, &mut cur) {
+            Err(e) if matches!(e.kind(), ErrorKind::UnsafeGlobal { .. }) => Err(Self::later_refusals(e, &mut cur)),
+            other => other,
+        }
+    }
+
+    /// After a refused pickle of the legacy format's five, the ones after it: torch.load runs them in turn when
+    /// the first returns what it expects (a "magic number" made by `eval` leads to a `system` in the object
+    /// pickle), so the refusal names their calls too. Stops at the first pickle that does not read to its STOP.
+    fn later_refusals(first: Error, cur: &mut ByteCursor<'_>) -> Error {
+        let ErrorKind::UnsafeGlobal { calls, named } = first.kind() else { return first };
+        let (mut calls, mut named) = (calls.clone(), named.clone());
+        for _ in 0..4 {
+            match pickle::parse(cur, Limits::default()) {
+                Ok(_) => {}
+                Err(e) => {
+                    let ErrorKind::UnsafeGlobal { calls: c, named: n } = e.kind() else { break };
+                    for u in c {
+                        if !calls.iter().any(|x| x.global == u.global) {
+                            calls.push(u.clone());
+                        }
+                    }
+                    for u in n {
+                        if !named.iter().chain(&calls).any(|x| x.global == u.global) {
+                            named.push(u.clone());
+                        }
+                    }
+                }
+            }
+        }
+        named.retain(|u| !calls.iter().any(|c| c.global == u.global));
+        let file = first.file().unwrap_or_default().to_string();
+        Error::new(ErrorKind::UnsafeGlobal { calls, named }).in_file(&file)
+    }
+
+    /// The pickles of a file that is not a zip: one bare pickle, or the legacy format's five and its storages.
+    fn read_pickles(input: &Input, cur: &mut ByteCursor<'_>) -> Result<TorchFile> {
+        let (heap, first) = pickle::parse(cur, Limits::default())?;
         let is_legacy = matches!(heap.get(first), Node::BigInt(b) if b.as_slice() == LEGACY_MAGIC);
         if !is_legacy {
             // A bare pickle: it can hold data but no storages; tensor lookups will say so. It must fill the file:
             // what follows its STOP nobody reads (a zip appended to it is read by zip tools but not by torch).
-            pickle::ensure_consumed(&cur)?;
+            pickle::ensure_consumed(cur)?;
             return Ok(TorchFile {
                 format: TorchFormat::Legacy,
                 heap,
@@ -300,19 +337,19 @@ impl TorchFile {
             });
         }
         let bad = |msg: String| Error::new(ErrorKind::NotCheckpoint(msg)).in_file(&input.name);
-        let (h, proto) = pickle::parse(&mut cur, Limits::default())?;
+        let (h, proto) = pickle::parse(cur, Limits::default())?;
         if h.as_int(proto) != Some(1001) {
             return Err(bad(format!("legacy protocol version {} (expected 1001)", h.describe(proto))));
         }
-        let (h, sys) = pickle::parse(&mut cur, Limits::default())?;
+        let (h, sys) = pickle::parse(cur, Limits::default())?;
         if h.dict_get(sys, "little_endian").map(|v| h.get(v)) == Some(&Node::Bool(false)) {
             return Err(Error::new(ErrorKind::Unsupported(
                 "big-endian legacy checkpoint; only little-endian checkpoints are supported".into(),
             ))
             .in_file(&input.name));
         }
-        let (heap, root) = pickle::parse(&mut cur, Limits::default())?;
-        let (kh, keys_id) = pickle::parse(&mut cur, Limits::default())?;
+        let (heap, root) = pickle::parse(cur, Limits::default())?;
+        let (kh, keys_id) = pickle::parse(cur, Limits::default())?;
         let keys: Vec<String> = kh
             .as_seq(keys_id)
             .ok_or_else(|| bad("legacy storage key list is not a list".into()))?
@@ -810,6 +847,12 @@ mod tests {
         let mut input = Input::new("p0.pt", Box::new(b"cos\nsystem\n(Vid\ntR.".to_vec()));
         let e = TorchFile::open(&mut input).err().expect("refused");
         assert!(matches!(e.kind(), ErrorKind::UnsafeGlobal { calls, .. } if calls[0].global == "os.system"), "{e}");
+        // The legacy layout's pickles run in turn: a refusal in the first names the calls of the later ones too.
+        let mut input = Input::new("p1.pt", Box::new(b"cbuiltins\neval\n(V1\ntR.cos\nsystem\n(Vid\ntR.".to_vec()));
+        let e = TorchFile::open(&mut input).err().expect("refused");
+        let ErrorKind::UnsafeGlobal { calls, .. } = e.kind() else { panic!("{e}") };
+        let names: Vec<&str> = calls.iter().map(|c| c.global.as_str()).collect();
+        assert_eq!(names, ["builtins.eval", "os.system"]);
         // Bytes no pickle starts with stay "not a torch checkpoint".
         let mut input = Input::new("r.pt", Box::new(b"R\xf2&e".to_vec()));
         assert_eq!(TorchFile::open(&mut input).err().expect("refused").label(), "not-checkpoint");

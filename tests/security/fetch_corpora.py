@@ -182,8 +182,18 @@ for _p in ("picklescan/data/malicious1_central_directory.zip", "picklescan/data2
            "picklescan-1.0.5/data/malicious1_0x1.zip", "picklescan-1.0.5/data/malicious1_0x20.zip",
            "picklescan-1.0.5/data/malicious1_0x40.zip"):
     NOT_CONTAINERS[_p] = (
-        ["unsafe-global", "zip"], "a zip damaged on purpose (local and central names differ, a wrong CRC, or the "
-        "encrypted / patched-data / strong-encryption flag bits set): a reader may refuse the entry itself")
+        ["unsafe-global", "zip", "unsupported"], "a zip damaged on purpose (local and central names differ, a wrong "
+        "CRC, or the encrypted / patched-data / strong-encryption flag bits set): a reader may refuse the entry itself "
+        "(an encrypted entry as unsupported)")
+NOT_CONTAINERS["picklescan/data/broken_model.pkl"] = (
+    ["unsafe-global", "truncated"], "GLOBAL builtins.exec, then a BINUNICODE whose length runs past the end: Python's "
+    "unpickler stops there too, before any call, so it may be refused as cut short (the message still names the "
+    "global, checked in test_refused)")
+for _p in ("picklescan/data/malicious1.zip", "modelscan/test_zip_data_pkl_eval.zip"):
+    NOT_CONTAINERS[_p] = (
+        ["unsafe-global", "zip"], "a zip whose data.pkl is not in a folder: torch.load refuses such an archive too "
+        "(\"file in archive is not in a subdirectory\"), so nothing in it runs, and ckptconv may refuse it as torch "
+        "does")
 SUFFIX_LABELS = {
     ".npy": (["not-checkpoint"], "a NumPy .npy file (its pickle sits behind the NPY header): not a torch checkpoint"),
     ".npz": (["not-checkpoint", "zip", "unsupported"], "a NumPy .npz (a zip of .npy files, no data.pkl): not a torch "

@@ -79,10 +79,22 @@ def gadget_cases(root):
                  base=g.base, candidates=list(g.names), live=g.live) for g in gs]
 
 
+# Python 3 reads a protocol 0-2 pickle's Python 2 module names as these (_compat_pickle.IMPORT_MAPPING), and so does
+# ckptconv when it names them; picklescan reports them as spelled.
+PY3_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+
+
+def py3_name(name):
+    module, _, rest = name.partition(".")
+    return f"{PY3_MODULES.get(module, module)}.{rest}" if rest else name
+
+
 def named(text, names):
     """The names among `names` that `text` spells as a whole dotted name (os.system is not named by posix.system
-    nor by pathlib.os.system; a sentence's full stop after it is fine)."""
-    return {n for n in names if re.search(r"(?<![\w])(?<![\w]\.)" + re.escape(n) + r"(?![\w])(?!\.\w)", text)}
+    nor by pathlib.os.system; a sentence's full stop after it is fine), as spelled or in Python 3's spelling."""
+    def spelled(n):
+        return re.search(r"(?<![\w])(?<![\w]\.)" + re.escape(n) + r"(?![\w])(?!\.\w)", text)
+    return {n for n in names if spelled(n) or spelled(py3_name(n))}
 
 
 def error_text(stderr):
