@@ -500,6 +500,20 @@ def test_zstd_decode_budget_under_cap(tmp_path):
     assert not [p for p in out.rglob("*") if p.is_file()], "output left behind"
 
 
+def refused_both_ways(tmp_path, in_dir, name, why):
+    """`convert /in/NAME /out/hf` under WASI (256 MiB cap) and natively: exit 1 under WASI with nothing left in
+    /out; returns (the WASI error line, the native one, with host paths spelled as in the guest)."""
+    out, native_out = tmp_path / "out", tmp_path / "native"
+    out.mkdir()
+    native_out.mkdir()
+    r = run_wasm(["convert", f"/in/{name}", "/out/hf"], dirs=[(in_dir, "/in"), (out, "/out")],
+                 limits={"max-memory-size": HOSTILE_CAP}, timeout=120)
+    assert r.returncode == 1, f"{name} ({why}): exit {r.returncode} (134 = trap), stderr:\n{r.stderr[-3000:]}"
+    assert not [p for p in out.rglob("*") if p.is_file()], "output left behind"
+    native = last_error(run_native(["convert", in_dir / name, native_out / "hf"]).stderr, {"in": in_dir, "out": native_out})
+    return last_error(r.stderr, {}), native
+
+
 import deflated  # noqa: E402  (tests/deflated.py: a real torch.save re-zipped deflated, and broken copies)
 
 
@@ -529,18 +543,10 @@ def test_deflated_broken_entry_refused_as_natively(tmp_path, deflated_files, fil
     """A deflated entry that lies about its size, fails its CRC-32 or is cut short: exit 1 under the 256 MiB cap with
     the native error line (naming the file and the entry), nothing left in /out."""
     suffix, why, phrase = deflated.BROKEN[file]
-    out, native_out = tmp_path / "out", tmp_path / "native"
-    out.mkdir()
-    native_out.mkdir()
-    r = run_wasm(["convert", f"/in/{file}", "/out/hf"], dirs=[(deflated_files, "/in"), (out, "/out")],
-                 limits={"max-memory-size": HOSTILE_CAP}, timeout=120)
-    assert r.returncode == 1, f"{file} ({why}): exit {r.returncode} (134 = trap), stderr:\n{r.stderr[-3000:]}"
-    line = last_error(r.stderr, {})
+    line, native = refused_both_ways(tmp_path, deflated_files, file, why)
     assert line.startswith("ckptconv: error[zip]: ") and f"/in/{file}" in line, line
     assert f"entry 'archive/{suffix}'" in line and phrase in line.lower(), line
-    n = run_native(["convert", deflated_files / file, native_out / "hf"])
-    assert last_error(n.stderr, {"in": deflated_files, "out": native_out}) == line, "WASI and native errors differ"
-    assert not [p for p in out.rglob("*") if p.is_file()], "output left behind"
+    assert native == line, "WASI and native errors differ"
 
 
 import differential  # noqa: E402  (tests/hostile/differential.py: inputs that Python's readers read otherwise)
@@ -553,17 +559,9 @@ def test_differential_refused_as_natively(tmp_path, case):
     src = tmp_path / "in"
     src.mkdir()
     path = case.build(src)
-    out, native_out = tmp_path / "out", tmp_path / "native"
-    out.mkdir()
-    native_out.mkdir()
-    r = run_wasm(["convert", f"/in/{path.name}", "/out/hf"], dirs=[(src, "/in"), (out, "/out")],
-                 limits={"max-memory-size": HOSTILE_CAP}, timeout=120)
-    assert r.returncode == 1, f"exit {r.returncode} (134 = trap), stderr:\n{r.stderr[-3000:]}"
-    line = last_error(r.stderr, {})
+    line, native = refused_both_ways(tmp_path, src, path.name, case.why)
     assert line.startswith(f"ckptconv: error[{case.kind}]: "), f"expected kind {case.kind} ({case.why}):\n{line}"
-    native = last_error(run_native(["convert", path, native_out / "hf"]).stderr, {"in": src, "out": native_out})
     assert line == native, "WASI and native errors differ"
-    assert not [p for p in out.rglob("*") if p.is_file()], "output left behind"
 
 
 def test_hostile_inspect_refused_under_cap():

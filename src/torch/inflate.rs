@@ -396,21 +396,25 @@ impl ReadAt for Inflated {
 mod tests {
     use super::*;
 
-    /// A deflated entry of `declared` bytes and CRC `crc` whose compressed bytes `comp` sit at offset 7 of a file.
-    fn reader(comp: &[u8], declared: u64, crc: u32) -> EntryReader {
-        let mut file = vec![0u8; 7];
-        file.extend_from_slice(comp);
-        let entry = ZipEntry {
+    /// The directory record of one deflated entry: `comp` compressed bytes, `declared` inflated, CRC `crc`.
+    fn deflated_entry(comp: &[u8], declared: u64, crc: u32, inflated_at: Option<u64>) -> ZipEntry {
+        ZipEntry {
             name: "archive/data/0".into(),
             data_start: 0,
             size: declared,
             method: super::super::zip::DEFLATED,
             compressed: comp.len() as u64,
             crc,
-            inflated_at: None,
+            inflated_at,
             local_header: 0,
-        };
-        let r = EntryReader::new("t.pt", Rc::new(file), entry);
+        }
+    }
+
+    /// A deflated entry of `declared` bytes and CRC `crc` whose compressed bytes `comp` sit at offset 7 of a file.
+    fn reader(comp: &[u8], declared: u64, crc: u32) -> EntryReader {
+        let mut file = vec![0u8; 7];
+        file.extend_from_slice(comp);
+        let r = EntryReader::new("t.pt", Rc::new(file), deflated_entry(comp, declared, crc, None));
         r.entry.start.set(Some(7));
         r
     }
@@ -483,16 +487,7 @@ mod tests {
     /// An input of one file's bytes and one deflated entry declaring `declared` bytes, placed after the file.
     fn placed(comp: &[u8], declared: u64, crc: u32) -> Inflated {
         let file: Vec<u8> = comp.to_vec();
-        let entry = ZipEntry {
-            name: "archive/data/0".into(),
-            data_start: 0,
-            size: declared,
-            method: super::super::zip::DEFLATED,
-            compressed: comp.len() as u64,
-            crc,
-            inflated_at: Some(comp.len() as u64),
-            local_header: 0,
-        };
+        let entry = deflated_entry(comp, declared, crc, Some(comp.len() as u64));
         let input = Inflated::new("t.pt", Rc::new(file), vec![entry], comp.len() as u64 + declared);
         input.entries[0].start.set(Some(0));
         input
