@@ -170,16 +170,23 @@ impl Deflated {
             filled += r.bytes_written;
             s.pos += r.bytes_written as u64;
             self.account(r.bytes_written as u64)?;
-            let stalled = r.bytes_consumed == 0 && r.bytes_written == 0;
-            match r.status {
-                Ok(MZStatus::StreamEnd) => s.ended = true,
-                Ok(_) | Err(MZError::Buf) if !stalled => {}
-                Ok(_) | Err(MZError::Buf) if s.at == s.input.len() && s.read < e.compressed => {}
-                Ok(_) | Err(MZError::Buf) if s.at == s.input.len() => return Err(self.cut_short(s)),
-                _ => return Err(self.corrupt(s)),
+            if self.step_ended(r.status, r.bytes_consumed == 0 && r.bytes_written == 0, s)? {
+                s.ended = true;
             }
         }
         Ok(())
+    }
+
+    /// After one inflate step: whether the stream has ended; going on is fine while the step made progress or more
+    /// compressed bytes are to be read; otherwise the stream is cut short or corrupt.
+    fn step_ended(&self, status: Result<MZStatus, MZError>, stalled: bool, s: &Stream) -> Result<bool> {
+        let more_to_read = s.at == s.input.len() && s.read < self.entry.compressed;
+        match status {
+            Ok(MZStatus::StreamEnd) => Ok(true),
+            Ok(_) | Err(MZError::Buf) if !stalled || more_to_read => Ok(false),
+            Ok(_) | Err(MZError::Buf) if s.at == s.input.len() => Err(self.cut_short(s)),
+            _ => Err(self.corrupt(s)),
+        }
     }
 
     /// At the declared end: the stream must end there (a single byte more is an error) with the declared CRC-32.
@@ -199,13 +206,8 @@ impl Deflated {
                     e.name, e.size
                 )));
             }
-            let stalled = r.bytes_consumed == 0;
-            match r.status {
-                Ok(MZStatus::StreamEnd) => s.ended = true,
-                Ok(_) | Err(MZError::Buf) if !stalled => {}
-                Ok(_) | Err(MZError::Buf) if s.at == s.input.len() && s.read < e.compressed => {}
-                Ok(_) | Err(MZError::Buf) if s.at == s.input.len() => return Err(self.cut_short(s)),
-                _ => return Err(self.corrupt(s)),
+            if self.step_ended(r.status, r.bytes_consumed == 0, s)? {
+                s.ended = true;
             }
         }
         let crc = s.crc.clone().finalize();
