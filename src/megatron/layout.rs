@@ -154,7 +154,9 @@ fn check_grid(src: &LayoutSource, l: &Layout) -> Result<()> {
         }
     }
     let (heads, groups, ffn, tp) = (l.heads, l.groups, l.ffn, l.tp);
-    if heads == 0 || groups == 0 || heads % groups != 0 || groups % tp != 0 || ffn % tp != 0 || l.kv_channels == 0 {
+    // Fewer groups than TP ranks is megatron-core's TP > query groups: each group then spans tp / groups ranks.
+    let groups_fit = groups > 0 && (groups % tp == 0 || tp % groups == 0);
+    if heads == 0 || !groups_fit || heads % groups != 0 || heads % tp != 0 || ffn % tp != 0 || l.kv_channels == 0 {
         return Err(bad(format!("inconsistent layout: {heads} heads, {groups} query groups, ffn {ffn}, TP {tp}"))
             .in_file(src.file));
     }

@@ -508,37 +508,47 @@ fn vocab_out(inputs: &[Input], name: &str, parts: &[StridedView], vocab: u64) ->
     Ok(Out { name: name.into(), shape, dtype, chunks: kept })
 }
 
-/// Splits each rank's fused QKV (`[groups_r][q heads, k, v][head_dim]` rows) into q, k and v, unnamed
-/// (`prefix` and `what` name the fused tensor in messages).
+/// Splits the fused QKV into q, k and v, unnamed (`prefix` and `what` name the fused tensor in messages). The
+/// ranks' rows, stacked, are `[groups][q heads, k, v][head_dim]`; with at least as many groups as ranks each rank
+/// holds whole groups, with fewer (megatron-core's TP > query groups) a group's block straddles ranks, since
+/// `linear_qkv` keeps its full size and is split evenly (megatron/core/transformer/attention.py).
 fn split_qkv(inputs: &[Input], prefix: &str, what: &str, parts: &[StridedView], l: &Layout) -> Result<Vec<Out>> {
     let (hd, hpg) = (l.kv_channels, l.heads / l.groups);
     let tp = parts.len() as u64;
-    let groups_r = l.groups / tp;
     let per_group = (hpg + 2) * hd;
-    let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
+    let rows_r = (l.groups * per_group) / tp.max(1);
     let name = format!("{prefix}.qkv.{what}");
     for (r, p) in parts.iter().enumerate() {
-        if p.shape.first() != Some(&(groups_r * per_group)) {
+        if rows_r * tp != l.groups * per_group || p.shape.first() != Some(&rows_r) {
             let msg = format!(
-                "rank {r} holds {:?} but {groups_r} groups x ({hpg} q + k + v) x {hd} rows were expected",
-                p.shape
+                "rank {r} holds {:?} but {} groups x ({hpg} q + k + v) x {hd} rows over {tp} ranks were expected",
+                p.shape, l.groups
             );
-            return Err(ranks_disagree(&name, msg).in_file(&inputs[p.input].name));
+            let file = inputs.get(p.input).map_or("", |i| i.name.as_str());
+            return Err(ranks_disagree(&name, msg).in_file(file));
         }
-        for lg in 0..groups_r {
-            let g = r as u64 * groups_r + lg;
-            let base = lg * per_group;
-            let push = |dst: &mut Vec<Chunk>, from: u64, rows: u64, at: u64| -> Result<()> {
-                let view = p.rows(&name, base + from, base + from + rows)?;
-                let mut offsets = vec![0u64; view.shape.len()];
-                offsets[0] = at;
-                dst.push(Chunk { offsets, sizes: view.shape.clone(), view });
-                Ok(())
-            };
-            push(&mut q, 0, hpg * hd, g * hpg * hd)?;
-            push(&mut k, hpg * hd, hd, g * hd)?;
-            push(&mut v, (hpg + 1) * hd, hd, g * hd)?;
+    }
+    // Rows [from, from + n) of the stacked ranks, placed at row `at` of `dst`, cut where a rank ends.
+    let take = |dst: &mut Vec<Chunk>, from: u64, n: u64, at: u64| -> Result<()> {
+        let mut done = 0;
+        while done < n {
+            let row = from + done;
+            let (r, local) = ((row / rows_r) as usize, row % rows_r);
+            let len = (rows_r - local).min(n - done);
+            let view = parts[r].rows(&name, local, local + len)?;
+            let mut offsets = vec![0u64; view.shape.len()];
+            offsets[0] = at + done;
+            dst.push(Chunk { offsets, sizes: view.shape.clone(), view });
+            done += len;
         }
+        Ok(())
+    };
+    let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
+    for g in 0..l.groups {
+        let base = g * per_group;
+        take(&mut q, base, hpg * hd, g * hpg * hd)?;
+        take(&mut k, base + hpg * hd, hd, g * hd)?;
+        take(&mut v, base + (hpg + 1) * hd, hd, g * hd)?;
     }
     let rest: Vec<u64> = parts[0].shape[1..].to_vec();
     let dtype = parts[0].dtype;
@@ -630,6 +640,26 @@ mod tests {
             fused.chunks.iter().map(|c| (c.offsets[0], c.view.input, c.view.offset / 3)).collect();
         assert_eq!(rows, vec![(0, 0, 0), (2, 1, 0), (4, 0, 2), (5, 1, 2), (6, 0, 3), (7, 1, 3)]);
         finish(fused)?; // the chunks tile the fused tensor
+        Ok(())
+    }
+
+    #[test]
+    fn fewer_groups_than_ranks_cut_a_group_where_a_rank_ends() -> Result<()> {
+        // 4 heads in 1 group of head dim 1 at TP 2: the stacked rows [q q q q k v] are [q q q] on rank 0 and
+        // [q k v] on rank 1, so q straddles the ranks.
+        let l = Layout { heads: 4, groups: 1, kv_channels: 1, ..Layout::default() };
+        let part = |r| StridedView::new("qkv", r, 0, 36, DType::F32, 0, vec![3, 3], vec![3, 1], 2);
+        let pieces = split_qkv(&[], "p", "weight", &[part(0)?, part(1)?], &l)?;
+        let rows = |o: &Out| o.chunks.iter().map(|c| (c.offsets[0], c.view.input, c.view.offset / 3)).collect();
+        let got: Vec<Vec<(u64, usize, u64)>> = pieces.iter().map(rows).collect();
+        assert_eq!(got, vec![vec![(0, 0, 0), (3, 1, 0)], vec![(0, 1, 1)], vec![(0, 1, 2)]]);
+        for p in pieces {
+            finish(p)?;
+        }
+        // Rows that do not split evenly over the ranks are refused.
+        let odd = |r| StridedView::new("qkv", r, 0, 48, DType::F32, 0, vec![4, 3], vec![3, 1], 2);
+        let l3 = Layout { heads: 1, groups: 1, kv_channels: 1, ..Layout::default() };
+        assert!(split_qkv(&[], "p", "weight", &[odd(0)?, odd(1)?], &l3).is_err());
         Ok(())
     }
 }
