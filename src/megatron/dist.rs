@@ -5,7 +5,9 @@
 //! (`decoder.layers.self_attention.linear_qkv.weight` is `[num_layers, out, in]`) and numbered across pipeline
 //! stages, and each chunk is one layer of one tensor-parallel rank's shard. So every chunk is exactly what that
 //! rank's file holds in the legacy format, and the checkpoint is planned as one stage of TP ranks rebuilt from
-//! the chunks. SwiGLU's fc1 is the exception: stored as `[gate_all; up_all]`, its halves come apart.
+//! the chunks. SwiGLU's fc1 is the exception: stored as `[gate_all; up_all]`, its halves come apart. Experts are
+//! stacked a second time on their global number (`[layers, experts, ...]`), so they become the experts of one
+//! expert-parallel rank, numbered globally.
 
 use super::{Args, FC1_GATE, FC1_UP, RankModel, bad, read_args};
 use crate::dcp::{self, ChunkResolver};
@@ -16,6 +18,10 @@ use crate::pickle::Node;
 use crate::plan::StridedView;
 use crate::torch::TorchFile;
 use std::collections::BTreeMap;
+
+/// How SequentialMLP (and GroupedMLP) name their experts in torch_dist, under `decoder.layers.`: one tensor per
+/// weight, `[layers, experts, ...]`, the expert axis global (megatron/core/transformer/moe/experts.py).
+const EXPERTS: &str = "mlp.experts.experts.";
 
 /// The file beside the DCP files that marks a Megatron torch_dist checkpoint.
 pub const COMMON: &str = "common.pt";
@@ -72,6 +78,7 @@ pub fn load_dist(folder: &dyn Folder, dir: &str) -> Result<DistRanks> {
     let layers = arg("num_layers").ok_or_else(|| bad("no args.num_layers in common.pt").in_file(&common.name))?;
     let mut maps: Vec<BTreeMap<String, StridedView>> = vec![BTreeMap::new(); tp as usize];
     let gated = args.as_ref().and_then(|a| a.flag("swiglu")) != Some(false);
+    let experts = arg("num_experts");
     let mut resolver = ChunkResolver::new(folder, dir);
     for t in &meta.tensors {
         // The optimizer's state and TE's _extra_state are not part of the HF model (RNG state is stored as bytes).
@@ -90,12 +97,35 @@ pub fn load_dist(folder: &dyn Folder, dir: &str) -> Result<DistRanks> {
             ))
             .in_file(&meta_name));
         }
-        let fc1 = gated && stacked.is_some_and(|s| s == "mlp.linear_fc1.weight");
+        // The dense MLP's, the shared experts' and every expert's fc1.
+        let fc1 = gated && stacked.is_some_and(|s| s.ends_with("linear_fc1.weight"));
+        // Experts are stacked a second time, on the global expert number: `[layers, experts, ...]`.
+        let expert = stacked.and_then(|s| s.strip_prefix(EXPERTS));
+        if expert.is_some() && (t.shape.len() < 2 || experts.is_some_and(|e| t.shape[1] != e)) {
+            let want = experts.map_or("num_experts".into(), |e| e.to_string());
+            return Err(bad(format!(
+                "'{}' has shape {:?}: stacked experts should be [num_layers = {layers}, num_experts = {want}, ...]",
+                t.fqn, t.shape
+            ))
+            .in_file(&meta_name));
+        }
         for c in chunked.chunks() {
             // (name, view, offsets, sizes, global shape) of each layer the chunk holds, or of the whole chunk.
             let mut pieces = Vec::new();
-            match stacked {
-                Some(suffix) => {
+            match (stacked, expert) {
+                (Some(_), Some(rest)) => {
+                    for i in 0..c.sizes[0] {
+                        let l = c.offsets[0] + i;
+                        let layer = c.view.layer(&t.fqn, i)?;
+                        for x in 0..c.sizes[1] {
+                            let e = c.offsets[1] + x;
+                            let name = format!("decoder.layers.{l}.mlp.experts.local_experts.{e}.{rest}");
+                            let view = layer.layer(&name, x)?;
+                            pieces.push((name, view, &c.offsets[2..], &c.sizes[2..], &t.shape[2..]));
+                        }
+                    }
+                }
+                (Some(suffix), None) => {
                     for i in 0..c.sizes[0] {
                         let l = c.offsets[0] + i;
                         let name = format!("decoder.layers.{l}.{suffix}");
@@ -103,7 +133,7 @@ pub fn load_dist(folder: &dyn Folder, dir: &str) -> Result<DistRanks> {
                         pieces.push((name, view, &c.offsets[1..], &c.sizes[1..], &t.shape[1..]));
                     }
                 }
-                None => pieces.push((key.to_string(), c.view.clone(), &c.offsets[..], &c.sizes[..], &t.shape[..])),
+                (None, _) => pieces.push((key.to_string(), c.view.clone(), &c.offsets[..], &c.sizes[..], &t.shape[..])),
             }
             for (name, view, offsets, sizes, shape) in pieces {
                 let home = home(&name, offsets, sizes, shape, tp, fc1).map_err(|e| e.in_file(&meta_name))?;
@@ -114,7 +144,7 @@ pub fn load_dist(folder: &dyn Folder, dir: &str) -> Result<DistRanks> {
                     Home::All => (0..tp as usize).for_each(|r| put(r, name.clone())),
                     Home::Rank(r) => put(r, name),
                     Home::Half(up, r) => {
-                        let base = name.trim_end_matches("mlp.linear_fc1.weight");
+                        let base = name.trim_end_matches("linear_fc1.weight");
                         put(r, format!("{base}{}", if up { FC1_UP } else { FC1_GATE }));
                     }
                 }
@@ -128,7 +158,7 @@ pub fn load_dist(folder: &dyn Folder, dir: &str) -> Result<DistRanks> {
     let ranks = maps
         .into_iter()
         .enumerate()
-        .map(|(r, m)| RankModel { tp: r as u64, pp: 0, input: at, chunks: vec![m], args: args.clone() })
+        .map(|(r, m)| RankModel { tp: r as u64, pp: 0, ep: 0, input: at, chunks: vec![m], args: args.clone() })
         .collect();
     Ok(DistRanks { inputs, ranks, args, args_file: common.name.clone(), tp, pp, files })
 }

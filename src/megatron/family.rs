@@ -1,6 +1,7 @@
 //! The Hugging Face families a Megatron GPT model converts to, as data. Megatron's side is the same for every
-//! dense family (megatron-core's GPT keys); one [`Family`] entry says what the HF side calls each tensor, which
-//! projections it fuses, and which optional tensors (q/k/v bias, q/k norms) it must or must not have. The
+//! family (megatron-core's GPT keys); one [`Family`] entry says what the HF side calls each tensor (experts,
+//! router and shared expert included), which projections it fuses, and which optional tensors (q/k/v bias, q/k
+//! norms) it must or must not have. The
 //! merge (`merge.rs`) reads only this table, so a dense family that differs in names or flags is one entry.
 
 use crate::error::{Error, ErrorKind, Result};
@@ -45,7 +46,31 @@ pub struct Names {
     pub post_attn_norm: &'static str,
 }
 
-/// One HF family: how megatron-core's dense GPT model is named and shaped in it.
+/// The HF names of a Mixture-of-Experts layer's tensors, relative to `layers.N.`.
+#[derive(Debug, Clone, Copy)]
+pub struct MoeNames {
+    /// The router (Megatron's `mlp.router.weight`, `[experts, hidden]`).
+    pub router: &'static str,
+    /// The router's score-correction bias (Megatron's `mlp.router.expert_bias`), for families that have one.
+    pub router_bias: Option<&'static str>,
+    /// Prefix of the experts, before the expert number.
+    pub experts: &'static str,
+    /// An expert's gate, up and down projections, after `experts.E.`.
+    pub expert: [&'static str; 3],
+    /// The shared expert's gate, up and down projections, for families that have one.
+    pub shared: Option<[&'static str; 3]>,
+    /// The shared expert's sigmoid gate (Megatron's `mlp.shared_experts.gate_weight`, `[1, hidden]`).
+    pub shared_gate: Option<&'static str>,
+    /// The base config.json key holding an expert's hidden size.
+    pub expert_ffn_key: &'static str,
+    /// The base config.json key holding the number of experts.
+    pub experts_key: &'static str,
+    /// Whether the HF model renormalises the top-k routing weights: fixed (Mixtral), or as the base config's
+    /// `norm_topk_prob` says (Qwen2/3-MoE).
+    pub norm_topk: Option<bool>,
+}
+
+/// One HF family: how megatron-core's GPT model is named and shaped in it.
 #[derive(Debug, Clone, Copy)]
 pub struct Family {
     /// Shown in messages and `inspect`.
@@ -62,6 +87,8 @@ pub struct Family {
     pub tied_default: bool,
     /// The HF tensor names.
     pub names: Names,
+    /// The names of its Mixture-of-Experts layers (`None`: a dense family).
+    pub moe: Option<MoeNames>,
 }
 
 /// Llama's names, which Qwen2, Qwen3 and Mistral share.
@@ -79,6 +106,19 @@ const LLAMA_NAMES: Names = Names {
     post_attn_norm: "post_attention_layernorm.weight",
 };
 
+/// Qwen2-MoE's and Qwen3-MoE's expert names.
+const QWEN_MOE: MoeNames = MoeNames {
+    router: "mlp.gate.weight",
+    router_bias: None,
+    experts: "mlp.experts",
+    expert: ["gate_proj.weight", "up_proj.weight", "down_proj.weight"],
+    shared: None,
+    shared_gate: None,
+    expert_ffn_key: "moe_intermediate_size",
+    experts_key: "num_experts",
+    norm_topk: None,
+};
+
 /// Every supported family. Without a base model the first entry whose flags fit the checkpoint is used, so the
 /// order matters there: Qwen2 (a bias), Qwen3 (q/k norms), then Llama.
 pub const FAMILIES: &[Family] = &[
@@ -90,6 +130,7 @@ pub const FAMILIES: &[Family] = &[
         gated_mlp: true,
         tied_default: false,
         names: LLAMA_NAMES,
+        moe: None,
     },
     Family {
         name: "Qwen3",
@@ -99,6 +140,7 @@ pub const FAMILIES: &[Family] = &[
         gated_mlp: true,
         tied_default: false,
         names: LLAMA_NAMES,
+        moe: None,
     },
     Family {
         name: "Llama",
@@ -108,6 +150,7 @@ pub const FAMILIES: &[Family] = &[
         gated_mlp: true,
         tied_default: false,
         names: LLAMA_NAMES,
+        moe: None,
     },
     Family {
         name: "Phi3",
@@ -117,6 +160,53 @@ pub const FAMILIES: &[Family] = &[
         gated_mlp: true,
         tied_default: false,
         names: Names { qkv: &["self_attn.qkv_proj"], gate_up: &["mlp.gate_up_proj.weight"], ..LLAMA_NAMES },
+        moe: None,
+    },
+    Family {
+        name: "Qwen3-MoE",
+        model_types: &["qwen3_moe"],
+        qkv_bias: QkvBias::FromConfig,
+        qk_norm: true,
+        gated_mlp: true,
+        tied_default: false,
+        names: LLAMA_NAMES,
+        moe: Some(QWEN_MOE),
+    },
+    Family {
+        name: "Qwen2-MoE",
+        model_types: &["qwen2_moe"],
+        qkv_bias: QkvBias::Always,
+        qk_norm: false,
+        gated_mlp: true,
+        tied_default: false,
+        names: LLAMA_NAMES,
+        moe: Some(MoeNames {
+            shared: Some([
+                "mlp.shared_expert.gate_proj.weight",
+                "mlp.shared_expert.up_proj.weight",
+                "mlp.shared_expert.down_proj.weight",
+            ]),
+            shared_gate: Some("mlp.shared_expert_gate.weight"),
+            ..QWEN_MOE
+        }),
+    },
+    Family {
+        name: "Mixtral",
+        model_types: &["mixtral"],
+        qkv_bias: QkvBias::Never,
+        qk_norm: false,
+        gated_mlp: true,
+        tied_default: false,
+        names: LLAMA_NAMES,
+        moe: Some(MoeNames {
+            router: "block_sparse_moe.gate.weight",
+            experts: "block_sparse_moe.experts",
+            expert: ["w1.weight", "w3.weight", "w2.weight"],
+            expert_ffn_key: "intermediate_size",
+            experts_key: "num_local_experts",
+            norm_topk: Some(true),
+            ..QWEN_MOE
+        }),
     },
 ];
 
@@ -134,9 +224,12 @@ pub fn by_model_type(base: &BaseModel) -> Result<&'static Family> {
 }
 
 /// Without a base model (inspect only): the first family whose flags fit what the checkpoint holds.
-pub fn by_flags(qkv_bias: bool, qk_norm: bool) -> &'static Family {
-    let fits =
-        |f: &&Family| f.qk_norm == qk_norm && f.qkv_bias != if qkv_bias { QkvBias::Never } else { QkvBias::Always };
+pub fn by_flags(qkv_bias: bool, qk_norm: bool, moe: bool) -> &'static Family {
+    let fits = |f: &&Family| {
+        f.qk_norm == qk_norm
+            && f.moe.is_some() == moe
+            && f.qkv_bias != if qkv_bias { QkvBias::Never } else { QkvBias::Always }
+    };
     FAMILIES.iter().find(fits).unwrap_or(&FAMILIES[0])
 }
 
@@ -171,9 +264,12 @@ mod tests {
 
     #[test]
     fn without_a_base_the_flags_choose() {
-        assert_eq!(by_flags(true, false).name, "Qwen2");
-        assert_eq!(by_flags(false, true).name, "Qwen3");
-        assert_eq!(by_flags(true, true).name, "Qwen3");
-        assert_eq!(by_flags(false, false).name, "Llama");
+        assert_eq!(by_flags(true, false, false).name, "Qwen2");
+        assert_eq!(by_flags(false, true, false).name, "Qwen3");
+        assert_eq!(by_flags(true, true, false).name, "Qwen3");
+        assert_eq!(by_flags(false, false, false).name, "Llama");
+        assert_eq!(by_flags(false, true, true).name, "Qwen3-MoE");
+        assert_eq!(by_flags(true, false, true).name, "Qwen2-MoE");
+        assert_eq!(by_flags(false, false, true).name, "Mixtral");
     }
 }

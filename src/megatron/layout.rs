@@ -1,7 +1,7 @@
 //! The hyperparameters that decide a Megatron merge: read from the pickled `args` (or, without them, from tensor
 //! shapes and the base config.json), then checked against the rank grid, the base config and the HF family.
 
-use super::family::Family;
+use super::family::{Family, MoeNames};
 use super::{Args, RankModel, bad};
 use crate::error::{Error, ErrorKind, Result};
 use crate::hf::BaseModel;
@@ -35,6 +35,28 @@ pub struct Layout {
     pub tp: u64,
     /// Pipeline-parallel size.
     pub pp: u64,
+    /// Mixture-of-Experts layers, when the checkpoint has any.
+    pub moe: Option<MoeLayout>,
+}
+
+/// The hyperparameters of the Mixture-of-Experts layers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MoeLayout {
+    /// Experts per MoE layer.
+    pub experts: u64,
+    /// Experts each routes a token to (0: not known).
+    pub topk: u64,
+    /// An expert's hidden size.
+    pub ffn: u64,
+    /// The shared expert's hidden size (0: none).
+    pub shared_ffn: u64,
+    /// Expert-parallel ranks the experts are split over in the rank files (1 for torch_dist, whose experts are
+    /// numbered globally).
+    pub ep: u64,
+    /// Expert-parallel size the checkpoint was saved with.
+    pub ep_saved: u64,
+    /// Softmax over all experts before the top-k (Megatron's `moe_router_pre_softmax`), i.e. no renormalising.
+    pub pre_softmax: bool,
 }
 
 /// Where the layout is read from: the ranks' tensors, their `args`, the base model, and the grid they form.
@@ -45,8 +67,8 @@ pub(super) struct LayoutSource<'a> {
     pub args: Option<&'a Args>,
     /// The base model, when given.
     pub base: Option<&'a BaseModel<'a>>,
-    /// The (TP, PP) grid the checkpoint was saved from.
-    pub grid: (u64, u64),
+    /// The (TP, PP, EP) grid the checkpoint was saved from (EP 1 when the experts are global, as in torch_dist).
+    pub grid: (u64, u64, u64),
     /// What messages about the checkpoint name.
     pub file: &'a str,
 }
@@ -99,8 +121,35 @@ pub(super) fn derive_layout(src: &LayoutSource) -> Result<Layout> {
     Ok(layout)
 }
 
+/// Whether any rank holds a router: the checkpoint has Mixture-of-Experts layers.
+fn has_router(src: &LayoutSource) -> bool {
+    let router = |k: &String| k.starts_with("decoder.layers.") && k.ends_with(".mlp.router.weight");
+    src.ranks.iter().any(|r| r.chunks.iter().any(|m| m.keys().any(router)))
+}
+
+fn read_moe(src: &LayoutSource) -> Result<Option<MoeLayout>> {
+    if !has_router(src) {
+        return Ok(None);
+    }
+    let experts = src
+        .arg("num_experts")
+        .or(src.cfg("num_experts"))
+        .or(src.cfg("num_local_experts"))
+        .or(src.cfg("n_routed_experts"))
+        .ok_or_else(|| src.missing("num_experts"))?;
+    let topk = src.arg("moe_router_topk").or(src.cfg("num_experts_per_tok")).unwrap_or(0);
+    let ffn = src
+        .arg("moe_ffn_hidden_size")
+        .or(src.arg("ffn_hidden_size"))
+        .ok_or_else(|| src.missing("moe_ffn_hidden_size"))?;
+    let shared_ffn = src.arg("moe_shared_expert_intermediate_size").unwrap_or(0);
+    let ep_saved = src.arg("expert_model_parallel_size").unwrap_or(src.grid.2);
+    let pre_softmax = src.flag("moe_router_pre_softmax").unwrap_or(false);
+    Ok(Some(MoeLayout { experts, topk, ffn, shared_ffn, ep: src.grid.2, ep_saved, pre_softmax }))
+}
+
 fn read_layout(src: &LayoutSource) -> Result<Layout> {
-    let (tp, pp) = src.grid;
+    let (tp, pp, _) = src.grid;
     let hidden = src.arg("hidden_size").or(src.cfg("hidden_size")).ok_or_else(|| src.missing("hidden_size"))?;
     let heads = src
         .arg("num_attention_heads")
@@ -141,6 +190,7 @@ fn read_layout(src: &LayoutSource) -> Result<Layout> {
         tied,
         tp,
         pp,
+        moe: read_moe(src)?,
     })
 }
 
@@ -153,11 +203,42 @@ fn check_grid(src: &LayoutSource, l: &Layout) -> Result<()> {
             return Err(bad(format!("args say {k} = {want} but the folder holds a grid of {have}")).in_file(src.file));
         }
     }
+    if let Some(m) = &l.moe {
+        check_moe_grid(src, m, l.tp)?;
+    }
     let (heads, groups, ffn, tp) = (l.heads, l.groups, l.ffn, l.tp);
     // Fewer groups than TP ranks is megatron-core's TP > query groups: each group then spans tp / groups ranks.
     let groups_fit = groups > 0 && (groups % tp == 0 || tp % groups == 0);
     if heads == 0 || !groups_fit || heads % groups != 0 || heads % tp != 0 || ffn % tp != 0 || l.kv_channels == 0 {
         return Err(bad(format!("inconsistent layout: {heads} heads, {groups} query groups, ffn {ffn}, TP {tp}"))
+            .in_file(src.file));
+    }
+    Ok(())
+}
+
+/// The experts split evenly over the expert-parallel ranks, with tensor parallelism inside them equal to TP.
+fn check_moe_grid(src: &LayoutSource, m: &MoeLayout, tp: u64) -> Result<()> {
+    if src.grid.2 > 1 && m.ep_saved != src.grid.2 {
+        let msg =
+            format!("args say expert_model_parallel_size = {} but the folder holds {} EP ranks", m.ep_saved, m.ep);
+        return Err(bad(msg).in_file(src.file));
+    }
+    if let Some(etp) = src.arg("expert_tensor_parallel_size")
+        && etp != tp
+    {
+        return Err(Error::new(ErrorKind::Unsupported(format!(
+            "expert_tensor_parallel_size = {etp} differs from tensor_model_parallel_size = {tp}: not supported yet"
+        )))
+        .in_file(src.file));
+    }
+    if m.experts == 0
+        || m.ep == 0
+        || !m.experts.is_multiple_of(m.ep)
+        || !m.ffn.is_multiple_of(tp)
+        || !m.shared_ffn.is_multiple_of(tp)
+    {
+        let (e, ep, f) = (m.experts, m.ep, m.ffn);
+        return Err(bad(format!("inconsistent MoE layout: {e} experts over EP {ep}, expert ffn {f}, TP {tp}"))
             .in_file(src.file));
     }
     Ok(())
@@ -218,6 +299,19 @@ pub(super) fn check_family(src: &LayoutSource, l: &Layout, fam: &Family) -> Resu
         ))
         .in_file(src.file));
     }
+    match (&l.moe, &fam.moe) {
+        (Some(m), Some(names)) => check_moe_base(src, m, names)?,
+        (None, None) => {}
+        (m, _) => {
+            return Err(Error::new(ErrorKind::Unsupported(format!(
+                "the checkpoint {} Mixture-of-Experts layers (mlp.router), the {} model {} experts",
+                has(m.is_some()),
+                fam.name,
+                if m.is_some() { "has no" } else { "has" }
+            )))
+            .in_file(src.file));
+        }
+    }
     if let Some(b) = src.base
         && b.flag("tie_word_embeddings").is_none()
         && fam.tied_default != l.tied
@@ -226,6 +320,41 @@ pub(super) fn check_family(src: &LayoutSource, l: &Layout, fam: &Family) -> Resu
             "tied embeddings (the config leaves it to its default)",
             l.tied as u64,
             fam.tied_default as u64,
+        ));
+    }
+    Ok(())
+}
+
+/// The base config has the checkpoint's experts, top-k, expert sizes and routing.
+fn check_moe_base(src: &LayoutSource, m: &MoeLayout, names: &MoeNames) -> Result<()> {
+    let Some(base) = src.base else { return Ok(()) };
+    for (what, ckpt, key) in [
+        ("num_experts", m.experts, names.experts_key),
+        ("moe_router_topk", m.topk, "num_experts_per_tok"),
+        ("moe_ffn_hidden_size", m.ffn, names.expert_ffn_key),
+    ] {
+        if let Some(hf) = base.int(key)
+            && hf != ckpt
+            && ckpt != 0
+        {
+            return Err(src.mismatch(what, ckpt, hf));
+        }
+    }
+    if names.shared.is_some() {
+        let hf = base.int("shared_expert_intermediate_size").unwrap_or(0);
+        if hf != m.shared_ffn {
+            return Err(src.mismatch("moe_shared_expert_intermediate_size", m.shared_ffn, hf));
+        }
+    }
+    // Megatron renormalises the top-k weights unless it takes the softmax over all experts first.
+    let norm = names.norm_topk.or(base.flag("norm_topk_prob"));
+    if let Some(norm) = norm
+        && norm == m.pre_softmax
+    {
+        return Err(src.mismatch(
+            "moe_router_pre_softmax (a softmax over all experts, no renormalising; norm_topk_prob is its opposite)",
+            m.pre_softmax as u64,
+            !norm as u64,
         ));
     }
     Ok(())

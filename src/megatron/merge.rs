@@ -5,7 +5,7 @@
 //! replicated tensors must match across tensor-parallel ranks. Nothing here depends on which family it is.
 
 use super::family::{self, Family};
-use super::layout::{Layout, LayoutSource, check_family, derive_layout};
+use super::layout::{Layout, LayoutSource, MoeLayout, check_family, derive_layout};
 use super::{Args, FC1_GATE, FC1_UP, RankModel, bad};
 use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result, tensor_err};
@@ -26,8 +26,8 @@ pub(super) struct Checkpoint {
     pub args: Option<Args>,
     /// The file `args` were read from (rank 0's, or torch_dist's common.pt): what messages about them name.
     pub args_file: String,
-    /// The (TP, PP) grid the checkpoint was saved from.
-    pub grid: (u64, u64),
+    /// The (TP, PP, EP) grid of `ranks` (EP 1 when the experts are numbered globally, as in torch_dist).
+    pub grid: (u64, u64, u64),
     /// How many pipeline stages `ranks` are split into: the grid's PP for rank files, 1 when the layers are
     /// already numbered globally (torch_dist).
     pub stages: u64,
@@ -61,8 +61,9 @@ struct Out {
 struct Merge<'a> {
     inputs: &'a [Input],
     ranks: &'a [RankModel],
-    /// Index into `ranks` by (stage, tensor-parallel rank), built once so every key costs a hash lookup.
-    at: HashMap<(u64, u64), usize>,
+    /// Index into `ranks` by (stage, tensor-parallel rank, expert-parallel rank), built once so every key costs a
+    /// hash lookup.
+    at: HashMap<(u64, u64, u64), usize>,
     tp: u64,
     stages: u64,
     chunks_per_stage: usize,
@@ -70,8 +71,8 @@ struct Merge<'a> {
     fam: &'static Family,
     /// Whether q/k/v biases must be present or absent, and why (`None`: either).
     bias_rule: Option<(bool, String)>,
-    /// (stage, chunk, key) of every Megatron tensor given a place.
-    used: HashSet<(u64, usize, String)>,
+    /// (stage, expert-parallel rank, chunk, key) of every Megatron tensor given a place.
+    used: HashSet<(u64, u64, usize, String)>,
     outs: Vec<Out>,
     /// Tensors replicated across tensor-parallel ranks, checked equal at the end.
     replicated: Vec<(String, Vec<StridedView>)>,
@@ -89,7 +90,7 @@ pub(super) fn plan_ranks(
     // Without a base model (inspect only) the family is guessed from the layout and nothing is trimmed.
     let fam = match base {
         Some(b) => family::by_model_type(b)?,
-        None => family::by_flags(layout.qkv_bias, layout.qk_norm),
+        None => family::by_flags(layout.qkv_bias, layout.qk_norm, layout.moe.is_some()),
     };
     check_family(&src, &layout, fam)?;
     let vocab = base.and_then(|b| b.int("vocab_size")).unwrap_or(layout.padded_vocab);
@@ -152,7 +153,7 @@ impl<'a> Merge<'a> {
         Merge {
             inputs: &ck.inputs,
             ranks: &ck.ranks,
-            at: ck.ranks.iter().enumerate().map(|(i, r)| ((r.pp, r.tp), i)).collect(),
+            at: ck.ranks.iter().enumerate().map(|(i, r)| ((r.pp, r.tp, r.ep), i)).collect(),
             tp: ck.grid.0,
             stages: ck.stages,
             chunks_per_stage: ck.ranks.iter().map(|r| r.chunks.len()).max().unwrap_or(1),
@@ -165,14 +166,20 @@ impl<'a> Merge<'a> {
         }
     }
 
-    /// Every tensor-parallel rank's `key` in one chunk of one stage, marked used; `None` if a rank lacks it.
+    /// Every tensor-parallel rank's `key` in one chunk of one stage, marked used; `None` if a rank lacks it. Dense
+    /// tensors are read from expert-parallel rank 0 (the other EP ranks hold data-parallel copies of them).
     fn parts(&mut self, stage: u64, chunk: usize, key: &str) -> Option<Vec<StridedView>> {
+        self.parts_ep(stage, 0, chunk, key)
+    }
+
+    /// [`Merge::parts`] on expert-parallel rank `ep`.
+    fn parts_ep(&mut self, stage: u64, ep: u64, chunk: usize, key: &str) -> Option<Vec<StridedView>> {
         let mut out = Vec::with_capacity(self.tp as usize);
         for t in 0..self.tp {
-            let r = self.ranks.get(*self.at.get(&(stage, t))?)?;
+            let r = self.ranks.get(*self.at.get(&(stage, t, ep))?)?;
             out.push(r.chunks.get(chunk)?.get(key)?.clone());
         }
-        self.used.insert((stage, chunk, key.to_string()));
+        self.used.insert((stage, ep, chunk, key.to_string()));
         Some(out)
     }
 
@@ -196,7 +203,7 @@ impl<'a> Merge<'a> {
     /// The first (stage, chunk) whose tensor-parallel rank 0 holds `key`.
     fn find_stage(&self, key: &str) -> Option<(u64, usize)> {
         (0..self.stages).flat_map(|s| (0..self.chunks_per_stage).map(move |v| (s, v))).find(|&(s, v)| {
-            let r = self.at.get(&(s, 0)).and_then(|&i| self.ranks.get(i));
+            let r = self.at.get(&(s, 0, 0)).and_then(|&i| self.ranks.get(i));
             r.is_some_and(|r| r.chunks.get(v).is_some_and(|m| m.contains_key(key)))
         })
     }
@@ -218,7 +225,7 @@ impl<'a> Merge<'a> {
         let mut homes = Vec::new();
         for chunk in 0..self.chunks_per_stage {
             for stage in 0..self.stages {
-                let r0 = self.at.get(&(stage, 0)).and_then(|&i| self.ranks.get(i));
+                let r0 = self.at.get(&(stage, 0, 0)).and_then(|&i| self.ranks.get(i));
                 let r0 = r0.ok_or_else(|| bad("rank grid hole"))?;
                 let Some(map) = r0.chunks.get(chunk) else { continue };
                 let mut locals: Vec<u64> = map
@@ -280,30 +287,177 @@ impl<'a> Merge<'a> {
         self.push_row_parallel(self.hf(g, names.o_proj), &proj)
     }
 
-    /// fc1 as gate and up (or, ungated, as itself), and fc2 as the down projection.
+    /// fc1 as gate and up (or, ungated, as itself), and fc2 as the down projection; or, in a layer with a
+    /// router, the Mixture-of-Experts block.
     fn mlp(&mut self, g: usize, h: LayerHome) -> Result<()> {
+        if self.layout.moe.is_some() && self.parts(h.stage, h.chunk, &h.key("mlp.router.weight")).is_some() {
+            return self.moe(g, h);
+        }
         let names = self.fam.names;
-        let fc1_name = self.hf(g, "mlp.linear_fc1");
+        let pieces = self.fc1(g, h, 0, "mlp")?;
+        self.place(pieces, g, names.gate_up, "")?;
+        let fc2 = self.layer_part(h, "mlp.linear_fc2.weight")?;
+        self.push_row_parallel(self.hf(g, names.down), &fc2)
+    }
+
+    /// The fc1 of the MLP at `module` (`mlp`, `mlp.shared_experts`, `mlp.experts.local_experts.J`) on
+    /// expert-parallel rank `ep`, as gate and up (or, ungated, as itself), unnamed.
+    fn fc1(&mut self, g: usize, h: LayerHome, ep: u64, module: &str) -> Result<Vec<Out>> {
+        let fc1_name = self.hf(g, &format!("{module}.linear_fc1"));
+        let key = h.key(&format!("{module}.linear_fc1.weight"));
         // Rank files hold each rank's [gate_r; up_r]; torch_dist stores the halves apart (see load_dist).
-        let pieces = match self.parts(h.stage, h.chunk, &h.key("mlp.linear_fc1.weight")) {
+        Ok(match self.parts_ep(h.stage, ep, h.chunk, &key) {
             Some(fc1) if self.layout.swiglu => gate_up(fc1_halves(self.inputs, &fc1_name, &fc1)?),
             Some(fc1) => {
                 let (shape, chunks) = concat(self.inputs, &fc1_name, &fc1, 0)?;
                 vec![Out { name: fc1_name, shape, dtype: fc1[0].dtype, chunks }]
             }
             None => {
-                let gate = self.parts(h.stage, h.chunk, &h.key(FC1_GATE));
-                let up = self.parts(h.stage, h.chunk, &h.key(FC1_UP));
+                let gate = self.parts_ep(h.stage, ep, h.chunk, &h.key(&format!("{module}.{FC1_GATE}")));
+                let up = self.parts_ep(h.stage, ep, h.chunk, &h.key(&format!("{module}.{FC1_UP}")));
                 let (Some(gate), Some(up)) = (gate, up) else {
-                    let key = h.key("mlp.linear_fc1.weight");
-                    return Err(bad(format!("tensor '{key}' is missing on some rank")));
+                    return Err(self.missing(&key, ep));
                 };
                 gate_up((gate, up))
             }
+        })
+    }
+
+    /// A tensor no rank of expert-parallel rank `ep` holds.
+    fn missing(&self, key: &str, ep: u64) -> Error {
+        match self.layout.moe.as_ref().map_or(1, |m| m.ep) {
+            1 => bad(format!("tensor '{key}' is missing on some rank")),
+            _ => bad(format!("tensor '{key}' is missing on some rank of expert-parallel rank {ep}")),
+        }
+    }
+
+    /// A Mixture-of-Experts block: the router, every expert of every expert-parallel rank (numbered globally:
+    /// `ep * experts / EP + local`), and the shared expert and its gate.
+    fn moe(&mut self, g: usize, h: LayerHome) -> Result<()> {
+        let (Some(m), Some(names)) = (self.layout.moe.clone(), self.fam.moe) else {
+            return Err(bad("a Mixture-of-Experts layer in a dense model"));
         };
-        self.place(pieces, g, names.gate_up, "")?;
-        let fc2 = self.layer_part(h, "mlp.linear_fc2.weight")?;
-        self.push_row_parallel(self.hf(g, names.down), &fc2)
+        let router = self.layer_part(h, "mlp.router.weight")?;
+        self.replicated(h.key("mlp.router.weight"), router, self.hf(g, names.router));
+        if let (Some(name), Some(bias)) =
+            (names.router_bias, self.parts(h.stage, h.chunk, &h.key("mlp.router.expert_bias")))
+        {
+            self.replicated(h.key("mlp.router.expert_bias"), bias, self.hf(g, name));
+        }
+        let local = m.experts / m.ep;
+        for ep in 0..m.ep {
+            self.check_expert_count(h, ep, local, &m)?;
+            let grouped = self.parts_ep(h.stage, ep, h.chunk, &h.key("mlp.experts.weight1"));
+            for j in 0..local {
+                let e = ep * local + j;
+                let hf = names.expert.map(|n| self.hf(g, &format!("{}.{e}.{n}", names.experts)));
+                let (gate_up, down) = match &grouped {
+                    Some(w1) => self.grouped_expert(h, ep, j, local, w1)?,
+                    None => {
+                        let module = format!("mlp.experts.local_experts.{j}");
+                        let pieces = self.fc1(g, h, ep, &module)?;
+                        let key = h.key(&format!("{module}.linear_fc2.weight"));
+                        let fc2 = self.parts_ep(h.stage, ep, h.chunk, &key).ok_or_else(|| self.missing(&key, ep))?;
+                        (pieces, fc2)
+                    }
+                };
+                let [gate, up] = <[Out; 2]>::try_from(gate_up).map_err(|_| bad("an ungated expert MLP"))?;
+                let [gate_name, up_name, down_name] = hf;
+                self.check_expert_shape(&gate_name, &gate.shape, [m.ffn, self.layout.hidden], h, ep)?;
+                self.outs.push(Out { name: gate_name, ..gate });
+                self.outs.push(Out { name: up_name, ..up });
+                self.push_row_parallel(down_name, &down)?;
+            }
+        }
+        if let Some(shared) = names.shared {
+            let module = "mlp.shared_experts";
+            if self.layer_has(h, &format!("{module}.linear_fc1.weight"))
+                || self.layer_has(h, &format!("{module}.{FC1_GATE}"))
+            {
+                let pieces = self.fc1(g, h, 0, module)?;
+                let [gate, up] = <[Out; 2]>::try_from(pieces).map_err(|_| bad("an ungated shared expert"))?;
+                let [gate_name, up_name, down_name] = shared.map(|n| self.hf(g, n));
+                self.check_expert_shape(&gate_name, &gate.shape, [m.shared_ffn, self.layout.hidden], h, 0)?;
+                self.outs.push(Out { name: gate_name, ..gate });
+                self.outs.push(Out { name: up_name, ..up });
+                let fc2 = self.layer_part(h, &format!("{module}.linear_fc2.weight"))?;
+                self.push_row_parallel(down_name, &fc2)?;
+            }
+        }
+        if let (Some(name), Some(gate)) =
+            (names.shared_gate, self.parts(h.stage, h.chunk, &h.key("mlp.shared_experts.gate_weight")))
+        {
+            self.replicated(h.key("mlp.shared_experts.gate_weight"), gate, self.hf(g, name));
+        }
+        Ok(())
+    }
+
+    /// An expert's gate projection has the shape `args` give it (`[ffn, hidden]`).
+    fn check_expert_shape(&self, name: &str, shape: &[u64], want: [u64; 2], h: LayerHome, ep: u64) -> Result<()> {
+        if shape == want {
+            return Ok(());
+        }
+        let file = self.at.get(&(h.stage, 0, ep)).and_then(|&i| self.ranks.get(i)).map(|r| &self.inputs[r.input].name);
+        let msg = format!("merges to {shape:?}, but args give an expert (gate) projection of {want:?}");
+        Err(ranks_disagree(name, msg).in_file(file.map_or("", |f| f.as_str())))
+    }
+
+    /// Whether tensor-parallel rank 0 of the layer's stage holds `suffix`.
+    fn layer_has(&self, h: LayerHome, suffix: &str) -> bool {
+        let r = self.at.get(&(h.stage, 0, 0)).and_then(|&i| self.ranks.get(i));
+        r.is_some_and(|r| r.chunks.get(h.chunk).is_some_and(|m| m.contains_key(&h.key(suffix))))
+    }
+
+    /// Each rank of expert-parallel rank `ep` holds exactly `local` experts in this layer.
+    fn check_expert_count(&self, h: LayerHome, ep: u64, local: u64, m: &MoeLayout) -> Result<()> {
+        let prefix = h.key("mlp.experts.local_experts.");
+        for t in 0..self.tp {
+            let Some(r) = self.at.get(&(h.stage, t, ep)).and_then(|&i| self.ranks.get(i)) else { continue };
+            let Some(map) = r.chunks.get(h.chunk) else { continue };
+            let mut held: Vec<u64> = map
+                .range(prefix.clone()..)
+                .take_while(|(k, _)| k.starts_with(&prefix))
+                .filter_map(|(k, _)| k[prefix.len()..].split('.').next()?.parse().ok())
+                .collect();
+            held.dedup();
+            held.sort_unstable();
+            held.dedup();
+            if !held.is_empty() && held != (0..local).collect::<Vec<_>>() {
+                let (e, ep_n) = (m.experts, m.ep_saved);
+                return Err(bad(format!(
+                    "layer {} holds local experts {held:?}, but num_experts {e} over expert_model_parallel_size {ep_n} \
+                     is {local} per rank",
+                    h.local
+                ))
+                .in_file(&self.inputs[r.input].name));
+            }
+        }
+        Ok(())
+    }
+
+    /// Expert `j` of the legacy GroupedMLP on expert-parallel rank `ep`: `weight1` `[H, local * 2F/TP]` and
+    /// `weight2` `[local * F/TP, H]` are, in memory, `local` stacked blocks `[H, 2F/TP]` and `[F/TP, H]` (not a
+    /// column or row split), each the transpose of the expert's fc1 and fc2 on that tensor-parallel rank.
+    fn grouped_expert(
+        &mut self,
+        h: LayerHome,
+        ep: u64,
+        j: u64,
+        local: u64,
+        w1: &[StridedView],
+    ) -> Result<(Vec<Out>, Vec<StridedView>)> {
+        let key2 = h.key("mlp.experts.weight2");
+        let w2 = self.parts_ep(h.stage, ep, h.chunk, &key2).ok_or_else(|| self.missing(&key2, ep))?;
+        let key1 = h.key("mlp.experts.weight1");
+        let (hidden, f) = (self.layout.hidden, self.layout.moe.as_ref().map_or(0, |m| m.ffn) / self.tp);
+        let fc1_cols = if self.layout.swiglu { 2 * f } else { f };
+        let (mut fc1, mut fc2) = (Vec::new(), Vec::new());
+        for (a, b) in w1.iter().zip(&w2) {
+            let file = |v: &StridedView| self.inputs[v.input].name.clone();
+            fc1.push(a.block_t(&key1, local, j, (hidden, fc1_cols)).map_err(|e| e.in_file(&file(a)))?);
+            fc2.push(b.block_t(&key2, local, j, (f, hidden)).map_err(|e| e.in_file(&file(b)))?);
+        }
+        Ok((gate_up(fc1_halves(self.inputs, &key1, &fc1)?), fc2))
     }
 
     /// The two norms of a layer: local spec names, or Transformer Engine's fused ones.
@@ -346,16 +500,41 @@ impl<'a> Merge<'a> {
         Ok(())
     }
 
-    /// Everything in the checkpoint must have a place in the output.
+    /// Everything in the checkpoint must have a place in the output. On expert-parallel ranks other than 0, a
+    /// tensor that is not an expert's is a data-parallel copy of EP rank 0's: it must be there, with its shape.
     fn check_all_placed(&self) -> Result<()> {
         for r in self.ranks {
             for (v, map) in r.chunks.iter().enumerate() {
-                if let Some(k) = map.keys().find(|k| !self.used.contains(&(r.pp, v, (*k).clone()))) {
+                for (k, view) in map {
+                    if self.used.contains(&(r.pp, r.ep, v, k.clone())) {
+                        continue;
+                    }
+                    let file = &self.inputs[r.input].name;
+                    let copy_of = (r.ep > 0 && !k.contains(".mlp.experts."))
+                        .then(|| self.at.get(&(r.pp, r.tp, 0)).and_then(|&i| self.ranks.get(i)))
+                        .flatten()
+                        .and_then(|r0| r0.chunks.get(v)?.get(k))
+                        .filter(|_| self.used.contains(&(r.pp, 0, v, k.clone())));
+                    match copy_of {
+                        Some(v0) if v0.shape == view.shape && v0.dtype == view.dtype => continue,
+                        Some(v0) => {
+                            let msg = format!(
+                                "expert-parallel rank {} has shape {:?} {}, rank 0 {:?} {}",
+                                r.ep,
+                                view.shape,
+                                view.dtype.torch_name(),
+                                v0.shape,
+                                v0.dtype.torch_name()
+                            );
+                            return Err(ranks_disagree(k, msg).in_file(file));
+                        }
+                        None => {}
+                    }
                     return Err(bad(format!(
                         "tensor '{k}' has no Hugging Face equivalent for a {} model",
                         self.fam.name
                     ))
-                    .in_file(&self.inputs[r.input].name));
+                    .in_file(file));
                 }
             }
         }
@@ -398,6 +577,18 @@ impl<'a> Merge<'a> {
             l.padded_vocab,
             if l.tied { ", tied embeddings" } else { "" },
             if l.qkv_bias { ", qkv bias" } else { "" },
+        ) + &self.moe_note()
+    }
+
+    /// The Mixture-of-Experts part of the note.
+    fn moe_note(&self) -> String {
+        let Some(m) = &self.layout.moe else { return String::new() };
+        let topk = if m.topk > 0 { format!(" (top-{})", m.topk) } else { String::new() };
+        let shared = if m.shared_ffn > 0 { format!(", shared expert ffn {}", m.shared_ffn) } else { String::new() };
+        let routing = if m.pre_softmax { "softmax over all experts" } else { "top-k renormalised" };
+        format!(
+            "; MoE: {} experts{topk} of ffn {}{shared}, {routing}, saved with EP={} x expert TP={}",
+            m.experts, m.ffn, m.ep_saved, self.layout.tp
         )
     }
 }

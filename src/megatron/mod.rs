@@ -26,10 +26,10 @@ pub use dist::is_dist;
 pub use layout::Layout;
 
 const RANK_FILE: &str = "model_optim_rng.pt";
-/// Keys under which torch_dist's separately stored SwiGLU halves stand in for a rank's fc1 (no Megatron name
-/// ends this way, so they cannot clash with a real key).
-const FC1_GATE: &str = "mlp.linear_fc1.gate";
-const FC1_UP: &str = "mlp.linear_fc1.up";
+/// Key endings under which torch_dist's separately stored SwiGLU halves stand in for a rank's fc1 (dense MLP,
+/// shared experts and experts alike; no Megatron name ends this way, so they cannot clash with a real key).
+const FC1_GATE: &str = "linear_fc1.gate";
+const FC1_UP: &str = "linear_fc1.up";
 
 fn bad(msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::Inconsistent(msg.into()))
@@ -39,16 +39,33 @@ fn show(v: Option<u64>) -> String {
     v.map_or("absent".into(), |v| v.to_string())
 }
 
-/// Parses `mp_rank_TT[_PPP]` into `(tp, pp)`; expert parallelism (a third field) is refused.
-fn parse_rank_dir(name: &str) -> Option<std::result::Result<(u64, u64), String>> {
+/// Parses `mp_rank_TT[_PPP][_EEE]` into its one to three numbers; which of PP and EP a two-number name holds is
+/// for `args` to say (see [`RankNums::place`]).
+fn parse_rank_dir(name: &str) -> Option<std::result::Result<RankNums, String>> {
     let rest = name.strip_prefix("mp_rank_")?;
-    let parts: Vec<&str> = rest.split('_').collect();
-    let num = |s: &str| s.parse::<u64>().ok();
-    Some(match parts.as_slice() {
-        [tp] => num(tp).map(|t| (t, 0)).ok_or_else(|| format!("bad rank folder {name}")),
-        [tp, pp] => num(tp).zip(num(pp)).ok_or_else(|| format!("bad rank folder {name}")),
-        _ => Err(format!("{name}: expert-parallel checkpoints are not supported yet")),
+    let nums: Option<Vec<u64>> = rest.split('_').map(|s| s.parse::<u64>().ok()).collect();
+    Some(match nums {
+        Some(n) if (1..=3).contains(&n.len()) => Ok(RankNums(n)),
+        _ => Err(format!("bad rank folder {name}")),
     })
+}
+
+/// The numbers of a rank folder's name: `[tp]`, `[tp, pp or ep]` or `[tp, pp, ep]`.
+#[derive(Debug, Clone)]
+struct RankNums(Vec<u64>);
+
+impl RankNums {
+    /// `(tp, pp, ep)`: megatron names a folder `mp_rank_TT`, then `_PPP` only when PP > 1, then `_EEE` only when
+    /// EP > 1, so a second number is an EP rank when `args` say EP > 1 and PP = 1, and a PP rank otherwise.
+    fn place(&self, pp: u64, ep: u64) -> (u64, u64, u64) {
+        match self.0.as_slice() {
+            [t] => (*t, 0, 0),
+            [t, e] if ep > 1 && pp <= 1 => (*t, 0, *e),
+            [t, p] => (*t, *p, 0),
+            [t, p, e, ..] => (*t, *p, *e),
+            [] => (0, 0, 0),
+        }
+    }
 }
 
 /// Finds the iteration folder (the one holding `mp_rank_*`, or a torch_dist checkpoint) inside `folder`: the
@@ -137,6 +154,12 @@ impl PartialEq for Args {
 }
 
 const INT_ARGS: &[&str] = &[
+    "num_experts",
+    "expert_model_parallel_size",
+    "expert_tensor_parallel_size",
+    "moe_router_topk",
+    "moe_ffn_hidden_size",
+    "moe_shared_expert_intermediate_size",
     "num_layers",
     "hidden_size",
     "num_attention_heads",
@@ -147,8 +170,15 @@ const INT_ARGS: &[&str] = &[
     "tensor_model_parallel_size",
     "pipeline_model_parallel_size",
 ];
-const BOOL_ARGS: &[&str] =
-    &["swiglu", "add_qkv_bias", "untie_embeddings_and_output_weights", "group_query_attention", "qk_layernorm"];
+const BOOL_ARGS: &[&str] = &[
+    "swiglu",
+    "add_qkv_bias",
+    "untie_embeddings_and_output_weights",
+    "group_query_attention",
+    "qk_layernorm",
+    "moe_router_pre_softmax",
+    "moe_shared_expert_gate",
+];
 
 fn read_args(h: &Heap, ns: Id) -> Args {
     let mut fields = BTreeMap::new();
@@ -188,12 +218,14 @@ impl Args {
 struct RankModel {
     tp: u64,
     pp: u64,
+    /// Expert-parallel rank (0 without expert parallelism, and for torch_dist, whose experts are global).
+    ep: u64,
     input: usize,
     chunks: Vec<BTreeMap<String, StridedView>>,
     args: Option<Args>,
 }
 
-fn load_rank(folder: &dyn Folder, rel: &str, tp: u64, pp: u64, idx: usize) -> Result<(Input, RankModel)> {
+fn load_rank(folder: &dyn Folder, rel: &str, (tp, pp, ep): (u64, u64, u64), idx: usize) -> Result<(Input, RankModel)> {
     let mut input = folder.open(rel)?;
     let file = TorchFile::open(&mut input)?;
     let h = &file.heap;
@@ -226,7 +258,7 @@ fn load_rank(folder: &dyn Folder, rel: &str, tp: u64, pp: u64, idx: usize) -> Re
         }
         chunks.push(map);
     }
-    Ok((input, RankModel { tp, pp, input: idx, chunks, args }))
+    Ok((input, RankModel { tp, pp, ep, input: idx, chunks, args }))
 }
 
 /// Plans the Megatron checkpoint at `dir` inside `folder`, as the HF model of `base`.
@@ -240,15 +272,16 @@ pub fn plan_megatron(
         let d = dist::load_dist(folder, dir)?;
         let format = format!("Megatron-LM torch_dist checkpoint ({} .distcp file(s) used)", d.files);
         let args_file = d.args_file;
-        Checkpoint { inputs: d.inputs, ranks: d.ranks, args: d.args, args_file, grid: (d.tp, d.pp), stages: 1, format }
+        let grid = (d.tp, d.pp, 1);
+        Checkpoint { inputs: d.inputs, ranks: d.ranks, args: d.args, args_file, grid, stages: 1, format }
     } else {
         load_rank_files(folder, dir)?
     };
     merge::plan_ranks(folder, ck, base, opts)
 }
 
-/// The `mp_rank_*/model_optim_rng.pt` files under `dir` as (tp, pp, path), sorted by stage then rank.
-fn rank_files(folder: &dyn Folder, dir: &str) -> Result<Vec<(u64, u64, String)>> {
+/// The `mp_rank_*/model_optim_rng.pt` files under `dir` as (numbers of the folder name, path), sorted by path.
+fn rank_files(folder: &dyn Folder, dir: &str) -> Result<Vec<(RankNums, String)>> {
     let prefix = if dir.is_empty() { String::new() } else { format!("{dir}/") };
     let mut grid = Vec::new();
     for f in folder.files() {
@@ -257,37 +290,50 @@ fn rank_files(folder: &dyn Folder, dir: &str) -> Result<Vec<(u64, u64, String)>>
             continue;
         }
         if let Some(parsed) = parse_rank_dir(d) {
-            let (tp, pp) = parsed.map_err(|m| Error::new(ErrorKind::Unsupported(m)).in_file(folder.name()))?;
-            grid.push((tp, pp, f.clone()));
+            let nums = parsed.map_err(|m| bad(m).in_file(folder.name()))?;
+            grid.push((nums, f.clone()));
         }
     }
-    grid.sort_by_key(|g| (g.1, g.0));
+    grid.sort_by(|a, b| a.1.cmp(&b.1));
     Ok(grid)
 }
 
 /// Reads every rank file of the legacy checkpoint at `dir`, checking that the grid is complete and that the
 /// ranks agree about `args`.
 fn load_rank_files(folder: &dyn Folder, dir: &str) -> Result<Checkpoint> {
-    let grid = rank_files(folder, dir)?;
-    let mut tp = grid.iter().map(|g| g.0).max().map_or(0, |m| m + 1);
-    let mut pp = grid.iter().map(|g| g.1).max().map_or(0, |m| m + 1);
-    if tp == 0 || tp * pp > 4096 {
-        return Err(bad(format!("no usable mp_rank_* grid in {dir}")).in_file(folder.name()));
-    }
-    // The first rank's args say how big the grid should be, so a missing last rank is named as such.
-    let Some((t0, s0, rel0)) = grid.first() else {
+    let found = rank_files(folder, dir)?;
+    // The first rank's args say how big the grid should be (and whether `mp_rank_TT_NNN` counts PP or EP ranks),
+    // so a missing last rank is named as such.
+    let Some((nums0, rel0)) = found.first() else {
         return Err(bad(format!("no mp_rank_* folders in {dir}")).in_file(folder.name()));
     };
-    let (input0, rank0) = load_rank(folder, rel0, *t0, *s0, 0)?;
-    if let Some(a) = &rank0.args {
-        tp = tp.max(a.get("tensor_model_parallel_size").unwrap_or(0).min(4096));
-        pp = pp.max(a.get("pipeline_model_parallel_size").unwrap_or(0).min(4096));
+    let (input0, mut rank0) = load_rank(folder, rel0, nums0.place(1, 1), 0)?;
+    let arg = |k: &str| rank0.args.as_ref().and_then(|a| a.get(k)).unwrap_or(0).min(4096);
+    let (pp_arg, ep_arg) = (arg("pipeline_model_parallel_size"), arg("expert_model_parallel_size"));
+    if nums0.0.len() == 2 && pp_arg > 1 && ep_arg > 1 {
+        let msg = format!("args say PP = {pp_arg} and EP = {ep_arg}, but rank folders have two numbers, not three");
+        return Err(bad(msg).in_file(&input0.name));
     }
-    check_grid_complete(folder, dir, &grid, (tp, pp))?;
+    let mut grid: Vec<((u64, u64, u64), String)> =
+        found.iter().map(|(n, rel)| (n.place(pp_arg, ep_arg), rel.clone())).collect();
+    grid.sort_by_key(|g| (g.0.1, g.0.2, g.0.0));
+    let dims = |f: fn(&(u64, u64, u64)) -> u64| grid.iter().map(|g| f(&g.0)).max().map_or(0, |m| m + 1);
+    let tp = dims(|g| g.0).max(arg("tensor_model_parallel_size"));
+    let pp = dims(|g| g.1).max(pp_arg);
+    let ep = dims(|g| g.2).max(ep_arg);
+    if tp == 0 || tp * pp * ep > 4096 {
+        return Err(bad(format!("no usable mp_rank_* grid in {dir}")).in_file(folder.name()));
+    }
+    check_grid_complete(folder, dir, &grid, (tp, pp, ep))?;
+    // Complete, so the grid's first entry, (0, 0, 0), is the rank already read.
+    (rank0.tp, rank0.pp, rank0.ep) = (0, 0, 0);
+    if grid.first().is_none_or(|g| g.1 != *rel0) {
+        return Err(bad(format!("{rel0} is not rank (0, 0, 0) of the grid")).in_file(folder.name()));
+    }
     let mut inputs = vec![input0];
     let mut ranks = vec![rank0];
-    for (t, s, rel) in &grid[1..] {
-        let (input, m) = load_rank(folder, rel, *t, *s, inputs.len())?;
+    for (at, rel) in grid.iter().skip(1) {
+        let (input, m) = load_rank(folder, rel, *at, inputs.len())?;
         inputs.push(input);
         ranks.push(m);
     }
@@ -295,24 +341,40 @@ fn load_rank_files(folder: &dyn Folder, dir: &str) -> Result<Checkpoint> {
     let format = format!("Megatron-LM checkpoint ({} rank files)", inputs.len());
     // The ranks agree on args, so rank 0's file stands for them.
     let args_file = inputs.first().map(|i| i.name.clone()).unwrap_or_default();
-    Ok(Checkpoint { inputs, ranks, args, args_file, grid: (tp, pp), stages: pp, format })
+    Ok(Checkpoint { inputs, ranks, args, args_file, grid: (tp, pp, ep), stages: pp, format })
 }
 
-/// Every (tp, pp) of the grid has its rank file.
+/// Every (tp, pp, ep) of the grid has its rank file.
 fn check_grid_complete(
     folder: &dyn Folder,
     dir: &str,
-    grid: &[(u64, u64, String)],
-    (tp, pp): (u64, u64),
+    grid: &[((u64, u64, u64), String)],
+    (tp, pp, ep): (u64, u64, u64),
 ) -> Result<()> {
-    let have: HashSet<(u64, u64)> = grid.iter().map(|g| (g.0, g.1)).collect();
-    let multi_pp = pp > 1 || grid.iter().any(|g| g.2.contains(&format!("mp_rank_{:02}_", g.0)));
+    let mut have = HashSet::new();
+    for (at, rel) in grid {
+        if !have.insert(*at) {
+            let msg = format!("two rank folders hold rank (TP, PP, EP) = {at:?}; {rel} is one of them");
+            return Err(bad(msg).in_file(folder.name()));
+        }
+    }
+    let multi_pp = pp > 1 || grid.iter().any(|g| g.1.contains(&format!("mp_rank_{:02}_", g.0.0)));
     let prefix = if dir.is_empty() { String::new() } else { format!("{dir}/") };
     for s in 0..pp {
-        for t in 0..tp {
-            if !have.contains(&(t, s)) {
-                let want = if multi_pp { format!("mp_rank_{t:02}_{s:03}") } else { format!("mp_rank_{t:02}") };
-                let msg = format!("the rank grid is {tp}x{pp} (TP x PP) but {prefix}{want}/{RANK_FILE} is missing");
+        for e in 0..ep {
+            for t in 0..tp {
+                if have.contains(&(t, s, e)) {
+                    continue;
+                }
+                let mut want = format!("mp_rank_{t:02}");
+                if multi_pp && (pp > 1 || ep == 1) {
+                    want += &format!("_{s:03}");
+                }
+                if ep > 1 {
+                    want += &format!("_{e:03}");
+                }
+                let msg =
+                    format!("the rank grid is {tp}x{pp}x{ep} (TP x PP x EP) but {prefix}{want}/{RANK_FILE} is missing");
                 return Err(bad(msg).in_file(folder.name()));
             }
         }

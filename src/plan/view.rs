@@ -106,6 +106,20 @@ impl StridedView {
         )
     }
 
+    /// Block `j` of `n` stacked `[rows, cols]` blocks of a contiguous view's elements, transposed to
+    /// `[cols, rows]` (how Megatron's legacy GroupedMLP stacks its experts' weights).
+    pub fn block_t(&self, name: &str, n: u64, j: u64, (rows, cols): (u64, u64)) -> Result<StridedView> {
+        let per = rows.checked_mul(cols).unwrap_or(0);
+        if !self.contiguous || j >= n || per == 0 || per.checked_mul(n) != Some(self.numel) {
+            let msg = format!("{:?} is not {n} stacked blocks of [{rows}, {cols}]", self.shape);
+            return Err(tensor_err(name, msg));
+        }
+        let offset = j.checked_mul(per).and_then(|x| x.checked_add(self.offset));
+        let offset = offset.ok_or_else(|| tensor_err(name, "block offset overflows"))?;
+        let (shape, strides) = (vec![cols, rows], vec![1, cols]);
+        StridedView::new(name, self.input, self.data_start, self.storage_bytes, self.dtype, offset, shape, strides, 2)
+    }
+
     /// The sub-view of rows `[a, b)` of dimension 0.
     pub fn rows(&self, name: &str, a: u64, b: u64) -> Result<StridedView> {
         let Some(&n) = self.shape.first() else {
