@@ -303,8 +303,14 @@ impl<'a> Merge<'a> {
     /// The fc1 of the MLP at `module` (`mlp`, `mlp.shared_experts`, `mlp.experts.local_experts.J`) on
     /// expert-parallel rank `ep`, as gate and up (or, ungated, as itself), unnamed.
     fn fc1(&mut self, g: usize, h: LayerHome, ep: u64, module: &str) -> Result<Vec<Out>> {
-        let fc1_name = self.hf(g, &format!("{module}.linear_fc1"));
-        let key = h.key(&format!("{module}.linear_fc1.weight"));
+        self.fc1_key(g, h, ep, &format!("{module}.linear_fc1.weight"))
+    }
+
+    /// [`Merge::fc1`] of the weight `suffix` (or, when it ends in `linear_fc1.weight`, of its torch_dist halves).
+    fn fc1_key(&mut self, g: usize, h: LayerHome, ep: u64, suffix: &str) -> Result<Vec<Out>> {
+        let fc1_name = self.hf(g, suffix);
+        let module = suffix.strip_suffix(".linear_fc1.weight").unwrap_or(suffix);
+        let key = h.key(suffix);
         // Rank files hold each rank's [gate_r; up_r]; torch_dist stores the halves apart (see load_dist).
         Ok(match self.parts_ep(h.stage, ep, h.chunk, &key) {
             Some(fc1) if self.layout.swiglu => gate_up(fc1_halves(self.inputs, &fc1_name, &fc1)?),
@@ -353,6 +359,15 @@ impl<'a> Merge<'a> {
                 let hf = names.expert.map(|n| self.hf(g, &format!("{}.{e}.{n}", names.experts)));
                 let (gate_up, down) = match &grouped {
                     Some(w1) => self.grouped_expert(h, ep, j, local, w1)?,
+                    // Transformer Engine's TEGroupedMLP: one GroupedLinear per fc whose parameters are weight0..
+                    // (megatron/core/extensions/transformer_engine.py, _sharded_state_dict_grouped), each laid
+                    // out as SequentialMLP's expert is on that rank.
+                    None if self.layer_has_ep(h, ep, "mlp.experts.linear_fc1.weight0") => {
+                        let pieces = self.fc1_key(g, h, ep, &format!("mlp.experts.linear_fc1.weight{j}"))?;
+                        let key = h.key(&format!("mlp.experts.linear_fc2.weight{j}"));
+                        let fc2 = self.parts_ep(h.stage, ep, h.chunk, &key).ok_or_else(|| self.missing(&key, ep))?;
+                        (pieces, fc2)
+                    }
                     None => {
                         let module = format!("mlp.experts.local_experts.{j}");
                         let pieces = self.fc1(g, h, ep, &module)?;
@@ -404,22 +419,30 @@ impl<'a> Merge<'a> {
 
     /// Whether tensor-parallel rank 0 of the layer's stage holds `suffix`.
     fn layer_has(&self, h: LayerHome, suffix: &str) -> bool {
-        let r = self.at.get(&(h.stage, 0, 0)).and_then(|&i| self.ranks.get(i));
+        self.layer_has_ep(h, 0, suffix)
+    }
+
+    /// Whether tensor-parallel rank 0 of expert-parallel rank `ep` in the layer's stage holds `suffix`.
+    fn layer_has_ep(&self, h: LayerHome, ep: u64, suffix: &str) -> bool {
+        let r = self.at.get(&(h.stage, 0, ep)).and_then(|&i| self.ranks.get(i));
         r.is_some_and(|r| r.chunks.get(h.chunk).is_some_and(|m| m.contains_key(&h.key(suffix))))
     }
 
     /// Each rank of expert-parallel rank `ep` holds exactly `local` experts in this layer.
     fn check_expert_count(&self, h: LayerHome, ep: u64, local: u64, m: &MoeLayout) -> Result<()> {
-        let prefix = h.key("mlp.experts.local_experts.");
+        // SequentialMLP's `local_experts.J.` and TEGroupedMLP's `linear_fc1.weightJ` / `linear_fc2.weightJ`.
+        let prefixes = ["mlp.experts.local_experts.", "mlp.experts.linear_fc1.weight", "mlp.experts.linear_fc2.weight"];
         for t in 0..self.tp {
             let Some(r) = self.at.get(&(h.stage, t, ep)).and_then(|&i| self.ranks.get(i)) else { continue };
             let Some(map) = r.chunks.get(h.chunk) else { continue };
-            let mut held: Vec<u64> = map
-                .range(prefix.clone()..)
-                .take_while(|(k, _)| k.starts_with(&prefix))
-                .filter_map(|(k, _)| k[prefix.len()..].split('.').next()?.parse().ok())
-                .collect();
-            held.dedup();
+            let mut held: Vec<u64> = Vec::new();
+            for prefix in prefixes.map(|p| h.key(p)) {
+                let numbers = map
+                    .range(prefix.clone()..)
+                    .take_while(|(k, _)| k.starts_with(&prefix))
+                    .filter_map(|(k, _)| k[prefix.len()..].split('.').next()?.parse::<u64>().ok());
+                held.extend(numbers);
+            }
             held.sort_unstable();
             held.dedup();
             if !held.is_empty() && held != (0..local).collect::<Vec<_>>() {

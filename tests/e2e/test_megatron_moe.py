@@ -216,3 +216,54 @@ def test_expert_size_disagrees_with_args(binary, tmp_path, case, needle):
     cfg = json.loads((d / "base_hf" / "config.json").read_text())
     (d / "base_hf" / "config.json").write_text(json.dumps(dict(cfg, moe_intermediate_size=8)))
     refused(binary, d, tmp_path, "model_optim_rng.pt", needle)
+
+
+# --- Transformer Engine's TEGroupedMLP names ----------------------------------------------------------------
+
+def te_grouped_names(sd):
+    """qwen3moe_ep2's rank file as TEGroupedMLP names it: Transformer Engine has no CPU build, so no real
+    megatron-core run on this machine can write it. TE's GroupedLinear registers one parameter per local expert,
+    weight0..weight{E_local-1} (megatron/core/extensions/transformer_engine.py, _sharded_state_dict_grouped reads
+    full_state_dict[f"weight{gemm_idx}"]), each shaped and split over TP as SequentialMLP's expert linear is, plus
+    one `_extra_state` per GroupedLinear (TE's fp8 metadata, a BytesIO)."""
+    import io
+    import re
+
+    model = {}
+    for k, v in sd["model"].items():
+        m = re.match(r"(.*\.mlp\.experts\.)local_experts\.(\d+)\.(linear_fc[12])\.(weight|_extra_state)$", k)
+        if not m:
+            model[k] = v
+        elif m[4] == "weight":
+            model[f"{m[1]}{m[3]}.weight{m[2]}"] = v
+        else:
+            model[f"{m[1]}{m[3]}._extra_state"] = io.BytesIO(b"")
+    sd["model"] = model
+
+
+def test_te_grouped_names_give_the_same_model(binary, converted, tmp_path):
+    d = broken_copy(tmp_path)
+    for rank in ("mp_rank_00_000", "mp_rank_00_001"):
+        edit_rank(d / "actor" / ITER / rank / "model_optim_rng.pt", te_grouped_names)
+    keys = torch.load(d / "actor" / ITER / "mp_rank_00_001" / "model_optim_rng.pt", weights_only=False)["model"]
+    assert "decoder.layers.1.mlp.experts.linear_fc2.weight1" in keys
+    out = tmp_path / "out"
+    r = subprocess.run([binary, "mg2hf", d / "actor", out, d / "base_hf"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    want = converted("qwen3moe_ep2")
+    for p in sorted(want.iterdir()):
+        assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_te_grouped_expert_count_disagrees_with_args(binary, tmp_path):
+    d = broken_copy(tmp_path)
+    path = d / "actor" / ITER / "mp_rank_00_000" / "model_optim_rng.pt"
+
+    def three(sd):
+        te_grouped_names(sd)
+        m = sd["model"]
+        for fc in ("linear_fc1", "linear_fc2"):
+            m[f"decoder.layers.0.mlp.experts.{fc}.weight2"] = m[f"decoder.layers.0.mlp.experts.{fc}.weight1"]
+    edit_rank(path, three)
+    edit_rank(d / "actor" / ITER / "mp_rank_00_001" / "model_optim_rng.pt", te_grouped_names)
+    refused(binary, d, tmp_path, "mp_rank_00_000/model_optim_rng.pt", "local experts [0, 1, 2]")
