@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import manifest  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures"
-PT, DCP, VERL, MG, LORA = (FIXTURES / d for d in ("pt", "dcp", "verl", "megatron", "lora"))
+PT, DCP, VERL, MG, LORA, MOE = (FIXTURES / d for d in ("pt", "dcp", "verl", "megatron", "lora", "megatron_moe"))
 HOSTILE = FIXTURES.parent / "hostile"
 INDEX = "model.safetensors.index.json"
 MiB = 1 << 20
@@ -240,6 +240,11 @@ def same_bytes_cases():
         cases.append(case(f"megatron/{name}", MG / name, ["mg2hf", In("actor"), Out("hf"), In("base_hf")]))
         if mg_manifest[name].get("dist"):  # the same model saved as torch_dist
             cases.append(case(f"megatron/{name}:torch_dist", MG / name, ["mg2hf", In("actor_dist"), Out("hf"), In("base_hf")]))
+    moe_manifest = json.loads((MOE / "manifest.json").read_text()) if (MOE / "manifest.json").exists() else {}
+    for name in sorted(moe_manifest):  # Mixture-of-Experts, split by expert parallelism too
+        cases.append(case(f"megatron_moe/{name}", MOE / name, ["mg2hf", In("actor"), Out("hf"), In("base_hf")]))
+        if moe_manifest[name].get("dist"):
+            cases.append(case(f"megatron_moe/{name}:torch_dist", MOE / name, ["mg2hf", In("actor_dist"), Out("hf"), In("base_hf")]))
     cases.append(case("megatron/qwen2_tp2_pp2:convert-base-shards", MG / "qwen2_tp2_pp2",
                   ["convert", In("actor"), Out("hf"), "--base", In("base_hf"), "--max-shard-size", "100KB"]))
     cases.append(case("megatron/qwen2_tp2:bf16", MG / "qwen2_tp2", ["convert", In("actor"), Out("hf"), "--base", In("base_hf"), "--dtype", "bf16"]))
@@ -348,7 +353,8 @@ def test_same_bytes(tmp_path, c):
 INSPECT = [("pt/qwen2_tiny_full_weights.pt", PT, ["inspect", In("qwen2_tiny_full_weights.pt")]),
            ("dcp/fsdp2_ws2", DCP / "fsdp2_ws2", ["inspect", In("global_step_1/actor/dcp_checkpoint")]),
            ("verl/layouts_ws4", VERL / "layouts_ws4", ["inspect", In("")]),
-           ("megatron/qwen2_tp2_pp2", MG / "qwen2_tp2_pp2", ["inspect", In("actor"), "--base", In("base_hf")])]
+           ("megatron/qwen2_tp2_pp2", MG / "qwen2_tp2_pp2", ["inspect", In("actor"), "--base", In("base_hf")]),
+           ("megatron_moe/qwen3moe_ep2_pp2", MOE / "qwen3moe_ep2_pp2", ["inspect", In("actor"), "--base", In("base_hf")])]
 
 
 @pytest.mark.parametrize("in_root,args", [c[1:] for c in INSPECT], ids=[c[0] for c in INSPECT])
@@ -619,6 +625,8 @@ SAME_REFUSAL = [
     ("trust/another-allow-global", FIXTURES / "trust", ["convert", In("simple_namespace_config.pt"), Out("hf"),
                                                         "--allow-global", "types.ModuleType"]),
     ("megatron/mg2hf-not-megatron", PT, ["mg2hf", In("parameters.pt"), Out("hf"), In("")]),
+    # a Qwen3-MoE checkpoint (EP 2) against a Qwen2-MoE base: refused, naming the rank file, by the family checks
+    ("megatron_moe/wrong-moe-base", MOE, ["mg2hf", In("qwen3moe_ep2/actor"), Out("hf"), In("qwen2moe_ep2/base_hf")]),
 ] + ([(f"lora/rank_mismatch-{mode}", LORA, ["convert", In("bad/rank_mismatch.pt"), Out("hf"), "--base", In("base_qwen2"),
                                              "--lora", mode, "--lora-path", In("lora_path")]) for mode in ("merge", "adapter")]
      if (LORA / "bad" / "rank_mismatch.pt").exists() else [])
