@@ -225,6 +225,26 @@ describe('the page', () => {
     await page.clean();
   });
 
+  for (const [label, dir, grid] of [
+    ['Qwen3-MoE rank files at EP 2 x TP 2', 'qwen3moe_ep2_tp2/actor', /MoE: 4 experts \(top-2\).*EP=2 x expert TP=2/],
+    ['Qwen3-MoE torch_dist saved at EP 2 x PP 2', 'qwen3moe_ep2_pp2/actor_dist', /MoE: 4 experts/],
+    ['Qwen2-MoE rank files with a shared expert', 'qwen2moe_ep2/actor', /shared expert ffn 24/],
+    ['Qwen3-MoE legacy GroupedMLP rank files', 'qwen3moe_grouped_ep2/actor', /EP=2/],
+  ]) {
+    test(`a Megatron MoE folder (${label}) matches \`ckptconv mg2hf\``, async () => {
+      const input = join(FIXTURES, 'megatron_moe', dir);
+      const base = join(FIXTURES, 'megatron_moe', dir.split('/')[0], 'base_hf');
+      const page = await openPage();
+      await page.setInputFiles('#folder-input', input);
+      await page.setInputFiles('#base-input', base);
+      assert.equal(await waitState(page, ['ready']), 'ready');
+      assert.match(await page.textContent('#plan-notes'), grid);
+      const { hashes } = await convertOnPage(page);
+      assert.deepEqual(hashes, hashTree(await nativeOutput('mg2hf', input, 'OUT', base)));
+      await page.clean();
+    });
+  }
+
   test('a LoRA adapter export (names with a folder) matches the CLI, and "Save all to a folder" writes that tree', async () => {
     const page = await openPage();
     await page.setInputFiles('#files-input', LORA);
