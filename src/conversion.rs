@@ -283,6 +283,9 @@ fn finish(planned: &mut Planned, base: Option<&BaseModel>, opts: &PlanOptions) -
         if let Some(n) = hf::drop_tied_lm_head(&mut planned.plan, b, &planned.inputs)? {
             planned.plan.notes.push(n);
         }
+        if let Some(n) = hf::follow_base_expert_names(&mut planned.plan, b)? {
+            planned.plan.notes.push(n);
+        }
         if let Some(n) = hf::check_against_base(&planned.plan, b, opts.allow_mismatch)? {
             planned.plan.notes.push(n);
         }

@@ -201,6 +201,79 @@ pub fn drop_tied_lm_head(
     Ok(Some("kept lm_head.weight: the base config ties it, but it differs from the embedding".into()))
 }
 
+/// The name endings of transformers 5's fused expert tensors: gate and up, then down.
+const FUSED_EXPERTS: [&str; 2] = [".experts.gate_up_proj", ".experts.down_proj"];
+
+/// transformers 5 holds a Mixture-of-Experts layer's experts fused (`P.experts.gate_up_proj` `[E, 2F, H]`, gate
+/// rows first, and `P.experts.down_proj` `[E, H, F]`; its conversion_mapping.py), and so do checkpoints of its
+/// `state_dict()`, while the Hub's files (and `save_pretrained`) name them per expert. When the base model's own
+/// weights name them per expert (`P.experts.E.{gate,up,down}_proj.weight`, or Mixtral's
+/// `block_sparse_moe.experts.E.{w1,w3,w2}.weight` with its router `block_sparse_moe.gate.weight`), the fused
+/// tensors become per-expert views of the same bytes under those names. Returns a note for the report.
+pub fn follow_base_expert_names(plan: &mut crate::plan::Plan, base: &BaseModel) -> Result<Option<String>> {
+    if !plan.tensors.iter().any(|t| FUSED_EXPERTS.iter().any(|s| t.name.ends_with(s))) {
+        return Ok(None);
+    }
+    let Some(want) = base.weight_shapes()? else { return Ok(None) };
+    // (fused module prefix's `.mlp` replaced by, gate, up, down) in the base's per-expert naming.
+    let schemes = [(".mlp", ["gate_proj", "up_proj", "down_proj"]), (".block_sparse_moe", ["w1", "w3", "w2"])];
+    let mut out = Vec::with_capacity(plan.tensors.len());
+    let mut split = 0usize;
+    for t in std::mem::take(&mut plan.tensors) {
+        let fused = FUSED_EXPERTS.iter().enumerate().find_map(|(k, s)| Some((k, t.name.strip_suffix(s)?)));
+        let scheme = fused.and_then(|(k, module)| {
+            let (parent, _) = module.rsplit_once('.')?;
+            schemes.iter().find_map(|(block, names)| {
+                let prefix = format!("{parent}{block}.experts");
+                want.contains_key(&format!("{prefix}.0.{}.weight", names[0])).then_some((k, prefix, names))
+            })
+        });
+        let Some((k, prefix, names)) = scheme.filter(|_| !want.contains_key(&t.name)) else {
+            out.push(t);
+            continue;
+        };
+        let [e, rows, _] = t.shape[..] else {
+            let msg = format!("{:?}: a fused expert tensor is [experts, rows, columns]", t.shape);
+            return Err(crate::error::tensor_err(&t.name, msg));
+        };
+        // gate_up_proj: each expert's first half of rows is its gate, the second its up projection.
+        let parts: Vec<(&str, u64, u64)> = match k {
+            0 if rows % 2 == 0 => vec![(names[0], 0, rows / 2), (names[1], rows / 2, rows)],
+            0 => return Err(crate::error::tensor_err(&t.name, format!("an odd number of gate/up rows ({rows})"))),
+            _ => vec![(names[2], 0, rows)],
+        };
+        for x in 0..e {
+            for &(n, a, b) in &parts {
+                let name = format!("{prefix}.{x}.{n}.weight");
+                let source = t.source.slice(&t.name, x, (a, b)).ok_or_else(|| {
+                    crate::error::tensor_err(&t.name, "a LoRA-merged expert tensor cannot be split per expert")
+                })??;
+                let mut shape = t.shape[1..].to_vec();
+                shape[0] = b - a;
+                out.push(crate::plan::PlannedTensor::from_source(name, shape, source, Some(t.dtype)));
+            }
+        }
+        split += 1;
+    }
+    plan.tensors = out;
+    // Mixtral's router sits under block_sparse_moe in the base's names and under mlp in transformers 5's.
+    let mut renamed = 0usize;
+    for t in &mut plan.tensors {
+        if let Some(layer) = t.name.strip_suffix(".mlp.gate.weight") {
+            let to = format!("{layer}.block_sparse_moe.gate.weight");
+            if want.contains_key(&to) && !want.contains_key(&t.name) {
+                t.name = to;
+                renamed += 1;
+            }
+        }
+    }
+    if split == 0 && renamed == 0 {
+        return Ok(None);
+    }
+    let routers = if renamed > 0 { format!(" and {renamed} routers renamed") } else { String::new() };
+    Ok(Some(format!("{split} fused expert tensors split per expert{routers}, as the base model's weights name them")))
+}
+
 /// Compares the planned names and shapes with the base model's own weights: a missing or unexpected
 /// tensor, or a different shape, is an error unless `allow` is set (then it is only reported).
 pub fn check_against_base(plan: &crate::plan::Plan, base: &BaseModel, allow: bool) -> Result<Option<String>> {

@@ -179,6 +179,33 @@ impl ChunkedTensor {
         self.shape.iter().product()
     }
 
+    /// Index `i` of dimension 0, without that dimension, then rows `[a, b)` (see [`super::Source::slice`]).
+    pub fn slice(&self, name: &str, i: u64, (a, b): (u64, u64)) -> Result<ChunkedTensor> {
+        let (Some(&n), Some(&rows)) = (self.shape.first(), self.shape.get(1)) else {
+            return Err(tensor_err(name, format!("cannot take rows of one item of a {:?} tensor", self.shape)));
+        };
+        if i >= n || a > b || b > rows {
+            return Err(tensor_err(name, format!("item {i}, rows {a}..{b} of a {:?} tensor", self.shape)));
+        }
+        let mut chunks = Vec::new();
+        for c in &self.chunks {
+            let (o0, o1) = (c.offsets[0], c.offsets[1]);
+            if i < o0 || i >= o0 + c.sizes[0] || o1 + c.sizes[1] <= a || o1 >= b {
+                continue;
+            }
+            let (lo, hi) = (a.max(o1), b.min(o1 + c.sizes[1]));
+            let view = c.view.layer(name, i - o0)?.rows(name, lo - o1, hi - o1)?;
+            let mut offsets = c.offsets[1..].to_vec();
+            offsets[0] = lo - a;
+            chunks.push(Chunk { offsets, sizes: view.shape.clone(), view });
+        }
+        let mut shape = self.shape[1..].to_vec();
+        shape[0] = b - a;
+        let boxes: Vec<(&[u64], &[u64])> = chunks.iter().map(|c| (c.offsets.as_slice(), c.sizes.as_slice())).collect();
+        check_tiling(name, &shape, &boxes)?;
+        ChunkedTensor::new(name, shape, self.dtype, chunks)
+    }
+
     /// Global shape.
     pub fn shape(&self) -> &[u64] {
         &self.shape
@@ -286,6 +313,26 @@ mod tests {
     fn tiling(shape: &[u64], boxes: &[(Vec<u64>, Vec<u64>)]) -> Result<()> {
         let refs: Vec<(&[u64], &[u64])> = boxes.iter().map(|(o, s)| (o.as_slice(), s.as_slice())).collect();
         check_tiling("w", shape, &refs)
+    }
+
+    #[test]
+    fn a_slice_keeps_the_chunks_it_crosses_as_views() -> Result<()> {
+        // [2 experts, 4 rows, 3 cols], cut on dim 1 into rows 0..3 and 3..4, each chunk its own storage.
+        let chunk = |o1: u64, rows: u64, input: usize| -> Result<Chunk> {
+            let view =
+                StridedView::new("w", input, 0, 24 * 4, DType::F32, 0, vec![2, rows, 3], vec![rows * 3, 3, 1], 3)?;
+            Ok(Chunk { offsets: vec![0, o1, 0], sizes: vec![2, rows, 3], view })
+        };
+        let t = ChunkedTensor::new("w", vec![2, 4, 3], DType::F32, vec![chunk(0, 3, 0)?, chunk(3, 1, 1)?])?;
+        // Expert 1, rows 2..4 (the up half): row 2 of chunk 0 and row 0 of chunk 1.
+        let s = t.slice("w", 1, (2, 4))?;
+        assert_eq!(s.shape(), &[2, 3]);
+        let got: Vec<(Vec<u64>, usize, u64)> =
+            s.chunks().iter().map(|c| (c.offsets.clone(), c.view.input, c.view.offset)).collect();
+        assert_eq!(got, vec![(vec![0, 0], 0, 9 + 6), (vec![1, 0], 1, 3)]);
+        assert!(t.slice("w", 2, (0, 1)).is_err());
+        assert!(t.slice("w", 0, (3, 5)).is_err());
+        Ok(())
     }
 
     #[test]

@@ -53,6 +53,16 @@ impl Source {
         }
     }
 
+    /// Index `i` of dimension 0, without that dimension, then rows `[a, b)` of what remains: one expert's part
+    /// of a fused `[experts, rows, ...]` tensor, still a view of the same bytes. `None` for a LoRA merge.
+    pub fn slice(&self, name: &str, i: u64, (a, b): (u64, u64)) -> Option<Result<Source>> {
+        Some(match self {
+            Source::View(v) => v.layer(name, i).and_then(|l| l.rows(name, a, b)).map(Source::View),
+            Source::Chunked(c) => c.slice(name, i, (a, b)).map(Source::Chunked),
+            Source::Lora(_) => return None,
+        })
+    }
+
     /// Number of elements.
     pub fn numel(&self) -> u64 {
         match self {
