@@ -240,11 +240,13 @@ def same_bytes_cases():
         cases.append(case(f"megatron/{name}", MG / name, ["mg2hf", In("actor"), Out("hf"), In("base_hf")]))
         if mg_manifest[name].get("dist"):  # the same model saved as torch_dist
             cases.append(case(f"megatron/{name}:torch_dist", MG / name, ["mg2hf", In("actor_dist"), Out("hf"), In("base_hf")]))
-    moe_manifest = json.loads((MOE / "manifest.json").read_text()) if (MOE / "manifest.json").exists() else {}
-    for name in sorted(moe_manifest):  # Mixture-of-Experts, split by expert parallelism too
-        cases.append(case(f"megatron_moe/{name}", MOE / name, ["mg2hf", In("actor"), Out("hf"), In("base_hf")]))
-        if moe_manifest[name].get("dist"):
-            cases.append(case(f"megatron_moe/{name}:torch_dist", MOE / name, ["mg2hf", In("actor_dist"), Out("hf"), In("base_hf")]))
+    for root in (MOE, FIXTURES / "megatron_mla"):  # Mixture-of-Experts (and DeepSeek-V3's MLA), split by EP too
+        moe_manifest = json.loads((root / "manifest.json").read_text()) if (root / "manifest.json").exists() else {}
+        for name in sorted(moe_manifest):
+            cases.append(case(f"{root.name}/{name}", root / name, ["mg2hf", In("actor"), Out("hf"), In("base_hf")]))
+            if moe_manifest[name].get("dist"):
+                cases.append(case(f"{root.name}/{name}:torch_dist", root / name,
+                                  ["mg2hf", In("actor_dist"), Out("hf"), In("base_hf")]))
     cases.append(case("megatron/qwen2_tp2_pp2:convert-base-shards", MG / "qwen2_tp2_pp2",
                   ["convert", In("actor"), Out("hf"), "--base", In("base_hf"), "--max-shard-size", "100KB"]))
     cases.append(case("megatron/qwen2_tp2:bf16", MG / "qwen2_tp2", ["convert", In("actor"), Out("hf"), "--base", In("base_hf"), "--dtype", "bf16"]))

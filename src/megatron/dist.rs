@@ -89,7 +89,18 @@ pub fn load_dist(folder: &dyn Folder, dir: &str) -> Result<DistRanks> {
             continue;
         }
         let chunked = resolver.resolve(t).map_err(|e| e.in_file(&meta_name))?;
-        let stacked = key.strip_prefix("decoder.layers.");
+        let under = key.strip_prefix("decoder.layers.");
+        // Per-layer keys (`decoder.layers.L.…`: megatron-core writes them when moe_layer_freq is a list, its
+        // layers then differing) carry no layer axis; stacked ones (`decoder.layers.…`) lead with it.
+        let fixed = under.and_then(|r| {
+            let (n, rest) = r.split_once('.')?;
+            Some((n.parse::<u64>().ok()?, rest))
+        });
+        let stacked = if fixed.is_some() { None } else { under };
+        let suffix = fixed.map(|f| f.1).or(stacked);
+        if let Some((l, _)) = fixed.filter(|f| f.0 >= layers) {
+            return Err(bad(format!("'{}' is layer {l}, but num_layers is {layers}", t.fqn)).in_file(&meta_name));
+        }
         if stacked.is_some() && t.shape.first() != Some(&layers) {
             return Err(bad(format!(
                 "'{}' has shape {:?}: a stacked layer tensor should lead with num_layers = {layers}",
@@ -98,42 +109,55 @@ pub fn load_dist(folder: &dyn Folder, dir: &str) -> Result<DistRanks> {
             .in_file(&meta_name));
         }
         // The dense MLP's, the shared experts' and every expert's fc1.
-        let fc1 = gated && stacked.is_some_and(|s| s.ends_with("linear_fc1.weight"));
-        // Experts are stacked a second time, on the global expert number: `[layers, experts, ...]`.
-        let expert = stacked.and_then(|s| s.strip_prefix(EXPERTS));
-        if expert.is_some() && (t.shape.len() < 2 || experts.is_some_and(|e| t.shape[1] != e)) {
+        let fc1 = gated && suffix.is_some_and(|s| s.ends_with("linear_fc1.weight"));
+        // Experts are stacked (again) on the global expert number: `[layers, experts, ...]` or `[experts, ...]`.
+        let expert = suffix.and_then(|s| s.strip_prefix(EXPERTS));
+        let axis = usize::from(stacked.is_some());
+        if expert.is_some() && (t.shape.len() <= axis + 1 || experts.is_some_and(|e| t.shape[axis] != e)) {
             let want = experts.map_or("num_experts".into(), |e| e.to_string());
+            let lead = if stacked.is_some() { format!("num_layers = {layers}, ") } else { String::new() };
             return Err(bad(format!(
-                "'{}' has shape {:?}: stacked experts should be [num_layers = {layers}, num_experts = {want}, ...]",
+                "'{}' has shape {:?}: stacked experts should be [{lead}num_experts = {want}, ...]",
                 t.fqn, t.shape
             ))
             .in_file(&meta_name));
         }
         for c in chunked.chunks() {
-            // (name, view, offsets, sizes, global shape) of each layer the chunk holds, or of the whole chunk.
-            let mut pieces = Vec::new();
-            match (stacked, expert) {
-                (Some(_), Some(rest)) => {
+            // (layer, view, offsets, sizes, global shape) of each layer the chunk holds.
+            let mut layer_pieces = Vec::new();
+            match (stacked, fixed) {
+                (Some(_), _) => {
                     for i in 0..c.sizes[0] {
-                        let l = c.offsets[0] + i;
-                        let layer = c.view.layer(&t.fqn, i)?;
-                        for x in 0..c.sizes[1] {
-                            let e = c.offsets[1] + x;
+                        let view = c.view.layer(&t.fqn, i)?;
+                        layer_pieces.push((c.offsets[0] + i, view, &c.offsets[1..], &c.sizes[1..], &t.shape[1..]));
+                    }
+                }
+                (None, Some((l, _))) => {
+                    layer_pieces.push((l, c.view.clone(), &c.offsets[..], &c.sizes[..], &t.shape[..]))
+                }
+                (None, None) => {}
+            }
+            // (name, view, offsets, sizes, global shape) of each layer (and expert) the chunk holds, or of the
+            // whole chunk.
+            let mut pieces = Vec::new();
+            for (l, view, offsets, sizes, shape) in layer_pieces {
+                match (expert, suffix) {
+                    (Some(rest), _) => {
+                        for x in 0..sizes[0] {
+                            let e = offsets[0] + x;
                             let name = format!("decoder.layers.{l}.mlp.experts.local_experts.{e}.{rest}");
-                            let view = layer.layer(&name, x)?;
-                            pieces.push((name, view, &c.offsets[2..], &c.sizes[2..], &t.shape[2..]));
+                            let v = view.layer(&name, x)?;
+                            pieces.push((name, v, &offsets[1..], &sizes[1..], &shape[1..]));
                         }
                     }
-                }
-                (Some(suffix), None) => {
-                    for i in 0..c.sizes[0] {
-                        let l = c.offsets[0] + i;
-                        let name = format!("decoder.layers.{l}.{suffix}");
-                        let view = c.view.layer(&name, i)?;
-                        pieces.push((name, view, &c.offsets[1..], &c.sizes[1..], &t.shape[1..]));
+                    (None, Some(suffix)) => {
+                        pieces.push((format!("decoder.layers.{l}.{suffix}"), view, offsets, sizes, shape))
                     }
+                    (None, None) => {}
                 }
-                (None, _) => pieces.push((key.to_string(), c.view.clone(), &c.offsets[..], &c.sizes[..], &t.shape[..])),
+            }
+            if under.is_none() {
+                pieces.push((key.to_string(), c.view.clone(), &c.offsets[..], &c.sizes[..], &t.shape[..]));
             }
             for (name, view, offsets, sizes, shape) in pieces {
                 let home = home(&name, offsets, sizes, shape, tp, fc1).map_err(|e| e.in_file(&meta_name))?;

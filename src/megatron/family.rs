@@ -63,11 +63,23 @@ pub struct MoeNames {
     pub shared_gate: Option<&'static str>,
     /// The base config.json key holding an expert's hidden size.
     pub expert_ffn_key: &'static str,
+    /// The base config.json keys whose product is the shared expert's hidden size (a count key may be absent).
+    pub shared_ffn_keys: [&'static str; 2],
     /// The base config.json key holding the number of experts.
     pub experts_key: &'static str,
     /// Whether the HF model renormalises the top-k routing weights: fixed (Mixtral), or as the base config's
     /// `norm_topk_prob` says (Qwen2/3-MoE).
     pub norm_topk: Option<bool>,
+}
+
+/// The HF names of Multi-Latent Attention's tensors (DeepSeek-V2/V3), relative to `layers.N.`: megatron-core's
+/// MLA projections map one to one, rows in the same order (HF's `rope_interleave: true` applies the rotary
+/// embedding to the rows as megatron-core does; see tests/fixtures/make_megatron_mla_fixtures.py).
+#[derive(Debug, Clone, Copy)]
+pub struct MlaNames {
+    /// (Megatron key after `self_attention.`, HF name) of every projection and norm; norms may also appear
+    /// under Transformer Engine's fused names.
+    pub map: &'static [(&'static str, &'static str)],
 }
 
 /// One HF family: how megatron-core's GPT model is named and shaped in it.
@@ -89,6 +101,8 @@ pub struct Family {
     pub names: Names,
     /// The names of its Mixture-of-Experts layers (`None`: a dense family).
     pub moe: Option<MoeNames>,
+    /// Its Multi-Latent Attention names (`None`: grouped-query attention from a fused QKV).
+    pub mla: Option<MlaNames>,
 }
 
 /// Llama's names, which Qwen2, Qwen3 and Mistral share.
@@ -115,6 +129,7 @@ const QWEN_MOE: MoeNames = MoeNames {
     shared: None,
     shared_gate: None,
     expert_ffn_key: "moe_intermediate_size",
+    shared_ffn_keys: ["shared_expert_intermediate_size", ""],
     experts_key: "num_experts",
     norm_topk: None,
 };
@@ -131,6 +146,7 @@ pub const FAMILIES: &[Family] = &[
         tied_default: false,
         names: LLAMA_NAMES,
         moe: None,
+        mla: None,
     },
     Family {
         name: "Qwen3",
@@ -141,6 +157,7 @@ pub const FAMILIES: &[Family] = &[
         tied_default: false,
         names: LLAMA_NAMES,
         moe: None,
+        mla: None,
     },
     Family {
         name: "Llama",
@@ -151,6 +168,7 @@ pub const FAMILIES: &[Family] = &[
         tied_default: false,
         names: LLAMA_NAMES,
         moe: None,
+        mla: None,
     },
     Family {
         name: "Phi3",
@@ -161,6 +179,7 @@ pub const FAMILIES: &[Family] = &[
         tied_default: false,
         names: Names { qkv: &["self_attn.qkv_proj"], gate_up: &["mlp.gate_up_proj.weight"], ..LLAMA_NAMES },
         moe: None,
+        mla: None,
     },
     Family {
         name: "Qwen3-MoE",
@@ -171,6 +190,7 @@ pub const FAMILIES: &[Family] = &[
         tied_default: false,
         names: LLAMA_NAMES,
         moe: Some(QWEN_MOE),
+        mla: None,
     },
     Family {
         name: "Qwen2-MoE",
@@ -189,6 +209,7 @@ pub const FAMILIES: &[Family] = &[
             shared_gate: Some("mlp.shared_expert_gate.weight"),
             ..QWEN_MOE
         }),
+        mla: None,
     },
     Family {
         name: "Mixtral",
@@ -207,6 +228,40 @@ pub const FAMILIES: &[Family] = &[
             norm_topk: Some(true),
             ..QWEN_MOE
         }),
+        mla: None,
+    },
+    Family {
+        name: "DeepSeek-V3",
+        model_types: &["deepseek_v3"],
+        qkv_bias: QkvBias::Never,
+        qk_norm: false,
+        gated_mlp: true,
+        tied_default: false,
+        names: LLAMA_NAMES,
+        moe: Some(MoeNames {
+            router_bias: Some("mlp.gate.e_score_correction_bias"),
+            shared: Some([
+                "mlp.shared_experts.gate_proj.weight",
+                "mlp.shared_experts.up_proj.weight",
+                "mlp.shared_experts.down_proj.weight",
+            ]),
+            shared_ffn_keys: ["moe_intermediate_size", "n_shared_experts"],
+            experts_key: "n_routed_experts",
+            ..QWEN_MOE
+        }),
+        mla: Some(MlaNames {
+            map: &[
+                ("linear_q_down_proj.weight", "self_attn.q_a_proj.weight"),
+                ("q_layernorm.weight", "self_attn.q_a_layernorm.weight"),
+                ("linear_q_up_proj.layer_norm_weight", "self_attn.q_a_layernorm.weight"),
+                ("linear_q_up_proj.weight", "self_attn.q_b_proj.weight"),
+                ("linear_q_proj.weight", "self_attn.q_proj.weight"),
+                ("linear_kv_down_proj.weight", "self_attn.kv_a_proj_with_mqa.weight"),
+                ("kv_layernorm.weight", "self_attn.kv_a_layernorm.weight"),
+                ("linear_kv_up_proj.layer_norm_weight", "self_attn.kv_a_layernorm.weight"),
+                ("linear_kv_up_proj.weight", "self_attn.kv_b_proj.weight"),
+            ],
+        }),
     },
 ];
 
@@ -224,10 +279,11 @@ pub fn by_model_type(base: &BaseModel) -> Result<&'static Family> {
 }
 
 /// Without a base model (inspect only): the first family whose flags fit what the checkpoint holds.
-pub fn by_flags(qkv_bias: bool, qk_norm: bool, moe: bool) -> &'static Family {
+pub fn by_flags(qkv_bias: bool, qk_norm: bool, moe: bool, mla: bool) -> &'static Family {
     let fits = |f: &&Family| {
         f.qk_norm == qk_norm
             && f.moe.is_some() == moe
+            && f.mla.is_some() == mla
             && f.qkv_bias != if qkv_bias { QkvBias::Never } else { QkvBias::Always }
     };
     FAMILIES.iter().find(fits).unwrap_or(&FAMILIES[0])
@@ -264,12 +320,13 @@ mod tests {
 
     #[test]
     fn without_a_base_the_flags_choose() {
-        assert_eq!(by_flags(true, false, false).name, "Qwen2");
-        assert_eq!(by_flags(false, true, false).name, "Qwen3");
-        assert_eq!(by_flags(true, true, false).name, "Qwen3");
-        assert_eq!(by_flags(false, false, false).name, "Llama");
-        assert_eq!(by_flags(false, true, true).name, "Qwen3-MoE");
-        assert_eq!(by_flags(true, false, true).name, "Qwen2-MoE");
-        assert_eq!(by_flags(false, false, true).name, "Mixtral");
+        assert_eq!(by_flags(true, false, false, false).name, "Qwen2");
+        assert_eq!(by_flags(false, true, false, false).name, "Qwen3");
+        assert_eq!(by_flags(true, true, false, false).name, "Qwen3");
+        assert_eq!(by_flags(false, false, false, false).name, "Llama");
+        assert_eq!(by_flags(false, true, true, false).name, "Qwen3-MoE");
+        assert_eq!(by_flags(true, false, true, false).name, "Qwen2-MoE");
+        assert_eq!(by_flags(false, false, true, false).name, "Mixtral");
+        assert_eq!(by_flags(false, false, true, true).name, "DeepSeek-V3");
     }
 }

@@ -37,6 +37,23 @@ pub struct Layout {
     pub pp: u64,
     /// Mixture-of-Experts layers, when the checkpoint has any.
     pub moe: Option<MoeLayout>,
+    /// Multi-Latent Attention, when the checkpoint's attention is MLA.
+    pub mla: Option<MlaLayout>,
+}
+
+/// The sizes of Multi-Latent Attention (0 where neither `args` nor the base config say).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MlaLayout {
+    /// Rank of q's low-rank projection (0: q is projected directly).
+    pub q_lora: u64,
+    /// Rank of k/v's low-rank projection.
+    pub kv_lora: u64,
+    /// q/k head dimension without the rotary part.
+    pub qk_nope: u64,
+    /// The rotary part of the q/k head dimension.
+    pub qk_rope: u64,
+    /// v head dimension.
+    pub v_head: u64,
 }
 
 /// The hyperparameters of the Mixture-of-Experts layers.
@@ -148,6 +165,21 @@ fn read_moe(src: &LayoutSource) -> Result<Option<MoeLayout>> {
     Ok(Some(MoeLayout { experts, topk, ffn, shared_ffn, ep: src.grid.2, ep_saved, pre_softmax }))
 }
 
+fn read_mla(src: &LayoutSource) -> Option<MlaLayout> {
+    let has = src.shape_of("decoder.layers.0.self_attention.linear_kv_down_proj.weight").is_some();
+    if !(src.flag("multi_latent_attention").unwrap_or(false) || has) {
+        return None;
+    }
+    let get = |a: &str, c: &str| src.arg(a).or(src.cfg(c)).unwrap_or(0);
+    Some(MlaLayout {
+        q_lora: get("q_lora_rank", "q_lora_rank"),
+        kv_lora: get("kv_lora_rank", "kv_lora_rank"),
+        qk_nope: get("qk_head_dim", "qk_nope_head_dim"),
+        qk_rope: get("qk_pos_emb_head_dim", "qk_rope_head_dim"),
+        v_head: get("v_head_dim", "v_head_dim"),
+    })
+}
+
 fn read_layout(src: &LayoutSource) -> Result<Layout> {
     let (tp, pp, _) = src.grid;
     let hidden = src.arg("hidden_size").or(src.cfg("hidden_size")).ok_or_else(|| src.missing("hidden_size"))?;
@@ -175,7 +207,9 @@ fn read_layout(src: &LayoutSource) -> Result<Layout> {
     let qkv_bias = src
         .flag("add_qkv_bias")
         .unwrap_or_else(|| src.shape_of("decoder.layers.0.self_attention.linear_qkv.bias").is_some());
-    let qk_norm = src.shape_of("decoder.layers.0.self_attention.q_layernorm.weight").is_some();
+    let mla = read_mla(src);
+    // MLA's q_layernorm normalises q's latent, not each head: it is no q/k norm.
+    let qk_norm = mla.is_none() && src.shape_of("decoder.layers.0.self_attention.q_layernorm.weight").is_some();
     Ok(Layout {
         num_layers,
         hidden,
@@ -191,6 +225,7 @@ fn read_layout(src: &LayoutSource) -> Result<Layout> {
         tp,
         pp,
         moe: read_moe(src)?,
+        mla,
     })
 }
 
@@ -205,6 +240,14 @@ fn check_grid(src: &LayoutSource, l: &Layout) -> Result<()> {
     }
     if let Some(m) = &l.moe {
         check_moe_grid(src, m, l.tp)?;
+    }
+    if l.mla.is_some() && l.tp > 1 {
+        return Err(Error::new(ErrorKind::Unsupported(format!(
+            "Multi-Latent Attention at TP {}: only TP 1 is supported yet (how megatron-core splits the low-rank \
+             projections over TP ranks differs between its local and Transformer Engine specs)",
+            l.tp
+        )))
+        .in_file(src.file));
     }
     let (heads, groups, ffn, tp) = (l.heads, l.groups, l.ffn, l.tp);
     // Fewer groups than TP ranks is megatron-core's TP > query groups: each group then spans tp / groups ranks.
@@ -259,7 +302,25 @@ fn check_base(src: &LayoutSource, l: &Layout) -> Result<()> {
             return Err(src.mismatch(what, ckpt, hf));
         }
     }
-    if let Some(hd) = src.cfg("head_dim")
+    if let Some(m) = &l.mla {
+        for (what, ckpt, key) in [
+            ("q_lora_rank", m.q_lora, "q_lora_rank"),
+            ("kv_lora_rank", m.kv_lora, "kv_lora_rank"),
+            ("qk_head_dim", m.qk_nope, "qk_nope_head_dim"),
+            ("qk_pos_emb_head_dim", m.qk_rope, "qk_rope_head_dim"),
+            ("v_head_dim", m.v_head, "v_head_dim"),
+        ] {
+            if let Some(hf) = src.cfg(key)
+                && hf != ckpt
+            {
+                return Err(src.mismatch(what, ckpt, hf));
+            }
+        }
+        // megatron-core rotates MLA's rotary rows as HF does with rope_interleave: true.
+        if src.base.and_then(|b| b.flag("rope_interleave")) == Some(false) {
+            return Err(src.mismatch("rope_interleave (MLA's rotary rows as megatron-core rotates them)", 1, 0));
+        }
+    } else if let Some(hd) = src.cfg("head_dim")
         && hd != l.kv_channels
     {
         return Err(src.mismatch("kv_channels", l.kv_channels, hd));
@@ -281,6 +342,14 @@ fn check_base(src: &LayoutSource, l: &Layout) -> Result<()> {
 /// config leaves `tie_word_embeddings` to transformers' default) the same tying.
 pub(super) fn check_family(src: &LayoutSource, l: &Layout, fam: &Family) -> Result<()> {
     let has = |b: bool| if b { "has" } else { "has no" };
+    if l.mla.is_some() != fam.mla.is_some() {
+        let (ck, hf) = if l.mla.is_some() { ("has", "has no") } else { ("has no", "has") };
+        return Err(Error::new(ErrorKind::Unsupported(format!(
+            "the checkpoint {ck} Multi-Latent Attention (linear_kv_down_proj), the {} model {hf}",
+            fam.name
+        )))
+        .in_file(src.file));
+    }
     if l.swiglu != fam.gated_mlp {
         return Err(Error::new(ErrorKind::Unsupported(format!(
             "the checkpoint's MLP {} gate (swiglu), the {} model's {} one",
@@ -340,8 +409,19 @@ fn check_moe_base(src: &LayoutSource, m: &MoeLayout, names: &MoeNames) -> Result
             return Err(src.mismatch(what, ckpt, hf));
         }
     }
+    for (what, arg, key) in [
+        ("moe_router_num_groups", "moe_router_num_groups", "n_group"),
+        ("moe_router_group_topk", "moe_router_group_topk", "topk_group"),
+    ] {
+        if let (Some(ckpt), Some(hf)) = (src.arg(arg), base.int(key))
+            && ckpt != hf
+        {
+            return Err(src.mismatch(what, ckpt, hf));
+        }
+    }
     if names.shared.is_some() {
-        let hf = base.int("shared_expert_intermediate_size").unwrap_or(0);
+        let [size, count] = names.shared_ffn_keys;
+        let hf = base.int(size).unwrap_or(0) * if count.is_empty() { 1 } else { base.int(count).unwrap_or(0) };
         if hf != m.shared_ffn {
             return Err(src.mismatch("moe_shared_expert_intermediate_size", m.shared_ffn, hf));
         }

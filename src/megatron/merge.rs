@@ -4,7 +4,7 @@
 //! family that fuses them stacks the pieces again, still as views), the padded vocabulary is trimmed, and
 //! replicated tensors must match across tensor-parallel ranks. Nothing here depends on which family it is.
 
-use super::family::{self, Family};
+use super::family::{self, Family, MlaNames};
 use super::layout::{Layout, LayoutSource, MoeLayout, check_family, derive_layout};
 use super::{Args, FC1_GATE, FC1_UP, RankModel, bad};
 use crate::dtype::DType;
@@ -76,6 +76,8 @@ struct Merge<'a> {
     outs: Vec<Out>,
     /// Tensors replicated across tensor-parallel ranks, checked equal at the end.
     replicated: Vec<(String, Vec<StridedView>)>,
+    /// Whether each layer, in order, is a Mixture-of-Experts layer.
+    moe_layers: Vec<bool>,
 }
 
 /// Plans the HF model of `base` from the model tensors of every rank.
@@ -90,7 +92,7 @@ pub(super) fn plan_ranks(
     // Without a base model (inspect only) the family is guessed from the layout and nothing is trimmed.
     let fam = match base {
         Some(b) => family::by_model_type(b)?,
-        None => family::by_flags(layout.qkv_bias, layout.qk_norm, layout.moe.is_some()),
+        None => family::by_flags(layout.qkv_bias, layout.qk_norm, layout.moe.is_some(), layout.mla.is_some()),
     };
     check_family(&src, &layout, fam)?;
     let vocab = base.and_then(|b| b.int("vocab_size")).unwrap_or(layout.padded_vocab);
@@ -104,6 +106,7 @@ pub(super) fn plan_ranks(
     }
     m.tail(folder, vocab)?;
     m.check_all_placed()?;
+    check_dense_layers(&m.moe_layers, base, &ck.args_file)?;
     for (name, p) in &m.replicated {
         check_replicated(m.inputs, name, p)?;
     }
@@ -163,6 +166,7 @@ impl<'a> Merge<'a> {
             used: HashSet::new(),
             outs: Vec::new(),
             replicated: Vec::new(),
+            moe_layers: Vec::new(),
         }
     }
 
@@ -262,6 +266,9 @@ impl<'a> Merge<'a> {
 
     /// q/k/v (and their biases) from the fused QKV, the q/k norms, and the output projection.
     fn attention(&mut self, g: usize, h: LayerHome) -> Result<()> {
+        if let Some(mla) = self.fam.mla {
+            return self.mla_attention(g, h, mla);
+        }
         let names = self.fam.names;
         let qkv = self.layer_part(h, "self_attention.linear_qkv.weight")?;
         let prefix = self.hf(g, "self_attn");
@@ -287,10 +294,41 @@ impl<'a> Merge<'a> {
         self.push_row_parallel(self.hf(g, names.o_proj), &proj)
     }
 
+    /// Multi-Latent Attention's projections and norms, each to its one HF name (TP 1: see `check_grid`), and the
+    /// output projection.
+    fn mla_attention(&mut self, g: usize, h: LayerHome, mla: MlaNames) -> Result<()> {
+        let mut placed: Vec<&str> = Vec::new();
+        for &(mg, hf) in mla.map {
+            let key = h.key(&format!("self_attention.{mg}"));
+            let Some(p) = self.parts(h.stage, h.chunk, &key) else { continue };
+            if placed.contains(&hf) {
+                return Err(bad(format!("layer {} holds two tensors for {hf} ({key} is one)", h.local)));
+            }
+            placed.push(hf);
+            self.replicated(key, p, self.hf(g, hf));
+        }
+        let q = ["self_attn.q_a_proj.weight", "self_attn.q_proj.weight"];
+        for (need, what) in [
+            (&q[..], "linear_q_down_proj.weight or linear_q_proj.weight"),
+            (&["self_attn.kv_a_proj_with_mqa.weight"], "linear_kv_down_proj.weight"),
+            (&["self_attn.kv_a_layernorm.weight"], "kv_layernorm.weight"),
+            (&["self_attn.kv_b_proj.weight"], "linear_kv_up_proj.weight"),
+        ] {
+            if !need.iter().any(|n| placed.contains(n)) {
+                let key = h.key(&format!("self_attention.{what}"));
+                return Err(bad(format!("tensor '{key}' is missing: Multi-Latent Attention needs it")));
+            }
+        }
+        let proj = self.layer_part(h, "self_attention.linear_proj.weight")?;
+        self.push_row_parallel(self.hf(g, self.fam.names.o_proj), &proj)
+    }
+
     /// fc1 as gate and up (or, ungated, as itself), and fc2 as the down projection; or, in a layer with a
     /// router, the Mixture-of-Experts block.
     fn mlp(&mut self, g: usize, h: LayerHome) -> Result<()> {
-        if self.layout.moe.is_some() && self.parts(h.stage, h.chunk, &h.key("mlp.router.weight")).is_some() {
+        let moe = self.layout.moe.is_some() && self.parts(h.stage, h.chunk, &h.key("mlp.router.weight")).is_some();
+        self.moe_layers.push(moe);
+        if moe {
             return self.moe(g, h);
         }
         let names = self.fam.names;
@@ -614,6 +652,25 @@ impl<'a> Merge<'a> {
             m.experts, m.ffn, m.ep_saved, self.layout.tp
         )
     }
+}
+
+/// A base config that says its first k layers are dense (DeepSeek's `first_k_dense_replace`) describes the
+/// checkpoint's mix of dense and Mixture-of-Experts layers.
+fn check_dense_layers(moe_layers: &[bool], base: Option<&BaseModel>, file: &str) -> Result<()> {
+    let Some(k) = base.and_then(|b| b.int("first_k_dense_replace")) else { return Ok(()) };
+    if !moe_layers.iter().any(|&m| m) {
+        return Ok(());
+    }
+    let dense: Vec<usize> = moe_layers.iter().enumerate().filter(|(_, m)| !**m).map(|(i, _)| i).collect();
+    if dense.iter().copied().eq(0..k as usize) {
+        return Ok(());
+    }
+    let base_name = base.map_or("", |b| b.folder.name());
+    Err(Error::new(ErrorKind::Inconsistent(format!(
+        "the base config.json says first_k_dense_replace = {k}, but the checkpoint's dense (router-less) layers \
+         are {dense:?} (from {file})"
+    )))
+    .in_file(&format!("{base_name}/config.json")))
 }
 
 /// The ranks of one checkpoint (or the checkpoint and its base model) disagree about tensor `name`.

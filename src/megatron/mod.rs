@@ -160,6 +160,13 @@ const INT_ARGS: &[&str] = &[
     "moe_router_topk",
     "moe_ffn_hidden_size",
     "moe_shared_expert_intermediate_size",
+    "moe_router_num_groups",
+    "moe_router_group_topk",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_head_dim",
+    "qk_pos_emb_head_dim",
+    "v_head_dim",
     "num_layers",
     "hidden_size",
     "num_attention_heads",
@@ -178,6 +185,8 @@ const BOOL_ARGS: &[&str] = &[
     "qk_layernorm",
     "moe_router_pre_softmax",
     "moe_shared_expert_gate",
+    "multi_latent_attention",
+    "rotary_interleaved",
 ];
 
 fn read_args(h: &Heap, ns: Id) -> Args {

@@ -267,3 +267,77 @@ def test_te_grouped_expert_count_disagrees_with_args(binary, tmp_path):
     edit_rank(path, three)
     edit_rank(d / "actor" / ITER / "mp_rank_00_001" / "model_optim_rng.pt", te_grouped_names)
     refused(binary, d, tmp_path, "mp_rank_00_000/model_optim_rng.pt", "local experts [0, 1, 2]")
+
+
+# --- DeepSeek-V3: Multi-Latent Attention, sigmoid router with expert bias, shared expert, first layer dense -----
+
+MLA = FIXTURES / "megatron_mla"
+MLA_CASES = sorted(json.loads((MLA / "manifest.json").read_text()))
+
+
+@pytest.mark.parametrize("case", MLA_CASES)
+def test_mla_python_reference(case):
+    from make_megatron_mla_fixtures import self_check as mla_self_check
+
+    mla_self_check(MLA / case)
+
+
+@pytest.mark.parametrize("case", MLA_CASES)
+@pytest.mark.parametrize("src", ["actor", "actor_dist"])
+def test_mla_logits_tensors_and_torch_dist(binary, tmp_path, case, src):
+    from make_megatron_mla_fixtures import merge_mla_to_hf
+
+    out = tmp_path / "hf"
+    r = subprocess.run([binary, "mg2hf", MLA / case / src, out, MLA / case / "base_hf"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "DeepSeek-V3 layout" in r.stderr and "MoE: 8 experts (top-2)" in r.stderr
+    got = hf_logits(out, torch.load(MLA / case / "input_ids.pt"))
+    diff = (got - torch.load(MLA / case / "reference_logits.pt")).abs().max().item()
+    assert diff <= 1e-4, f"{case}/{src}: max |HF(ckptconv) - megatron| = {diff}"
+    assert_same(load_output(out), merge_mla_to_hf(MLA / case), f"{case}/{src}")
+    check_hf_load(out)
+
+
+def mla_copy(tmp_path):
+    dst = tmp_path / "deepseek_v3_ep2"
+    shutil.copytree(MLA / "deepseek_v3_ep2", dst)
+    return dst
+
+
+@pytest.mark.parametrize("edit,needles", [
+    ({"first_k_dense_replace": 0}, ["first_k_dense_replace = 0", "dense (router-less) layers are [0]"]),
+    ({"rope_interleave": False}, ["rope_interleave"]),
+    ({"kv_lora_rank": 32}, ["kv_lora_rank = 16", "says 32"]),
+    ({"n_group": 4}, ["moe_router_num_groups = 2", "says 4"]),
+    ({"n_shared_experts": 2}, ["moe_shared_expert_intermediate_size = 16", "says 32"]),
+], ids=["first_k_dense", "rope_interleave", "kv_lora_rank", "n_group", "n_shared_experts"])
+def test_mla_base_config_disagrees(binary, tmp_path, edit, needles):
+    """A DeepSeek-V3 base config that describes another model than the checkpoint: refused, naming config.json."""
+    d = mla_copy(tmp_path)
+    cfg = json.loads((d / "base_hf" / "config.json").read_text())
+    (d / "base_hf" / "config.json").write_text(json.dumps(dict(cfg, **edit)))
+    refused(binary, d, tmp_path, "base_hf/config.json", *needles)
+
+
+def test_mla_missing_projection(binary, tmp_path):
+    d = mla_copy(tmp_path)
+    for rank in ("mp_rank_00_000", "mp_rank_00_001"):
+        edit_rank(d / "actor" / ITER / rank / "model_optim_rng.pt",
+                  lambda sd: sd["model"].pop("decoder.layers.1.self_attention.linear_kv_up_proj.weight"))
+    refused(binary, d, tmp_path, "decoder.layers.1.self_attention.linear_kv_up_proj.weight", "is missing")
+
+
+def test_mla_unknown_attention_tensor(binary, tmp_path):
+    d = mla_copy(tmp_path)
+    edit_rank(d / "actor" / ITER / "mp_rank_00_000" / "model_optim_rng.pt",
+              lambda sd: sd["model"].__setitem__("decoder.layers.0.self_attention.linear_kv_up_proj.bias",
+                                                 torch.zeros(64)))
+    refused(binary, d, tmp_path, "decoder.layers.0.self_attention.linear_kv_up_proj.bias", "no Hugging Face equivalent")
+
+
+def test_mla_checkpoint_with_a_gqa_family_base(binary, tmp_path):
+    """The DeepSeek-V3 checkpoint against a base that says qwen3_moe: the attention kinds differ."""
+    d = mla_copy(tmp_path)
+    cfg = json.loads((d / "base_hf" / "config.json").read_text())
+    (d / "base_hf" / "config.json").write_text(json.dumps(dict(cfg, model_type="qwen3_moe")))
+    refused(binary, d, tmp_path, "has Multi-Latent Attention", "Qwen3-MoE model has no")

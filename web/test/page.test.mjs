@@ -230,10 +230,11 @@ describe('the page', () => {
     ['Qwen3-MoE torch_dist saved at EP 2 x PP 2', 'qwen3moe_ep2_pp2/actor_dist', /MoE: 4 experts/],
     ['Qwen2-MoE rank files with a shared expert', 'qwen2moe_ep2/actor', /shared expert ffn 24/],
     ['Qwen3-MoE legacy GroupedMLP rank files', 'qwen3moe_grouped_ep2/actor', /EP=2/],
+    ['DeepSeek-V3 (MLA) torch_dist, per-layer keys', '../megatron_mla/deepseek_v3_ep2/actor_dist', /DeepSeek-V3 layout/],
   ]) {
     test(`a Megatron MoE folder (${label}) matches \`ckptconv mg2hf\``, async () => {
       const input = join(FIXTURES, 'megatron_moe', dir);
-      const base = join(FIXTURES, 'megatron_moe', dir.split('/')[0], 'base_hf');
+      const base = join(input, '..', 'base_hf');
       const page = await openPage();
       await page.setInputFiles('#folder-input', input);
       await page.setInputFiles('#base-input', base);
