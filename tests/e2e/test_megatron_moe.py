@@ -22,6 +22,7 @@ import sys
 import pytest
 import torch
 
+import manifest
 from conftest import FIXTURES, assert_same, load_output
 
 sys.path.insert(0, str(FIXTURES))
@@ -50,6 +51,7 @@ def converted(binary, tmp_path_factory):
             out = tmp_path_factory.mktemp(f"{case}_{src}") / "hf"
             r = mg2hf(binary, case, src, out)
             assert r.returncode == 0, f"mg2hf {case}/{src} failed ({r.returncode}):\n{r.stderr[-4000:]}"
+            manifest.record(["mg2hf", case, src], out=out, key=f"mg2hf moe {case}/{src}")
             cache[(case, src)] = (out, r.stderr)
         return cache[(case, src)][0]
     return _converted
@@ -290,6 +292,7 @@ def test_mla_logits_tensors_and_torch_dist(binary, tmp_path, case, src):
     out = tmp_path / "hf"
     r = subprocess.run([binary, "mg2hf", MLA / case / src, out, MLA / case / "base_hf"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    manifest.record(["mg2hf", case, src], out=out, key=f"mg2hf mla {case}/{src}")
     assert "DeepSeek-V3 layout" in r.stderr and "MoE: 8 experts (top-2)" in r.stderr
     got = hf_logits(out, torch.load(MLA / case / "input_ids.pt"))
     diff = (got - torch.load(MLA / case / "reference_logits.pt")).abs().max().item()
