@@ -79,6 +79,7 @@ pub fn load_dist(folder: &dyn Folder, dir: &str) -> Result<DistRanks> {
     let mut maps: Vec<BTreeMap<String, StridedView>> = vec![BTreeMap::new(); tp as usize];
     let gated = args.as_ref().and_then(|a| a.flag("swiglu")) != Some(false);
     let experts = arg("num_experts");
+    let etp = arg("expert_tensor_parallel_size").filter(|&e| e == 1).unwrap_or(tp);
     let mut resolver = ChunkResolver::new(folder, dir);
     for t in &meta.tensors {
         // The optimizer's state and TE's _extra_state are not part of the HF model (RNG state is stored as bytes).
@@ -160,7 +161,9 @@ pub fn load_dist(folder: &dyn Folder, dir: &str) -> Result<DistRanks> {
                 pieces.push((key.to_string(), c.view.clone(), &c.offsets[..], &c.sizes[..], &t.shape[..]));
             }
             for (name, view, offsets, sizes, shape) in pieces {
-                let home = home(&name, offsets, sizes, shape, tp, fc1).map_err(|e| e.in_file(&meta_name))?;
+                // Experts are split over expert-TP ranks (TP, or 1: whole on every rank).
+                let parts = if expert.is_some() { etp } else { tp };
+                let home = home(&name, offsets, sizes, shape, parts, fc1).map_err(|e| e.in_file(&meta_name))?;
                 let mut put = |r: usize, name: String| {
                     maps[r].insert(name, view.clone());
                 };

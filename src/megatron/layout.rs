@@ -72,6 +72,8 @@ pub struct MoeLayout {
     pub ep: u64,
     /// Expert-parallel size the checkpoint was saved with.
     pub ep_saved: u64,
+    /// Expert tensor-parallel size: TP, or 1 (each expert whole on one rank).
+    pub etp: u64,
     /// Softmax over all experts before the top-k (Megatron's `moe_router_pre_softmax`), i.e. no renormalising.
     pub pre_softmax: bool,
 }
@@ -162,7 +164,8 @@ fn read_moe(src: &LayoutSource) -> Result<Option<MoeLayout>> {
     let shared_ffn = src.arg("moe_shared_expert_intermediate_size").unwrap_or(0);
     let ep_saved = src.arg("expert_model_parallel_size").unwrap_or(src.grid.2);
     let pre_softmax = src.flag("moe_router_pre_softmax").unwrap_or(false);
-    Ok(Some(MoeLayout { experts, topk, ffn, shared_ffn, ep: src.grid.2, ep_saved, pre_softmax }))
+    let etp = src.arg("expert_tensor_parallel_size").unwrap_or(src.grid.0);
+    Ok(Some(MoeLayout { experts, topk, ffn, shared_ffn, ep: src.grid.2, ep_saved, etp, pre_softmax }))
 }
 
 fn read_mla(src: &LayoutSource) -> Option<MlaLayout> {
@@ -266,18 +269,18 @@ fn check_moe_grid(src: &LayoutSource, m: &MoeLayout, tp: u64) -> Result<()> {
             format!("args say expert_model_parallel_size = {} but the folder holds {} EP ranks", m.ep_saved, m.ep);
         return Err(bad(msg).in_file(src.file));
     }
-    if let Some(etp) = src.arg("expert_tensor_parallel_size")
-        && etp != tp
-    {
+    if m.etp != tp && m.etp != 1 {
         return Err(Error::new(ErrorKind::Unsupported(format!(
-            "expert_tensor_parallel_size = {etp} differs from tensor_model_parallel_size = {tp}: not supported yet"
+            "expert_tensor_parallel_size = {} under tensor_model_parallel_size = {tp}: expert TP equal to TP, or 1, \
+             is supported",
+            m.etp
         )))
         .in_file(src.file));
     }
     if m.experts == 0
         || m.ep == 0
         || !m.experts.is_multiple_of(m.ep)
-        || !m.ffn.is_multiple_of(tp)
+        || !m.ffn.is_multiple_of(m.etp)
         || !m.shared_ffn.is_multiple_of(tp)
     {
         let (e, ep, f) = (m.experts, m.ep, m.ffn);

@@ -64,15 +64,23 @@ struct Merge<'a> {
     /// Index into `ranks` by (stage, tensor-parallel rank, expert-parallel rank), built once so every key costs a
     /// hash lookup.
     at: HashMap<(u64, u64, u64), usize>,
+    /// The rank that holds each (stage, tensor-parallel rank)'s dense tensors: its lowest expert-parallel rank
+    /// (the others hold data-parallel copies).
+    dense_home: HashMap<(u64, u64), usize>,
+    /// With expert TP 1 (under any TP), the rank that holds each (stage, expert-parallel rank)'s whole experts: its
+    /// lowest tensor-parallel rank.
+    expert_home: HashMap<(u64, u64), usize>,
     tp: u64,
+    /// Expert tensor-parallel size: TP, or 1.
+    etp: u64,
     stages: u64,
     chunks_per_stage: usize,
     layout: &'a Layout,
     fam: &'static Family,
     /// Whether q/k/v biases must be present or absent, and why (`None`: either).
     bias_rule: Option<(bool, String)>,
-    /// (stage, expert-parallel rank, chunk, key) of every Megatron tensor given a place.
-    used: HashSet<(u64, u64, usize, String)>,
+    /// (rank index, chunk, key) of every Megatron tensor given a place.
+    used: HashSet<(usize, usize, String)>,
     outs: Vec<Out>,
     /// Tensors replicated across tensor-parallel ranks, checked equal at the end.
     replicated: Vec<(String, Vec<StridedView>)>,
@@ -157,7 +165,10 @@ impl<'a> Merge<'a> {
             inputs: &ck.inputs,
             ranks: &ck.ranks,
             at: ck.ranks.iter().enumerate().map(|(i, r)| ((r.pp, r.tp, r.ep), i)).collect(),
+            dense_home: lowest(ck.ranks.iter().enumerate().map(|(i, r)| ((r.pp, r.tp), r.ep, i))),
+            expert_home: lowest(ck.ranks.iter().enumerate().map(|(i, r)| ((r.pp, r.ep), r.tp, i))),
             tp: ck.grid.0,
+            etp: layout.moe.as_ref().map_or(ck.grid.0, |m| m.etp),
             stages: ck.stages,
             chunks_per_stage: ck.ranks.iter().map(|r| r.chunks.len()).max().unwrap_or(1),
             layout,
@@ -171,19 +182,32 @@ impl<'a> Merge<'a> {
     }
 
     /// Every tensor-parallel rank's `key` in one chunk of one stage, marked used; `None` if a rank lacks it. Dense
-    /// tensors are read from expert-parallel rank 0 (the other EP ranks hold data-parallel copies of them).
+    /// tensors are read from each tensor-parallel rank's lowest expert-parallel rank (the other EP ranks hold
+    /// data-parallel copies of them).
     fn parts(&mut self, stage: u64, chunk: usize, key: &str) -> Option<Vec<StridedView>> {
-        self.parts_ep(stage, 0, chunk, key)
+        self.parts_of(stage, None, chunk, key)
     }
 
-    /// [`Merge::parts`] on expert-parallel rank `ep`.
-    fn parts_ep(&mut self, stage: u64, ep: u64, chunk: usize, key: &str) -> Option<Vec<StridedView>> {
-        let mut out = Vec::with_capacity(self.tp as usize);
-        for t in 0..self.tp {
-            let r = self.ranks.get(*self.at.get(&(stage, t, ep))?)?;
-            out.push(r.chunks.get(chunk)?.get(key)?.clone());
+    /// The ranks holding one stage's dense tensors (`who` `None`) or expert-parallel rank `who`'s experts, in
+    /// expert-tensor-parallel order.
+    fn holders(&self, stage: u64, who: Option<u64>) -> Option<Vec<usize>> {
+        match who {
+            None => (0..self.tp).map(|t| self.dense_home.get(&(stage, t)).copied()).collect(),
+            Some(ep) if self.etp == self.tp => (0..self.tp).map(|t| self.at.get(&(stage, t, ep)).copied()).collect(),
+            Some(ep) => self.expert_home.get(&(stage, ep)).map(|&i| vec![i]),
         }
-        self.used.insert((stage, ep, chunk, key.to_string()));
+    }
+
+    /// [`Merge::parts`] of the dense tensors (`who` `None`) or of expert-parallel rank `who`'s experts.
+    fn parts_of(&mut self, stage: u64, who: Option<u64>, chunk: usize, key: &str) -> Option<Vec<StridedView>> {
+        let holders = self.holders(stage, who)?;
+        let mut out = Vec::with_capacity(holders.len());
+        for &i in &holders {
+            out.push(self.ranks.get(i)?.chunks.get(chunk)?.get(key)?.clone());
+        }
+        for i in holders {
+            self.used.insert((i, chunk, key.to_string()));
+        }
         Some(out)
     }
 
@@ -207,7 +231,7 @@ impl<'a> Merge<'a> {
     /// The first (stage, chunk) whose tensor-parallel rank 0 holds `key`.
     fn find_stage(&self, key: &str) -> Option<(u64, usize)> {
         (0..self.stages).flat_map(|s| (0..self.chunks_per_stage).map(move |v| (s, v))).find(|&(s, v)| {
-            let r = self.at.get(&(s, 0, 0)).and_then(|&i| self.ranks.get(i));
+            let r = self.dense_home.get(&(s, 0)).and_then(|&i| self.ranks.get(i));
             r.is_some_and(|r| r.chunks.get(v).is_some_and(|m| m.contains_key(key)))
         })
     }
@@ -229,7 +253,7 @@ impl<'a> Merge<'a> {
         let mut homes = Vec::new();
         for chunk in 0..self.chunks_per_stage {
             for stage in 0..self.stages {
-                let r0 = self.at.get(&(stage, 0, 0)).and_then(|&i| self.ranks.get(i));
+                let r0 = self.dense_home.get(&(stage, 0)).and_then(|&i| self.ranks.get(i));
                 let r0 = r0.ok_or_else(|| bad("rank grid hole"))?;
                 let Some(map) = r0.chunks.get(chunk) else { continue };
                 let mut locals: Vec<u64> = map
@@ -332,7 +356,7 @@ impl<'a> Merge<'a> {
             return self.moe(g, h);
         }
         let names = self.fam.names;
-        let pieces = self.fc1(g, h, 0, "mlp")?;
+        let pieces = self.fc1(g, h, None, "mlp")?;
         self.place(pieces, g, names.gate_up, "")?;
         let fc2 = self.layer_part(h, "mlp.linear_fc2.weight")?;
         self.push_row_parallel(self.hf(g, names.down), &fc2)
@@ -340,39 +364,44 @@ impl<'a> Merge<'a> {
 
     /// The fc1 of the MLP at `module` (`mlp`, `mlp.shared_experts`, `mlp.experts.local_experts.J`) on
     /// expert-parallel rank `ep`, as gate and up (or, ungated, as itself), unnamed.
-    fn fc1(&mut self, g: usize, h: LayerHome, ep: u64, module: &str) -> Result<Vec<Out>> {
-        self.fc1_key(g, h, ep, &format!("{module}.linear_fc1.weight"))
+    fn fc1(&mut self, g: usize, h: LayerHome, who: Option<u64>, module: &str) -> Result<Vec<Out>> {
+        self.fc1_key(g, h, who, &format!("{module}.linear_fc1.weight"))
     }
 
     /// [`Merge::fc1`] of the weight `suffix` (or, when it ends in `linear_fc1.weight`, of its torch_dist halves).
-    fn fc1_key(&mut self, g: usize, h: LayerHome, ep: u64, suffix: &str) -> Result<Vec<Out>> {
+    fn fc1_key(&mut self, g: usize, h: LayerHome, who: Option<u64>, suffix: &str) -> Result<Vec<Out>> {
         let fc1_name = self.hf(g, suffix);
         let module = suffix.strip_suffix(".linear_fc1.weight").unwrap_or(suffix);
         let key = h.key(suffix);
         // Rank files hold each rank's [gate_r; up_r]; torch_dist stores the halves apart (see load_dist).
-        Ok(match self.parts_ep(h.stage, ep, h.chunk, &key) {
+        Ok(match self.parts_of(h.stage, who, h.chunk, &key) {
             Some(fc1) if self.layout.swiglu => gate_up(fc1_halves(self.inputs, &fc1_name, &fc1)?),
             Some(fc1) => {
                 let (shape, chunks) = concat(self.inputs, &fc1_name, &fc1, 0)?;
                 vec![Out { name: fc1_name, shape, dtype: fc1[0].dtype, chunks }]
             }
             None => {
-                let gate = self.parts_ep(h.stage, ep, h.chunk, &h.key(&format!("{module}.{FC1_GATE}")));
-                let up = self.parts_ep(h.stage, ep, h.chunk, &h.key(&format!("{module}.{FC1_UP}")));
+                let gate = self.parts_of(h.stage, who, h.chunk, &h.key(&format!("{module}.{FC1_GATE}")));
+                let up = self.parts_of(h.stage, who, h.chunk, &h.key(&format!("{module}.{FC1_UP}")));
                 let (Some(gate), Some(up)) = (gate, up) else {
-                    return Err(self.missing(&key, ep));
+                    return Err(self.missing(&key, who));
                 };
                 gate_up((gate, up))
             }
         })
     }
 
-    /// A tensor no rank of expert-parallel rank `ep` holds.
-    fn missing(&self, key: &str, ep: u64) -> Error {
-        match self.layout.moe.as_ref().map_or(1, |m| m.ep) {
-            1 => bad(format!("tensor '{key}' is missing on some rank")),
-            _ => bad(format!("tensor '{key}' is missing on some rank of expert-parallel rank {ep}")),
+    /// A tensor that some rank (of expert-parallel rank `who`, for an expert's) lacks.
+    fn missing(&self, key: &str, who: Option<u64>) -> Error {
+        match (self.layout.moe.as_ref().map_or(1, |m| m.ep), who) {
+            (1, _) | (_, None) => bad(format!("tensor '{key}' is missing on some rank")),
+            (_, Some(ep)) => bad(format!("tensor '{key}' is missing on some rank of expert-parallel rank {ep}")),
         }
+    }
+
+    /// An expert tensor `key` on every expert-tensor-parallel rank of expert-parallel rank `ep`.
+    fn expert_part(&mut self, h: LayerHome, ep: u64, key: &str) -> Result<Vec<StridedView>> {
+        self.parts_of(h.stage, Some(ep), h.chunk, key).ok_or_else(|| self.missing(key, Some(ep)))
     }
 
     /// A Mixture-of-Experts block: the router, every expert of every expert-parallel rank (numbered globally:
@@ -391,7 +420,7 @@ impl<'a> Merge<'a> {
         let local = m.experts / m.ep;
         for ep in 0..m.ep {
             self.check_expert_count(h, ep, local, &m)?;
-            let grouped = self.parts_ep(h.stage, ep, h.chunk, &h.key("mlp.experts.weight1"));
+            let grouped = self.parts_of(h.stage, Some(ep), h.chunk, &h.key("mlp.experts.weight1"));
             for j in 0..local {
                 let e = ep * local + j;
                 let hf = names.expert.map(|n| self.hf(g, &format!("{}.{e}.{n}", names.experts)));
@@ -401,16 +430,16 @@ impl<'a> Merge<'a> {
                     // (megatron/core/extensions/transformer_engine.py, _sharded_state_dict_grouped), each laid
                     // out as SequentialMLP's expert is on that rank.
                     None if self.layer_has_ep(h, ep, "mlp.experts.linear_fc1.weight0") => {
-                        let pieces = self.fc1_key(g, h, ep, &format!("mlp.experts.linear_fc1.weight{j}"))?;
+                        let pieces = self.fc1_key(g, h, Some(ep), &format!("mlp.experts.linear_fc1.weight{j}"))?;
                         let key = h.key(&format!("mlp.experts.linear_fc2.weight{j}"));
-                        let fc2 = self.parts_ep(h.stage, ep, h.chunk, &key).ok_or_else(|| self.missing(&key, ep))?;
+                        let fc2 = self.expert_part(h, ep, &key)?;
                         (pieces, fc2)
                     }
                     None => {
                         let module = format!("mlp.experts.local_experts.{j}");
-                        let pieces = self.fc1(g, h, ep, &module)?;
+                        let pieces = self.fc1(g, h, Some(ep), &module)?;
                         let key = h.key(&format!("{module}.linear_fc2.weight"));
-                        let fc2 = self.parts_ep(h.stage, ep, h.chunk, &key).ok_or_else(|| self.missing(&key, ep))?;
+                        let fc2 = self.expert_part(h, ep, &key)?;
                         (pieces, fc2)
                     }
                 };
@@ -427,7 +456,7 @@ impl<'a> Merge<'a> {
             if self.layer_has(h, &format!("{module}.linear_fc1.weight"))
                 || self.layer_has(h, &format!("{module}.{FC1_GATE}"))
             {
-                let pieces = self.fc1(g, h, 0, module)?;
+                let pieces = self.fc1(g, h, None, module)?;
                 let [gate, up] = <[Out; 2]>::try_from(pieces).map_err(|_| bad("an ungated shared expert"))?;
                 let [gate_name, up_name, down_name] = shared.map(|n| self.hf(g, n));
                 self.check_expert_shape(&gate_name, &gate.shape, [m.shared_ffn, self.layout.hidden], h, 0)?;
@@ -450,7 +479,8 @@ impl<'a> Merge<'a> {
         if shape == want {
             return Ok(());
         }
-        let file = self.at.get(&(h.stage, 0, ep)).and_then(|&i| self.ranks.get(i)).map(|r| &self.inputs[r.input].name);
+        let first = self.holders(h.stage, Some(ep)).and_then(|v| v.first().copied());
+        let file = first.and_then(|i| self.ranks.get(i)).map(|r| &self.inputs[r.input].name);
         let msg = format!("merges to {shape:?}, but args give an expert (gate) projection of {want:?}");
         Err(ranks_disagree(name, msg).in_file(file.map_or("", |f| f.as_str())))
     }
@@ -462,7 +492,11 @@ impl<'a> Merge<'a> {
 
     /// Whether tensor-parallel rank 0 of expert-parallel rank `ep` in the layer's stage holds `suffix`.
     fn layer_has_ep(&self, h: LayerHome, ep: u64, suffix: &str) -> bool {
-        let r = self.at.get(&(h.stage, 0, ep)).and_then(|&i| self.ranks.get(i));
+        let first = match ep {
+            0 => self.dense_home.get(&(h.stage, 0)).copied(),
+            _ => self.holders(h.stage, Some(ep)).and_then(|v| v.first().copied()),
+        };
+        let r = first.and_then(|i| self.ranks.get(i));
         r.is_some_and(|r| r.chunks.get(h.chunk).is_some_and(|m| m.contains_key(&h.key(suffix))))
     }
 
@@ -470,8 +504,8 @@ impl<'a> Merge<'a> {
     fn check_expert_count(&self, h: LayerHome, ep: u64, local: u64, m: &MoeLayout) -> Result<()> {
         // SequentialMLP's `local_experts.J.` and TEGroupedMLP's `linear_fc1.weightJ` / `linear_fc2.weightJ`.
         let prefixes = ["mlp.experts.local_experts.", "mlp.experts.linear_fc1.weight", "mlp.experts.linear_fc2.weight"];
-        for t in 0..self.tp {
-            let Some(r) = self.at.get(&(h.stage, t, ep)).and_then(|&i| self.ranks.get(i)) else { continue };
+        for i in self.holders(h.stage, Some(ep)).unwrap_or_default() {
+            let Some(r) = self.ranks.get(i) else { continue };
             let Some(map) = r.chunks.get(h.chunk) else { continue };
             let mut held: Vec<u64> = Vec::new();
             for prefix in prefixes.map(|p| h.key(p)) {
@@ -508,9 +542,9 @@ impl<'a> Merge<'a> {
         w1: &[StridedView],
     ) -> Result<(Vec<Out>, Vec<StridedView>)> {
         let key2 = h.key("mlp.experts.weight2");
-        let w2 = self.parts_ep(h.stage, ep, h.chunk, &key2).ok_or_else(|| self.missing(&key2, ep))?;
+        let w2 = self.expert_part(h, ep, &key2)?;
         let key1 = h.key("mlp.experts.weight1");
-        let (hidden, f) = (self.layout.hidden, self.layout.moe.as_ref().map_or(0, |m| m.ffn) / self.tp);
+        let (hidden, f) = (self.layout.hidden, self.layout.moe.as_ref().map_or(0, |m| m.ffn) / self.etp);
         let fc1_cols = if self.layout.swiglu { 2 * f } else { f };
         let (mut fc1, mut fc2) = (Vec::new(), Vec::new());
         for (a, b) in w1.iter().zip(&w2) {
@@ -561,29 +595,36 @@ impl<'a> Merge<'a> {
         Ok(())
     }
 
-    /// Everything in the checkpoint must have a place in the output. On expert-parallel ranks other than 0, a
-    /// tensor that is not an expert's is a data-parallel copy of EP rank 0's: it must be there, with its shape.
+    /// Everything in the checkpoint must have a place in the output. A tensor not read from this rank is a
+    /// data-parallel copy of one that was read (dense tensors on other expert-parallel ranks, whole experts on
+    /// other tensor-parallel ranks under expert TP 1): it must be there, with its shape.
     fn check_all_placed(&self) -> Result<()> {
-        for r in self.ranks {
+        for (i, r) in self.ranks.iter().enumerate() {
             for (v, map) in r.chunks.iter().enumerate() {
                 for (k, view) in map {
-                    if self.used.contains(&(r.pp, r.ep, v, k.clone())) {
+                    if self.used.contains(&(i, v, k.clone())) {
                         continue;
                     }
                     let file = &self.inputs[r.input].name;
-                    let copy_of = (r.ep > 0 && !k.contains(".mlp.experts."))
-                        .then(|| self.at.get(&(r.pp, r.tp, 0)).and_then(|&i| self.ranks.get(i)))
-                        .flatten()
-                        .and_then(|r0| r0.chunks.get(v)?.get(k))
-                        .filter(|_| self.used.contains(&(r.pp, 0, v, k.clone())));
+                    let home = match k.contains(".mlp.experts.") {
+                        false => self.dense_home.get(&(r.pp, r.tp)),
+                        true if self.etp != self.tp => self.expert_home.get(&(r.pp, r.ep)),
+                        true => None,
+                    };
+                    let copy_of = home
+                        .filter(|&&h| h != i && self.used.contains(&(h, v, k.clone())))
+                        .and_then(|&h| Some((self.ranks.get(h)?, self.ranks.get(h)?.chunks.get(v)?.get(k)?)));
                     match copy_of {
-                        Some(v0) if v0.shape == view.shape && v0.dtype == view.dtype => continue,
-                        Some(v0) => {
+                        Some((_, v0)) if v0.shape == view.shape && v0.dtype == view.dtype => continue,
+                        Some((r0, v0)) => {
                             let msg = format!(
-                                "expert-parallel rank {} has shape {:?} {}, rank 0 {:?} {}",
+                                "rank (TP {}, EP {}) has shape {:?} {}, rank (TP {}, EP {}) {:?} {}",
+                                r.tp,
                                 r.ep,
                                 view.shape,
                                 view.dtype.torch_name(),
+                                r0.tp,
+                                r0.ep,
                                 v0.shape,
                                 v0.dtype.torch_name()
                             );
@@ -888,6 +929,18 @@ fn stack(name: String, pieces: Vec<Out>) -> Out {
         *rows = at;
     }
     Out { name, shape, dtype, chunks }
+}
+
+/// For each key, the index of its entry with the lowest rank.
+fn lowest(entries: impl Iterator<Item = ((u64, u64), u64, usize)>) -> HashMap<(u64, u64), usize> {
+    let mut best: HashMap<(u64, u64), (u64, usize)> = HashMap::new();
+    for (key, rank, i) in entries {
+        let e = best.entry(key).or_insert((rank, i));
+        if rank < e.0 {
+            *e = (rank, i);
+        }
+    }
+    best.into_iter().map(|(k, (_, i))| (k, i)).collect()
 }
 
 #[cfg(test)]

@@ -333,7 +333,10 @@ fn load_rank_files(folder: &dyn Folder, dir: &str) -> Result<Checkpoint> {
     if tp == 0 || tp * pp * ep > 4096 {
         return Err(bad(format!("no usable mp_rank_* grid in {dir}")).in_file(folder.name()));
     }
-    check_grid_complete(folder, dir, &grid, (tp, pp, ep))?;
+    // With expert TP 1 under a larger TP, megatron saves one folder per rank that is dense- or expert-data-parallel
+    // rank 0, so not every (TP, EP) pair has a folder (FORMATS.md §3a).
+    let sparse = ep > 1 && tp > 1 && arg("expert_tensor_parallel_size") == 1;
+    check_grid_complete(folder, dir, &grid, (tp, pp, ep), sparse)?;
     // Complete, so the grid's first entry, (0, 0, 0), is the rank already read.
     (rank0.tp, rank0.pp, rank0.ep) = (0, 0, 0);
     if grid.first().is_none_or(|g| g.1 != *rel0) {
@@ -359,6 +362,7 @@ fn check_grid_complete(
     dir: &str,
     grid: &[((u64, u64, u64), String)],
     (tp, pp, ep): (u64, u64, u64),
+    sparse: bool,
 ) -> Result<()> {
     let mut have = HashSet::new();
     for (at, rel) in grid {
@@ -372,8 +376,26 @@ fn check_grid_complete(
     for s in 0..pp {
         for e in 0..ep {
             for t in 0..tp {
-                if have.contains(&(t, s, e)) {
+                // Sparse: every TP rank (dense tensors) and every EP rank (experts) needs one folder of its own.
+                let covered = |f: &dyn Fn(&(u64, u64, u64)) -> bool| have.iter().any(f);
+                if have.contains(&(t, s, e))
+                    || sparse
+                        && covered(&|h: &(u64, u64, u64)| h.0 == t && h.1 == s)
+                        && covered(&|h: &(u64, u64, u64)| h.2 == e && h.1 == s)
+                {
                     continue;
+                }
+                if sparse {
+                    let (what, which) = if covered(&|h: &(u64, u64, u64)| h.0 == t && h.1 == s) {
+                        ("expert-parallel", e)
+                    } else {
+                        ("tensor-parallel", t)
+                    };
+                    let msg = format!(
+                        "no rank folder holds {what} rank {which} of stage {s} (a {tp}x{pp}x{ep} TP x PP x EP grid \
+                         with expert TP 1, where each TP rank and each EP rank needs one folder)"
+                    );
+                    return Err(bad(msg).in_file(folder.name()));
                 }
                 let mut want = format!("mp_rank_{t:02}");
                 if multi_pp && (pp > 1 || ep == 1) {

@@ -176,7 +176,7 @@ def test_dense_copy_differs_in_shape_on_an_ep_rank(binary, tmp_path):
     path = d / "actor" / ITER / "mp_rank_00_001" / "model_optim_rng.pt"
     edit_rank(path, lambda sd: sd["model"].__setitem__("decoder.layers.0.mlp.router.weight", torch.zeros(4, 31)))
     refused(binary, d, tmp_path, "mp_rank_00_001/model_optim_rng.pt", "decoder.layers.0.mlp.router.weight",
-            "expert-parallel rank 1 has shape [4, 31]")
+            "rank (TP 0, EP 1) has shape [4, 31]")
 
 
 def test_routing_mismatch_with_base_config(binary, tmp_path):
@@ -344,3 +344,29 @@ def test_mla_checkpoint_with_a_gqa_family_base(binary, tmp_path):
     cfg = json.loads((d / "base_hf" / "config.json").read_text())
     (d / "base_hf" / "config.json").write_text(json.dumps(dict(cfg, model_type="qwen3_moe")))
     refused(binary, d, tmp_path, "has Multi-Latent Attention", "Qwen3-MoE model has no")
+
+
+def test_expert_tp1_missing_folder(binary, tmp_path):
+    """TP 2, expert TP 1, EP 2 saves only mp_rank_00_000 and mp_rank_01_001; without the second, TP rank 1's dense
+    half and EP rank 1's experts are gone."""
+    d = broken_copy(tmp_path, "qwen3moe_tp2_etp1_ep2")
+    shutil.rmtree(d / "actor" / ITER / "mp_rank_01_001")
+    refused(binary, d, tmp_path, "no rank folder holds tensor-parallel rank 1 of stage 0")
+
+
+def test_expert_tp1_copies_must_agree_in_shape(binary, tmp_path):
+    """Under expert TP 1, a second folder of the same EP rank holds the same whole experts: a reshaped copy is named."""
+    d = broken_copy(tmp_path, "qwen3moe_tp2_etp1_ep2")
+    it = d / "actor" / ITER
+    shutil.copytree(it / "mp_rank_00_000", it / "mp_rank_01_000")
+    path = it / "mp_rank_01_000" / "model_optim_rng.pt"
+    src = torch.load(it / "mp_rank_01_001" / "model_optim_rng.pt", weights_only=False)
+
+    def as_tp1_ep0(sd):  # TP rank 1's dense half (from mp_rank_01_001), EP rank 0's experts with one reshaped
+        for k, v in src["model"].items():
+            if ".mlp.experts." not in k:
+                sd["model"][k] = v
+        sd["model"]["decoder.layers.0.mlp.experts.local_experts.1.linear_fc2.weight"] = torch.zeros(32, 8)
+    edit_rank(path, as_tp1_ep0)
+    refused(binary, d, tmp_path, "mp_rank_01_000/model_optim_rng.pt",
+            "decoder.layers.0.mlp.experts.local_experts.1.linear_fc2.weight", "rank (TP 1, EP 0) has shape [32, 8]")

@@ -17,6 +17,7 @@ WASI and the page give the same verdicts: wasi/test_wasi_pickle_policy.py, web/t
 
 import atexit
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -103,10 +104,10 @@ def fixture_inputs():
         inputs.append((meta.parent, None))
     verl = sorted({p.parent for p in FIXTURES.rglob("model_world_size_*_rank_0.pt")})
     inputs += [(d, None) for d in verl]
-    megatron = sorted(p for p in FIXTURES.glob("megatron/*/actor*") if p.is_dir())
+    megatron = sorted(p for p in FIXTURES.glob("megatron*/*/actor*") if p.is_dir())  # dense, MoE and MLA
     inputs += [(d, d.parent / "base_hf") for d in megatron]
     for f in sorted(FIXTURES.rglob("*.pt")):
-        if "/megatron/" in str(f) and "/iter_" in str(f) or f.name.startswith("model_world_size_"):
+        if re.search(r"/megatron(_moe|_mla)?/.*/iter_", str(f)) or f.name.startswith("model_world_size_"):
             continue  # a rank file of a folder format, read with its folder above
         if f.parent.name == "trust":
             continue  # needs --allow-global by design (tests/e2e/test_trust.py)
