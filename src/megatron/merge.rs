@@ -690,7 +690,7 @@ impl<'a> Merge<'a> {
         let routing = if m.pre_softmax { "softmax over all experts" } else { "top-k renormalised" };
         format!(
             "; MoE: {} experts{topk} of ffn {}{shared}, {routing}, saved with EP={} x expert TP={}",
-            m.experts, m.ffn, m.ep_saved, self.layout.tp
+            m.experts, m.ffn, m.ep_saved, m.etp
         )
     }
 }

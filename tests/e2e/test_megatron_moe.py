@@ -83,13 +83,13 @@ def test_torch_dist_gives_the_rank_files_bytes(converted, case):
         assert (dist / p.name).read_bytes() == p.read_bytes(), f"{case}: {p.name} differs from the rank files'"
 
 
-@pytest.mark.parametrize("case", ["qwen3moe_ep2_tp2", "qwen2moe_ep2", "mixtral_ep2"])
+@pytest.mark.parametrize("case", ["qwen3moe_ep2_tp2", "qwen3moe_tp2_etp1_ep2", "qwen2moe_ep2", "mixtral_ep2"])
 def test_inspect_shows_the_moe_layout(run, case):
     r = run("inspect", MOE / case / "actor", "--base", MOE / case / "base_hf")
     assert r.returncode == 0, r.stderr
     m = MANIFEST[case]
     assert f"MoE: {m['num_experts']} experts (top-{m['topk']})" in r.stdout + r.stderr
-    assert f"EP={m['ep']} x expert TP={m['tp']}" in r.stdout + r.stderr
+    assert f"EP={m['ep']} x expert TP={m['etp']}" in r.stdout + r.stderr
     names = r.stdout
     expert = "block_sparse_moe.experts.3.w2.weight" if case == "mixtral_ep2" else "mlp.experts.3.down_proj.weight"
     assert f"model.layers.1.{expert}" in names
