@@ -21,6 +21,7 @@ bench-all: setup
 	.venv/bin/python bench/bench_dcp.py
 	.venv/bin/python bench/bench_megatron.py
 	.venv/bin/python bench/bench_megatron.py --format torch_dist
+	.venv/bin/python bench/bench_moe.py
 	.venv/bin/python bench/bench_lora.py
 	.venv/bin/python bench/bench_io.py
 	.venv/bin/python bench/bench_wasi.py

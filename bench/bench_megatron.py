@@ -151,9 +151,11 @@ def template():
     return ckpt, cfg
 
 
-def layer_keys(model_keys, n_layers):
-    """The fixture's key order, with its layer-0 block repeated for every layer of the big model."""
-    block = [k[len("decoder.layers.0."):] for k in model_keys if k.startswith("decoder.layers.0.")]
+def layer_keys(model_keys, n_layers, block=None):
+    """The fixture's key order, with its layer-0 block (or `block`, the keys of one layer after
+    "decoder.layers.N.") repeated for every layer of the big model."""
+    if block is None:
+        block = [k[len("decoder.layers.0."):] for k in model_keys if k.startswith("decoder.layers.0.")]
     out, done = [], False
     for k in model_keys:
         if not k.startswith("decoder.layers."):
