@@ -65,10 +65,16 @@ def main():
             a, b = ranks[0].read_bytes(), ranks[1].read_bytes()
             # The fuzz entry point reads rank 0's length first, then both files.
             put("megatron", len(a).to_bytes(4, "little") + a + b, limit=1 << 20)
+    # Mixture-of-Experts rank files at EP 2 (mp_rank_00_000, mp_rank_00_001), as the megatron_moe entry point reads them
+    for case in ["qwen3moe_ep2", "qwen3moe_grouped_ep2"]:
+        ranks = sorted((FIX / "megatron_moe" / case).glob("actor/iter_*/mp_rank_*/model_optim_rng.pt"))
+        if len(ranks) == 2:
+            a, b = ranks[0].read_bytes(), ranks[1].read_bytes()
+            put("megatron_moe", len(a).to_bytes(4, "little") + a + b, limit=1 << 20)
     # torch_dist folders of two TP ranks with two writer threads each, as the megatron_dist entry point splits
     # them: .metadata, common.pt, __0_0, __0_1 and __1_0.distcp as u32 length and bytes, then __1_1.distcp.
     names = (".metadata", "common.pt", "__0_0.distcp", "__0_1.distcp", "__1_0.distcp", "__1_1.distcp")
-    for it in sorted(FIX.glob("megatron/*/actor_dist/iter_*")):
+    for it in sorted(FIX.glob("megatron*/*/actor_dist/iter_*")):  # dense, MoE (two EP ranks) and MLA
         if {p.name for p in it.iterdir()} != {*names, "metadata.json"}:
             continue  # other grids (PP=2: eight data files) do not fit the entry point's folder
         parts = [(it / n).read_bytes() for n in names]
@@ -80,7 +86,8 @@ def main():
         # The header plus a little data: enough for every structural check.
         put("safetensors_header", data[: 8 + n + 64])
         put("safetensors_header", data)
-    for t in ["pickle", "torch_file", "dcp_metadata", "dcp_folder", "megatron", "megatron_dist", "safetensors_header"]:
+    for t in ["pickle", "torch_file", "dcp_metadata", "dcp_folder", "megatron", "megatron_dist", "megatron_moe",
+              "safetensors_header"]:
         n = len(list((ROOT / "corpus" / t).glob("*")))
         print(f"{t}: {n} seeds")
 

@@ -13,6 +13,7 @@ const TARGETS: &[(&str, Target)] = &[
     ("dcp_folder", ckptconv::fuzzing::dcp_folder),
     ("megatron", ckptconv::fuzzing::megatron),
     ("megatron_dist", ckptconv::fuzzing::megatron_dist),
+    ("megatron_moe", ckptconv::fuzzing::megatron_moe),
     ("safetensors_header", ckptconv::fuzzing::safetensors_header),
 ];
 

@@ -89,6 +89,29 @@ pub fn megatron(data: &[u8]) {
     }
 }
 
+/// Two expert-parallel rank files of a Mixture-of-Experts checkpoint (`mp_rank_00_000`, `mp_rank_00_001`; rank 0's
+/// length first, as [`megatron`]), merged against a Qwen3-MoE base config shaped like the `qwen3moe_ep2` fixture.
+pub fn megatron_moe(data: &[u8]) {
+    if let Some(p) = megatron_moe_plan(data) {
+        read_some(&p.plan, &p.inputs);
+    }
+}
+
+/// [`megatron_moe`]'s plan, when the bytes make one.
+fn megatron_moe_plan(data: &[u8]) -> Option<crate::planned::Planned> {
+    let (a, b) = split_counted(data)?;
+    let mut f = MemoryFolder { name: "fuzz_mg_moe".into(), ..Default::default() };
+    f.files.insert("mp_rank_00_000/model_optim_rng.pt".into(), a.to_vec());
+    f.files.insert("mp_rank_00_001/model_optim_rng.pt".into(), b.to_vec());
+    let mut base = MemoryFolder { name: "fuzz_base".into(), ..Default::default() };
+    base.files.insert(
+        "config.json".into(),
+        br#"{"model_type":"qwen3_moe","hidden_size":32,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,"intermediate_size":64,"vocab_size":64,"num_experts":4,"num_experts_per_tok":2,"moe_intermediate_size":16,"norm_topk_prob":true,"tie_word_embeddings":false}"#.to_vec(),
+    );
+    let base = crate::hf::BaseModel::open(&base).ok()?;
+    crate::megatron::plan_megatron(&f, "", Some(&base), &PlanOptions::default()).ok().map(|(p, _)| p)
+}
+
 /// The files of a Megatron torch_dist iteration folder saved by two tensor-parallel ranks with two writer threads
 /// each (no base model, so nothing about the layout is known beforehand): `.metadata`, `common.pt`,
 /// `__0_0.distcp`, `__0_1.distcp` and `__1_0.distcp`, each as a u32 length and bytes, then `__1_1.distcp`.
@@ -112,4 +135,21 @@ pub fn safetensors_header(data: &[u8]) {
     let input = input(data, "fuzz.safetensors");
     let _ = crate::safetensors_header::read_file(&input);
     let _ = crate::safetensors_header::read_item(&input, data.first().map_or(0, |&b| u64::from(b)));
+}
+
+#[cfg(test)]
+mod tests {
+    /// The entry point's folder and base config fit the real fixture, so the fuzzer starts from a full MoE merge.
+    #[test]
+    fn the_moe_entry_point_merges_the_real_fixture() -> std::io::Result<()> {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/megatron_moe/qwen3moe_ep2/actor/iter_0000001");
+        let a = std::fs::read(format!("{dir}/mp_rank_00_000/model_optim_rng.pt"))?;
+        let b = std::fs::read(format!("{dir}/mp_rank_00_001/model_optim_rng.pt"))?;
+        let mut data = (a.len() as u32).to_le_bytes().to_vec();
+        data.extend(a);
+        data.extend(b);
+        let p = super::megatron_moe_plan(&data);
+        assert_eq!(p.map(|p| p.plan.tensors.len()), Some(45));
+        Ok(())
+    }
 }
