@@ -198,6 +198,15 @@ impl<'a> Merge<'a> {
         }
     }
 
+    /// The first of [`Merge::holders`]: tensor-parallel rank 0's (or expert-TP rank 0's) rank.
+    fn first_holder(&self, stage: u64, who: Option<u64>) -> Option<&RankModel> {
+        let first = match who {
+            None => self.dense_home.get(&(stage, 0)).copied(),
+            Some(_) => self.holders(stage, who)?.first().copied(),
+        };
+        first.and_then(|i| self.ranks.get(i))
+    }
+
     /// [`Merge::parts`] of the dense tensors (`who` `None`) or of expert-parallel rank `who`'s experts.
     fn parts_of(&mut self, stage: u64, who: Option<u64>, chunk: usize, key: &str) -> Option<Vec<StridedView>> {
         let holders = self.holders(stage, who)?;
@@ -231,8 +240,7 @@ impl<'a> Merge<'a> {
     /// The first (stage, chunk) whose tensor-parallel rank 0 holds `key`.
     fn find_stage(&self, key: &str) -> Option<(u64, usize)> {
         (0..self.stages).flat_map(|s| (0..self.chunks_per_stage).map(move |v| (s, v))).find(|&(s, v)| {
-            let r = self.dense_home.get(&(s, 0)).and_then(|&i| self.ranks.get(i));
-            r.is_some_and(|r| r.chunks.get(v).is_some_and(|m| m.contains_key(key)))
+            self.first_holder(s, None).is_some_and(|r| r.chunks.get(v).is_some_and(|m| m.contains_key(key)))
         })
     }
 
@@ -253,8 +261,7 @@ impl<'a> Merge<'a> {
         let mut homes = Vec::new();
         for chunk in 0..self.chunks_per_stage {
             for stage in 0..self.stages {
-                let r0 = self.dense_home.get(&(stage, 0)).and_then(|&i| self.ranks.get(i));
-                let r0 = r0.ok_or_else(|| bad("rank grid hole"))?;
+                let r0 = self.first_holder(stage, None).ok_or_else(|| bad("rank grid hole"))?;
                 let Some(map) = r0.chunks.get(chunk) else { continue };
                 let mut locals: Vec<u64> = map
                     .keys()
@@ -350,7 +357,7 @@ impl<'a> Merge<'a> {
     /// fc1 as gate and up (or, ungated, as itself), and fc2 as the down projection; or, in a layer with a
     /// router, the Mixture-of-Experts block.
     fn mlp(&mut self, g: usize, h: LayerHome) -> Result<()> {
-        let moe = self.layout.moe.is_some() && self.parts(h.stage, h.chunk, &h.key("mlp.router.weight")).is_some();
+        let moe = self.layout.moe.is_some() && self.layer_has(h, None, "mlp.router.weight");
         self.moe_layers.push(moe);
         if moe {
             return self.moe(g, h);
@@ -421,31 +428,32 @@ impl<'a> Merge<'a> {
         for ep in 0..m.ep {
             self.check_expert_count(h, ep, local, &m)?;
             let grouped = self.parts_of(h.stage, Some(ep), h.chunk, &h.key("mlp.experts.weight1"));
+            // Transformer Engine's TEGroupedMLP: one GroupedLinear per fc whose parameters are weight0..
+            // (megatron/core/extensions/transformer_engine.py, _sharded_state_dict_grouped), each laid out as
+            // SequentialMLP's expert is on that rank.
+            let te = self.layer_has(h, Some(ep), "mlp.experts.linear_fc1.weight0");
             for j in 0..local {
                 let e = ep * local + j;
                 let hf = names.expert.map(|n| self.hf(g, &format!("{}.{e}.{n}", names.experts)));
                 let (gate_up, down) = match &grouped {
                     Some(w1) => self.grouped_expert(h, ep, j, local, w1)?,
-                    // Transformer Engine's TEGroupedMLP: one GroupedLinear per fc whose parameters are weight0..
-                    // (megatron/core/extensions/transformer_engine.py, _sharded_state_dict_grouped), each laid
-                    // out as SequentialMLP's expert is on that rank.
-                    None if self.layer_has_ep(h, ep, "mlp.experts.linear_fc1.weight0") => {
-                        let pieces = self.fc1_key(g, h, Some(ep), &format!("mlp.experts.linear_fc1.weight{j}"))?;
-                        let key = h.key(&format!("mlp.experts.linear_fc2.weight{j}"));
-                        let fc2 = self.expert_part(h, ep, &key)?;
-                        (pieces, fc2)
-                    }
                     None => {
-                        let module = format!("mlp.experts.local_experts.{j}");
-                        let pieces = self.fc1(g, h, Some(ep), &module)?;
-                        let key = h.key(&format!("{module}.linear_fc2.weight"));
-                        let fc2 = self.expert_part(h, ep, &key)?;
-                        (pieces, fc2)
+                        let (fc1, fc2) = match te {
+                            true => (
+                                format!("mlp.experts.linear_fc1.weight{j}"),
+                                format!("mlp.experts.linear_fc2.weight{j}"),
+                            ),
+                            false => {
+                                let module = format!("mlp.experts.local_experts.{j}");
+                                (format!("{module}.linear_fc1.weight"), format!("{module}.linear_fc2.weight"))
+                            }
+                        };
+                        (self.fc1_key(g, h, Some(ep), &fc1)?, self.expert_part(h, ep, &h.key(&fc2))?)
                     }
                 };
                 let [gate, up] = <[Out; 2]>::try_from(gate_up).map_err(|_| bad("an ungated expert MLP"))?;
                 let [gate_name, up_name, down_name] = hf;
-                self.check_expert_shape(&gate_name, &gate.shape, [m.ffn, self.layout.hidden], h, ep)?;
+                self.check_expert_shape(&gate_name, &gate.shape, [m.ffn, self.layout.hidden], h, Some(ep))?;
                 self.outs.push(Out { name: gate_name, ..gate });
                 self.outs.push(Out { name: up_name, ..up });
                 self.push_row_parallel(down_name, &down)?;
@@ -453,13 +461,13 @@ impl<'a> Merge<'a> {
         }
         if let Some(shared) = names.shared {
             let module = "mlp.shared_experts";
-            if self.layer_has(h, &format!("{module}.linear_fc1.weight"))
-                || self.layer_has(h, &format!("{module}.{FC1_GATE}"))
+            if self.layer_has(h, None, &format!("{module}.linear_fc1.weight"))
+                || self.layer_has(h, None, &format!("{module}.{FC1_GATE}"))
             {
                 let pieces = self.fc1(g, h, None, module)?;
                 let [gate, up] = <[Out; 2]>::try_from(pieces).map_err(|_| bad("an ungated shared expert"))?;
                 let [gate_name, up_name, down_name] = shared.map(|n| self.hf(g, n));
-                self.check_expert_shape(&gate_name, &gate.shape, [m.shared_ffn, self.layout.hidden], h, 0)?;
+                self.check_expert_shape(&gate_name, &gate.shape, [m.shared_ffn, self.layout.hidden], h, None)?;
                 self.outs.push(Out { name: gate_name, ..gate });
                 self.outs.push(Out { name: up_name, ..up });
                 let fc2 = self.layer_part(h, &format!("{module}.linear_fc2.weight"))?;
@@ -475,28 +483,26 @@ impl<'a> Merge<'a> {
     }
 
     /// An expert's gate projection has the shape `args` give it (`[ffn, hidden]`).
-    fn check_expert_shape(&self, name: &str, shape: &[u64], want: [u64; 2], h: LayerHome, ep: u64) -> Result<()> {
+    fn check_expert_shape(
+        &self,
+        name: &str,
+        shape: &[u64],
+        want: [u64; 2],
+        h: LayerHome,
+        who: Option<u64>,
+    ) -> Result<()> {
         if shape == want {
             return Ok(());
         }
-        let first = self.holders(h.stage, Some(ep)).and_then(|v| v.first().copied());
-        let file = first.and_then(|i| self.ranks.get(i)).map(|r| &self.inputs[r.input].name);
+        let file = self.first_holder(h.stage, who).map(|r| &self.inputs[r.input].name);
         let msg = format!("merges to {shape:?}, but args give an expert (gate) projection of {want:?}");
         Err(ranks_disagree(name, msg).in_file(file.map_or("", |f| f.as_str())))
     }
 
-    /// Whether tensor-parallel rank 0 of the layer's stage holds `suffix`.
-    fn layer_has(&self, h: LayerHome, suffix: &str) -> bool {
-        self.layer_has_ep(h, 0, suffix)
-    }
-
-    /// Whether tensor-parallel rank 0 of expert-parallel rank `ep` in the layer's stage holds `suffix`.
-    fn layer_has_ep(&self, h: LayerHome, ep: u64, suffix: &str) -> bool {
-        let first = match ep {
-            0 => self.dense_home.get(&(h.stage, 0)).copied(),
-            _ => self.holders(h.stage, Some(ep)).and_then(|v| v.first().copied()),
-        };
-        let r = first.and_then(|i| self.ranks.get(i));
+    /// Whether the first holder of the layer's dense tensors (`who` `None`) or of expert-parallel rank `who`'s
+    /// experts holds `suffix`.
+    fn layer_has(&self, h: LayerHome, who: Option<u64>, suffix: &str) -> bool {
+        let r = self.first_holder(h.stage, who);
         r.is_some_and(|r| r.chunks.get(h.chunk).is_some_and(|m| m.contains_key(&h.key(suffix))))
     }
 
@@ -611,9 +617,10 @@ impl<'a> Merge<'a> {
                         true if self.etp != self.tp => self.expert_home.get(&(r.pp, r.ep)),
                         true => None,
                     };
-                    let copy_of = home
-                        .filter(|&&h| h != i && self.used.contains(&(h, v, k.clone())))
-                        .and_then(|&h| Some((self.ranks.get(h)?, self.ranks.get(h)?.chunks.get(v)?.get(k)?)));
+                    let copy_of = home.filter(|&&h| h != i && self.used.contains(&(h, v, k.clone()))).and_then(|&h| {
+                        let r0 = self.ranks.get(h)?;
+                        Some((r0, r0.chunks.get(v)?.get(k)?))
+                    });
                     match copy_of {
                         Some((_, v0)) if v0.shape == view.shape && v0.dtype == view.dtype => continue,
                         Some((r0, v0)) => {

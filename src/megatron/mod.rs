@@ -371,31 +371,30 @@ fn check_grid_complete(
             return Err(bad(msg).in_file(folder.name()));
         }
     }
+    if sparse {
+        // Every TP rank (dense tensors) and every EP rank (experts) of each stage needs one folder of its own.
+        let tps: HashSet<(u64, u64)> = have.iter().map(|h| (h.0, h.1)).collect();
+        let eps: HashSet<(u64, u64)> = have.iter().map(|h| (h.2, h.1)).collect();
+        for s in 0..pp {
+            let missing = (0..tp).find(|&t| !tps.contains(&(t, s))).map(|t| ("tensor-parallel", t));
+            let missing = missing.or_else(|| (0..ep).find(|&e| !eps.contains(&(e, s))).map(|e| ("expert-parallel", e)));
+            if let Some((what, which)) = missing {
+                let msg = format!(
+                    "no rank folder holds {what} rank {which} of stage {s} (a {tp}x{pp}x{ep} TP x PP x EP grid with \
+                     expert TP 1, where each TP rank and each EP rank needs one folder)"
+                );
+                return Err(bad(msg).in_file(folder.name()));
+            }
+        }
+        return Ok(());
+    }
     let multi_pp = pp > 1 || grid.iter().any(|g| g.1.contains(&format!("mp_rank_{:02}_", g.0.0)));
     let prefix = if dir.is_empty() { String::new() } else { format!("{dir}/") };
     for s in 0..pp {
         for e in 0..ep {
             for t in 0..tp {
-                // Sparse: every TP rank (dense tensors) and every EP rank (experts) needs one folder of its own.
-                let covered = |f: &dyn Fn(&(u64, u64, u64)) -> bool| have.iter().any(f);
-                if have.contains(&(t, s, e))
-                    || sparse
-                        && covered(&|h: &(u64, u64, u64)| h.0 == t && h.1 == s)
-                        && covered(&|h: &(u64, u64, u64)| h.2 == e && h.1 == s)
-                {
+                if have.contains(&(t, s, e)) {
                     continue;
-                }
-                if sparse {
-                    let (what, which) = if covered(&|h: &(u64, u64, u64)| h.0 == t && h.1 == s) {
-                        ("expert-parallel", e)
-                    } else {
-                        ("tensor-parallel", t)
-                    };
-                    let msg = format!(
-                        "no rank folder holds {what} rank {which} of stage {s} (a {tp}x{pp}x{ep} TP x PP x EP grid \
-                         with expert TP 1, where each TP rank and each EP rank needs one folder)"
-                    );
-                    return Err(bad(msg).in_file(folder.name()));
                 }
                 let mut want = format!("mp_rank_{t:02}");
                 if multi_pp && (pp > 1 || ep == 1) {
