@@ -103,10 +103,15 @@ def test_inspect_without_base_guesses_the_moe_family(run):
 
 # --- broken inputs -----------------------------------------------------------------------------------------
 
-def broken_copy(tmp_path, case="qwen3moe_ep2"):
+def broken_copy(tmp_path, case="qwen3moe_ep2", root=MOE):
     dst = tmp_path / case
-    shutil.copytree(MOE / case, dst)
+    shutil.copytree(root / case, dst)
     return dst
+
+
+def edit_base_config(case_dir, **changes):
+    path = case_dir / "base_hf" / "config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), **changes)))
 
 
 def edit_rank(path, edit):
@@ -182,15 +187,13 @@ def test_dense_copy_differs_in_shape_on_an_ep_rank(binary, tmp_path):
 def test_routing_mismatch_with_base_config(binary, tmp_path):
     """Qwen3-MoE renormalises the top-k; a base config saying norm_topk_prob false describes another model."""
     d = broken_copy(tmp_path)
-    cfg = json.loads((d / "base_hf" / "config.json").read_text())
-    (d / "base_hf" / "config.json").write_text(json.dumps(dict(cfg, norm_topk_prob=False)))
+    edit_base_config(d, norm_topk_prob=False)
     refused(binary, d, tmp_path, "base_hf/config.json", "moe_router_pre_softmax")
 
 
 def test_dense_base_for_a_moe_checkpoint(binary, tmp_path):
     d = broken_copy(tmp_path)
-    cfg = json.loads((d / "base_hf" / "config.json").read_text())
-    (d / "base_hf" / "config.json").write_text(json.dumps(dict(cfg, model_type="qwen3")))
+    edit_base_config(d, model_type="qwen3")
     refused(binary, d, tmp_path, "Mixture-of-Experts", "Qwen3 model has no experts")
 
 
@@ -215,8 +218,7 @@ def test_expert_size_disagrees_with_args(binary, tmp_path, case, needle):
     for rank in ("mp_rank_00_000", "mp_rank_00_001"):
         edit_rank(d / "actor" / ITER / rank / "model_optim_rng.pt",
                   lambda sd: setattr(sd["args"], "moe_ffn_hidden_size", 8))
-    cfg = json.loads((d / "base_hf" / "config.json").read_text())
-    (d / "base_hf" / "config.json").write_text(json.dumps(dict(cfg, moe_intermediate_size=8)))
+    edit_base_config(d, moe_intermediate_size=8)
     refused(binary, d, tmp_path, "model_optim_rng.pt", needle)
 
 
@@ -301,12 +303,6 @@ def test_mla_logits_tensors_and_torch_dist(binary, tmp_path, case, src):
     check_hf_load(out)
 
 
-def mla_copy(tmp_path):
-    dst = tmp_path / "deepseek_v3_ep2"
-    shutil.copytree(MLA / "deepseek_v3_ep2", dst)
-    return dst
-
-
 @pytest.mark.parametrize("edit,needles", [
     ({"first_k_dense_replace": 0}, ["first_k_dense_replace = 0", "dense (router-less) layers are [0]"]),
     ({"rope_interleave": False}, ["rope_interleave"]),
@@ -316,14 +312,13 @@ def mla_copy(tmp_path):
 ], ids=["first_k_dense", "rope_interleave", "kv_lora_rank", "n_group", "n_shared_experts"])
 def test_mla_base_config_disagrees(binary, tmp_path, edit, needles):
     """A DeepSeek-V3 base config that describes another model than the checkpoint: refused, naming config.json."""
-    d = mla_copy(tmp_path)
-    cfg = json.loads((d / "base_hf" / "config.json").read_text())
-    (d / "base_hf" / "config.json").write_text(json.dumps(dict(cfg, **edit)))
+    d = broken_copy(tmp_path, "deepseek_v3_ep2", MLA)
+    edit_base_config(d, **edit)
     refused(binary, d, tmp_path, "base_hf/config.json", *needles)
 
 
 def test_mla_missing_projection(binary, tmp_path):
-    d = mla_copy(tmp_path)
+    d = broken_copy(tmp_path, "deepseek_v3_ep2", MLA)
     for rank in ("mp_rank_00_000", "mp_rank_00_001"):
         edit_rank(d / "actor" / ITER / rank / "model_optim_rng.pt",
                   lambda sd: sd["model"].pop("decoder.layers.1.self_attention.linear_kv_up_proj.weight"))
@@ -331,7 +326,7 @@ def test_mla_missing_projection(binary, tmp_path):
 
 
 def test_mla_unknown_attention_tensor(binary, tmp_path):
-    d = mla_copy(tmp_path)
+    d = broken_copy(tmp_path, "deepseek_v3_ep2", MLA)
     edit_rank(d / "actor" / ITER / "mp_rank_00_000" / "model_optim_rng.pt",
               lambda sd: sd["model"].__setitem__("decoder.layers.0.self_attention.linear_kv_up_proj.bias",
                                                  torch.zeros(64)))
@@ -340,9 +335,8 @@ def test_mla_unknown_attention_tensor(binary, tmp_path):
 
 def test_mla_checkpoint_with_a_gqa_family_base(binary, tmp_path):
     """The DeepSeek-V3 checkpoint against a base that says qwen3_moe: the attention kinds differ."""
-    d = mla_copy(tmp_path)
-    cfg = json.loads((d / "base_hf" / "config.json").read_text())
-    (d / "base_hf" / "config.json").write_text(json.dumps(dict(cfg, model_type="qwen3_moe")))
+    d = broken_copy(tmp_path, "deepseek_v3_ep2", MLA)
+    edit_base_config(d, model_type="qwen3_moe")
     refused(binary, d, tmp_path, "has Multi-Latent Attention", "Qwen3-MoE model has no")
 
 
