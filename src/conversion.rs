@@ -21,8 +21,11 @@ use crate::write::{OutputFile, OutputSet, Segment, Sink};
 pub enum Checkpoint<'a> {
     /// A single file (a torch.save file).
     File(Input),
-    /// A folder: a DCP, RLinf, verl or Megatron checkpoint, found inside by [`detect::locate`].
+    /// A folder: a DCP, RLinf, verl, Megatron or Hugging Face checkpoint, found inside by [`detect::locate`].
     Folder(&'a dyn Folder),
+    /// One file of a folder, read with its siblings where it needs them: an index or one shard of a Hugging Face
+    /// set stands for the whole set ([`detect::plan_member`]).
+    Member(&'a dyn Folder, String),
 }
 
 /// The output format.
@@ -96,6 +99,11 @@ pub fn plan(checkpoint: Checkpoint, base: Option<&BaseModel>, opts: &ConversionO
             };
             (planned, folder.name().to_string())
         }
+        Checkpoint::Member(folder, rel) => {
+            let trusting = Trusting { folder, allowed: opts.plan.allow_globals.clone() };
+            let shown = crate::io::join(folder.name(), &rel);
+            (detect::plan_member(&trusting, &rel, &opts.plan).map_err(|e| e.in_file(&shown))?, shown)
+        }
     };
     if let Some(kind) = opts.expect
         && planned.kind != kind
@@ -120,11 +128,23 @@ pub struct Conversion {
 impl Conversion {
     /// Plans `checkpoint` and lays out every output file.
     pub fn new(checkpoint: Checkpoint, base: Option<&BaseModel>, opts: &ConversionOptions) -> Result<Conversion> {
-        let shown = match &checkpoint {
-            Checkpoint::File(input) => input.name.clone(),
-            Checkpoint::Folder(folder) => folder.name().to_string(),
+        let (shown, around) = match &checkpoint {
+            Checkpoint::File(input) => (input.name.clone(), None),
+            Checkpoint::Folder(folder) => (folder.name().to_string(), Some(*folder)),
+            Checkpoint::Member(folder, rel) => (crate::io::join(folder.name(), rel), Some(*folder)),
         };
         let planned = plan(checkpoint, base, opts)?;
+        // A Hugging Face folder is its own base model: its config and tokenizer go with the converted weights.
+        let trusting = around.map(|folder| Trusting { folder, allowed: opts.plan.allow_globals.clone() });
+        let own = match (&trusting, base) {
+            (Some(t), None)
+                if planned.kind == InputKind::HfWeights && t.folder.files().iter().any(|f| f == "config.json") =>
+            {
+                Some(BaseModel { own: true, ..BaseModel::open(t)? })
+            }
+            _ => None,
+        };
+        let base = base.or(own.as_ref());
         // LoRA and layout errors are about the checkpoint's tensors: they name it (the base model's checks name
         // the base's files themselves).
         Conversion::from_planned(planned, base, opts).map_err(|e| e.in_file(&shown))
@@ -137,7 +157,8 @@ impl Conversion {
         base: Option<&BaseModel>,
         opts: &ConversionOptions,
     ) -> Result<Conversion> {
-        let adapter_config = if opts.as_saved { None } else { finish(&mut planned, base, &opts.plan)? };
+        let (adapter_config, dequantized) =
+            if opts.as_saved { (None, false) } else { finish(&mut planned, base, &opts.plan)? };
         let adapter = adapter_config.is_some();
         let mut files = match &opts.output {
             Output::Safetensors { max_shard } => {
@@ -173,6 +194,20 @@ impl Conversion {
         if let Some(b) = base {
             for name in &b.files {
                 let input = b.folder.open(name)?;
+                // config.json says what the weights are now: the new dtype after a cast, no quantization once
+                // dequantized. Only those values change; the rest stays the base's bytes.
+                let cast = opts.plan.dtype.filter(|_| !opts.as_saved);
+                if name == "config.json" && (cast.is_some() || dequantized) {
+                    let bytes = input.read_vec(0, input.len())?;
+                    if let Some(edited) = hf::output_config(&bytes, cast, dequantized) {
+                        files.push(OutputFile {
+                            name: name.clone(),
+                            size: edited.len() as u64,
+                            segments: vec![Segment::Bytes(edited)],
+                        });
+                        continue;
+                    }
+                }
                 files.push(OutputFile {
                     name: name.clone(),
                     size: input.len(),
@@ -257,9 +292,17 @@ fn sub_plan(plan: &Plan, prefix: &str) -> Plan {
     Plan { tensors, notes: Vec::new() }
 }
 
-/// Applies what comes after planning: merges or exports LoRA, then, against the base model, drops a tied
-/// `lm_head.weight` and checks names and shapes. Returns the `adapter_config.json` bytes in adapter mode.
-fn finish(planned: &mut Planned, base: Option<&BaseModel>, opts: &PlanOptions) -> Result<Option<Vec<u8>>> {
+/// Applies what comes after planning: dequantizes FP8 weights when casting, merges or exports LoRA, then, against
+/// the base model, drops tied copies as `save_pretrained` does and checks names and shapes. Returns the
+/// `adapter_config.json` bytes in adapter mode, and whether FP8 weights were dequantized.
+fn finish(planned: &mut Planned, base: Option<&BaseModel>, opts: &PlanOptions) -> Result<(Option<Vec<u8>>, bool)> {
+    let dequantized = match hf::dequantize(&mut planned.plan, base, opts.dtype)? {
+        Some(n) => {
+            planned.plan.notes.push(n);
+            true
+        }
+        None => false,
+    };
     let mut adapter = None;
     if lora::has_lora(&planned.plan) {
         let plan = std::mem::take(&mut planned.plan);
@@ -280,7 +323,7 @@ fn finish(planned: &mut Planned, base: Option<&BaseModel>, opts: &PlanOptions) -
     if let Some(b) = base
         && adapter.is_none()
     {
-        if let Some(n) = hf::drop_tied_lm_head(&mut planned.plan, b, &planned.inputs)? {
+        if let Some(n) = hf::drop_tied(&mut planned.plan, b, &planned.inputs)? {
             planned.plan.notes.push(n);
         }
         if let Some(n) = hf::follow_base_expert_names(&mut planned.plan, b)? {
@@ -290,5 +333,5 @@ fn finish(planned: &mut Planned, base: Option<&BaseModel>, opts: &PlanOptions) -
             planned.plan.notes.push(n);
         }
     }
-    Ok(adapter)
+    Ok((adapter, dequantized))
 }

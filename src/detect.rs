@@ -17,6 +17,8 @@ pub enum Found {
     Verl(String, u64),
     /// A Megatron iteration folder (holding `mp_rank_*`).
     Megatron(String),
+    /// Hugging Face weights: an index, one weights file or a shard of a set, at this relative path.
+    HfWeights(String),
 }
 
 /// Finds the checkpoint inside `folder`: the folder itself when it is a DCP folder; otherwise, in a
@@ -50,8 +52,11 @@ pub fn locate(folder: &dyn Folder) -> Result<Found> {
     if let Some(dir) = crate::megatron::find_iter_dir(folder, &files)? {
         return Ok(Found::Megatron(dir));
     }
+    if let Some(entry) = crate::hfset::find(&files) {
+        return Ok(Found::HfWeights(entry));
+    }
     Err(Error::new(ErrorKind::NotCheckpoint(
-        "no checkpoint found: expected a DCP folder (.metadata), dcp_checkpoint/, model_state_dict/full_weights.pt, verl's model_world_size_W_rank_R.pt files (also under actor/) or Megatron iter_*/mp_rank_* folders"
+        "no checkpoint found: expected a DCP folder (.metadata), dcp_checkpoint/, model_state_dict/full_weights.pt, verl's model_world_size_W_rank_R.pt files (also under actor/), Megatron iter_*/mp_rank_* folders or Hugging Face weights (model.safetensors, pytorch_model.bin, a sharded set and its index)"
             .into(),
     ))
     .in_file(folder.name()))
@@ -63,6 +68,7 @@ pub fn plan_folder(folder: &dyn Folder, base: Option<&BaseModel>, opts: &PlanOpt
     let found = locate(folder)?;
     let mut planned = match &found {
         Found::TorchFile(rel) => crate::torch::plan(folder.open(rel)?, opts)?,
+        Found::HfWeights(entry) => crate::hfset::plan(folder, entry, opts)?,
         Found::Dcp(dir) => crate::dcp::plan(folder, dir, opts)?,
         Found::Verl(dir, world) => crate::verl::plan_verl(folder, dir, *world, opts)?,
         Found::Megatron(dir) => {
@@ -81,7 +87,7 @@ pub fn plan_folder(folder: &dyn Folder, base: Option<&BaseModel>, opts: &PlanOpt
         }
     };
     let picked = match &found {
-        Found::TorchFile(rel) => Some(rel.clone()),
+        Found::TorchFile(rel) | Found::HfWeights(rel) => Some(rel.clone()),
         Found::Dcp(dir) if !dir.is_empty() => Some(format!("{dir}/")),
         Found::Dcp(_) => None,
         Found::Verl(dir, _) | Found::Megatron(dir) if !dir.is_empty() => Some(format!("{dir}/")),
@@ -93,7 +99,26 @@ pub fn plan_folder(folder: &dyn Folder, base: Option<&BaseModel>, opts: &PlanOpt
     Ok(planned)
 }
 
-/// Plans a single file: a torch.save file (zip or legacy), told apart from what it is not by its first bytes.
+/// Plans a single file: a safetensors file or a torch.save file (zip or legacy), told apart by their first bytes.
+/// One shard of a sharded set is refused (its siblings are not reachable from a lone file) unless the user allows it.
 pub fn plan_file(input: Input, opts: &PlanOptions) -> Result<Planned> {
+    let mut head = [0u8; 9];
+    let n = input.len().min(9) as usize;
+    input.read_exact_at(0, &mut head[..n])?;
+    if crate::hfset::sniff(&head[..n], input.len()) {
+        return crate::hfset::plan_file(input, opts);
+    }
+    crate::hfset::check_lone_file(&input.name, opts)?;
     crate::torch::plan(input, opts)
+}
+
+/// Plans file `rel` of `folder` with its siblings: an index or one shard of a Hugging Face set reads the whole set
+/// (the shard's missing siblings are an error), and anything else is planned as the file alone.
+pub fn plan_member(folder: &dyn Folder, rel: &str, opts: &PlanOptions) -> Result<Planned> {
+    let base = rel.rsplit('/').next().unwrap_or(rel);
+    if base.ends_with(".index.json") || crate::hfset::ShardName::parse(base).is_some() {
+        return crate::hfset::plan(folder, rel, opts);
+    }
+    let input = folder.open(rel)?;
+    plan_file(input, opts)
 }

@@ -15,6 +15,7 @@ pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hf;
+pub mod hfset;
 pub mod io;
 pub mod lora;
 pub mod megatron;

@@ -44,6 +44,8 @@ pub struct PlanOptions {
     pub allow_mismatch: bool,
     /// Globals beyond the allowlist that the checkpoint's pickles may call (`--allow-global`).
     pub allow_globals: AllowedGlobals,
+    /// Convert one shard of a sharded Hugging Face set alone (`--allow-partial`).
+    pub allow_partial: bool,
 }
 
 /// A group of entries in the checkpoint (e.g. `fsdp_checkpoint.optimizers`), for `inspect`.
@@ -70,6 +72,8 @@ pub enum InputKind {
     Verl,
     /// A Megatron checkpoint (rank files or torch_dist).
     Megatron,
+    /// Hugging Face weights: safetensors or `.bin` files, one or a sharded set.
+    HfWeights,
 }
 
 /// A plan plus what was detected, for reports.

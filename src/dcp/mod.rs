@@ -324,18 +324,8 @@ impl<'f> ChunkResolver<'f> {
         }
         let [a, b] = e.offsets;
         let start = blob.data_start.checked_add(a).ok_or_else(|| tensor_err(&t.fqn, "offset overflows"))?;
-        let strides = contiguous_strides(&e.shape);
-        StridedView::new(&t.fqn, idx, start, b - a, e.dtype, 0, e.shape.clone(), strides, 64)
-            .map_err(|e| e.in_file(&file.name))
+        StridedView::whole(&t.fqn, idx, start, b - a, e.dtype, e.shape.clone()).map_err(|e| e.in_file(&file.name))
     }
-}
-
-fn contiguous_strides(shape: &[u64]) -> Vec<u64> {
-    let mut s = vec![1u64; shape.len()];
-    for d in (0..shape.len().saturating_sub(1)).rev() {
-        s[d] = s[d + 1].saturating_mul(shape[d + 1]);
-    }
-    s
 }
 
 /// The view of the one tensor stored in a chunk item: a torch.save zip at `[base, base + len)` of `input`.

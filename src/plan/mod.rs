@@ -6,11 +6,13 @@
 //! tensor), [`merge`] (the LoRA merge, threaded per band) and `kernels` (its SIMD kernels).
 
 pub mod chunked;
+pub mod dequant;
 mod kernels;
 pub mod merge;
 pub mod view;
 
 pub use chunked::{Chunk, ChunkedTensor, check_tiling};
+pub use dequant::BlockDequant;
 pub use merge::{BlockWriter, LoraMerge};
 pub use view::{StridedView, Window};
 
@@ -41,6 +43,8 @@ pub enum Source {
     Chunked(ChunkedTensor),
     /// A LoRA-merged weight, produced as f32.
     Lora(Box<LoraMerge>),
+    /// An FP8 weight times its block scales.
+    Dequant(Box<BlockDequant>),
 }
 
 impl Source {
@@ -50,6 +54,7 @@ impl Source {
             Source::View(v) => v.dtype,
             Source::Chunked(c) => c.dtype,
             Source::Lora(l) => l.out,
+            Source::Dequant(d) => d.out,
         }
     }
 
@@ -59,7 +64,7 @@ impl Source {
         Some(match self {
             Source::View(v) => v.layer(name, i).and_then(|l| l.rows(name, a, b)).map(Source::View),
             Source::Chunked(c) => c.slice(name, i, (a, b)).map(Source::Chunked),
-            Source::Lora(_) => return None,
+            Source::Lora(_) | Source::Dequant(_) => return None,
         })
     }
 
@@ -69,6 +74,7 @@ impl Source {
             Source::View(v) => v.numel(),
             Source::Chunked(c) => c.numel(),
             Source::Lora(l) => l.rows * l.cols,
+            Source::Dequant(d) => d.rows * d.cols,
         }
     }
 
@@ -78,6 +84,7 @@ impl Source {
             Source::View(_) => 1,
             Source::Chunked(c) => c.row,
             Source::Lora(l) => l.cols.max(1),
+            Source::Dequant(d) => d.cols.max(1),
         }
     }
 
@@ -86,6 +93,7 @@ impl Source {
             Source::View(v) => v.read(inputs, start, count, out, &mut bufs.window),
             Source::Chunked(c) => c.read(inputs, start, count, out, bufs),
             Source::Lora(l) => l.read(inputs, start, count, out, bufs),
+            Source::Dequant(d) => d.read(inputs, start, count, out, bufs),
         }
     }
 }
@@ -114,6 +122,10 @@ pub(crate) struct ChunkBuffers {
     lora_b: Vec<f32>,
     /// LoRA `A` in f32, keyed by the merge it belongs to.
     lora_a: (usize, Vec<f32>),
+    /// An FP8 band's raw bytes, its scales' raw bytes and its values in f32.
+    deq_raw: Vec<u8>,
+    deq_scale: Vec<u8>,
+    deq_values: Vec<f32>,
 }
 
 /// Reusable buffers for band reads.
@@ -147,7 +159,8 @@ impl PlannedTensor {
     /// Elements per band: at most [`BAND_BYTES`] of source or output, in whole band units (one row of a
     /// chunked tensor at least, so a single row wider than the band is read whole).
     pub fn band_elems(&self) -> u64 {
-        let accumulator = if matches!(self.source, Source::Lora(_)) { 4 } else { 1 }; // LoRA bands are merged in f32
+        // LoRA and FP8 bands are computed in f32.
+        let accumulator = if matches!(self.source, Source::Lora(_) | Source::Dequant(_)) { 4 } else { 1 };
         let widest = self.dtype.size().max(self.source.dtype().size()).max(accumulator) as u64;
         let unit = self.source.band_unit();
         ((BAND_BYTES as u64 / widest) / unit).max(1) * unit
@@ -163,6 +176,10 @@ impl PlannedTensor {
                     collect(&l.base, out);
                     collect(&l.a, out);
                     collect(&l.b, out);
+                }
+                Source::Dequant(d) => {
+                    collect(&d.weight, out);
+                    collect(&d.scale, out);
                 }
             }
         }
@@ -193,7 +210,7 @@ impl PlannedTensor {
                 let esz = v.dtype.size() as u64;
                 Some(vec![(v.input, v.data_start + (v.offset + start) * esz, count * esz)])
             }
-            Source::View(_) | Source::Lora(_) => None,
+            Source::View(_) | Source::Lora(_) | Source::Dequant(_) => None,
             Source::Chunked(c) => c.verbatim_pieces(start, count),
         }
     }
@@ -208,7 +225,7 @@ impl PlannedTensor {
         match &self.source {
             Source::View(v) => stored(v),
             Source::Chunked(c) => c.chunks.iter().all(|c| stored(&c.view)),
-            Source::Lora(_) => false,
+            Source::Lora(_) | Source::Dequant(_) => false,
         }
     }
 

@@ -85,6 +85,12 @@ impl StridedView {
         Ok(StridedView { input, data_start, storage_bytes, dtype, offset, shape, strides, numel, contiguous })
     }
 
+    /// A whole contiguous tensor of `shape` stored at `data_start` (a safetensors entry).
+    pub fn whole(name: &str, input: usize, data_start: u64, bytes: u64, dtype: DType, shape: Vec<u64>) -> Result<Self> {
+        let strides = contiguous_strides(&shape);
+        StridedView::new(name, input, data_start, bytes, dtype, 0, shape, strides, 64)
+    }
+
     /// Number of elements.
     pub fn numel(&self) -> u64 {
         self.numel
@@ -284,6 +290,15 @@ impl Window {
         let off = (at - self.start) as usize;
         Ok(&self.buf[off..off + len as usize])
     }
+}
+
+/// Row-major strides of `shape`, in elements.
+pub fn contiguous_strides(shape: &[u64]) -> Vec<u64> {
+    let mut s = vec![1u64; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        s[d] = s[d + 1].saturating_mul(shape[d + 1]);
+    }
+    s
 }
 
 #[cfg(test)]

@@ -173,23 +173,26 @@ def test_transformers4_files_convert(run, tmp_path, tf_root, rel):
     assert_same(load_output(out), expected_tensors(full_load(src)), rel)
 
 
-def test_transformers4_sharded_bin_converts_shard_by_shard(run, tmp_path, tf_root):
-    """pytorch_model-0000i-of-0000N.bin: each shard is a torch.save file of its own and converts alone; together
-    they give every key of the index."""
+def test_transformers4_sharded_bin_converts_as_a_set(run, tmp_path, tf_root):
+    """pytorch_model-0000i-of-0000N.bin: any shard, the index or the folder converts the whole set (every key of the
+    index, torch's tensors bit for bit); --allow-partial converts one shard alone."""
     import json
 
     folder = tf_root / "tf4" / "model_sharded"
     index = json.loads((folder / "pytorch_model.bin.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1, shards
-    seen = {}
-    for i, name in enumerate(shards):
+    want = {}
+    for name in shards:
+        want.update(expected_tensors(full_load(folder / name)))
+    assert sorted(want) == sorted(index["weight_map"])
+    for i, src in enumerate([folder, folder / "pytorch_model.bin.index.json", folder / shards[-1]]):
         out = tmp_path / f"out{i}"
-        convert_ok(run, folder / name, out)
-        got = load_output(out)
-        assert_same(got, expected_tensors(full_load(folder / name)), name)
-        seen.update({k: name for k in got})
-    assert seen == index["weight_map"]
+        convert_ok(run, src, out)
+        assert_same(load_output(out), want, str(src))
+    out = tmp_path / "partial"
+    convert_ok(run, folder / shards[0], out, "--allow-partial")
+    assert_same(load_output(out), expected_tensors(full_load(folder / shards[0])), shards[0])
 
 
 @pytest.mark.parametrize("rel", ["model", "trainer/checkpoint-1"])

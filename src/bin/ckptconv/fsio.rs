@@ -308,6 +308,15 @@ const MAX_FILES: usize = 200_000;
 
 impl DiskFolder {
     pub fn open(root: &Path) -> Result<DiskFolder> {
+        DiskFolder::walk(root, MAX_DEPTH)
+    }
+
+    /// The folder's own files only (no subfolders): the siblings of a file the user named.
+    pub fn open_flat(root: &Path) -> Result<DiskFolder> {
+        DiskFolder::walk(root, 1)
+    }
+
+    fn walk(root: &Path, max_depth: usize) -> Result<DiskFolder> {
         let name = root.display().to_string();
         let mut files = Vec::new();
         let mut stack = vec![(root.to_path_buf(), String::new(), 0usize)];
@@ -323,7 +332,7 @@ impl DiskFolder {
                 let meta = std::fs::metadata(&path);
                 match meta {
                     Ok(m) if m.is_dir() => {
-                        if depth + 1 < MAX_DEPTH {
+                        if depth + 1 < max_depth {
                             stack.push((path, child, depth + 1));
                         }
                     }

@@ -189,6 +189,9 @@ struct PlanArgs {
     /// a file you trust that needs a class off ckptconv's allowlist. ckptconv still calls nothing.
     #[arg(long = "allow-global", value_name = "MODULE.NAME", value_parser = parse_global)]
     allow_global: Vec<String>,
+    /// Convert one shard of a sharded Hugging Face set alone (normally its siblings are required).
+    #[arg(long)]
+    allow_partial: bool,
     /// Set by mg2hf: anything but a Megatron checkpoint is an error.
     #[arg(skip)]
     megatron_only: bool,
@@ -225,6 +228,7 @@ impl PlanArgs {
             require_base: true,
             allow_mismatch: self.allow_mismatch,
             allow_globals: self.allow_global.clone().into(),
+            allow_partial: self.allow_partial,
             lora: LoraOptions::default(),
             dtype: self.dtype.0,
             prefix: match &self.prefix {
@@ -290,7 +294,16 @@ fn with_checkpoint<T>(path: &Path, f: impl FnOnce(Checkpoint) -> ckptconv::Resul
     }
     if meta.is_dir() {
         let folder = fsio::DiskFolder::open(path)?;
-        f(Checkpoint::Folder(&folder))
+        return f(Checkpoint::Folder(&folder));
+    }
+    // An index or one shard of a Hugging Face set stands for the whole set: the core reads it with its siblings.
+    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    if (name.ends_with(".index.json") || ckptconv::hfset::ShardName::parse(&name).is_some())
+        && let Some(dir) = path.parent()
+    {
+        let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+        let folder = fsio::DiskFolder::open_flat(dir)?;
+        f(Checkpoint::Member(&folder, name))
     } else {
         let data = fsio::FileInput::open(path)?;
         f(Checkpoint::File(Input::new(shown, Box::new(data))))

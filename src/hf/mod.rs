@@ -7,6 +7,14 @@ use crate::error::{Error, ErrorKind, Result, some_names};
 use crate::io::Folder;
 use crate::write::Sink;
 
+mod config_json;
+mod fp8;
+mod tied;
+
+pub use config_json::output_config;
+pub use fp8::dequantize;
+pub use tied::drop_tied;
+
 /// Whether a top-level file of a base model folder belongs in the output.
 pub fn is_package_file(name: &str) -> bool {
     const EXACT: &[&str] = &[
@@ -39,6 +47,8 @@ pub struct BaseModel<'f> {
     pub config: serde_json::Value,
     /// The files to copy, sorted.
     pub files: Vec<String>,
+    /// The checkpoint's own folder (a Hugging Face folder converted as it is): nothing to check against.
+    pub own: bool,
 }
 
 impl<'f> BaseModel<'f> {
@@ -59,7 +69,7 @@ impl<'f> BaseModel<'f> {
         })?;
         let mut files: Vec<String> = files.into_iter().filter(|f| is_package_file(f)).collect();
         files.sort();
-        Ok(BaseModel { folder, config, files })
+        Ok(BaseModel { folder, config, files, own: false })
     }
 
     /// An integer field of the config (also looked up in `text_config` for multimodal configs).
@@ -150,57 +160,6 @@ impl BaseModel<'_> {
     }
 }
 
-/// Whether two planned tensors hold the same bytes: the same view, or equal when read band by band.
-fn same_bytes(
-    a: &crate::plan::PlannedTensor,
-    b: &crate::plan::PlannedTensor,
-    inputs: &[crate::io::Input],
-) -> Result<bool> {
-    if a.shape != b.shape || a.dtype != b.dtype {
-        return Ok(false);
-    }
-    if a.source == b.source {
-        return Ok(true);
-    }
-    let mut bufs = crate::plan::BandBuffers::default();
-    let (mut x, mut y) = (Vec::new(), Vec::new());
-    // Same shapes give the same band unit (a row) or unit 1, so the smaller step suits both.
-    let step = a.band_elems().min(b.band_elems());
-    let mut start = 0;
-    let esz = a.dtype.size() as u64;
-    while start < a.numel() {
-        let n = step.min(a.numel() - start);
-        x.resize((n * esz) as usize, 0);
-        y.resize((n * esz) as usize, 0);
-        a.read_band(inputs, start, n, &mut x, &mut bufs)?;
-        b.read_band(inputs, start, n, &mut y, &mut bufs)?;
-        if x != y {
-            return Ok(false);
-        }
-        start += n;
-    }
-    Ok(true)
-}
-
-/// Drops `lm_head.weight` when the base config ties it to the embedding and it holds the same bytes, as
-/// `save_pretrained` does. Returns a note for the report.
-pub fn drop_tied_lm_head(
-    plan: &mut crate::plan::Plan,
-    base: &BaseModel,
-    inputs: &[crate::io::Input],
-) -> Result<Option<String>> {
-    if base.flag("tie_word_embeddings") != Some(true) {
-        return Ok(None);
-    }
-    let find = |n: &str| plan.tensors.iter().position(|t| t.name == n);
-    let (Some(h), Some(e)) = (find("lm_head.weight"), find("model.embed_tokens.weight")) else { return Ok(None) };
-    if same_bytes(&plan.tensors[h], &plan.tensors[e], inputs)? {
-        plan.tensors.remove(h);
-        return Ok(Some("dropped lm_head.weight: tied to model.embed_tokens.weight, as the base config says".into()));
-    }
-    Ok(Some("kept lm_head.weight: the base config ties it, but it differs from the embedding".into()))
-}
-
 /// The name endings of transformers 5's fused expert tensors: gate and up, then down.
 const FUSED_EXPERTS: [&str; 2] = [".experts.gate_up_proj", ".experts.down_proj"];
 
@@ -277,6 +236,9 @@ pub fn follow_base_expert_names(plan: &mut crate::plan::Plan, base: &BaseModel) 
 /// Compares the planned names and shapes with the base model's own weights: a missing or unexpected
 /// tensor, or a different shape, is an error unless `allow` is set (then it is only reported).
 pub fn check_against_base(plan: &crate::plan::Plan, base: &BaseModel, allow: bool) -> Result<Option<String>> {
+    if base.own {
+        return Ok(None);
+    }
     let Some(want) = base.weight_shapes()? else {
         return Ok(Some("the base folder has no weights to check names and shapes against".into()));
     };
