@@ -296,7 +296,7 @@ fn sub_plan(plan: &Plan, prefix: &str) -> Plan {
 /// the base model, drops tied copies as `save_pretrained` does and checks names and shapes. Returns the
 /// `adapter_config.json` bytes in adapter mode, and whether FP8 weights were dequantized.
 fn finish(planned: &mut Planned, base: Option<&BaseModel>, opts: &PlanOptions) -> Result<(Option<Vec<u8>>, bool)> {
-    let dequantized = match hf::dequantize(&mut planned.plan, base, opts.dtype)? {
+    let dequantized = match hf::dequantize(&mut planned.plan, base, opts.dtype, &planned.inputs)? {
         Some(n) => {
             planned.plan.notes.push(n);
             true
@@ -326,10 +326,13 @@ fn finish(planned: &mut Planned, base: Option<&BaseModel>, opts: &PlanOptions) -
         if let Some(n) = hf::drop_tied(&mut planned.plan, b, &planned.inputs)? {
             planned.plan.notes.push(n);
         }
+        if let Some(n) = hf::follow_base_prefixes(&mut planned.plan, b)? {
+            planned.plan.notes.push(n);
+        }
         if let Some(n) = hf::follow_base_expert_names(&mut planned.plan, b)? {
             planned.plan.notes.push(n);
         }
-        if let Some(n) = hf::check_against_base(&planned.plan, b, opts.allow_mismatch)? {
+        if let Some(n) = hf::check_against_base(&planned.plan, b, opts.allow_mismatch, dequantized)? {
             planned.plan.notes.push(n);
         }
     }

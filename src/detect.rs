@@ -116,7 +116,7 @@ pub fn plan_file(input: Input, opts: &PlanOptions) -> Result<Planned> {
 /// (the shard's missing siblings are an error), and anything else is planned as the file alone.
 pub fn plan_member(folder: &dyn Folder, rel: &str, opts: &PlanOptions) -> Result<Planned> {
     let base = rel.rsplit('/').next().unwrap_or(rel);
-    if base.ends_with(".index.json") || crate::hfset::ShardName::parse(base).is_some() {
+    if crate::hfset::stands_for_set(base) {
         return crate::hfset::plan(folder, rel, opts);
     }
     let input = folder.open(rel)?;

@@ -170,7 +170,8 @@ impl Error {
             | ErrorKind::Limit(m)
             | ErrorKind::NotCheckpoint(m)
             | ErrorKind::Inconsistent(m)
-            | ErrorKind::Unsupported(m) => m.push_str(text),
+            | ErrorKind::Unsupported(m)
+            | ErrorKind::Tensor { msg: m, .. } => m.push_str(text),
             _ => {}
         }
         self

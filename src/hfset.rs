@@ -96,11 +96,17 @@ fn lone_shard(rel: &str, s: &ShardName, missing: &[String]) -> Error {
     } else {
         format!("{} of its siblings are not beside it: {}", missing.len(), some_names(missing, 8))
     };
-    Error::new(ErrorKind::NotCheckpoint(format!(
+    Error::new(ErrorKind::Inconsistent(format!(
         "this file is shard {} of {} of a sharded set; {what} (--allow-partial converts this shard alone)",
         s.k, s.n
     )))
     .in_file(rel)
+}
+
+/// Whether a file given by name stands for a set read from its folder: an index, one shard, or one of the
+/// names `save_pretrained` gives a single weights file (then its folder's config goes with it).
+pub fn stands_for_set(name: &str) -> bool {
+    name.ends_with(".index.json") || ShardName::parse(name).is_some() || SINGLE.contains(&name)
 }
 
 /// Refuses one shard of a set given alone (no folder to find its siblings in), unless the user allows it.
@@ -150,7 +156,7 @@ fn files_of(folder: &dyn Folder, entry: &str, opts: &PlanOptions) -> Result<(Vec
         files.dedup();
         let missing: Vec<&String> = files.iter().filter(|f| !has(f)).collect();
         if !missing.is_empty() {
-            return Err(Error::new(ErrorKind::NotCheckpoint(format!(
+            return Err(Error::new(ErrorKind::Inconsistent(format!(
                 "the index names {} file(s) that are not in the folder: {}",
                 missing.len(),
                 some_names(&missing, 8)

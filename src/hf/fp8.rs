@@ -7,11 +7,22 @@
 use super::BaseModel;
 use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result, some_names, tensor_err};
+use crate::io::Input;
 use crate::plan::{BlockDequant, Plan, Source};
 use std::collections::HashMap;
 
 /// DeepSeek-V3's block size, which transformers' FP8 configs also default to.
 const DEFAULT_BLOCK: (u64, u64) = (128, 128);
+
+/// The file a tensor's bytes come from, for errors.
+fn file_of(source: &Source, inputs: &[Input]) -> String {
+    let first = match source {
+        Source::View(v) => Some(v.input),
+        Source::Chunked(c) => c.chunks().first().map(|c| c.view.input),
+        Source::Lora(_) | Source::Dequant(_) => None,
+    };
+    first.and_then(|i| inputs.get(i)).map(|i| i.name.clone()).unwrap_or_default()
+}
 
 /// The block size the base config declares, else the default.
 fn block_size(base: Option<&BaseModel>) -> Result<(u64, u64)> {
@@ -23,7 +34,7 @@ fn block_size(base: Option<&BaseModel>) -> Result<(u64, u64)> {
         _ => Err(Error::new(ErrorKind::Config(format!(
             "quantization_config.weight_block_size is {v}, not two positive block sizes"
         )))
-        .in_file("config.json")),
+        .in_file(&crate::io::join(base.map(|b| b.folder.name()).unwrap_or(""), "config.json"))),
     }
 }
 
@@ -31,7 +42,12 @@ fn block_size(base: Option<&BaseModel>) -> Result<(u64, u64)> {
 /// `input_scale`s, meaningless once the weights are not FP8). An FP8 tensor without a scale, or a scale that
 /// does not fit its weight's block grid, is an error: casting the raw FP8 values would give a silently wrong
 /// model. Returns whether anything was dequantized, and a note.
-pub fn dequantize(plan: &mut Plan, base: Option<&BaseModel>, cast: Option<DType>) -> Result<Option<String>> {
+pub fn dequantize(
+    plan: &mut Plan,
+    base: Option<&BaseModel>,
+    cast: Option<DType>,
+    inputs: &[Input],
+) -> Result<Option<String>> {
     let Some(out) = cast else { return Ok(None) };
     let is_fp8 = |d: DType| matches!(d, DType::F8E4M3 | DType::F8E5M2);
     if !plan.tensors.iter().any(|t| is_fp8(t.source.dtype())) {
@@ -55,7 +71,20 @@ pub fn dequantize(plan: &mut Plan, base: Option<&BaseModel>, cast: Option<DType>
             continue;
         };
         let (w, sc) = (&plan.tensors[i], &plan.tensors[s]);
-        let d = BlockDequant::new(&name, w.source.clone(), sc.source.clone(), &w.shape, block, out)?;
+        // A scale that does not fit is the scale's file's fault (or the config's block size, which it names).
+        let d = BlockDequant::new(&name, w.source.clone(), sc.source.clone(), &w.shape, block, out).map_err(|e| {
+            let fits_default = block != DEFAULT_BLOCK
+                && BlockDequant::new(&name, w.source.clone(), sc.source.clone(), &w.shape, DEFAULT_BLOCK, out).is_ok();
+            match (fits_default, base) {
+                (true, Some(b)) => e
+                    .with_more(&format!(
+                        ": config.json declares {}x{} blocks, but the scales fit {}x{}",
+                        block.0, block.1, DEFAULT_BLOCK.0, DEFAULT_BLOCK.1
+                    ))
+                    .in_file(&crate::io::join(b.folder.name(), "config.json")),
+                _ => e.in_file(&file_of(&sc.source, inputs)),
+            }
+        })?;
         per_tensor += usize::from(sc.source.numel() == 1);
         let t = &mut plan.tensors[i];
         t.source = Source::Dequant(Box::new(d));
@@ -63,8 +92,8 @@ pub fn dequantize(plan: &mut Plan, base: Option<&BaseModel>, cast: Option<DType>
         used[s] = true;
         done += 1;
     }
-    if !unscaled.is_empty() {
-        let first = &unscaled[0];
+    if let Some(first) = unscaled.first() {
+        let file = index.get(first).map(|&i| file_of(&plan.tensors[i].source, inputs)).unwrap_or_default();
         return Err(tensor_err(
             first,
             format!(
@@ -73,7 +102,8 @@ pub fn dequantize(plan: &mut Plan, base: Option<&BaseModel>, cast: Option<DType>
                 out.torch_name(),
                 some_names(&unscaled, 8)
             ),
-        ));
+        )
+        .in_file(&file));
     }
     let mut activation = 0usize;
     for (t, u) in plan.tensors.iter().zip(used.iter_mut()) {

@@ -233,15 +233,72 @@ pub fn follow_base_expert_names(plan: &mut crate::plan::Plan, base: &BaseModel) 
     Ok(Some(format!("{split} fused expert tensors split per expert{routers}, as the base model's weights name them")))
 }
 
+/// transformers 5 nests a multimodal model's parts under `model.` in its `state_dict()` (its conversion_mapping.py),
+/// so checkpoints of a training run name them so, while `save_pretrained` and the Hub's files name them as
+/// transformers 4 did. Each pair is (state-dict prefix, file prefix); a rule applies to a tensor only when the base
+/// model's own weights hold the renamed name and not the original.
+const NESTED_PREFIXES: [(&str, &str); 8] = [
+    ("model.visual.", "visual."),
+    ("model.language_model.", "model."),
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.vision_model.", "vision_model."),
+    ("model.text_model.", "text_model."),
+];
+
+/// Renames tensors of a multimodal checkpoint to the names the base model's own weights use ([`NESTED_PREFIXES`]).
+/// Returns a note for the report.
+pub fn follow_base_prefixes(plan: &mut crate::plan::Plan, base: &BaseModel) -> Result<Option<String>> {
+    let could = |n: &str| NESTED_PREFIXES.iter().any(|(from, _)| n.starts_with(from));
+    if !plan.tensors.iter().any(|t| could(&t.name)) {
+        return Ok(None);
+    }
+    let Some(want) = base.weight_shapes()? else { return Ok(None) };
+    let mut renamed: Vec<(&str, &str, usize)> = Vec::new();
+    for t in &mut plan.tensors {
+        if want.contains_key(&t.name) {
+            continue;
+        }
+        let to = NESTED_PREFIXES.iter().find_map(|&(from, to)| {
+            let rest = t.name.strip_prefix(from)?;
+            let name = format!("{to}{rest}");
+            want.contains_key(&name).then_some((from, to, name))
+        });
+        if let Some((from, to, name)) = to {
+            t.name = name;
+            match renamed.iter_mut().find(|r| r.0 == from && r.1 == to) {
+                Some(r) => r.2 += 1,
+                None => renamed.push((from, to, 1)),
+            }
+        }
+    }
+    if renamed.is_empty() {
+        return Ok(None);
+    }
+    let what: Vec<String> = renamed.iter().map(|(f, t, n)| format!("{f}* -> {t}* ({n})")).collect();
+    Ok(Some(format!("renamed as the base model's weights name them: {}", what.join(", "))))
+}
+
 /// Compares the planned names and shapes with the base model's own weights: a missing or unexpected
 /// tensor, or a different shape, is an error unless `allow` is set (then it is only reported).
-pub fn check_against_base(plan: &crate::plan::Plan, base: &BaseModel, allow: bool) -> Result<Option<String>> {
+/// A base holding FP8 weights names their scales, which a dequantized output no longer has.
+pub fn check_against_base(
+    plan: &crate::plan::Plan,
+    base: &BaseModel,
+    allow: bool,
+    dequantized: bool,
+) -> Result<Option<String>> {
     if base.own {
         return Ok(None);
     }
-    let Some(want) = base.weight_shapes()? else {
+    let Some(mut want) = base.weight_shapes()? else {
         return Ok(Some("the base folder has no weights to check names and shapes against".into()));
     };
+    if dequantized {
+        want.retain(|k, _| !(k.ends_with("_scale_inv") || k.ends_with(".weight_scale") || k.ends_with(".input_scale")));
+    }
     let tied = base.flag("tie_word_embeddings") == Some(true);
     let have: std::collections::BTreeMap<&str, &Vec<u64>> =
         plan.tensors.iter().map(|t| (t.name.as_str(), &t.shape)).collect();

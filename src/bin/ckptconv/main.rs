@@ -296,9 +296,10 @@ fn with_checkpoint<T>(path: &Path, f: impl FnOnce(Checkpoint) -> ckptconv::Resul
         let folder = fsio::DiskFolder::open(path)?;
         return f(Checkpoint::Folder(&folder));
     }
-    // An index or one shard of a Hugging Face set stands for the whole set: the core reads it with its siblings.
+    // An index or one shard of a Hugging Face set stands for the whole set, and transformers' weights files come
+    // with their folder's config: the core reads them with their siblings.
     let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-    if (name.ends_with(".index.json") || ckptconv::hfset::ShardName::parse(&name).is_some())
+    if ckptconv::hfset::stands_for_set(&name)
         && let Some(dir) = path.parent()
     {
         let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
