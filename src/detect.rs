@@ -19,6 +19,8 @@ pub enum Found {
     Megatron(String),
     /// Hugging Face weights: an index, one weights file or a shard of a set, at this relative path.
     HfWeights(String),
+    /// A DeepSpeed ZeRO tag folder (holding `*_optim_states.pt`) at this relative path.
+    DeepSpeed(String),
 }
 
 /// Finds the checkpoint inside `folder`: the folder itself when it is a DCP folder; otherwise, in a
@@ -49,6 +51,9 @@ pub fn locate(folder: &dyn Folder) -> Result<Found> {
             return Ok(Found::Verl(dir.to_string(), world));
         }
     }
+    if let Some(dir) = crate::deepspeed::find(folder, &files)? {
+        return Ok(Found::DeepSpeed(dir));
+    }
     if let Some(dir) = crate::megatron::find_iter_dir(folder, &files)? {
         return Ok(Found::Megatron(dir));
     }
@@ -56,7 +61,7 @@ pub fn locate(folder: &dyn Folder) -> Result<Found> {
         return Ok(Found::HfWeights(entry));
     }
     Err(Error::new(ErrorKind::NotCheckpoint(
-        "no checkpoint found: expected a DCP folder (.metadata), dcp_checkpoint/, model_state_dict/full_weights.pt, verl's model_world_size_W_rank_R.pt files (also under actor/), Megatron iter_*/mp_rank_* folders or Hugging Face weights (model.safetensors, pytorch_model.bin, a sharded set and its index)"
+        "no checkpoint found: expected a DCP folder (.metadata), dcp_checkpoint/, model_state_dict/full_weights.pt, verl's model_world_size_W_rank_R.pt files (also under actor/), DeepSpeed ZeRO folders (latest + global_stepN/), Megatron iter_*/mp_rank_* folders or Hugging Face weights (model.safetensors, pytorch_model.bin, a sharded set and its index)"
             .into(),
     ))
     .in_file(folder.name()))
@@ -69,6 +74,7 @@ pub fn plan_folder(folder: &dyn Folder, base: Option<&BaseModel>, opts: &PlanOpt
     let mut planned = match &found {
         Found::TorchFile(rel) => crate::torch::plan(folder.open(rel)?, opts)?,
         Found::HfWeights(entry) => crate::hfset::plan(folder, entry, opts)?,
+        Found::DeepSpeed(dir) => crate::deepspeed::plan(folder, dir, opts)?,
         Found::Dcp(dir) => crate::dcp::plan(folder, dir, opts)?,
         Found::Verl(dir, world) => crate::verl::plan_verl(folder, dir, *world, opts)?,
         Found::Megatron(dir) => {
@@ -90,8 +96,10 @@ pub fn plan_folder(folder: &dyn Folder, base: Option<&BaseModel>, opts: &PlanOpt
         Found::TorchFile(rel) | Found::HfWeights(rel) => Some(rel.clone()),
         Found::Dcp(dir) if !dir.is_empty() => Some(format!("{dir}/")),
         Found::Dcp(_) => None,
-        Found::Verl(dir, _) | Found::Megatron(dir) if !dir.is_empty() => Some(format!("{dir}/")),
-        Found::Verl(..) | Found::Megatron(_) => None,
+        Found::Verl(dir, _) | Found::Megatron(dir) | Found::DeepSpeed(dir) if !dir.is_empty() => {
+            Some(format!("{dir}/"))
+        }
+        Found::Verl(..) | Found::Megatron(_) | Found::DeepSpeed(_) => None,
     };
     if let Some(p) = picked {
         planned.plan.notes.insert(0, format!("using {}/{p}", folder.name()));

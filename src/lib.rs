@@ -9,6 +9,7 @@
 
 pub mod conversion;
 pub mod dcp;
+pub mod deepspeed;
 pub mod detect;
 pub mod dtype;
 pub mod error;

@@ -74,6 +74,8 @@ pub enum InputKind {
     Megatron,
     /// Hugging Face weights: safetensors or `.bin` files, one or a sharded set.
     HfWeights,
+    /// A DeepSpeed ZeRO checkpoint (its fp32 master weights).
+    DeepSpeed,
 }
 
 /// A plan plus what was detected, for reports.

@@ -50,7 +50,7 @@ pub fn dequantize(
 ) -> Result<Option<String>> {
     let Some(out) = cast else { return Ok(None) };
     let is_fp8 = |d: DType| matches!(d, DType::F8E4M3 | DType::F8E5M2);
-    if !plan.tensors.iter().any(|t| is_fp8(t.source.dtype())) {
+    if !plan.tensors.iter().any(|t| is_fp8(t.source.dtype()) && t.name.ends_with("weight")) {
         return Ok(None);
     }
     let block = block_size(base)?;
@@ -60,7 +60,8 @@ pub fn dequantize(
     let mut per_tensor = 0usize;
     let mut unscaled = Vec::new();
     for i in 0..plan.tensors.len() {
-        if !is_fp8(plan.tensors[i].source.dtype()) {
+        // Quantized weights are `*.weight`; any other FP8 tensor keeps its type, as casts leave FP8 alone.
+        if !is_fp8(plan.tensors[i].source.dtype()) || !plan.tensors[i].name.ends_with("weight") {
             continue;
         }
         let name = plan.tensors[i].name.clone();
