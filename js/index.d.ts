@@ -25,6 +25,8 @@ export interface Options {
   prefix?: string;
   /** Accept names or shapes that differ from the base model's. */
   allowMismatch?: boolean;
+  /** Convert one shard of a sharded Hugging Face set alone (normally every shard of the set is required). */
+  allowPartial?: boolean;
   /**
    * `module.name` of globals the checkpoint's pickles may call beyond ckptconv's allowlist of data (as the CLI's
    * `--allow-global`, torch's `add_safe_globals`): only for a file you trust. ckptconv still calls nothing.

@@ -182,35 +182,50 @@ fn assemble(
     Ok(PlannedTensor::from_source(name.to_string(), shape, source, cast))
 }
 
-/// The pieces of flat range `[start, start + len)` of a vector made of `parts` laid back to back (each part a
-/// 1-D view), placed at `at` onwards in the parameter.
-fn pieces_of(
-    name: &str,
-    parts: &[StridedView],
-    start: u64,
-    len: u64,
-    at: u64,
-    out: &mut Vec<(u64, StridedView)>,
-) -> Result<()> {
-    let mut base = 0u64;
-    let mut got = 0u64;
-    for p in parts {
-        let n = p.numel();
-        let (lo, hi) = (start.max(base), (start + len).min(base + n));
-        if lo < hi {
-            out.push((at + (lo - start), p.rows(name, lo - base, hi - base)?));
-            got += hi - lo;
-        }
-        base += n;
-        if base >= start + len {
-            break;
-        }
-    }
-    if got < len {
-        return Err(tensor_err(name, format!("elements {start}..{} lie past the partition's {base}", start + len)));
-    }
-    Ok(())
+/// A vector made of 1-D parts laid back to back (a parameter group over the ranks, or one rank's flat groups).
+struct Flat<'a> {
+    parts: &'a [StridedView],
+    /// Where each part starts, and the total at the end.
+    starts: Vec<u64>,
 }
+
+impl<'a> Flat<'a> {
+    fn new(parts: &'a [StridedView]) -> Self {
+        let mut starts = Vec::with_capacity(parts.len() + 1);
+        let mut at = 0u64;
+        for p in parts {
+            starts.push(at);
+            at = at.saturating_add(p.numel());
+        }
+        starts.push(at);
+        Flat { parts, starts }
+    }
+
+    fn len(&self) -> u64 {
+        self.starts.last().copied().unwrap_or(0)
+    }
+
+    /// The pieces of `[start, start + len)`, placed from `at` on in the parameter (found by binary search, so a
+    /// parameter costs its pieces, not the number of parts).
+    fn pieces(&self, name: &str, start: u64, len: u64, at: u64, out: &mut Vec<(u64, StridedView)>) -> Result<()> {
+        let end = start.checked_add(len).filter(|&e| e <= self.len()).ok_or_else(|| {
+            tensor_err(name, format!("elements {start}..{} lie past the partition's {}", start + len, self.len()))
+        })?;
+        let mut i = self.starts.partition_point(|&s| s <= start).saturating_sub(1);
+        while i < self.parts.len() && self.starts[i] < end {
+            let (a, b) = (self.starts[i], self.starts[i + 1]);
+            let (lo, hi) = (start.max(a), end.min(b));
+            if lo < hi {
+                out.push((at + (lo - start), self.parts[i].rows(name, lo - a, hi - a)?));
+            }
+            i += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Most pieces all parameters may be cut into (ZeRO-3 cuts each in one per rank).
+const MAX_PIECES: u64 = 16 << 20;
 
 /// Plans the ZeRO checkpoint in folder `dir` of `folder`.
 pub fn plan(folder: &dyn Folder, dir: &str, opts: &PlanOptions) -> Result<Planned> {
@@ -268,7 +283,12 @@ pub fn plan(folder: &dyn Folder, dir: &str, opts: &PlanOptions) -> Result<Planne
     if !(1..=3).contains(&stage) {
         return Err(Error::new(ErrorKind::Unsupported(format!("ZeRO stage {stage}"))).in_file(&inputs[o0.idx].name));
     }
-    let missing: Vec<String> = (0..world).filter(|r| !optim.contains_key(r)).map(|r| format!("rank {r}")).collect();
+    // Name what is missing as DeepSpeed names rank 0's file (with or without the bf16_ prefix).
+    let prefix = if first.starts_with("bf16_") { "bf16_" } else { "" };
+    let missing: Vec<String> = (0..world)
+        .filter(|r| !optim.contains_key(r))
+        .map(|r| format!("rank {r} ({prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt)"))
+        .collect();
     if !missing.is_empty() || optim.len() as u64 != world {
         let extra: Vec<String> = optim.keys().filter(|&&r| r >= world).map(|r| format!("rank {r}")).collect();
         return Err(Error::new(ErrorKind::Inconsistent(format!(
@@ -382,12 +402,25 @@ pub fn plan(folder: &dyn Folder, dir: &str, opts: &PlanOptions) -> Result<Planne
         Some(f) => shapes(h, f, "frozen_param_shapes").map_err(|e| e.in_file(&m0_name))?,
         None => Vec::new(),
     };
+    if (frozen.len() as u64).saturating_mul(world) > MAX_PIECES {
+        return Err(Error::new(ErrorKind::Limit(format!("{} frozen parameters over {world} ranks", frozen.len())))
+            .in_file(&m0_name));
+    }
     if !frozen.is_empty() {
         let mut fragments: Vec<HashMap<String, StridedView>> = Vec::new();
         let ranks = if stage <= 2 { 1 } else { world };
         for r in 0..ranks {
-            let m =
-                if r == 0 { None } else { Some(open(&model_name(r), &mut inputs).map_err(|e| e.in_file(&shown_dir))?) };
+            let m = if r == 0 {
+                None
+            } else if !names.contains(&model_name(r)) {
+                return Err(Error::new(ErrorKind::Inconsistent(format!(
+                    "rank {r}'s model states ({}) are missing: they hold its part of the frozen parameters",
+                    model_name(r)
+                )))
+                .in_file(&shown_dir));
+            } else {
+                Some(open(&model_name(r), &mut inputs)?)
+            };
             let o = m.as_ref().unwrap_or(&m0);
             let h = &o.file.heap;
             let f = h.dict_get(o.file.root, "frozen_param_fragments").ok_or_else(|| {
@@ -440,20 +473,24 @@ pub fn plan(folder: &dyn Folder, dir: &str, opts: &PlanOptions) -> Result<Planne
     if stage <= 2 && groups.len() != n_groups {
         return Err(bad(format!("param_shapes has {} groups, the partitions {n_groups}", groups.len())));
     }
+    let n_params = groups.iter().map(Vec::len).sum::<usize>() as u64;
+    if stage == 3 && n_params.saturating_mul(world) > MAX_PIECES {
+        return Err(Error::new(ErrorKind::Limit(format!(
+            "{n_params} parameters over {world} ranks: more than {MAX_PIECES} pieces to gather"
+        )))
+        .in_file(&shown_dir));
+    }
     if stage <= 2 {
         for (g, shapes) in groups.iter().enumerate() {
             let ranks: Vec<StridedView> = parts.iter().map(|p| p[g].clone()).collect();
-            let avail: u64 = ranks.iter().map(StridedView::numel).sum();
+            let flat = Flat::new(&ranks);
+            let avail = flat.len();
             let pads = paddings.as_ref().and_then(|p| p.get(g));
             let mut offset = 0u64;
             for (i, (name, shape)) in shapes.iter().enumerate() {
                 let numel: u64 = shape.iter().product();
-                if offset + numel > avail {
-                    return Err(tensor_err(name, format!("ends at element {} of group {g}'s {avail}", offset + numel))
-                        .in_file(&shown_dir));
-                }
                 let mut pieces = Vec::new();
-                pieces_of(name, &ranks, offset, numel, 0, &mut pieces).map_err(|e| e.in_file(&shown_dir))?;
+                flat.pieces(name, offset, numel, 0, &mut pieces).map_err(|e| e.in_file(&shown_dir))?;
                 out.push(assemble(name, shape.clone(), pieces, cast).map_err(|e| e.in_file(&shown_dir))?);
                 offset += numel + pads.and_then(|p| p.get(i)).copied().unwrap_or(0);
             }
@@ -466,21 +503,18 @@ pub fn plan(folder: &dyn Folder, dir: &str, opts: &PlanOptions) -> Result<Planne
             }
         }
     } else {
+        let flats: Vec<Flat> = parts.iter().map(|p| Flat::new(p)).collect();
+        let avail = flats[0].len();
         let mut offset = 0u64;
-        let avail: u64 = parts[0].iter().map(StridedView::numel).sum();
         for (name, shape) in groups.iter().flatten() {
             let numel: u64 = shape.iter().product();
             let part = numel.div_ceil(world);
-            if offset + part > avail {
-                return Err(tensor_err(name, format!("ends at element {} of a rank's {avail}", offset + part))
-                    .in_file(&shown_dir));
-            }
             let mut pieces = Vec::new();
-            for (r, p) in parts.iter().enumerate() {
+            for (r, flat) in flats.iter().enumerate() {
                 let at = r as u64 * part;
                 let take = part.min(numel.saturating_sub(at));
                 if take > 0 {
-                    pieces_of(name, p, offset, take, at, &mut pieces).map_err(|e| e.in_file(&shown_dir))?;
+                    flat.pieces(name, offset, take, at, &mut pieces).map_err(|e| e.in_file(&shown_dir))?;
                 }
             }
             out.push(assemble(name, shape.clone(), pieces, cast).map_err(|e| e.in_file(&shown_dir))?);
@@ -493,14 +527,43 @@ pub fn plan(folder: &dyn Folder, dir: &str, opts: &PlanOptions) -> Result<Planne
             .in_file(&shown_dir));
         }
     }
-    // Shared (tied) parameters: the name they are tied to, under their own name too.
-    if let Some(sp) = h.dict_get(root, "shared_params").and_then(|s| pairs(h, s)) {
-        let index: HashMap<String, usize> = out.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-        for &(k, v) in sp {
-            if let (Some(dst), Some(&src)) = (h.as_str(k), h.as_str(v).and_then(|s| index.get(s))) {
-                let t = PlannedTensor { name: dst.to_string(), ..out[src].clone() };
-                out.push(t);
+    // ZeRO-1 records no frozen parameters (DeepSpeed saves them from stage 2 on), so zero_to_fp32 leaves them out
+    // and its model is incomplete; the model states' `module` still holds them, in the dtype they were trained in.
+    let shared: Vec<(String, String)> = h
+        .dict_get(root, "shared_params")
+        .and_then(|s| pairs(h, s))
+        .map(|sp| sp.iter().filter_map(|&(k, v)| Some((h.as_str(k)?.to_string(), h.as_str(v)?.to_string()))).collect())
+        .unwrap_or_default();
+    if stage <= 2
+        && let Some(module) = h.dict_get(root, "module")
+    {
+        let have: std::collections::HashSet<String> =
+            out.iter().map(|t| t.name.clone()).chain(shared.iter().map(|(k, _)| k.clone())).collect();
+        let mut only = 0usize;
+        for t in m0.file.tensors_at(&inputs[m0.idx], m0.idx, module, Vec::new())? {
+            if !have.contains(&t.path.name) {
+                out.push(PlannedTensor::from_source(
+                    t.path.name,
+                    t.view.shape.clone(),
+                    Source::View(t.view),
+                    opts.dtype,
+                ));
+                only += 1;
             }
+        }
+        if only > 0 {
+            notes.push(format!(
+                "{only} parameter(s) only in the model states' module (frozen at ZeRO-1, which records no frozen \
+                 parameters; zero_to_fp32 leaves them out): taken from there, in their training dtype"
+            ));
+        }
+    }
+    // Shared (tied) parameters: the name they are tied to, under their own name too.
+    let index: HashMap<String, usize> = out.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+    for (dst, src) in &shared {
+        if let Some(&i) = index.get(src) {
+            let t = PlannedTensor { name: dst.clone(), ..out[i].clone() };
+            out.push(t);
         }
     }
     let mut dup = std::collections::HashSet::new();

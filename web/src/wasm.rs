@@ -167,6 +167,8 @@ struct JsOptions {
     max_shard_size: Option<String>,
     prefix: Option<String>,
     allow_mismatch: bool,
+    /// Convert one shard of a sharded Hugging Face set alone (`--allow-partial`).
+    allow_partial: bool,
     /// Verbatim ranges come as `copy` pieces naming an input Blob.
     copies: bool,
     /// `convert` (the default) or `dcp-to-pt`: the checkpoint's tensors as saved, in one torch.save file.
@@ -206,6 +208,7 @@ impl JsOptions {
             },
             require_base: true,
             allow_mismatch: self.allow_mismatch,
+            allow_partial: self.allow_partial,
             allow_globals: self.allowed_globals()?,
             lora: LoraOptions {
                 mode: if self.lora.as_deref() == Some("adapter") { LoraMode::Adapter } else { LoraMode::Merge },
@@ -279,7 +282,7 @@ impl Job {
             None => None,
         };
         let conversion = opts.conversion(base_folder.as_ref())?;
-        // A single file can only be a torch.save file; anything else is a folder.
+        // A single file is a torch.save or safetensors file; anything else is a folder.
         let checkpoint = match folder.files.keys().next() {
             Some(rel) if folder.files.len() == 1 => Checkpoint::File(folder.open(rel).map_err(js_err)?),
             _ => Checkpoint::Folder(&folder),
