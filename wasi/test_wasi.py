@@ -251,6 +251,22 @@ def same_bytes_cases():
                   ["convert", In("actor"), Out("hf"), "--base", In("base_hf"), "--max-shard-size", "100KB"]))
     cases.append(case("megatron/qwen2_tp2:bf16", MG / "qwen2_tp2", ["convert", In("actor"), Out("hf"), "--base", In("base_hf"), "--dtype", "bf16"]))
 
+    # Hugging Face sets, DeepSpeed ZeRO and FP8 (tests/fixtures/make_input_fixtures.py): a folder, an index, one
+    # shard standing for its set, casts with config.json's dtype, tied copies, ZeRO-3 partitions, FP8 dequant.
+    hs, ds, f8 = FIXTURES / "hf_sets", FIXTURES / "deepspeed" / "zero3_bf16_w3", FIXTURES / "fp8" / "block128_st"
+    q = hs / "qwen2_bin_sharded"
+    cases += [
+        case("hf_sets/qwen2_bin_sharded", q, ["convert", In(""), Out("hf")]),
+        case("hf_sets/qwen2_bin_sharded:bf16", q, ["convert", In(""), Out("hf"), "--dtype", "bf16"]),
+        case("hf_sets/qwen2_bin_sharded:index", q, ["convert", In("pytorch_model.bin.index.json"), Out("hf")]),
+        case("hf_sets/qwen2_bin_sharded:shard", q, ["convert", In("pytorch_model-00002-of-00004.bin"), Out("hf")]),
+        case("hf_sets/t5_bin_sharded:shards", hs / "t5_bin_sharded", ["convert", In(""), Out("hf"), "--max-shard-size", "100KB"]),
+        case("deepspeed/zero3_bf16_w3", ds, ["convert", In("ckpt"), Out("hf"), "--base", In("hf")]),
+        case("deepspeed/zero3_bf16_w3:step-bf16", ds, ["convert", In("ckpt/global_step2"), Out("hf"), "--dtype", "bf16"]),
+        case("fp8/block128_st", f8, ["convert", In(""), Out("hf")]),
+        case("fp8/block128_st:bf16", f8, ["convert", In(""), Out("hf"), "--dtype", "bf16"]),
+    ]
+
     qwen = "qwen2_tiny_full_weights.pt"
     for flags, tag in [(["--dtype", "bf16"], "bf16"), (["--dtype", "fp16"], "fp16"), (["--max-shard-size", "20KB"], "shards"),
                        (["--format", "pt"], "format-pt"), (["--format", "pt", "--dtype", "bf16"], "format-pt-bf16")]:
@@ -627,6 +643,9 @@ SAME_REFUSAL = [
     ("trust/another-allow-global", FIXTURES / "trust", ["convert", In("simple_namespace_config.pt"), Out("hf"),
                                                         "--allow-global", "types.ModuleType"]),
     ("megatron/mg2hf-not-megatron", PT, ["mg2hf", In("parameters.pt"), Out("hf"), In("")]),
+    # one shard of a set without its siblings, and an index naming a shard that is not there (issue 18)
+    ("hf_sets/lone-shard", FIXTURES / "hf_sets" / "bad", ["convert", In("lone/model-00002-of-00003.safetensors"), Out("hf")]),
+    ("hf_sets/index-names-absent", FIXTURES / "hf_sets" / "bad", ["convert", In("absent"), Out("hf")]),
     # a Qwen3-MoE checkpoint (EP 2) against a Qwen2-MoE base: refused, naming the rank file, by the family checks
     ("megatron_moe/wrong-moe-base", MOE, ["mg2hf", In("qwen3moe_ep2/actor"), Out("hf"), In("qwen2moe_ep2/base_hf")]),
 ] + ([(f"lora/rank_mismatch-{mode}", LORA, ["convert", In("bad/rank_mismatch.pt"), Out("hf"), "--base", In("base_qwen2"),

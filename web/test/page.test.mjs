@@ -246,6 +246,43 @@ describe('the page', () => {
     });
   }
 
+  // Hugging Face sets, a DeepSpeed ZeRO-3 run and an FP8 release (tests/fixtures/make_input_fixtures.py), as the
+  // CLI converts them: config.json from the set's own folder, tied copies dropped, partitions gathered, dequantized.
+  for (const [label, rel, baseRel, dtype] of [
+    ['a sharded transformers .bin set (its own config.json goes with it)', 'hf_sets/qwen2_bin_sharded', null, null],
+    ['a sharded T5 .bin set (tied embeddings) cast to bf16', 'hf_sets/t5_bin_sharded', null, 'bf16'],
+    ['a DeepSpeed ZeRO-3 folder (3 ranks) with its base', 'deepspeed/zero3_bf16_w3/ckpt', 'deepspeed/zero3_bf16_w3/hf', null],
+    ['an FP8 release dequantized to bf16', 'fp8/block128_st', null, 'bf16'],
+  ]) {
+    test(`${label} matches \`ckptconv convert\``, async () => {
+      const input = join(FIXTURES, rel);
+      const base = baseRel && join(FIXTURES, baseRel);
+      const page = await openPage();
+      await page.setInputFiles('#folder-input', input);
+      if (base) await page.setInputFiles('#base-input', base);
+      await waitState(page, ['ready', 'invalid']);
+      const flags = base ? ['--base', base] : [];
+      if (dtype) {
+        await page.selectOption('select[name=dtype]', dtype);
+        await page.dispatchEvent('#options', 'change');
+        flags.push('--dtype', dtype);
+      }
+      const { hashes } = await convertOnPage(page);
+      const native = hashTree(await nativeOutput('convert', input, 'OUT', ...flags));
+      assert.ok('config.json' in native, 'the config goes with the weights');
+      assert.deepEqual(hashes, native);
+      await page.clean();
+    });
+  }
+
+  test('one shard of a sharded set, dropped alone, is refused naming its missing siblings', async () => {
+    const page = await openPage();
+    await page.setInputFiles('#files-input', join(FIXTURES, 'hf_sets/bad/lone/model-00002-of-00003.safetensors'));
+    assert.equal(await waitState(page, ['ready', 'invalid']), 'invalid');
+    assert.match(await errorText(page), /shard 2 of 3/);
+    await page.clean();
+  });
+
   test('a LoRA adapter export (names with a folder) matches the CLI, and "Save all to a folder" writes that tree', async () => {
     const page = await openPage();
     await page.setInputFiles('#files-input', LORA);
