@@ -86,8 +86,31 @@ def main():
         # The header plus a little data: enough for every structural check.
         put("safetensors_header", data[: 8 + n + 64])
         put("safetensors_header", data)
+    # A Hugging Face set as the hf_set entry point reads it: the index's u32 length and bytes, shard 1's, shard 2.
+    # Two shards of the FP8 fixture, with an index that maps their tensors (built from their headers here).
+    f8 = FIX / "fp8" / "block128_st"
+    shards = sorted(f8.glob("model-*.safetensors"))
+    if len(shards) >= 2:
+        import json
+        a, b = shards[1].read_bytes(), shards[3 if len(shards) > 3 else 1].read_bytes()
+        names = lambda d: [k for k in json.loads(d[8:8 + int.from_bytes(d[:8], "little")]) if k != "__metadata__"]
+        wm = {**{k: "model-00001-of-00002.safetensors" for k in names(a)},
+              **{k: "model-00002-of-00002.safetensors" for k in names(b)}}
+        index = json.dumps({"metadata": {}, "weight_map": wm}).encode()
+        put("hf_set", len(index).to_bytes(4, "little") + index + len(a).to_bytes(4, "little") + a + b, limit=1 << 20)
+    bad = FIX / "hf_sets" / "bad" / "absent"
+    if bad.is_dir():
+        index = (bad / "model.safetensors.index.json").read_bytes()
+        a = (bad / "model-00001-of-00002.safetensors").read_bytes()
+        put("hf_set", len(index).to_bytes(4, "little") + index + len(a).to_bytes(4, "little") + a + a)
+    # A ZeRO-3 tag folder of three ranks as the zero entry point reads it: model states, then ranks 0, 1, 2's partitions.
+    z = FIX / "deepspeed" / "zero3_bf16_w3" / "ckpt" / "global_step2"
+    if z.is_dir():
+        parts = [(z / "zero_pp_rank_0_mp_rank_00_model_states.pt").read_bytes()]
+        parts += [(z / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt").read_bytes() for r in range(3)]
+        put("zero", b"".join(len(p).to_bytes(4, "little") + p for p in parts[:-1]) + parts[-1], limit=2 << 20)
     for t in ["pickle", "torch_file", "dcp_metadata", "dcp_folder", "megatron", "megatron_dist", "megatron_moe",
-              "safetensors_header"]:
+              "safetensors_header", "hf_set", "zero"]:
         n = len(list((ROOT / "corpus" / t).glob("*")))
         print(f"{t}: {n} seeds")
 

@@ -228,6 +228,12 @@ impl Conversion {
         &self.planned
     }
 
+    /// The inputs the plans read (for the fuzzing entry points, which read bands themselves).
+    #[doc(hidden)]
+    pub fn inputs_for_fuzzing(&self) -> &[Input] {
+        &self.planned.inputs
+    }
+
     /// The model's plan.
     pub fn plan(&self) -> &Plan {
         &self.planned.plan

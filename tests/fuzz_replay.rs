@@ -15,6 +15,8 @@ const TARGETS: &[(&str, Target)] = &[
     ("megatron_dist", ckptconv::fuzzing::megatron_dist),
     ("megatron_moe", ckptconv::fuzzing::megatron_moe),
     ("safetensors_header", ckptconv::fuzzing::safetensors_header),
+    ("hf_set", ckptconv::fuzzing::hf_set),
+    ("zero", ckptconv::fuzzing::zero),
 ];
 
 #[test]

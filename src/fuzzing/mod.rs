@@ -129,6 +129,51 @@ pub fn megatron_dist(data: &[u8]) {
     }
 }
 
+/// A Hugging Face set of two safetensors shards and their index (the index's u32 length and bytes, shard 1's, then
+/// shard 2), converted with `--dtype bf16` through the whole pipeline: the index checks, FP8 dequantization with a
+/// config declaring 64x64 blocks, tied copies against that config.
+pub fn hf_set(data: &[u8]) {
+    if let Some(c) = hf_set_conversion(data) {
+        read_some(c.plan(), c.inputs_for_fuzzing());
+    }
+}
+
+fn hf_set_conversion(data: &[u8]) -> Option<crate::conversion::Conversion> {
+    let (index, rest) = split_counted(data)?;
+    let (a, b) = split_counted(rest)?;
+    let mut f = MemoryFolder { name: "fuzz_hf".into(), ..Default::default() };
+    f.files.insert("model.safetensors.index.json".into(), index.to_vec());
+    f.files.insert("model-00001-of-00002.safetensors".into(), a.to_vec());
+    f.files.insert("model-00002-of-00002.safetensors".into(), b.to_vec());
+    f.files.insert(
+        "config.json".into(),
+        br#"{"tie_word_embeddings":true,"torch_dtype":"float32","quantization_config":{"quant_method":"fp8","weight_block_size":[64,64]}}"#.to_vec(),
+    );
+    let opts = crate::conversion::ConversionOptions {
+        plan: PlanOptions { dtype: Some(crate::dtype::DType::BF16), ..Default::default() },
+        ..Default::default()
+    };
+    crate::conversion::Conversion::new(crate::conversion::Checkpoint::Folder(&f), None, &opts).ok()
+}
+
+/// A DeepSpeed ZeRO tag folder of three ranks (the committed fixture's grid): the model states (u32 length and
+/// bytes; every rank's file gets them), ranks 0 and 1's optimizer partitions (the same), then rank 2's. Named as
+/// stage 3 names them, plus stage 1/2's single model-states file.
+pub fn zero(data: &[u8]) {
+    let Some((m, rest)) = split_counted(data) else { return };
+    let Some((o0, rest)) = split_counted(rest) else { return };
+    let Some((o1, o2)) = split_counted(rest) else { return };
+    let mut f = MemoryFolder { name: "fuzz_zero".into(), ..Default::default() };
+    f.files.insert("mp_rank_00_model_states.pt".into(), m.to_vec());
+    for (r, o) in [o0, o1, o2].into_iter().enumerate() {
+        f.files.insert(format!("zero_pp_rank_{r}_mp_rank_00_model_states.pt"), m.to_vec());
+        f.files.insert(format!("bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt"), o.to_vec());
+    }
+    if let Ok(p) = crate::deepspeed::plan(&f, "", &PlanOptions::default()) {
+        read_some(&p.plan, &p.inputs);
+    }
+}
+
 /// The safetensors header reader used by `verify`, base-model checks and DCP's safetensors items (the
 /// latter read from a byte offset given by the input's first byte).
 pub fn safetensors_header(data: &[u8]) {
@@ -139,6 +184,41 @@ pub fn safetensors_header(data: &[u8]) {
 
 #[cfg(test)]
 mod tests {
+    fn counted(parts: &[Vec<u8>]) -> Vec<u8> {
+        let mut data = Vec::new();
+        for p in &parts[..parts.len() - 1] {
+            data.extend((p.len() as u32).to_le_bytes());
+            data.extend(p);
+        }
+        data.extend(&parts[parts.len() - 1]);
+        data
+    }
+
+    /// The ZeRO entry point's folder fits the committed ZeRO-3 fixture, so the fuzzer starts from a full gather.
+    #[test]
+    fn the_zero_entry_point_gathers_the_real_fixture() -> std::io::Result<()> {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/deepspeed/zero3_bf16_w3/ckpt/global_step2");
+        let mut parts = vec![std::fs::read(format!("{dir}/zero_pp_rank_0_mp_rank_00_model_states.pt"))?];
+        for r in 0..3 {
+            parts.push(std::fs::read(format!("{dir}/bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))?);
+        }
+        let data = counted(&parts);
+        let (m, rest) = super::split_counted(&data).unwrap();
+        assert_eq!(m.len(), parts[0].len());
+        assert!(rest.len() > parts[1].len());
+        // Every rank's model states are rank 0's here, so rank 0's frozen fragment stands for every rank's: the
+        // gather still runs (the fragments are padded pieces of the same size).
+        let mut f = crate::io::MemoryFolder { name: "z".into(), ..Default::default() };
+        f.files.insert("zero_pp_rank_0_mp_rank_00_model_states.pt".into(), parts[0].clone());
+        for r in 0..3 {
+            f.files.insert(format!("zero_pp_rank_{r}_mp_rank_00_model_states.pt"), parts[0].clone());
+            f.files.insert(format!("bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt"), parts[r + 1].clone());
+        }
+        let p = crate::deepspeed::plan(&f, "", &crate::planned::PlanOptions::default());
+        assert_eq!(p.map(|p| p.plan.tensors.len()).ok(), Some(29));
+        Ok(())
+    }
+
     /// The entry point's folder and base config fit the real fixture, so the fuzzer starts from a full MoE merge.
     #[test]
     fn the_moe_entry_point_merges_the_real_fixture() -> std::io::Result<()> {
