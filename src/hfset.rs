@@ -13,8 +13,8 @@ use crate::planned::{GroupCounter, InputKind, PlanOptions, Planned};
 use crate::torch::TorchFile;
 use std::collections::{BTreeMap, HashMap};
 
-/// Largest index file read (the largest public indexes are a few MB).
-const MAX_INDEX: u64 = 64 << 20;
+/// Largest index file read (DeepSeek-V3's, about 92,000 tensors, is under 10 MB).
+const MAX_INDEX: u64 = 32 << 20;
 
 /// What a file name says about the set it belongs to: `pytorch_model-00002-of-00003.bin` is shard 2 of 3.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,33 +118,41 @@ pub fn check_lone_file(name: &str, opts: &PlanOptions) -> Result<()> {
     }
 }
 
+/// What ckptconv reads of an index file: its `weight_map` (other fields are skipped unread). Parsed straight into
+/// the map, not through a JSON tree, so the largest index allowed costs about its own size in memory.
+#[derive(serde::Deserialize)]
+struct IndexFile {
+    weight_map: BTreeMap<String, String>,
+}
+
 /// An index's `weight_map`: tensor name -> file (relative to the index's folder).
 fn read_index(folder: &dyn Folder, rel: &str) -> Result<BTreeMap<String, String>> {
     let input = folder.open(rel)?;
     if input.len() > MAX_INDEX {
-        return Err(Error::new(ErrorKind::Limit(format!("index larger than {} MiB", MAX_INDEX >> 20))).in_file(rel));
+        return Err(
+            Error::new(ErrorKind::Limit(format!("index larger than {} MiB", MAX_INDEX >> 20))).in_file(&input.name)
+        );
     }
     let bytes = input.read_vec(0, input.len())?;
-    let bad = |m: String| Error::new(ErrorKind::NotCheckpoint(m)).in_file(rel);
-    let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("no weight_map object".into()))?;
-    let mut out = BTreeMap::new();
-    for (name, file) in map {
-        let file = file.as_str().ok_or_else(|| bad(format!("weight_map['{name}'] is not a file name")))?;
+    let bad = |m: String| Error::new(ErrorKind::NotCheckpoint(m)).in_file(&input.name);
+    let index: IndexFile = serde_json::from_slice(&bytes)
+        .map_err(|e| bad(format!("not an index (a weight_map of names to files): {e}")))?;
+    for (name, file) in &index.weight_map {
         if file.is_empty() || file.starts_with('/') || file.split(['/', '\\']).any(|p| p == "..") {
             return Err(bad(format!("weight_map['{name}'] names '{file}', which is not a file beside the index")));
         }
-        out.insert(name.clone(), file.to_string());
     }
-    if out.is_empty() {
+    if index.weight_map.is_empty() {
         return Err(bad("the weight_map is empty".into()));
     }
-    Ok(out)
+    Ok(index.weight_map)
 }
 
 /// The files a set is read from (relative to the folder) and its index, if any: from `entry`, an index, one
 /// weights file or one shard (whose siblings must all be there).
-fn files_of(folder: &dyn Folder, entry: &str, opts: &PlanOptions) -> Result<(Vec<String>, Option<String>)> {
+type Index = Option<(String, BTreeMap<String, String>)>;
+
+fn files_of(folder: &dyn Folder, entry: &str, opts: &PlanOptions) -> Result<(Vec<String>, Index)> {
     let all = folder.files();
     let has = |p: &str| all.iter().any(|f| f == p);
     let dir = entry.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
@@ -161,9 +169,9 @@ fn files_of(folder: &dyn Folder, entry: &str, opts: &PlanOptions) -> Result<(Vec
                 missing.len(),
                 some_names(&missing, 8)
             )))
-            .in_file(entry));
+            .in_file(&crate::io::join(folder.name(), entry)));
         }
-        return Ok((files, Some(entry.to_string())));
+        return Ok((files, Some((entry.to_string(), map))));
     }
     let base = entry.rsplit('/').next().unwrap_or(entry);
     match ShardName::parse(base) {
@@ -173,7 +181,7 @@ fn files_of(folder: &dyn Folder, entry: &str, opts: &PlanOptions) -> Result<(Vec
             }
             let missing: Vec<String> = (1..=s.n).map(|k| s.sibling(k)).filter(|f| !has(&join(f))).collect();
             if !missing.is_empty() {
-                return Err(lone_shard(entry, &s, &missing));
+                return Err(lone_shard(&crate::io::join(folder.name(), entry), &s, &missing));
             }
             Ok(((1..=s.n).map(|k| join(&s.sibling(k))).collect(), None))
         }
@@ -221,16 +229,18 @@ fn tensors_of(input: &mut Input, idx: usize, out: &mut Vec<Found>) -> Result<&'s
 /// Plans the set `entry` names in `folder` (an index, a weights file or one shard of a set).
 pub fn plan(folder: &dyn Folder, entry: &str, opts: &PlanOptions) -> Result<Planned> {
     let (files, index) = files_of(folder, entry, opts)?;
+    let index_name = index.as_ref().map(|(n, _)| n.clone());
     let mut inputs = Vec::with_capacity(files.len());
     let mut found = Vec::new();
     let mut kinds = Vec::new();
     for (i, f) in files.iter().enumerate() {
         let mut input = folder.open(f)?;
-        kinds.push(tensors_of(&mut input, i, &mut found).map_err(|e| e.in_file(f))?);
+        let name = input.name.clone();
+        kinds.push(tensors_of(&mut input, i, &mut found).map_err(|e| e.in_file(&name))?);
         inputs.push(input);
     }
     kinds.dedup();
-    let shown = index.clone().unwrap_or_else(|| entry.to_string());
+    let shown = crate::io::join(folder.name(), index_name.as_deref().unwrap_or(entry));
     let mut seen: HashMap<&str, usize> = HashMap::with_capacity(found.len());
     for t in &found {
         if let Some(&other) = seen.get(t.name.as_str()) {
@@ -242,8 +252,8 @@ pub fn plan(folder: &dyn Folder, entry: &str, opts: &PlanOptions) -> Result<Plan
         }
         seen.insert(&t.name, t.file);
     }
-    if let Some(ix) = &index {
-        check_index(folder, ix, &files, &found, &seen)?;
+    if let Some((ix, map)) = &index {
+        check_index(ix, map, &files, &found, &seen)?;
     }
     if found.is_empty() {
         return Err(Error::new(ErrorKind::NoTensors("the weights hold no tensors".into())).in_file(&shown));
@@ -256,7 +266,7 @@ pub fn plan(folder: &dyn Folder, entry: &str, opts: &PlanOptions) -> Result<Plan
             PlannedTensor::from_source(t.name, t.view.shape.clone(), Source::View(t.view), opts.dtype)
         })
         .collect();
-    let what = match (files.len(), &index) {
+    let what = match (files.len(), &index_name) {
         (1, None) => format!("Hugging Face weights ({})", kinds.join(", ")),
         (n, Some(ix)) => format!("Hugging Face sharded weights ({}, {n} file(s), index {ix})", kinds.join(", ")),
         (n, None) => format!("Hugging Face sharded weights ({}, {n} shards, no index)", kinds.join(", ")),
@@ -281,13 +291,12 @@ pub fn plan(folder: &dyn Folder, entry: &str, opts: &PlanOptions) -> Result<Plan
 
 /// The index must say where every tensor is: each tensor in the file it names, and nothing else.
 fn check_index(
-    folder: &dyn Folder,
     ix: &str,
+    map: &BTreeMap<String, String>,
     files: &[String],
     found: &[Found],
     seen: &HashMap<&str, usize>,
 ) -> Result<()> {
-    let map = read_index(folder, ix)?;
     let dir = ix.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
     let bad = |m: String| Err(Error::new(ErrorKind::Inconsistent(m)).in_file(ix));
     for t in found {

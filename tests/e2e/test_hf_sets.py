@@ -272,3 +272,23 @@ def test_index_puts_a_tensor_in_the_wrong_shard(run, tmp_path, sets, arch, kind)
     index_path.write_text(json.dumps(index, indent=2))
     r = convert_fails(run, src, tmp_path / "out")
     assert any(f in r.stderr for f in (index_path.name, files[0], files[1])), r.stderr
+
+
+def test_a_huge_index_is_read_in_bounded_memory_and_refused(run, tmp_path):
+    """An index of 400,000 names (about 10 MB, past any real model's) for one small shard: read straight into its
+    map under a 512 MiB address-space cap, and refused for the names no shard holds, naming the index."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    save_file({"model.norm.weight": torch.ones(4)}, str(folder / "a.safetensors"))
+    wm = {f"t.{i}.w": "a.safetensors" for i in range(400_000)}
+    wm["model.norm.weight"] = "a.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    out = tmp_path / "out"
+    r = run("convert", folder, out, timeout=60, mem_limit=512 << 20)
+    assert r.returncode == 1, r.stderr
+    assert "model.safetensors.index.json" in r.stderr and "no file of the set holds it" in r.stderr, r.stderr
+    assert not out.exists() or not any(out.iterdir())
