@@ -262,9 +262,19 @@ pub fn plan(folder: &dyn Folder, dir: &str, opts: &PlanOptions) -> Result<Planne
         let h = &o0.file.heap;
         let osd = h.dict_get(o0.file.root, "optimizer_state_dict");
         let int = |k: &str| osd.and_then(|o| h.dict_get(o, k)).and_then(|v| int_like(h, v));
+        let has = |k: &str| osd.and_then(|o| h.dict_get(o, k)).is_some();
         let stage = int("zero_stage").ok_or_else(|| {
-            Error::new(ErrorKind::NotCheckpoint("optimizer_state_dict has no zero_stage: not a ZeRO partition".into()))
-                .in_file(&inputs[o0.idx].name)
+            let kind = if has("single_partition_of_fp32_groups") && has("group_paddings") {
+                // BF16_Optimizer (bf16 with grad_accum_dtype fp32 at stage 1) saves no stage; zero_to_fp32 refuses it too.
+                ErrorKind::Unsupported(
+                    "DeepSpeed's BF16_Optimizer partitions (bf16 at ZeRO-1 with grad_accum_dtype fp32): no zero_stage, \
+                     and zero_to_fp32.py does not read them either"
+                        .into(),
+                )
+            } else {
+                ErrorKind::NotCheckpoint("optimizer_state_dict has no zero_stage: not a ZeRO partition".into())
+            };
+            Error::new(kind).in_file(&inputs[o0.idx].name)
         })?;
         let world = match osd.and_then(|o| h.dict_get(o, "partition_count")) {
             Some(v) => match h.get(v) {
