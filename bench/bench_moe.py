@@ -370,14 +370,14 @@ def generate(d):
 # --- the runs -------------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def tools_output_to_log():
-    """The tools inherit fds 1 and 2 (bench_pt.timed spawns them): point those at LOG while they run."""
+def output_to(log):
+    """The tools inherit fds 1 and 2 (bench_pt.timed spawns them): point those at `log` while they run."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with open(LOG, "ab") as log:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
+    with open(log, "ab") as fh:
+        os.dup2(fh.fileno(), 1)
+        os.dup2(fh.fileno(), 2)
     try:
         yield
     finally:
@@ -468,7 +468,7 @@ def main():
                 res, load, psi = resident(files), bench_io.loadavg(), bench_io.io_pressure()
                 before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 try:
-                    with tools_output_to_log():
+                    with output_to(LOG):
                         secs, rss = bench_pt.timed(argv) if mode == "hot" else bench_io.timed(argv, {}, False)
                 except SystemExit:
                     print(f"{name} failed; the end of {LOG}:\n" + LOG.read_text()[-3000:], file=sys.stderr)

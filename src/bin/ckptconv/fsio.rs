@@ -57,13 +57,21 @@ impl ReadAhead {
     fn after_read(&self, file: &File, offset: u64, len: u64, file_len: u64) {
         use std::sync::atomic::Ordering::Relaxed;
         let end = offset.saturating_add(len);
-        let sequential = self.end.swap(end, Relaxed) == offset;
-        if !sequential {
+        let last_end = self.end.swap(end, Relaxed);
+        let asked = self.asked.load(Relaxed);
+        // A read that starts at or after the last one's end but inside the range already asked for (a padding gap
+        // between tensors of a flat partition, say) continues the run: the asked range is never asked again.
+        let continuing = offset >= last_end && offset <= asked.max(last_end);
+        if !continuing {
             self.asked.store(end, Relaxed);
             return;
         }
+        // Asked again only when less than half the window is left, so that small reads cost no system call each.
+        if asked >= end.saturating_add(READ_AHEAD / 2).min(file_len) {
+            return;
+        }
         let want = end.saturating_add(READ_AHEAD).min(file_len);
-        let mut at = self.asked.load(Relaxed).max(end);
+        let mut at = asked.max(end);
         while at < want {
             let n = READ_AHEAD_STEP.min(want - at);
             fadvise_willneed(file, at, n);
