@@ -43,11 +43,17 @@ struct ReadAhead {
     end: std::sync::atomic::AtomicU64,
     /// How far read-ahead has been asked for.
     asked: std::sync::atomic::AtomicU64,
+    /// Where the current sequential run started.
+    run_start: std::sync::atomic::AtomicU64,
 }
 
 /// How far ahead of a sequential read the kernel is asked to read: two bands.
 #[cfg(target_os = "linux")]
 const READ_AHEAD: u64 = 2 * ckptconv::plan::BAND_BYTES as u64;
+/// How long a run must be before read-ahead is asked for: short runs between jumps (a pickle's records, a zip's
+/// headers, one small tensor each) are left to the kernel's own read-ahead.
+#[cfg(target_os = "linux")]
+const READ_AHEAD_AFTER: u64 = 1 << 20;
 /// One request's length (the kernel caps each at its read-ahead window, commonly larger than this).
 #[cfg(target_os = "linux")]
 const READ_AHEAD_STEP: u64 = 4 << 20;
@@ -64,6 +70,10 @@ impl ReadAhead {
         let continuing = offset >= last_end && offset <= asked.max(last_end);
         if !continuing {
             self.asked.store(end, Relaxed);
+            self.run_start.store(offset, Relaxed);
+            return;
+        }
+        if end - self.run_start.load(Relaxed).min(end) < READ_AHEAD_AFTER {
             return;
         }
         // Asked again only when less than half the window is left, so that small reads cost no system call each.
@@ -404,9 +414,20 @@ pub struct FileWriter {
     pool: std::sync::mpsc::Receiver<Vec<u8>>,
     #[cfg(not(target_os = "wasi"))]
     thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    /// Small pieces gathered into one hand-off (many small tensors would otherwise cost a channel send and a
+    /// write system call each).
+    #[cfg(not(target_os = "wasi"))]
+    pending: Vec<u8>,
     #[cfg(target_os = "wasi")]
     file: File,
 }
+
+/// Pieces shorter than this are copied into [`FileWriter::pending`] rather than handed off alone.
+#[cfg(not(target_os = "wasi"))]
+const GATHER_BELOW: usize = 64 << 10;
+/// What `pending` holds at most before it is handed off.
+#[cfg(not(target_os = "wasi"))]
+const GATHER_CAP: usize = 1 << 20;
 
 /// Work for the writer thread.
 #[cfg(not(target_os = "wasi"))]
@@ -459,6 +480,7 @@ impl FileWriter {
             tx: Some(tx),
             pool,
             thread: Some(thread),
+            pending: Vec::new(),
             #[cfg(unix)]
             pos,
         }
@@ -477,15 +499,39 @@ impl FileWriter {
         }
     }
 
+    /// Hands the gathered small pieces to the writer thread, if any.
+    fn flush_pending(&mut self) -> std::io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let mut v = self.pool.try_recv().unwrap_or_default();
+        v.clear();
+        std::mem::swap(&mut v, &mut self.pending);
+        self.send(Job::Data(v))
+    }
+
     fn write(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        if self.pending.len() + buf.len() > GATHER_CAP {
+            self.flush_pending()?;
+        }
+        if buf.len() < GATHER_BELOW {
+            self.pending.extend_from_slice(buf);
+            return Ok(());
+        }
+        self.flush_pending()?;
         let mut v = self.pool.try_recv().unwrap_or_default();
         v.clear();
         v.extend_from_slice(buf);
         self.send(Job::Data(v))
     }
 
-    /// Hands `buf` itself to the writer thread and leaves a used buffer (or an empty one) in its place.
+    /// Hands `buf` itself to the writer thread and leaves a used buffer (or an empty one) in its place; a small
+    /// one is gathered instead (and left as it was).
     fn write_owned(&mut self, buf: &mut Vec<u8>) -> std::io::Result<()> {
+        if buf.len() < GATHER_BELOW {
+            return self.write(buf);
+        }
+        self.flush_pending()?;
         let mut v = self.pool.try_recv().unwrap_or_default();
         std::mem::swap(&mut v, buf);
         self.send(Job::Data(v))
@@ -493,14 +539,17 @@ impl FileWriter {
 
     #[cfg(target_os = "linux")]
     fn copy(&mut self, from: File, offset: u64, len: u64) -> std::io::Result<()> {
+        self.flush_pending()?;
         self.send(Job::Copy(from, offset, len))
     }
 
     fn skip(&mut self, len: u64) -> std::io::Result<()> {
+        self.flush_pending()?;
         self.send(Job::Skip(len))
     }
 
     fn finish(mut self) -> std::io::Result<()> {
+        self.flush_pending()?;
         self.tx = None;
         match self.thread.take().map(|h| h.join()) {
             Some(Ok(r)) => r,
