@@ -159,9 +159,8 @@ fn files_of(folder: &dyn Folder, entry: &str, opts: &PlanOptions) -> Result<(Vec
     let join = |f: &str| crate::io::join(dir, f);
     if entry.ends_with(".index.json") {
         let map = read_index(folder, entry)?;
-        let mut files: Vec<String> = map.values().map(|f| join(f)).collect();
-        files.sort();
-        files.dedup();
+        let distinct: std::collections::BTreeSet<&str> = map.values().map(String::as_str).collect();
+        let files: Vec<String> = distinct.into_iter().map(join).collect();
         let missing: Vec<&String> = files.iter().filter(|f| !has(f)).collect();
         if !missing.is_empty() {
             return Err(Error::new(ErrorKind::Inconsistent(format!(

@@ -52,6 +52,42 @@ pub fn read_item(input: &Input, at: u64) -> Result<Header> {
     read(input, Some(at))
 }
 
+/// One header entry as written; checked by [`read`] (a missing field is refused there, with its name).
+#[derive(serde::Deserialize)]
+struct RawEntry {
+    dtype: Option<String>,
+    shape: Option<Vec<u64>>,
+    data_offsets: Option<Vec<u64>>,
+}
+
+/// The header's entries in file order, `__metadata__` skipped. Typed straight from the JSON (a tree of
+/// `serde_json::Value`s cost an allocation per field: most of the time of a 100,000-tensor header).
+struct RawHeader(Vec<(String, RawEntry)>);
+
+impl<'de> serde::Deserialize<'de> for RawHeader {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = RawHeader;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of tensor entries")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<RawHeader, A::Error> {
+                let mut v = Vec::new();
+                while let Some(name) = map.next_key::<String>()? {
+                    if name == "__metadata__" {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    } else {
+                        v.push((name, map.next_value::<RawEntry>()?));
+                    }
+                }
+                Ok(RawHeader(v))
+            }
+        }
+        d.deserialize_map(Entries)
+    }
+}
+
 fn read(input: &Input, item_at: Option<u64>) -> Result<Header> {
     let at = item_at.unwrap_or(0);
     let bad = |m: String| {
@@ -73,7 +109,7 @@ fn read(input: &Input, item_at: Option<u64>) -> Result<Header> {
         return Err(Error::new(ErrorKind::Limit(m)).in_file(&input.name));
     }
     let bytes = input.read_vec(at + 8, n)?;
-    let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| match item_at {
+    let entries: RawHeader = serde_json::from_slice(&bytes).map_err(|e| match item_at {
         // The item was sniffed as safetensors only because it is not a zip: say both.
         Some(at) => Error::new(ErrorKind::NotCheckpoint(format!(
             "item at byte {at} is neither a torch.save zip nor safetensors: {e}"
@@ -81,19 +117,11 @@ fn read(input: &Input, item_at: Option<u64>) -> Result<Header> {
         .in_file(&input.name),
         None => bad(format!("header JSON: {e}")),
     })?;
-    let obj = v.as_object().ok_or_else(|| bad("header is not an object".into()))?;
     let mut tensors = BTreeMap::new();
-    let mut ranges = Vec::with_capacity(obj.len());
-    for (name, e) in obj {
-        if name == "__metadata__" {
-            continue;
-        }
-        let dtype = e.get("dtype").and_then(|d| d.as_str()).and_then(DType::from_safetensors_name);
-        let shape: Option<Vec<u64>> =
-            e.get("shape").and_then(|s| s.as_array()).and_then(|a| a.iter().map(|x| x.as_u64()).collect());
-        let offs: Option<Vec<u64>> =
-            e.get("data_offsets").and_then(|s| s.as_array()).and_then(|a| a.iter().map(|x| x.as_u64()).collect());
-        let (Some(dtype), Some(shape), Some(&[a, b])) = (dtype, shape, offs.as_deref()) else {
+    let mut ranges = Vec::with_capacity(entries.0.len());
+    for (name, e) in entries.0 {
+        let dtype = e.dtype.as_deref().and_then(DType::from_safetensors_name);
+        let (Some(dtype), Some(shape), Some(&[a, b])) = (dtype, e.shape, e.data_offsets.as_deref()) else {
             return Err(bad(format!("entry '{name}' lacks a known dtype, a shape or two data offsets")));
         };
         let numel = shape.iter().try_fold(1u64, |x, &d| x.checked_mul(d));
@@ -104,13 +132,16 @@ fn read(input: &Input, item_at: Option<u64>) -> Result<Header> {
                 dtype.safetensors_name()
             )));
         }
-        ranges.push((a, b, name.as_str()));
-        tensors.insert(name.clone(), TensorEntry { dtype, shape, offsets: [a, b] });
+        ranges.push((a, b));
+        if let Some(_twice) = tensors.insert(name, TensorEntry { dtype, shape, offsets: [a, b] }) {
+            return Err(bad("a tensor name appears twice in the header".into()));
+        }
     }
     ranges.sort_unstable();
     let mut data_len = 0;
-    for &(a, b, name) in &ranges {
+    for &(a, b) in &ranges {
         if a != data_len {
+            let name = tensors.iter().find(|(_, t)| t.offsets == [a, b]).map_or("?", |(n, _)| n.as_str());
             return Err(bad(format!("entry '{name}' starts at {a}, expected {data_len} (gap or overlap)")));
         }
         data_len = b;
@@ -174,7 +205,18 @@ mod tests {
             (vec![1, 2, 3], "file is truncated: needs bytes 0..8"),
             (file(TWO, 11)[..40].to_vec(), "bad safetensors file: header length"),
             (file("{nope", 0), "bad safetensors file: header JSON:"),
-            (file("[1]", 0), "bad safetensors file: header is not an object"),
+            (file("[1]", 0), "bad safetensors file: header JSON: invalid type: sequence, expected an object of tensor"),
+            (
+                file(r#"{"x":{"dtype":"U8","shape":[-1],"data_offsets":[0,1]}}"#, 1),
+                "header JSON: invalid value: integer",
+            ),
+            (
+                file(
+                    r#"{"x":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"x":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#,
+                    2,
+                ),
+                "a tensor name appears twice in the header",
+            ),
             (file(r#"{"x":{"dtype":"Q9","shape":[1],"data_offsets":[0,1]}}"#, 1), "entry 'x' lacks a known dtype"),
             (file(r#"{"x":{"dtype":"F32","shape":[1]}}"#, 4), "entry 'x' lacks a known dtype, a shape or two"),
             (
