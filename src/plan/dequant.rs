@@ -25,8 +25,13 @@ pub struct BlockDequant {
     pub out: DType,
 }
 
-/// Every FP8 byte's value, by bit pattern (e4m3fn: bias 7, no infinities, S.1111.111 is NaN).
-fn e4m3fn_table() -> [f32; 256] {
+/// Every FP8 byte's value, by bit pattern (e4m3fn: bias 7, no infinities, S.1111.111 is NaN); built once.
+fn e4m3fn_table() -> &'static [f32; 256] {
+    static T: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    T.get_or_init(e4m3fn_values)
+}
+
+fn e4m3fn_values() -> [f32; 256] {
     let mut t = [0f32; 256];
     for (b, v) in t.iter_mut().enumerate() {
         let (sign, exp, man) = (b >> 7, (b >> 3) & 0xF, b & 0x7);
@@ -40,8 +45,13 @@ fn e4m3fn_table() -> [f32; 256] {
     t
 }
 
-/// e5m2 is the top byte of an IEEE half.
-fn e5m2_table() -> [f32; 256] {
+/// e5m2 is the top byte of an IEEE half; built once.
+fn e5m2_table() -> &'static [f32; 256] {
+    static T: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    T.get_or_init(e5m2_values)
+}
+
+fn e5m2_values() -> [f32; 256] {
     let mut t = [0f32; 256];
     for (b, v) in t.iter_mut().enumerate() {
         *v = half::f16::from_bits((b as u16) << 8).to_f32();
@@ -117,32 +127,124 @@ impl BlockDequant {
         let mut scales = vec![0f32; n_scales as usize]; // a few per band
         dtype::widen_to_f32(self.scale.dtype(), &scale_raw, &mut scales);
         let table = if self.weight.dtype() == DType::F8E5M2 { e5m2_table() } else { e4m3fn_table() };
-        let mut values = std::mem::take(&mut bufs.deq_values);
-        values.clear();
-        values.resize(count as usize, 0.0);
-        // Bands are whole rows: walk each row block by block, one scale per run of columns.
+        // A block's elements take at most 256 values: round (value × scale) once per FP8 byte value, into a table
+        // of output bytes, and look each element up. Same multiply, same rounding, same bits as element by element.
+        let size = self.out.size();
         let bw = self.block.1.min(cols) as usize;
-        for (k, (row, vals)) in raw.chunks(cols as usize).zip(values.chunks_mut(cols as usize)).enumerate() {
-            let r = r0 + k as u64;
-            let srow = if per_tensor { 0 } else { ((r / self.block.0 - s0) * grid_cols) as usize };
-            for (j, (bytes, vs)) in row.chunks(bw).zip(vals.chunks_mut(bw)).enumerate() {
-                let s = if per_tensor { scales[0] } else { scales[srow + j] };
-                for (v, &b) in vs.iter_mut().zip(bytes) {
-                    *v = table[b as usize] * s;
+        let n_tables = if per_tensor { 1 } else { grid_cols as usize };
+        let mut scaled = std::mem::take(&mut bufs.deq_values);
+        scaled.clear();
+        scaled.resize(256, 0.0);
+        let mut tables = std::mem::take(&mut bufs.deq_tables);
+        fit(&mut tables, n_tables * 256 * size);
+        let mut built_for = u64::MAX;
+        for (k, (row, out_row)) in raw.chunks(cols as usize).zip(out.chunks_mut(cols as usize * size)).enumerate() {
+            let srow = if per_tensor { 0 } else { (r0 + k as u64) / self.block.0 - s0 };
+            if srow != built_for {
+                for (j, t) in tables.chunks_exact_mut(256 * size).enumerate() {
+                    let s = scales[srow as usize * n_tables + j];
+                    for (d, &v) in scaled.iter_mut().zip(table.iter()) {
+                        *d = v * s;
+                    }
+                    dtype::narrow_from_f32(&scaled, self.out, t);
                 }
+                built_for = srow;
+            }
+            match size {
+                2 => look_up::<2>(row, out_row, &tables, bw),
+                4 => look_up::<4>(row, out_row, &tables, bw),
+                _ => look_up_any(row, out_row, &tables, bw, size),
             }
         }
-        dtype::narrow_from_f32(&values, self.out, out);
-        bufs.deq_values = values;
+        bufs.deq_values = scaled;
+        bufs.deq_tables = tables;
         bufs.deq_raw = raw;
         bufs.deq_scale = scale_raw;
         Ok(())
     }
 }
 
+/// One row: each run of `bw` FP8 bytes through its block's table of `N`-byte outputs.
+#[inline(always)]
+fn look_up<const N: usize>(row: &[u8], out: &mut [u8], tables: &[u8], bw: usize) {
+    for ((bytes, outs), t) in row.chunks(bw).zip(out.chunks_mut(bw * N)).zip(tables.chunks_exact(256 * N)) {
+        for (&b, o) in bytes.iter().zip(outs.chunks_exact_mut(N)) {
+            let at = b as usize * N;
+            o.copy_from_slice(&t[at..at + N]);
+        }
+    }
+}
+
+fn look_up_any(row: &[u8], out: &mut [u8], tables: &[u8], bw: usize, size: usize) {
+    for ((bytes, outs), t) in row.chunks(bw).zip(out.chunks_mut(bw * size)).zip(tables.chunks_exact(256 * size)) {
+        for (&b, o) in bytes.iter().zip(outs.chunks_exact_mut(size)) {
+            let at = b as usize * size;
+            o.copy_from_slice(&t[at..at + size]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::plan::view::StridedView;
+
+    /// The reference: every element widened, times its block's scale, rounded once (weight_dequant).
+    fn reference(w: &[u8], scales: &[f32], rows: usize, cols: usize, block: (usize, usize), out: DType) -> Vec<u8> {
+        let grid_cols = cols.div_ceil(block.1);
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|k| {
+                let (r, c) = (k / cols, k % cols);
+                let s = if scales.len() == 1 { scales[0] } else { scales[(r / block.0) * grid_cols + c / block.1] };
+                e4m3fn_values()[w[k] as usize] * s
+            })
+            .collect();
+        let mut bytes = vec![0u8; values.len() * out.size()];
+        dtype::narrow_from_f32(&values, out, &mut bytes);
+        bytes
+    }
+
+    #[test]
+    fn table_lookup_equals_element_by_element_in_any_band() {
+        // Ragged edges (rows and columns not multiples of the block), every byte value (NaN patterns included),
+        // scales that make products round and overflow, and bands that start inside a block row.
+        let (rows, cols, block) = (37usize, 21usize, (8usize, 5usize));
+        let grid = (rows.div_ceil(block.0), cols.div_ceil(block.1));
+        let w: Vec<u8> = (0..rows * cols).map(|k| (k * 97 + k / 7) as u8).collect();
+        let scales: Vec<f32> =
+            (0..grid.0 * grid.1).map(|k| [1.0e-3, 3.7, 1.0e38, -0.5, 7.0e-45, 0.3, 11.0][k % 7]).collect();
+        for per_tensor in [false, true] {
+            let sc: Vec<f32> = if per_tensor { vec![0.013] } else { scales.clone() };
+            let mut bytes = w.clone();
+            let w_len = bytes.len() as u64;
+            sc.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+            let inputs = [Input::new("t", Box::new(bytes))];
+            let view = |at, n, dt, shape| Source::View(StridedView::whole("x", 0, at, n, dt, shape).unwrap());
+            let weight = view(0, w_len, DType::F8E4M3, vec![rows as u64, cols as u64]);
+            let shape = if per_tensor { vec![1] } else { vec![grid.0 as u64, grid.1 as u64] };
+            let scale = view(w_len, sc.len() as u64 * 4, DType::F32, shape);
+            for out in [DType::BF16, DType::F16, DType::F32] {
+                let d = BlockDequant::new(
+                    "x",
+                    weight.clone(),
+                    scale.clone(),
+                    &[rows as u64, cols as u64],
+                    (block.0 as u64, block.1 as u64),
+                    out,
+                )
+                .unwrap();
+                let want = reference(&w, &sc, rows, cols, if per_tensor { (rows, cols) } else { block }, out);
+                let mut bufs = ChunkBuffers::default();
+                for (r0, r1) in [(0, rows), (3, 17), (17, 18), (30, rows)] {
+                    let mut got = vec![0u8; (r1 - r0) * cols * out.size()];
+                    d.read(&inputs, (r0 * cols) as u64, ((r1 - r0) * cols) as u64, &mut got, &mut bufs).unwrap();
+                    let at = r0 * cols * out.size();
+                    assert!(got == want[at..at + got.len()], "{out:?} rows {r0}..{r1} per_tensor {per_tensor}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn fp8_tables_match_the_formats() {

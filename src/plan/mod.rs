@@ -122,10 +122,12 @@ pub(crate) struct ChunkBuffers {
     lora_b: Vec<f32>,
     /// LoRA `A` in f32, keyed by the merge it belongs to.
     lora_a: (usize, Vec<f32>),
-    /// An FP8 band's raw bytes, its scales' raw bytes and its values in f32.
+    /// An FP8 band's raw bytes, its scales' raw bytes, one block's 256 scaled values and the output bytes of
+    /// every FP8 byte value for each block of a block row.
     deq_raw: Vec<u8>,
     deq_scale: Vec<u8>,
     deq_values: Vec<f32>,
+    deq_tables: Vec<u8>,
 }
 
 /// Reusable buffers for band reads.
