@@ -137,7 +137,12 @@ pub struct Input {
     pub data: Box<dyn ReadAt>,
     /// Globals beyond the allowlist that the user trusts this input's pickles to call (`--allow-global`).
     pub allowed_globals: AllowedGlobals,
+    /// When set, every global the input's pickles name is added here (`scan` reports them all, allowed or not).
+    pub global_log: Option<GlobalLog>,
 }
+
+/// The globals pickles named, in order of first use: `module.name` (Python 3 spelling) and the pickle byte offset.
+pub type GlobalLog = std::sync::Arc<std::sync::Mutex<Vec<(String, u64)>>>;
 
 /// `module.name` of globals the user allows (`--allow-global`), shared by every input of one conversion.
 pub type AllowedGlobals = std::sync::Arc<[String]>;
@@ -145,7 +150,7 @@ pub type AllowedGlobals = std::sync::Arc<[String]>;
 impl Input {
     /// Wraps a reader under a display name.
     pub fn new(name: impl Into<String>, data: Box<dyn ReadAt>) -> Self {
-        Input { name: name.into(), data, allowed_globals: AllowedGlobals::from([]) }
+        Input { name: name.into(), data, allowed_globals: AllowedGlobals::from([]), global_log: None }
     }
 
     /// Reads exactly `buf.len()` bytes at `offset`, with a clear error on a short file.

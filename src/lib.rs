@@ -28,6 +28,7 @@ pub mod planned;
 #[cfg(feature = "yaml")]
 pub mod rlinf;
 pub mod safetensors_header;
+pub mod scan;
 pub mod select;
 pub mod torch;
 pub mod verify;

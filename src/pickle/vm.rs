@@ -52,6 +52,8 @@ struct Vm<'c, 'a> {
     differential: Option<Error>,
     /// Globals the user allows beyond the allowlist (the input's `--allow-global`s).
     allowed: AllowedGlobals,
+    /// Every global named, kept only when the input asks for a log (`scan`).
+    all: Option<Uses>,
     /// Calls of globals off the allowlist: recorded, never made; the parse fails with all of them at the end.
     refused: Uses,
     /// Globals off the allowlist that the pickle names (called or not).
@@ -98,6 +100,9 @@ impl Call {
     }
 }
 
+/// Most distinct globals a scan lists (a pickle naming more is hostile; the first ones say enough).
+const MAX_LOGGED_GLOBALS: usize = 10_000;
+
 /// Distinct globals and where each is first used.
 #[derive(Default)]
 struct Uses {
@@ -118,6 +123,7 @@ impl Uses {
 pub fn parse(cur: &mut ByteCursor<'_>, limits: Limits) -> Result<(Heap, Id)> {
     let name = cur.input().name.clone();
     let allowed = cur.input().allowed_globals.clone();
+    let log = cur.input().global_log.clone();
     let mut vm = Vm {
         cur,
         heap: Heap::default(),
@@ -130,10 +136,20 @@ pub fn parse(cur: &mut ByteCursor<'_>, limits: Limits) -> Result<(Heap, Id)> {
         frame_end: None,
         differential: None,
         allowed,
+        all: log.as_ref().map(|_| Uses::default()),
         refused: Uses::default(),
         named: Uses::default(),
     };
     let run = vm.run();
+    if let (Some(log), Some(all)) = (&log, vm.all.take()) {
+        // A poisoned lock only means another thread panicked mid-push: the list is still a list.
+        let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+        let known: HashSet<String> = log.iter().map(|(g, _)| g.clone()).collect();
+        let room = MAX_LOGGED_GLOBALS.saturating_sub(log.len());
+        log.extend(
+            all.list.into_iter().filter(|u| !known.contains(&u.global)).take(room).map(|u| (u.global, u.offset)),
+        );
+    }
     // The first differential is the first thing wrong with the stream, whatever came after it.
     let run = match vm.differential.take() {
         Some(d) => Err(d),
@@ -896,6 +912,11 @@ impl Vm<'_, '_> {
 
     /// Notes a global the pickle names: one off the allowlist is reported even if it is never called.
     fn note_global(&mut self, module: &str, name: &str) {
+        if let Some(all) = &mut self.all
+            && all.list.len() < MAX_LOGGED_GLOBALS
+        {
+            all.add(policy::full_name(module, name), self.op_offset, "named");
+        }
         if policy::classify(module, name).is_none() && !policy::user_allows(module, name, &self.allowed) {
             self.named.add(policy::full_name(module, name), self.op_offset, "named");
         }

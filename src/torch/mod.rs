@@ -268,6 +268,7 @@ impl TorchFile {
                 Box::new(SharedEntry(reader.clone())),
             );
             entry.allowed_globals = input.allowed_globals.clone();
+            entry.global_log = input.global_log.clone();
             let mut cur = ByteCursor::new(&entry, 0, pkl.size)?;
             let parsed = pickle::parse_all(&mut cur, Limits::default())?;
             reader.verify()?;

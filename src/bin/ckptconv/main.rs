@@ -99,6 +99,17 @@ enum Command {
         #[command(flatten)]
         plan: PlanArgs,
     },
+    /// Report what a pickle-based file (.pt, .bin, .pth) would run, without running anything: every global its
+    /// pickles name, classed by ckptconv's allowlist, whether torch.load(weights_only=True) would accept them,
+    /// whether ckptconv converts it, and its tensors. Exit 0 when nothing off the allowlist is named, 1 when
+    /// something is (or the file cannot be read), 2 on usage errors.
+    Scan {
+        /// The file.
+        input: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Convert as RLinf's convert_pt_to_hf.py does, driven by its fsdp_model_convertor.yaml.
     Pt2hf {
         /// The YAML config (convertor.ckpt_path, convertor.save_path, model.model_path, model.is_lora, ...).
@@ -551,8 +562,89 @@ fn pt2hf(config: &Path, mut args: PlanArgs, max_shard: u64, out: &OutArgs) -> ck
     convert(&ckpt, &save, &args, Some(max_shard), OutFormat::Safetensors, out)
 }
 
-fn run(cli: Cli) -> ckptconv::Result<()> {
+fn run(cli: Cli) -> ckptconv::Result<ExitCode> {
+    if let Command::Scan { input, json } = &cli.command {
+        return scan_cmd(input, *json);
+    }
+    run_conversion(cli).map(|()| ExitCode::SUCCESS)
+}
+
+/// Prints a scan report; exit 1 when the file names a global off the allowlist.
+fn scan_cmd(path: &Path, json: bool) -> ckptconv::Result<ExitCode> {
+    let input = Input::new(path.display().to_string(), Box::new(fsio::FileInput::open(path)?));
+    let report = ckptconv::scan::scan(input)?;
+    let text = if json { scan_json(&report) } else { scan_text(&report) };
+    print!("{text}");
+    Ok(if report.dangerous() { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+fn scan_text(r: &ckptconv::scan::Report) -> String {
+    use std::fmt::Write;
+    let mut t = String::new();
+    let _ = writeln!(t, "{}: {}", r.file, r.container.as_deref().unwrap_or("pickle-based file (not fully readable)"));
+    let _ = writeln!(t, "globals named: {}", r.globals.len());
+    let width = r.globals.iter().map(|g| g.name.len()).max().unwrap_or(0);
+    for g in &r.globals {
+        let call = g.call.as_deref().map(|c| format!(" ({c})")).unwrap_or_default();
+        let _ = writeln!(t, "  {:width$}  {}{call}", g.name, g.class.label());
+    }
+    let refused: Vec<&str> = r.globals.iter().filter(|g| !g.weights_only).map(|g| g.name.as_str()).collect();
+    let _ = if refused.is_empty() {
+        writeln!(t, "torch.load(weights_only=True): accepts every global named")
+    } else {
+        writeln!(t, "torch.load(weights_only=True): refuses {}", refused.join(", "))
+    };
+    match &r.convert {
+        Ok(ts) => {
+            let _ = writeln!(t, "ckptconv: converts it ({} tensors)", ts.len());
+            for x in ts {
+                let _ = writeln!(t, "  {} {} {:?}", x.name, x.dtype, x.shape);
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(t, "ckptconv: does not convert it: {e}");
+        }
+    }
+    for u in &r.unchecked {
+        let _ = writeln!(t, "not checked: {u}");
+    }
+    let bad = r.globals.iter().filter(|g| g.class.dangerous()).count();
+    let _ = if !r.unchecked.is_empty() && bad == 0 {
+        writeln!(t, "verdict: DANGEROUS (parts that could not be checked)")
+    } else if bad == 0 {
+        writeln!(t, "verdict: clean (every global is on the allowlist)")
+    } else {
+        writeln!(t, "verdict: DANGEROUS ({bad} global(s) off the allowlist)")
+    };
+    t
+}
+
+fn scan_json(r: &ckptconv::scan::Report) -> String {
+    let globals: Vec<serde_json::Value> = r
+        .globals
+        .iter()
+        .map(|g| {
+            serde_json::json!({"name": g.name, "class": g.class.label(), "dangerous": g.class.dangerous(),
+                "call": g.call, "offset": g.offset, "weights_only": g.weights_only})
+        })
+        .collect();
+    let (converts, tensors, error) = match &r.convert {
+        Ok(ts) => (
+            true,
+            ts.iter().map(|x| serde_json::json!({"name": x.name, "dtype": x.dtype, "shape": x.shape})).collect(),
+            None,
+        ),
+        Err(e) => (false, Vec::new(), Some(e.clone())),
+    };
+    let v = serde_json::json!({"file": r.file, "container": r.container, "globals": globals,
+        "weights_only": r.weights_only, "converts": converts, "convert_error": error, "tensors": tensors,
+        "unchecked": r.unchecked, "dangerous": r.dangerous()});
+    format!("{v:#}\n")
+}
+
+fn run_conversion(cli: Cli) -> ckptconv::Result<()> {
     match cli.command {
+        Command::Scan { .. } => Ok(()),
         Command::Inspect { input, json, plan } => inspect(&input, json, &plan),
         Command::Convert { input, out_dir, plan, max_shard_size, format, out } => {
             convert(&input, &out_dir, &plan, max_shard_size, format, &out)
@@ -576,7 +668,7 @@ fn main() -> ExitCode {
         say!("ckptconv: internal error (please report): {info}");
     }));
     match std::panic::catch_unwind(|| run(cli)) {
-        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Ok(code)) => code,
         Ok(Err(e)) => {
             say!("ckptconv: error[{}]: {e}", e.label());
             ExitCode::from(1)
