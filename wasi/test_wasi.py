@@ -386,6 +386,20 @@ def test_inspect_same_text(in_root, args):
     assert norm(n.stderr, in_root) == w.stderr
 
 
+SCAN = [("sample", FIXTURES / "sample", "full_weights.pt", 0),
+        ("trust", FIXTURES / "trust", "simple_namespace_config.pt", 1)]
+
+
+@pytest.mark.parametrize("root,rel,code", [c[1:] for c in SCAN], ids=[c[0] for c in SCAN])
+def test_scan_same_report(root, rel, code):
+    """scan prints the same report and exits the same way under WASI, the input path aside."""
+    n = run_native(["scan", str(root / rel), "--json"])
+    w = run_wasm(["scan", f"/in/{rel}", "--json"], dirs=[(root, "/in")])
+    assert n.returncode == w.returncode == code, (n.stderr, w.stderr)
+    assert n.stdout.replace(str(root) + "/", "/in/") == w.stdout
+    assert json.loads(w.stdout)["globals"], w.stdout
+
+
 # --- 2. sandbox ----------------------------------------------------------------------------------------------
 
 def assert_error(r, *needles):
