@@ -87,6 +87,37 @@ export interface Conversion {
   terminate(): void;
 }
 
+/** One global a scanned file's pickles name. */
+export interface ScannedGlobal {
+  /** `module.name`, Python 3 spelling. */
+  name: string;
+  class: 'tensor rebuild' | 'allowed data class' | 'not allowlisted' | 'not allowlisted, known code-executing';
+  dangerous: boolean;
+  /** How a refused call would have used it ("called by REDUCE", ...), if the reader saw one. */
+  call: string | null;
+  /** Byte offset of its first use in its pickle. */
+  offset: number;
+  /** Whether torch.load(weights_only=True) accepts it. */
+  weights_only: boolean;
+}
+
+/** What scan() found: the JSON of `ckptconv scan --json`. */
+export interface ScanReport {
+  file: string;
+  container: string | null;
+  globals: ScannedGlobal[];
+  weights_only: boolean;
+  converts: boolean;
+  convert_error: string | null;
+  tensors: { name: string; dtype: string; shape: number[] }[];
+  /** Parts that could not be read (so the file is not called clean). */
+  unchecked: string[];
+  dangerous: boolean;
+}
+
+/** A safety report of one pickle-based file, executing nothing. Rejects when the file cannot be read at all. */
+export function scan(file: Blob | InputFile | ReadonlyArray<File | InputFile>): Promise<ScanReport>;
+
 /** Plans a conversion without writing anything. Rejects with the engine's message (naming the file) on bad input. */
 export function inspect(files: Inputs, options?: Options): Promise<Plan>;
 

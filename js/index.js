@@ -69,6 +69,24 @@ export async function inspect(files, options) {
 }
 
 /**
+ * A safety report of one pickle-based file (.pt, .bin, .pth), made without executing anything: every global its
+ * pickles name, classed by ckptconv's allowlist, whether torch.load(weights_only=True) would accept them, whether
+ * ckptconv converts it, and its tensors. The same JSON as `ckptconv scan --json`; `report.dangerous` is true when a
+ * global off the allowlist is named or a part could not be read.
+ */
+export async function scan(file) {
+  const [input] = toInputs(file);
+  if (!input) throw new TypeError('no input file');
+  const e = engine();
+  try {
+    const { report } = await e.call({ type: 'scan', file: input });
+    return report;
+  } finally {
+    e.terminate();
+  }
+}
+
+/**
  * Plans the conversion and returns its outputs. Read them in order (each stream() once); the worker ends after
  * the last byte of the last file, or at once with terminate() or when a stream is cancelled.
  */

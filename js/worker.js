@@ -1,7 +1,7 @@
 // The npm package's worker: holds one engine Job and answers the main thread's requests one at a time.
 // It must be a dedicated module worker: the engine reads inputs with FileReaderSync, which exists only there.
-// Requests carry an id that the reply echoes: {id, type: 'open' | 'pull' | 'memory', ...}.
-import init, { Job } from '../web/pkg/ckptconv_web.js';
+// Requests carry an id that the reply echoes: {id, type: 'open' | 'pull' | 'memory' | 'scan', ...}.
+import init, { Job, scan } from '../web/pkg/ckptconv_web.js';
 import { readPieces } from '../web/www/blobread.js';
 
 const ready = init({ module_or_path: new URL('../web/pkg/ckptconv_web_bg.wasm', import.meta.url) });
@@ -19,6 +19,8 @@ self.onmessage = async ({ data: { id, type, ...args } }) => {
       postMessage({ id, type: 'plan', plan: JSON.parse(job.planJson()) });
     } else if (type === 'pull') {
       pull(id);
+    } else if (type === 'scan') {
+      postMessage({ id, type: 'report', report: JSON.parse(scan(args.file)) });
     } else if (type === 'memory') {
       postMessage({ id, type: 'memory', bytes: Job.memoryBytes() });
     }

@@ -89,6 +89,30 @@ pub struct Report {
 }
 
 impl Report {
+    /// The report as JSON (`scan --json`, and the npm package's `scan()`, byte for byte).
+    pub fn to_json(&self) -> String {
+        let globals: Vec<serde_json::Value> = self
+            .globals
+            .iter()
+            .map(|g| {
+                serde_json::json!({"name": g.name, "class": g.class.label(), "dangerous": g.class.dangerous(),
+                    "call": g.call, "offset": g.offset, "weights_only": g.weights_only})
+            })
+            .collect();
+        let (converts, tensors, error) = match &self.convert {
+            Ok(ts) => (
+                true,
+                ts.iter().map(|x| serde_json::json!({"name": x.name, "dtype": x.dtype, "shape": x.shape})).collect(),
+                None,
+            ),
+            Err(e) => (false, Vec::new(), Some(e.clone())),
+        };
+        let v = serde_json::json!({"file": self.file, "container": self.container, "globals": globals,
+            "weights_only": self.weights_only, "converts": converts, "convert_error": error, "tensors": tensors,
+            "unchecked": self.unchecked, "dangerous": self.dangerous()});
+        format!("{v:#}\n")
+    }
+
     /// Whether the file names anything off the allowlist, or holds a part the scan could not read.
     pub fn dangerous(&self) -> bool {
         self.globals.iter().any(|g| g.class.dangerous()) || !self.unchecked.is_empty()

@@ -383,3 +383,17 @@ pub fn inspect(files: js_sys::Array, base: JsValue, options: JsValue) -> Result<
     let job = Job::new(files, base, opts)?;
     Ok(job.plan_json())
 }
+
+/// A safety report of one pickle-based file, as JSON (the CLI's `scan --json`, byte for byte): `file` is
+/// `{path, file}`. Nothing in it is executed.
+#[wasm_bindgen]
+pub fn scan(file: JsValue) -> Result<String, JsError> {
+    let files = js_sys::Array::of1(&file);
+    let folder = JsFolder::from_js(&files, "")?;
+    let Some(rel) = folder.files.keys().next().cloned() else {
+        return Err(JsError::new("scan: no file given"));
+    };
+    let input = folder.open(&rel).map_err(js_err)?;
+    let report = ckptconv::scan::scan(input).map_err(js_err)?;
+    Ok(report.to_json())
+}

@@ -2,13 +2,13 @@
 // exports resolved by Node, then a tiny page in that project imports it from node_modules and converts fixtures in
 // the package's worker under a strict CSP. Bytes must match the native CLI's.
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { FIXTURES, ROOT, ensureBuilt, hashTree, launch, nativeOutput } from './harness.mjs';
+import { FIXTURES, NATIVE, ROOT, ensureBuilt, hashTree, launch, nativeOutput } from './harness.mjs';
 import { serve } from './serve.mjs';
 
 const PT = join(FIXTURES, 'pt/qwen2_tiny_full_weights.pt');
@@ -38,7 +38,7 @@ const PAGE = `<!doctype html>
 <input type="file" id="base" webkitdirectory>
 <script type="module" src="app.js"></script>`;
 
-const APP = `import { convert, inspect } from './node_modules/ckptconv/js/index.js';
+const APP = `import { convert, inspect, scan } from './node_modules/ckptconv/js/index.js';
 async function hex(buf) {
   return [...new Uint8Array(await crypto.subtle.digest('SHA-256', buf))].map((b) => b.toString(16).padStart(2, '0')).join('');
 }
@@ -68,6 +68,7 @@ window.fails = async (inputId, options = {}) => {
     return e.message;
   }
 };
+window.scanOf = async (inputId) => scan(document.getElementById(inputId).files[0]);
 window.outOfOrder = async () => {
   const c = await convert(document.getElementById('file').files, { maxShardSize: '100KB' });
   try {
@@ -124,6 +125,23 @@ describe('the npm package', () => {
     await page.close();
   });
 
+  test("scan() reports what the CLI's scan --json reports, byte for byte, executing nothing", async () => {
+    const page = await browser.context.newPage();
+    await page.goto(server.url);
+    await page.waitForFunction(() => typeof window.scanOf === 'function');
+    for (const [file, dangerous] of [[PT, false], [HOSTILE, true], [TRUST, true]]) {
+      await page.setInputFiles('#file', file);
+      const report = await page.evaluate(() => window.scanOf('file'));
+      // Run where the file is, so that both name it by its base name, as the browser gives it.
+      const cli = spawnSync(NATIVE, ['scan', basename(file), '--json'], { encoding: 'utf8', cwd: dirname(file) });
+      assert.equal(cli.status, dangerous ? 1 : 0, cli.stderr);
+      assert.deepEqual(report, JSON.parse(cli.stdout));
+      assert.equal(report.dangerous, dangerous);
+      assert.ok(report.globals.length > 0);
+    }
+    await page.close();
+  });
+
   test('the tarball ships only the engine, the JS, the types and the README', () => {
     assert.deepEqual(tarball.files, SHIPPED);
   });
@@ -138,7 +156,7 @@ describe('the npm package', () => {
         wasm: import.meta.resolve('ckptconv/ckptconv_web_bg.wasm').endsWith('/web/pkg/ckptconv_web_bg.wasm'),
       }));`;
     const out = JSON.parse(execFileSync('node', ['--input-type=module', '-e', script], { cwd: project }).toString());
-    assert.deepEqual(out, { api: ['convert', 'inspect', 'toInputs'], worker: true, wasm: true });
+    assert.deepEqual(out, { api: ['convert', 'inspect', 'scan', 'toInputs'], worker: true, wasm: true });
   });
 
   test('a page imports it from node_modules and converts a .pt and a Megatron folder byte-identically', async () => {

@@ -573,7 +573,7 @@ fn run(cli: Cli) -> ckptconv::Result<ExitCode> {
 fn scan_cmd(path: &Path, json: bool) -> ckptconv::Result<ExitCode> {
     let input = Input::new(path.display().to_string(), Box::new(fsio::FileInput::open(path)?));
     let report = ckptconv::scan::scan(input)?;
-    let text = if json { scan_json(&report) } else { scan_text(&report) };
+    let text = if json { report.to_json() } else { scan_text(&report) };
     print!("{text}");
     Ok(if report.dangerous() { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
@@ -617,29 +617,6 @@ fn scan_text(r: &ckptconv::scan::Report) -> String {
         writeln!(t, "verdict: DANGEROUS ({bad} global(s) off the allowlist)")
     };
     t
-}
-
-fn scan_json(r: &ckptconv::scan::Report) -> String {
-    let globals: Vec<serde_json::Value> = r
-        .globals
-        .iter()
-        .map(|g| {
-            serde_json::json!({"name": g.name, "class": g.class.label(), "dangerous": g.class.dangerous(),
-                "call": g.call, "offset": g.offset, "weights_only": g.weights_only})
-        })
-        .collect();
-    let (converts, tensors, error) = match &r.convert {
-        Ok(ts) => (
-            true,
-            ts.iter().map(|x| serde_json::json!({"name": x.name, "dtype": x.dtype, "shape": x.shape})).collect(),
-            None,
-        ),
-        Err(e) => (false, Vec::new(), Some(e.clone())),
-    };
-    let v = serde_json::json!({"file": r.file, "container": r.container, "globals": globals,
-        "weights_only": r.weights_only, "converts": converts, "convert_error": error, "tensors": tensors,
-        "unchecked": r.unchecked, "dangerous": r.dangerous()});
-    format!("{v:#}\n")
 }
 
 fn run_conversion(cli: Cli) -> ckptconv::Result<()> {
