@@ -3,7 +3,7 @@
 // OPFS; bad input shows the core's message; nothing is fetched from anywhere but the page's origin.
 // UPDATE_SCREENSHOTS=1 writes web/screenshots/{before,during,after}.png (else they go to a temp folder).
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { copyFileSync, cpSync, mkdirSync, readFileSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -367,6 +367,29 @@ describe('the page', () => {
     assert.equal(await errorText(page), `Error: pickle_os_system.pt: ${message}`);
     assert.ok(await page.isDisabled('#convert'));
     assert.deepEqual(await newInOpfs(page, before), []);
+    await page.clean();
+  });
+
+  test('a chosen pickle gets a safety scan: the CLI\'s globals and classes, dangerous ones marked, also when refused', async () => {
+    const page = await openPage();
+    for (const [file, dangerous] of [[HOSTILE, true], [PT, false]]) {
+      await page.setInputFiles('#files-input', file);
+      await page.waitForFunction((want) => {
+        const box = document.getElementById('scan-box');
+        return !box.hidden && box.dataset.dangerous === want;
+      }, String(dangerous));
+      const rows = await page.$$eval('#scan-globals tbody tr', (trs) =>
+        trs.map((tr) => [...tr.cells].map((c) => c.textContent).concat(tr.className)),
+      );
+      const cli = JSON.parse(spawnSync(NATIVE, ['scan', file, '--json'], { encoding: 'utf8' }).stdout);
+      assert.deepEqual(
+        rows,
+        cli.globals.map((g) => [g.name, g.class + (g.call ? ` (${g.call})` : ''), g.dangerous ? 'danger' : '']),
+      );
+      const verdict = await page.textContent('#scan-verdict');
+      assert.match(verdict, dangerous ? /^Dangerous: it names 1 global\(s\) off/ : /^Clean: /);
+      assert.match(await page.textContent('#scan-weights-only'), dangerous ? /would refuse it: os\.system/ : /would accept/);
+    }
     await page.clean();
   });
 

@@ -23,6 +23,7 @@ const state = {
   base: [],
   plan: null,
   planWorker: null,
+  scanWorker: null,
   job: null, // {id, worker, release, store, outputs, urls, memoryFiles}
 };
 
@@ -252,7 +253,54 @@ function setFiles(files) {
   if (document.body.dataset.state === 'converting') return;
   state.files = files;
   $('input-summary').textContent = displaySafe(describeFiles(files, formatBytes));
+  rescan();
   replan();
+}
+
+/** A pickle-based file chosen alone gets a safety scan beside its plan (shown also when the plan is refused). */
+function rescan() {
+  state.scanWorker?.terminate();
+  state.scanWorker = null;
+  $('scan-box').hidden = true;
+  const [only] = state.files;
+  if (state.files.length !== 1 || !/\.(pt|pth|bin|pkl|pickle|ckpt)$/i.test(only.path)) return;
+  const worker = spawnWorker();
+  state.scanWorker = worker;
+  worker.onmessage = ({ data }) => {
+    worker.terminate();
+    if (state.scanWorker !== worker) return;
+    state.scanWorker = null;
+    if (data.type === 'scan') showScan(data.report);
+  };
+  worker.postMessage({ type: 'scan', file: only });
+}
+
+function showScan(report) {
+  const bad = report.globals.filter((g) => g.dangerous);
+  $('scan-verdict').textContent = report.dangerous
+    ? `Dangerous: it names ${bad.length} global(s) off ckptconv's allowlist` +
+      (report.unchecked.length ? `, and ${report.unchecked.length} part(s) could not be checked` : '') +
+      '. torch.load(weights_only=False) would run them; do not load it with torch unless you trust its source.'
+    : 'Clean: every global it names is on the allowlist (tensor rebuilds and data classes).';
+  const refused = report.globals.filter((g) => !g.weights_only).map((g) => g.name);
+  $('scan-weights-only').textContent = refused.length
+    ? `torch.load(weights_only=True) would refuse it: ${refused.join(', ')}.`
+    : 'torch.load(weights_only=True) would accept every global it names.';
+  const body = $('scan-globals').tBodies[0];
+  body.replaceChildren(
+    ...report.globals.map((g) => {
+      const row = document.createElement('tr');
+      if (g.dangerous) row.className = 'danger';
+      for (const text of [g.name, g.class + (g.call ? ` (${g.call})` : '')]) {
+        const cell = document.createElement('td');
+        cell.textContent = displaySafe(text);
+        row.append(cell);
+      }
+      return row;
+    }),
+  );
+  $('scan-box').dataset.dangerous = String(report.dangerous);
+  $('scan-box').hidden = false;
 }
 
 function setBase(files) {

@@ -2,7 +2,7 @@
 // options, terminated afterwards, since wasm memory never shrinks: it plans ('plan'), then converts the planned job
 // ('run') when the page asks, or does both at once ('convert'). Chunks go to a nested writer worker (writer.js) that
 // writes them into OPFS while the engine makes the next; a bounded number in flight is the backpressure.
-import init, { Job } from './pkg/ckptconv_web.js';
+import init, { Job, scan } from './pkg/ckptconv_web.js';
 import { readPieces } from './blobread.js';
 
 // Without OPFS (old engines, some private modes) outputs up to this size are handed to the page as Blobs.
@@ -32,6 +32,10 @@ self.onmessage = async ({ data }) => {
   try {
     ready ??= init({ module_or_path: new URL('./pkg/ckptconv_web_bg.wasm', import.meta.url) });
     await ready;
+    if (data.type === 'scan') {
+      postMessage({ type: 'scan', report: JSON.parse(scan(data.file)) });
+      return;
+    }
     if (data.type === 'plan' || data.type === 'convert') {
       // copies: bytes that pass unchanged come as ranges of the inputs, which the writer copies itself.
       job = new Job(data.files, data.base ?? null, { ...data.options, copies: true });
