@@ -200,9 +200,12 @@ describe('the page', () => {
   test('a Megatron TP=2 folder with its base folder matches `ckptconv mg2hf`, config and tokenizer included', async () => {
     const page = await openPage();
     await page.setInputFiles('#folder-input', MEGATRON);
-    await waitState(page, ['ready', 'invalid']);
-    // Without a base the engine explains what it needs.
-    assert.match(await errorText(page), /base/i);
+    // Without a base the page says what to choose next: no error, Convert disabled, the base button marked.
+    assert.equal(await waitState(page, ['ready', 'invalid', 'needs-base']), 'needs-base');
+    assert.ok(await page.isHidden('#error'), await errorText(page));
+    assert.match(await page.textContent('#plan-status'), /Megatron checkpoint\. Next, choose its base model folder/);
+    assert.ok(await page.isDisabled('#convert'));
+    assert.ok(await page.$eval('#choose-base', (b) => b.classList.contains('next-step')));
     await page.setInputFiles('#base-input', BASE);
     assert.equal(await waitState(page, ['ready']), 'ready');
     assert.match(await page.textContent('#plan-notes'), /TP=2/);

@@ -32,7 +32,8 @@ function setPhase(phase) {
   const busy = phase === 'converting';
   // Enabled while planning: a click on Convert blurs a just-edited option, which re-plans; the click must still count.
   // The conversion's own plan is the one that counts (see convert()).
-  $('convert').disabled = busy || phase === 'invalid' || state.files.length === 0;
+  $('convert').disabled = busy || phase === 'invalid' || phase === 'needs-base' || state.files.length === 0;
+  if (phase !== 'needs-base') $('choose-base').classList.remove('next-step');
   $('cancel').hidden = !busy;
   for (const id of ['choose-files', 'choose-folder', 'choose-base', 'clear-base']) $(id).disabled = busy;
   for (const el of $('options').elements) el.disabled = busy;
@@ -67,6 +68,9 @@ function spawnWorker() {
   return new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
 }
 
+/** The core's message for a Megatron folder planned without its base model (src/detect.rs). */
+const NEEDS_BASE = /a Megatron checkpoint needs the base Hugging Face model/;
+
 /** What a plan depends on besides the inputs (which reset it): the options. */
 const planKey = (options) => JSON.stringify(options);
 
@@ -99,6 +103,15 @@ function replan() {
       showPlan(data.plan);
       $('plan-status').textContent = 'Ready to convert.';
       setPhase('ready');
+    } else if (NEEDS_BASE.test(data.message) && state.base.length === 0) {
+      // Not an error: a Megatron folder is read with its base model, which the user has not chosen yet.
+      drop();
+      hidePlan();
+      $('plan-status').textContent =
+        'This is a Megatron checkpoint. Next, choose its base model folder (the Hugging Face model it was trained ' +
+        'from, with config.json and the tokenizer) under "Base model folder" in 2. Options.';
+      setPhase('needs-base');
+      $('choose-base').classList.add('next-step');
     } else {
       drop();
       hidePlan();
