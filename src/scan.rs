@@ -348,6 +348,7 @@ pub fn scan(mut input: Input) -> Result<Report> {
     let log = GlobalLog::default();
     input.global_log = Some(log.clone());
     let file = input.name.clone();
+    let raw_len = input.len();
     let opened = TorchFile::open(&mut input);
     let mut calls = Vec::new();
     let (container, convert) = match opened {
@@ -376,7 +377,7 @@ pub fn scan(mut input: Input) -> Result<Report> {
     };
     // Beyond what torch.load reads: every pickle a scanner would find (every zip entry, pickles stacked after a
     // STOP, the pickle in a NumPy .npy), each run on the same inert reader, its globals added to the log.
-    let unchecked = sweep(&input);
+    let unchecked = sweep(&input, raw_len);
     let logged = std::mem::take(&mut *log.lock().unwrap_or_else(|p| p.into_inner()));
     if logged.is_empty()
         && unchecked.is_empty()
@@ -404,7 +405,7 @@ pub fn scan(mut input: Input) -> Result<Report> {
 const MAX_STACKED: usize = 64;
 
 /// Runs every pickle a scanner looks for, for their globals only; returns the parts it could not read.
-fn sweep(input: &Input) -> Vec<String> {
+fn sweep(input: &Input, raw_len: u64) -> Vec<String> {
     let mut unchecked = Vec::new();
     let mut head = [0u8; 10];
     let n = input.len().min(10) as usize;
@@ -413,24 +414,35 @@ fn sweep(input: &Input) -> Vec<String> {
     }
     let head = &head[..n];
     if head.starts_with(b"PK\x03\x04") {
-        match ZipIndex::read(input) {
-            Ok(index) => {
+        match ZipIndex::read_range(input, 0, raw_len) {
+            Ok(mut index) => {
+                // TorchFile::open put a reader in place that also serves the deflated entries' inflated bytes past
+                // the file's end (at the places place_deflated gives them): read those as they are.
+                let inflating = input.len() > raw_len && index.place_deflated(raw_len).is_ok();
                 let names: Vec<String> = index.names().map(str::to_string).collect();
                 for name in names {
                     match index.locate(input, &name) {
-                        Ok(Some(e)) if !e.is_deflated() => {
-                            // A pickle by name, or by its PROTO opcode (a renamed one); storages are raw bytes.
-                            let mut first = [0u8; 1];
-                            let proto =
-                                e.size > 0 && input.read_exact_at(e.data_start, &mut first).is_ok() && first[0] == 0x80;
-                            if proto || name.ends_with(".pkl") || name.ends_with(".pickle") {
-                                stacked(input, e.data_start, e.data_start + e.size);
+                        Ok(Some(e)) => match e.content_start() {
+                            Some(at) if !e.is_deflated() || inflating => {
+                                // A pickle by name or by its PROTO opcode (a renamed one), or an .npy (an .npz's
+                                // entries); storages are raw bytes.
+                                let mut first = [0u8; 10];
+                                let n = e.size.min(10) as usize;
+                                let first = match input.read_exact_at(at, &mut first[..n]) {
+                                    Ok(()) => &first[..n],
+                                    Err(_) => &[][..],
+                                };
+                                if first.starts_with(b"\x93NUMPY") {
+                                    npy(input, at, at + e.size, first);
+                                } else if first.first() == Some(&0x80)
+                                    || name.ends_with(".pkl")
+                                    || name.ends_with(".pickle")
+                                {
+                                    stacked(input, at, at + e.size);
+                                }
                             }
-                        }
-                        Ok(Some(_)) if name.ends_with("data.pkl") => {} // read through torch's own layout above
-                        Ok(Some(_)) => {
-                            unchecked.push(format!("zip entry '{name}' is deflated and outside a torch layout"))
-                        }
+                            _ => unchecked.push(format!("zip entry '{name}' is deflated and could not be inflated")),
+                        },
                         Ok(None) => {}
                         Err(e) => unchecked.push(format!("zip entry '{name}': {}", e.kind())),
                     }
@@ -438,23 +450,29 @@ fn sweep(input: &Input) -> Vec<String> {
             }
             Err(e) => unchecked.push(format!("the zip directory: {}", e.kind())),
         }
-    } else if head.starts_with(b"\x93NUMPY") && head.len() >= 10 {
-        // .npy: magic, version, header length (2 bytes in version 1, 4 after), the header, then the data, which for
-        // object arrays is a pickle.
-        let (len, at) = if head[6] == 1 {
-            (u64::from(u16::from_le_bytes([head[8], head[9]])), 10)
-        } else {
-            let mut l = [0u8; 4];
-            if input.read_exact_at(8, &mut l).is_err() {
-                return unchecked;
-            }
-            (u64::from(u32::from_le_bytes(l)), 12)
-        };
-        stacked(input, at + len, input.len());
+    } else if head.starts_with(b"\x93NUMPY") {
+        npy(input, 0, input.len(), head);
     } else {
         stacked(input, 0, input.len());
     }
     unchecked
+}
+
+/// The pickle of an object `.npy` in `[start, end)` whose first bytes are `head`: magic, version, header length
+/// (2 bytes in version 1, 4 after), the header, then the data, which for object arrays is a pickle.
+fn npy(input: &Input, start: u64, end: u64, head: &[u8]) {
+    let (len, at) = match head {
+        [.., 1, _, a, b] if head.len() == 10 => (u64::from(u16::from_le_bytes([*a, *b])), 10),
+        _ if head.len() == 10 => {
+            let mut l = [0u8; 4];
+            if input.read_exact_at(start + 8, &mut l).is_err() {
+                return;
+            }
+            (u64::from(u32::from_le_bytes(l)), 12)
+        }
+        _ => return,
+    };
+    stacked(input, start + at + len, end);
 }
 
 /// Reads pickles one after another in `[start, end)` until one does not parse.

@@ -35,13 +35,9 @@ HOSTILE = CORPUS + GADGETS
 # Files whose dangerous pickle sits in a zip entry ckptconv does not decode (the encrypted flag set): scan flags the
 # file as dangerous for holding an unchecked part instead of naming the globals inside (README: Safety).
 UNREADABLE = {"corpus/picklescan-1.0.5/data/malicious1_0x1.zip"}
-# Files picklescan calls safe that scan flags: a global off ckptconv's allowlist that picklescan's denylist lacks, or a
-# zip scan cannot read through (deflated entries outside a torch layout; README: Safety).
-STRICTER = {
-    "corpus/fickling/reference_only_ast_parse.pkl",
-    "corpus/picklescan/data2/int_arrays_compressed.npz",
-    "corpus/picklescan/data2/object_arrays_compressed.npz",
-}
+# Files picklescan calls safe that scan flags: a global off ckptconv's allowlist that picklescan's denylist lacks
+# (README: Safety).
+STRICTER = {"corpus/fickling/reference_only_ast_parse.pkl"}
 
 
 def scan(binary, path, cwd, *flags):
@@ -85,8 +81,8 @@ def test_flags_every_global_the_oracles_flag(binary, tmp_path, case):
             assert not missing, f"not flagged: {missing}; report: {report['globals']}"
     elif r.stdout:
         # picklescan flags nothing here. scan may be clean (a benign pickle among the corpus's) or stricter: a global
-        # off the allowlist that picklescan's denylist does not list (fickling's `ast.parse`), or a part it cannot
-        # read (a deflated .npz); each such file is listed in STRICTER and the README.
+        # off the allowlist that picklescan's denylist does not list (fickling's `ast.parse`); each such file is
+        # listed in STRICTER and the README.
         report = json.loads(r.stdout)
         assert r.returncode == (1 if report["dangerous"] else 0)
         assert report["dangerous"] == (case.id in STRICTER), f"{case.id}: {report}"
