@@ -109,8 +109,21 @@ def main():
         parts = [(z / "zero_pp_rank_0_mp_rank_00_model_states.pt").read_bytes()]
         parts += [(z / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt").read_bytes() for r in range(3)]
         put("zero", b"".join(len(p).to_bytes(4, "little") + p for p in parts[:-1]) + parts[-1], limit=2 << 20)
+    # scan: the torch files above, two stacked pickles (the second names os.system: bytes only, never loaded), an
+    # object-array .npy and an .npz of it deflated (numpy writes both; the payload is a plain list).
+    for p in sorted((FIX / "pt").glob("*.pt"))[:3] + sorted((FIX.parent / "hostile").glob("*.pt"))[:6]:
+        put("scan", p.read_bytes(), limit=1 << 20)
+    put("scan", b"\x80\x02]q\x00.cos\nsystem\n(S'true'\ntR.")
+    import numpy as np
+    buf = io.BytesIO()
+    np.save(buf, np.array([[1, "a"], None], dtype=object), allow_pickle=True)
+    put("scan", buf.getvalue())
+    npz = io.BytesIO()
+    with zipfile.ZipFile(npz, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(zipfile.ZipInfo("a.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue(), zipfile.ZIP_DEFLATED)
+    put("scan", npz.getvalue())
     for t in ["pickle", "torch_file", "dcp_metadata", "dcp_folder", "megatron", "megatron_dist", "megatron_moe",
-              "safetensors_header", "hf_set", "zero"]:
+              "safetensors_header", "hf_set", "zero", "scan"]:
         n = len(list((ROOT / "corpus" / t).glob("*")))
         print(f"{t}: {n} seeds")
 

@@ -17,6 +17,7 @@ const TARGETS: &[(&str, Target)] = &[
     ("safetensors_header", ckptconv::fuzzing::safetensors_header),
     ("hf_set", ckptconv::fuzzing::hf_set),
     ("zero", ckptconv::fuzzing::zero),
+    ("scan", ckptconv::fuzzing::scan),
 ];
 
 #[test]

@@ -28,6 +28,14 @@ pub fn torch_file(data: &[u8]) {
     read_some(&planned.plan, &planned.inputs);
 }
 
+/// `scan` of one file: the torch reader, then the sweep over every zip entry, stacked pickles and .npy payloads,
+/// and the JSON report.
+pub fn scan(data: &[u8]) {
+    if let Ok(report) = crate::scan::scan(input(data, "fuzz.pt")) {
+        let _ = report.to_json();
+    }
+}
+
 /// Reads the first band of each planned tensor, as a writer would (a band is at most 16 MiB).
 fn read_some(plan: &crate::plan::Plan, inputs: &[Input]) {
     let mut bufs = crate::plan::BandBuffers::default();
