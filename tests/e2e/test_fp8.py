@@ -173,6 +173,20 @@ def test_bf16_is_the_reference(run, tmp_path, fp8_root, source):
         check_cast_config(fp8_root, source, out, "bf16")
 
 
+@pytest.mark.parametrize("source", ["block128_st", "block128_pt"])
+def test_inspect_lists_what_convert_writes(run, tmp_path, fp8_root, source):
+    """inspect --dtype bf16 plans what convert writes: the weights dequantized to BF16, no scales."""
+    src, base, _ = SOURCES[source]
+    r = run("inspect", fp8_root / src, "--dtype", "bf16", "--json", *(["--base", fp8_root / base] if base else []))
+    assert r.returncode == 0, r.stderr
+    listed = {t["name"]: (t["dtype"], t["shape"]) for t in json.loads(r.stdout)["tensors"]}
+    out = tmp_path / "out"
+    convert_ok(run, fp8_root, source, out, "--dtype", "bf16")
+    written = {k: ({torch.bfloat16: "BF16", torch.float32: "F32"}[v.dtype], list(v.shape))
+               for k, v in load_output(out).items()}
+    assert listed == written
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 @pytest.mark.parametrize("source", ["block128_st", "block128_pt", "block64_st", "per_tensor_st"])
 def test_other_dtypes_are_the_reference(run, tmp_path, fp8_root, source, dtype):

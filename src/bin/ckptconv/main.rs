@@ -336,7 +336,22 @@ fn human(bytes: u64) -> String {
 fn inspect(input: &Path, json: bool, args: &PlanArgs) -> ckptconv::Result<()> {
     use std::fmt::Write as _;
     let opts = ConversionOptions { plan: PlanOptions { require_base: false, ..args.options() }, ..Default::default() };
-    let planned = with_base(args, |base| with_checkpoint(input, |c| ckptconv::conversion::plan(c, base, &opts)))?;
+    // The plan as `convert` would write it (after the FP8 dequant, the LoRA merge, the tied copies dropped). When
+    // that fails, the checkpoint is read again: a reading error is the error; a finishing step's refusal is shown
+    // as a note over the plan as read, so a broken checkpoint can still be inspected.
+    let finished = with_base(args, |base| with_checkpoint(input, |c| Conversion::new(c, base, &opts)));
+    let (mut own, conv);
+    let planned: &ckptconv::planned::Planned = match finished {
+        Ok(c) => {
+            conv = c;
+            conv.planned()
+        }
+        Err(e) => {
+            own = with_base(args, |base| with_checkpoint(input, |c| ckptconv::conversion::plan(c, base, &opts)))?;
+            own.plan.notes.push(format!("convert would stop here: error[{}]: {e}", e.label()));
+            &own
+        }
+    };
     let plan = &planned.plan;
     if json {
         let mut doc = planned.json_fields();
