@@ -40,7 +40,6 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,6 +48,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 # None of these import torch at module level, so the timing parent stays small.
 import bench_io  # noqa: E402
+import bench_moe  # noqa: E402  (valid_marker, generated)
 import bench_pt  # noqa: E402
 import bench_zero  # noqa: E402  (measure, summarize, print_table, compare)
 from bench_megatron import digests  # noqa: E402
@@ -217,7 +217,6 @@ def out_bytes(d):
 
 def generate(d):
     """Write the input folder, outsize.bin and a marker, once per dims."""
-    import torch
     from safetensors.torch import save_file
 
     root = root_of(d)
@@ -292,16 +291,7 @@ def input_files(root):
 
 
 def marker_ok(root, d):
-    marker = root / "ok"
-    if not marker.exists():
-        return None
-    m = json.loads(marker.read_text())
-    files = input_files(root) + [root / "outsize.bin"]
-    if m.get("dims") != d or not all(f.exists() for f in files):
-        return None
-    if m.get("sizes") != {str(f.relative_to(root)): f.stat().st_size for f in files}:
-        return None
-    return m
+    return bench_moe.valid_marker(root, d, input_files(root) + [root / "outsize.bin"])
 
 
 def main():
@@ -316,11 +306,8 @@ def main():
     if args.generate_only:
         return generate(json.loads(args.dims))
 
-    DATA.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, __file__, "--generate-only", "--dims", json.dumps(d)], check=True)
     root = root_of(d)
-    marker = marker_ok(root, d)
-    assert marker, f"{root}: generation left no valid marker"
+    marker = bench_moe.generated(__file__, d, root, marker_ok)
     src, outsize = root / "in", root / "outsize.bin"
     files = input_files(root)
     size = sum(f.stat().st_size for f in files)

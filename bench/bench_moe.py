@@ -289,17 +289,32 @@ def write_base(folder, s):
          "temperature": 0.6, "top_k": 20, "top_p": 0.95, "transformers_version": "4.51.0"}, indent=2) + "\n")
 
 
-def marker_ok(root, d):
+def valid_marker(root, d, files):
+    """The generator's marker `root/ok` when it was written for dims `d` and `files` still have the sizes it records
+    (shared with bench_zero.py and bench_fp8.py); else None."""
     marker = root / "ok"
     if not marker.exists():
         return None
     m = json.loads(marker.read_text())
-    files = rank_files(root, d)
     if m.get("dims") != d or not all(f.exists() for f in files):
         return None
     if m.get("sizes") != {str(f.relative_to(root)): f.stat().st_size for f in files}:
         return None
     return m
+
+
+def generated(script, d, root, marker_ok):
+    """Runs `script --generate-only` for dims `d` in a child (the timing parent never imports torch), then returns
+    root's marker, which must be valid (shared with bench_zero.py and bench_fp8.py)."""
+    DATA.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, str(script), "--generate-only", "--dims", json.dumps(d)], check=True)
+    marker = marker_ok(root, d)
+    assert marker, f"{root}: generation left no valid marker"
+    return marker
+
+
+def marker_ok(root, d):
+    return valid_marker(root, d, rank_files(root, d))
 
 
 def generate(d):
@@ -423,11 +438,8 @@ def main():
     if args.generate_only:
         return generate(json.loads(args.dims))
 
-    DATA.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, __file__, "--generate-only", "--dims", json.dumps(d)], check=True)
     root = root_of(d)
-    marker = marker_ok(root, d)
-    assert marker, f"{root}: generation left no valid marker"
+    marker = generated(__file__, d, root, marker_ok)
     files = rank_files(root, d)
     actor, it, base = root / "actor", root / "actor" / f"iter_{ITERATION:07d}", root / "base_hf"
     size, needed = sum(f.stat().st_size for f in files), marker["needed_bytes"]

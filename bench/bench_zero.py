@@ -316,16 +316,7 @@ def generate(d):
 
 
 def marker_ok(root, d):
-    marker = root / "ok"
-    if not marker.exists():
-        return None
-    m = json.loads(marker.read_text())
-    files = ckpt_files(root, d)
-    if m.get("dims") != d or not all(f.exists() for f in files):
-        return None
-    if m.get("sizes") != {str(f.relative_to(root)): f.stat().st_size for f in files}:
-        return None
-    return m
+    return bench_moe.valid_marker(root, d, ckpt_files(root, d))
 
 
 def verify_values(out, d, dtype):
@@ -477,12 +468,9 @@ def main():
     if args.verify_values:
         return verify_values(args.verify_values[0], json.loads(args.dims), args.verify_values[1])
 
-    DATA.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's import picks the CPU accelerator without probing
-    subprocess.run([sys.executable, __file__, "--generate-only", "--dims", json.dumps(d)], check=True)
     root = root_of(d)
-    marker = marker_ok(root, d)
-    assert marker, f"{root}: generation left no valid marker"
+    marker = bench_moe.generated(__file__, d, root, marker_ok)
     files = ckpt_files(root, d)
     ckpt = root / "ckpt"
     size, needed = sum(f.stat().st_size for f in files), marker["needed_bytes"]
