@@ -351,9 +351,14 @@ pub fn scan(mut input: Input) -> Result<Report> {
     let raw_len = input.len();
     let opened = TorchFile::open(&mut input);
     let mut calls = Vec::new();
+    // The pickle the torch reader has run already (its globals are in the log): the sweep need not run it again.
+    let mut read_pkl = None;
     let (container, convert) = match opened {
         Ok(tf) => {
             let container = tf.format.to_string();
+            if let crate::torch::TorchFormat::Zip { root } = &tf.format {
+                read_pkl = Some(format!("{root}/data.pkl"));
+            }
             let found = tf.tensors(&input, 0).map(|ts| {
                 ts.into_iter()
                     .map(|t| Tensor {
@@ -377,7 +382,7 @@ pub fn scan(mut input: Input) -> Result<Report> {
     };
     // Beyond what torch.load reads: every pickle a scanner would find (every zip entry, pickles stacked after a
     // STOP, the pickle in a NumPy .npy), each run on the same inert reader, its globals added to the log.
-    let unchecked = sweep(&input, raw_len);
+    let unchecked = sweep(&input, raw_len, read_pkl.as_deref());
     let logged = std::mem::take(&mut *log.lock().unwrap_or_else(|p| p.into_inner()));
     if logged.is_empty()
         && unchecked.is_empty()
@@ -404,8 +409,9 @@ pub fn scan(mut input: Input) -> Result<Report> {
 /// Most pickles read one after the other from one range (a stack of pickles).
 const MAX_STACKED: usize = 64;
 
-/// Runs every pickle a scanner looks for, for their globals only; returns the parts it could not read.
-fn sweep(input: &Input, raw_len: u64) -> Vec<String> {
+/// Runs every pickle a scanner looks for, for their globals only (but the zip entry `read`, already run); returns
+/// the parts it could not read.
+fn sweep(input: &Input, raw_len: u64, read: Option<&str>) -> Vec<String> {
     let mut unchecked = Vec::new();
     let mut head = [0u8; 10];
     let n = input.len().min(10) as usize;
@@ -420,7 +426,7 @@ fn sweep(input: &Input, raw_len: u64) -> Vec<String> {
                 // the file's end (at the places place_deflated gives them): read those as they are.
                 let inflating = input.len() > raw_len && index.place_deflated(raw_len).is_ok();
                 let names: Vec<String> = index.names().map(str::to_string).collect();
-                for name in names {
+                for name in names.into_iter().filter(|n| Some(n.as_str()) != read) {
                     match index.locate(input, &name) {
                         Ok(Some(e)) => match e.content_start() {
                             Some(at) if !e.is_deflated() || inflating => {
