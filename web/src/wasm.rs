@@ -18,35 +18,87 @@ use wasm_bindgen::prelude::*;
 
 /// Reads below this size go through a cached block; bigger ones go straight into the caller's buffer.
 const SMALL_READ: usize = 64 << 10;
-/// The cached block for small reads. One `FileReaderSync` call costs about a millisecond whatever its size,
-/// but planning touches many scattered headers (zip entries), so a miss fetches only a small block.
+/// The cached block for small reads of a Blob. One `FileReaderSync` call costs about a millisecond whatever its
+/// size, but planning touches many scattered headers (zip entries), so a miss fetches only a small block.
 const BLOCK: u64 = 64 << 10;
 
-/// A `Blob` read with `FileReaderSync` (dedicated workers only).
-struct BlobReadAt {
-    blob: web_sys::Blob,
+/// Where an input's bytes come from: a `Blob` (read with `FileReaderSync`, dedicated workers only), or a JS
+/// object `{size, read(offset, length) -> Uint8Array, block?}` whose `read` answers synchronously (the npm
+/// package's readers of URLs, Node files and Blob-likes; `block` is its small-read block size, small for URLs so
+/// that planning fetches little more than the headers it reads).
+#[derive(Clone)]
+enum Source {
+    Blob(web_sys::Blob),
+    Js { obj: JsValue, read: js_sys::Function, size: u64, block: u64 },
+}
+
+impl Source {
+    /// From an input's `file`: a Blob, or a reader object as above.
+    fn from_js(v: JsValue) -> Option<Source> {
+        if let Some(b) = v.dyn_ref::<web_sys::Blob>() {
+            return Some(Source::Blob(b.clone()));
+        }
+        let get = |k: &str| js_sys::Reflect::get(&v, &k.into()).ok();
+        let read = get("read")?.dyn_into::<js_sys::Function>().ok()?;
+        let size = get("size")?.as_f64().filter(|s| s.is_finite() && *s >= 0.0 && s.fract() == 0.0)? as u64;
+        let block = get("block").and_then(|b| b.as_f64()).filter(|b| *b >= 1.0).map_or(BLOCK, |b| b as u64);
+        Some(Source::Js { obj: v, read, size, block: block.min(BLOCK) })
+    }
+
+    fn len(&self) -> u64 {
+        match self {
+            Source::Blob(b) => b.size() as u64,
+            Source::Js { size, .. } => *size,
+        }
+    }
+
+    /// The value handed back to JS in `copy` pieces.
+    fn js(&self) -> JsValue {
+        match self {
+            Source::Blob(b) => b.into(),
+            Source::Js { obj, .. } => obj.clone(),
+        }
+    }
+}
+
+/// An input read from a [`Source`], small reads through a cached block.
+struct SourceReadAt {
+    source: Source,
     len: u64,
-    reader: web_sys::FileReaderSync,
+    block_size: u64,
+    reader: Option<web_sys::FileReaderSync>,
     block: RefCell<(u64, Vec<u8>)>,
 }
 
-impl BlobReadAt {
-    fn new(blob: web_sys::Blob) -> Result<Self, JsValue> {
-        let len = blob.size() as u64;
-        Ok(BlobReadAt { blob, len, reader: web_sys::FileReaderSync::new()?, block: RefCell::new((0, Vec::new())) })
+impl SourceReadAt {
+    fn new(source: Source) -> Result<Self, JsValue> {
+        let len = source.len();
+        let (reader, block_size) = match &source {
+            Source::Blob(_) => (Some(web_sys::FileReaderSync::new()?), BLOCK),
+            Source::Js { block, .. } => (None, *block),
+        };
+        Ok(SourceReadAt { source, len, block_size, reader, block: RefCell::new((0, Vec::new())) })
     }
 
     fn raw(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         let end = offset + buf.len() as u64;
-        let slice = self
-            .blob
-            .slice_with_f64_and_f64(offset as f64, end as f64)
-            .map_err(|e| std::io::Error::other(format!("Blob.slice failed: {e:?}")))?;
-        let ab = self
-            .reader
-            .read_as_array_buffer(&slice)
-            .map_err(|e| std::io::Error::other(format!("FileReaderSync failed: {e:?}")))?;
-        let arr = js_sys::Uint8Array::new(&ab);
+        let arr = match (&self.source, &self.reader) {
+            (Source::Blob(blob), Some(reader)) => {
+                let slice = blob
+                    .slice_with_f64_and_f64(offset as f64, end as f64)
+                    .map_err(|e| std::io::Error::other(format!("Blob.slice failed: {}", js_text(&e))))?;
+                let ab = reader
+                    .read_as_array_buffer(&slice)
+                    .map_err(|e| std::io::Error::other(format!("FileReaderSync failed: {}", js_text(&e))))?;
+                js_sys::Uint8Array::new(&ab)
+            }
+            (Source::Js { obj, read, .. }, _) => read
+                .call2(obj, &(offset as f64).into(), &(buf.len() as f64).into())
+                .map_err(|e| std::io::Error::other(js_text(&e)))?
+                .dyn_into::<js_sys::Uint8Array>()
+                .map_err(|_| std::io::Error::other("the input's read() did not return a Uint8Array"))?,
+            (Source::Blob(_), None) => return Err(std::io::Error::other("internal: a Blob without a reader")),
+        };
         if arr.length() as usize != buf.len() {
             return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "short read from the file"));
         }
@@ -55,7 +107,15 @@ impl BlobReadAt {
     }
 }
 
-impl ReadAt for BlobReadAt {
+/// A thrown JS value as text: an Error's message, else its string form.
+fn js_text(e: &JsValue) -> String {
+    if let Some(err) = e.dyn_ref::<js_sys::Error>() {
+        return String::from(err.message());
+    }
+    e.as_string().unwrap_or_else(|| format!("{e:?}"))
+}
+
+impl ReadAt for SourceReadAt {
     fn len(&self) -> u64 {
         self.len
     }
@@ -72,9 +132,11 @@ impl ReadAt for BlobReadAt {
         let (start, data) = &mut *block;
         let hit = !data.is_empty() && offset >= *start && offset + buf.len() as u64 <= *start + data.len() as u64;
         if !hit {
-            let s = offset / BLOCK * BLOCK;
-            let e = (s + 2 * BLOCK).min(self.len);
-            // Two blocks, so a small read that straddles a block boundary still hits.
+            let b = self.block_size;
+            let s = offset / b * b;
+            // Two blocks, so a small read that straddles a block boundary still hits (and a read bigger than
+            // a small source block is read whole).
+            let e = (s + 2 * b).max(offset + buf.len() as u64).min(self.len);
             data.resize((e - s) as usize, 0);
             self.raw(s, data)?;
             *start = s;
@@ -92,7 +154,7 @@ impl ReadAt for BlobReadAt {
 /// Files with their relative paths, as a folder.
 struct JsFolder {
     name: String,
-    files: BTreeMap<String, web_sys::Blob>,
+    files: BTreeMap<String, Source>,
 }
 
 impl JsFolder {
@@ -104,10 +166,9 @@ impl JsFolder {
                 .ok()
                 .and_then(|p| p.as_string())
                 .ok_or_else(|| JsError::new("each input needs a string `path`"))?;
-            let file: web_sys::Blob = js_sys::Reflect::get(&e, &"file".into())
-                .ok()
-                .and_then(|f| f.dyn_into().ok())
-                .ok_or_else(|| JsError::new(&format!("input '{path}' has no `file` Blob")))?;
+            let file = js_sys::Reflect::get(&e, &"file".into()).ok().and_then(Source::from_js).ok_or_else(|| {
+                JsError::new(&format!("input '{path}' has no `file` (a Blob, or a reader with size and read())"))
+            })?;
             files.insert(path.trim_start_matches('/').to_string(), file);
         }
         // Strip a top folder shared by every path, so a dropped `global_step_50/` reads as that folder.
@@ -139,12 +200,12 @@ impl Folder for JsFolder {
     }
     fn open(&self, rel: &str) -> ckptconv::Result<Input> {
         let shown = self.display(rel);
-        let blob = self
+        let source = self
             .files
             .get(rel)
             .ok_or_else(|| Error::new(ErrorKind::Io("no such file among the inputs".into())).in_file(&shown))?;
         let r =
-            BlobReadAt::new(blob.clone()).map_err(|e| Error::new(ErrorKind::Io(format!("{e:?}"))).in_file(&shown))?;
+            SourceReadAt::new(source.clone()).map_err(|e| Error::new(ErrorKind::Io(js_text(&e))).in_file(&shown))?;
         Ok(Input::new(shown, Box::new(r)))
     }
 }
@@ -246,8 +307,8 @@ impl JsOptions {
 pub struct Job {
     conv: Conversion,
     puller: Puller,
-    /// With `options.copies`: the Blob behind each input, so verbatim ranges go out as `copy` pieces.
-    blobs: Option<Vec<web_sys::Blob>>,
+    /// With `options.copies`: the Blob or reader behind each input, so verbatim ranges go out as `copy` pieces.
+    blobs: Option<Vec<JsValue>>,
 }
 
 #[wasm_bindgen]
@@ -298,7 +359,7 @@ impl Job {
                         by_name.insert(f.display(rel), blob);
                     }
                 }
-                conv.inputs().iter().map(|i| by_name.get(&i.name).map(|b| (*b).clone())).collect::<Option<Vec<_>>>()
+                conv.inputs().iter().map(|i| by_name.get(&i.name).map(|b| b.js())).collect::<Option<Vec<_>>>()
             })
             .flatten();
         let puller = Puller::new(blobs.is_some());
@@ -362,11 +423,11 @@ impl Job {
 }
 
 /// A `{kind: "copy", file, name, offset, len}` piece (see [`Job::next_piece`]).
-fn copy_piece(blob: &web_sys::Blob, name: &str, offset: u64, len: u64) -> JsValue {
+fn copy_piece(blob: &JsValue, name: &str, offset: u64, len: u64) -> JsValue {
     let obj = js_sys::Object::new();
     for (k, v) in [
         ("kind", JsValue::from("copy")),
-        ("file", blob.into()),
+        ("file", blob.clone()),
         ("name", name.into()),
         ("offset", (offset as f64).into()),
         ("len", (len as f64).into()),

@@ -1,4 +1,5 @@
-// Reading a range of an input Blob in a worker (FileReaderSync), shared by the page's workers and the npm package's.
+// Reading a range of an input in a worker (a Blob with FileReaderSync, or a synchronous reader with read()), shared
+// by the page's workers and the npm package's.
 let reader;
 
 /** The default piece size when a range is handed on piece by piece. */
@@ -6,10 +7,11 @@ export const READ_PIECE = 16 << 20;
 
 /** Bytes `from .. from + len` of `file` (called `name` in messages, as the engine calls it) as a fresh Uint8Array. */
 export function readRange(file, name, from, len) {
-  reader ??= new FileReaderSync();
   let bytes;
   try {
-    bytes = new Uint8Array(reader.readAsArrayBuffer(file.slice(from, from + len)));
+    // A Blob, or one of the npm package's synchronous readers ({size, read(offset, len)}).
+    if (typeof file.read === 'function') bytes = file.read(from, len);
+    else bytes = new Uint8Array((reader ??= new FileReaderSync()).readAsArrayBuffer(file.slice(from, from + len)));
   } catch (e) {
     throw new Error(`${name}: reading bytes ${from}..${from + len} failed: ${e instanceof Error ? e.message : e}`);
   }

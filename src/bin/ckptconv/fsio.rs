@@ -10,12 +10,29 @@ use std::path::{Path, PathBuf};
 
 /// An I/O error's text; under WASI a missing path is usually one outside the folders the host opened.
 pub fn io_text(e: &std::io::Error) -> String {
+    // Under `npx ckptconv` the host opens the whole file system: the error is the native binary's, Linux's number
+    // included (WASI numbers errors its own way).
+    #[cfg(all(feature = "host-url", target_os = "wasi"))]
+    if let Some(code) = e.raw_os_error() {
+        let text = e.to_string();
+        let cut = text.rfind(" (os error ").unwrap_or(text.len());
+        let linux = usize::try_from(code).ok().and_then(|c| LINUX_ERRNO.get(c)).copied().unwrap_or(code);
+        return format!("{} (os error {linux})", &text[..cut]);
+    }
     let outside = matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied);
-    if cfg!(target_os = "wasi") && outside {
+    if cfg!(target_os = "wasi") && !cfg!(feature = "host-url") && outside {
         return format!("{e} (under WASI only the folders given with --dir are visible)");
     }
     e.to_string()
 }
+
+/// Linux's errno for each WASI preview1 errno (its index), so that `npx ckptconv` prints the native numbers.
+#[cfg(all(feature = "host-url", target_os = "wasi"))]
+const LINUX_ERRNO: [i32; 77] = [
+    0, 7, 13, 98, 99, 97, 11, 114, 9, 74, 16, 125, 10, 103, 111, 104, 35, 89, 33, 122, 17, 14, 27, 113, 43, 84, 115, 4,
+    22, 5, 106, 21, 40, 24, 31, 90, 72, 36, 100, 102, 101, 23, 105, 19, 2, 8, 37, 67, 12, 42, 92, 28, 38, 107, 20, 39,
+    131, 88, 95, 25, 6, 75, 130, 1, 32, 71, 93, 91, 34, 30, 29, 3, 116, 110, 26, 18, 1,
+];
 
 /// Largest single read or write where the host copies through a buffer of its own (WASI: the engine reads into
 /// and writes from a host buffer, which it zeroes first). Pieces this size stay in the CPU's cache on their way;
@@ -201,7 +218,7 @@ impl DirSink {
     }
 
     fn out_err(path: &Path, e: std::io::Error) -> Error {
-        Error::new(ErrorKind::Output(e.to_string())).in_file(&path.display().to_string())
+        Error::new(ErrorKind::Output(io_text(&e))).in_file(&path.display().to_string())
     }
 
     /// Runs `op` on the current file's writer; its I/O errors name the temp file.
@@ -273,7 +290,7 @@ impl Sink for DirSink {
             return Ok(false);
         };
         let Some((dst, tmp, _)) = &mut self.current else { return Ok(false) };
-        let from = src.file.try_clone().map_err(|e| Error::new(ErrorKind::Io(e.to_string())).in_file(&input.name))?;
+        let from = src.file.try_clone().map_err(|e| Error::new(ErrorKind::Io(io_text(&e))).in_file(&input.name))?;
         // A short source surfaces as UnexpectedEof from the writer; name both files then.
         dst.copy(from, offset, len).map_err(|e| {
             Error::new(ErrorKind::Output(format!("copying bytes {offset}..{} of {}: {e}", offset + len, input.name)))
@@ -340,9 +357,9 @@ impl DiskFolder {
         let mut stack = vec![(root.to_path_buf(), String::new(), 0usize)];
         while let Some((dir, rel, depth)) = stack.pop() {
             let entries = std::fs::read_dir(&dir)
-                .map_err(|e| Error::new(ErrorKind::Io(e.to_string())).in_file(&dir.display().to_string()))?;
+                .map_err(|e| Error::new(ErrorKind::Io(io_text(&e))).in_file(&dir.display().to_string()))?;
             for entry in entries {
-                let entry = entry.map_err(|e| Error::new(ErrorKind::Io(e.to_string())).in_file(&name))?;
+                let entry = entry.map_err(|e| Error::new(ErrorKind::Io(io_text(&e))).in_file(&name))?;
                 let fname = entry.file_name().to_string_lossy().into_owned();
                 let path = entry.path();
                 let child = if rel.is_empty() { fname } else { format!("{rel}/{fname}") };

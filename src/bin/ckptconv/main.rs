@@ -16,6 +16,7 @@ macro_rules! say {
 }
 
 mod fsio;
+mod hosturl;
 mod progress;
 
 use ckptconv::conversion::{Checkpoint, Conversion, ConversionOptions, Output};
@@ -291,6 +292,9 @@ fn with_base<T>(args: &PlanArgs, f: impl FnOnce(Option<&BaseModel>) -> ckptconv:
 /// mp_rank_* folder) is only part of the model, so it stands for the whole iteration folder it belongs to.
 fn with_checkpoint<T>(path: &Path, f: impl FnOnce(Checkpoint) -> ckptconv::Result<T>) -> ckptconv::Result<T> {
     let shown = path.display().to_string();
+    if hosturl::is_url(path) {
+        return f(Checkpoint::File(hosturl::open(&shown)?));
+    }
     let meta = std::fs::metadata(path).map_err(|e| Error::new(ErrorKind::Io(fsio::io_text(&e))).in_file(&shown))?;
     let rank_dir = if meta.is_dir() { Some(path) } else { path.parent() };
     let is_rank_dir = rank_dir.and_then(Path::file_name).is_some_and(|n| n.to_string_lossy().starts_with("mp_rank_"));
@@ -542,7 +546,8 @@ fn dcp_to_pt(dcp_path: &Path, output_path: &Path, args: &PlanArgs, out: &OutArgs
 /// Runs RLinf's convert_pt_to_hf.py job from its YAML config; flags given on the command line win.
 fn pt2hf(config: &Path, mut args: PlanArgs, max_shard: u64, out: &OutArgs) -> ckptconv::Result<()> {
     let shown = config.display().to_string();
-    let text = std::fs::read_to_string(config).map_err(|e| Error::new(ErrorKind::Io(e.to_string())).in_file(&shown))?;
+    let text =
+        std::fs::read_to_string(config).map_err(|e| Error::new(ErrorKind::Io(fsio::io_text(&e))).in_file(&shown))?;
     let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
     let cfg = rlinf::parse(&text, &|rel| std::fs::read_to_string(dir.join(rel)).ok()).map_err(|e| e.in_file(&shown))?;
     for n in &cfg.notes {
@@ -586,7 +591,11 @@ fn run(cli: Cli) -> ckptconv::Result<ExitCode> {
 
 /// Prints a scan report; exit 1 when the file names a global off the allowlist.
 fn scan_cmd(path: &Path, json: bool) -> ckptconv::Result<ExitCode> {
-    let input = Input::new(path.display().to_string(), Box::new(fsio::FileInput::open(path)?));
+    let input = if hosturl::is_url(path) {
+        hosturl::open(&path.display().to_string())?
+    } else {
+        Input::new(path.display().to_string(), Box::new(fsio::FileInput::open(path)?))
+    };
     let report = ckptconv::scan::scan(input)?;
     let text = if json { report.to_json() } else { scan_text(&report) };
     print!("{text}");
@@ -655,6 +664,15 @@ fn run_conversion(cli: Cli) -> ckptconv::Result<()> {
 fn main() -> ExitCode {
     // clap exits with 2 on usage errors and 0 for --help/--version.
     let cli = Cli::parse();
+    // Under `npx ckptconv` the host opens `/` and names the working folder, so relative paths mean what they
+    // mean to the native binary.
+    #[cfg(all(feature = "host-url", target_os = "wasi"))]
+    if let Some(cwd) = std::env::var_os("CKPTCONV_HOST_CWD")
+        && let Err(e) = std::env::set_current_dir(&cwd)
+    {
+        say!("ckptconv: error[io]: {}: {e}", cwd.to_string_lossy());
+        return ExitCode::from(1);
+    }
     // A panic is a bug, but it must still end in exit 1 with a message, not a crash code.
     std::panic::set_hook(Box::new(|info| {
         say!("ckptconv: internal error (please report): {info}");

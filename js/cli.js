@@ -1,0 +1,78 @@
+#!/usr/bin/env node
+// `npx ckptconv …`: the native CLI's contract in Node, without a Rust toolchain. It runs the CLI itself, compiled
+// for WASI (web/pkg/ckptconv_cli.wasm, built with feature host-url), under Node's WASI with the whole file system
+// visible as the native binary sees it, so arguments, outputs, `ckptconv: error[KIND]: …` lines and exit codes are
+// the native ones. An INPUT that is an http(s) URL is read through the module's three `ckptconv_host` imports:
+// this thread sleeps on them while fetcher.js reads the URL with Range requests (range.js).
+import { readFileSync } from 'node:fs';
+import { Worker } from 'node:worker_threads';
+import { blockingCalls } from './bridge.js';
+
+// Node marks WASI experimental and says so on stderr: keep stderr the native CLI's (other warnings still show).
+process.removeAllListeners('warning');
+process.on('warning', (w) => {
+  if (w.name !== 'ExperimentalWarning') process.stderr.write(`${w.name}: ${w.message}\n`);
+});
+const { WASI } = await import('node:wasi');
+
+const module = await WebAssembly.compile(readFileSync(new URL('../web/pkg/ckptconv_cli.wasm', import.meta.url)));
+const wasi = new WASI({
+  version: 'preview1',
+  args: ['ckptconv', ...process.argv.slice(2)],
+  // The native binary's view: absolute paths, and relative ones from the working folder (set by the module).
+  env: { ...process.env, CKPTCONV_HOST_CWD: process.cwd() },
+  preopens: { '/': '/' },
+  returnOnExit: true,
+});
+
+let fetcher = null;
+let call = null;
+let lastError = '';
+let instance;
+const enc = new TextEncoder();
+const memory = () => new Uint8Array(instance.exports.memory.buffer);
+/** Runs a call on the fetcher (started on first use); an error's text is kept for last_error. */
+function blocking(msg, max) {
+  if (!fetcher) {
+    fetcher = new Worker(new URL('./fetcher.js', import.meta.url));
+    fetcher.unref();
+    call = blockingCalls(fetcher);
+  }
+  return call(msg, max);
+}
+const failed = (e) => {
+  lastError = e instanceof Error ? e.message : String(e);
+  return -Math.max(1, enc.encode(lastError).length);
+};
+
+const host = {
+  url_open(ptr, len, sizePtr) {
+    try {
+      const url = new TextDecoder().decode(memory().slice(ptr, ptr + len));
+      const { handle, size } = JSON.parse(new TextDecoder().decode(blocking({ type: 'open', url }, 4096)));
+      new DataView(instance.exports.memory.buffer).setBigUint64(sizePtr, BigInt(size), true);
+      return handle;
+    } catch (e) {
+      return failed(e);
+    }
+  },
+  url_read(handle, offset, ptr, len) {
+    try {
+      const bytes = blocking({ type: 'read', src: handle, offset: Number(offset), len }, len);
+      memory().set(bytes, ptr);
+      return 0;
+    } catch (e) {
+      return failed(e);
+    }
+  },
+  last_error(ptr, cap) {
+    const bytes = enc.encode(lastError).slice(0, cap);
+    memory().set(bytes, ptr);
+    return bytes.length;
+  },
+};
+
+instance = await WebAssembly.instantiate(module, { wasi_snapshot_preview1: wasi.wasiImport, ckptconv_host: host });
+const code = wasi.start(instance);
+await fetcher?.terminate();
+process.exit(code);

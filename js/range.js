@@ -1,0 +1,263 @@
+// Reading files behind http(s) URLs with Range requests, for the npm package (Node, and the browser's main thread)
+// and, synchronously, for the engine's worker in a browser (xhrRead). Every answer is checked: a server that ignores
+// Range (200 with the whole file) or a file whose length or ETag changes mid-run is an error naming the URL, not
+// bytes of the wrong file. Network errors and 5xx answers are retried a bounded number of times, resuming after
+// the bytes already received.
+
+/** Tries per range: the first and this many minus one retries. */
+export const TRIES = 5;
+/** Pause before retry n (ms): 100, 200, 400, 800. */
+const backoff = (n) => 100 << n;
+/** The longest single request: big enough for throughput, small enough that a retry repeats little. */
+export const MAX_PIECE = 16 << 20;
+/** A sequential run's first request, doubled on each continuation up to MAX_PIECE. */
+const FIRST_PIECE = 1 << 20;
+/** Small reads (headers) of a URL are cached in blocks this size (small, so planning fetches little). */
+export const URL_BLOCK = 16 << 10;
+
+/** An error about one URL (its message names it), marked retryable or not. */
+export class UrlError extends Error {
+  constructor(url, message, retry = false) {
+    super(`${url}: ${message}`);
+    /** The message without the URL, for callers that name the URL themselves. */
+    this.detail = message;
+    this.retry = retry;
+  }
+}
+
+/** The URL as messages show it: without a query string (signed URLs carry secrets there). */
+export function shownUrl(url) {
+  const u = new URL(url);
+  return `${u.origin}${u.pathname}`;
+}
+
+/** Parses `bytes a-b/total` (total may be `*`). */
+function contentRange(v) {
+  const m = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(v?.trim() ?? '');
+  return m && { first: Number(m[1]), last: Number(m[2]), total: m[3] === '*' ? null : Number(m[3]) };
+}
+
+/**
+ * Checks a range answer's status and headers (`get(name)`), for bytes `offset .. offset + len` of a file that had
+ * `size` bytes and `etag` when opened (size null when probing). Throws a UrlError; returns the total.
+ */
+function checkAnswer(shown, status, get, offset, len, size, etag) {
+  if (status >= 500 || status === 408 || status === 429)
+    throw new UrlError(shown, `the server answered ${status}`, true);
+  if (status === 200)
+    throw new UrlError(
+      shown,
+      'the server ignored the Range header (it answered 200 with the whole file): ckptconv reads URLs with HTTP ' +
+        'range requests; use a server that supports them (and, from a web page, allows the Range header by CORS)',
+    );
+  if (status === 416) throw new UrlError(shown, `the file is shorter than the ${size} bytes it had when opened`);
+  if (status !== 206) throw new UrlError(shown, `the server answered ${status} to a range request`);
+  const cr = contentRange(get('content-range'));
+  if (!cr)
+    throw new UrlError(
+      shown,
+      'a range answer without a readable Content-Range header (from a web page, the server must expose it by CORS: ' +
+        'Access-Control-Expose-Headers: Content-Range)',
+    );
+  if (cr.first !== offset || cr.last !== offset + len - 1)
+    throw new UrlError(shown, `asked for bytes ${offset}-${offset + len - 1} but got ${cr.first}-${cr.last}`);
+  if (cr.total == null) throw new UrlError(shown, 'the server does not say how long the file is (Content-Range */)');
+  if (size != null && cr.total !== size)
+    throw new UrlError(shown, `the file changed while it was read: it had ${size} bytes, now ${cr.total}`);
+  const tag = get('etag');
+  if (etag && tag && tag !== etag)
+    throw new UrlError(shown, `the file changed while it was read (its ETag was ${etag}, now ${tag})`);
+  return cr.total;
+}
+
+const sleep = (ms, signal) =>
+  new Promise((ok, fail) => {
+    const t = setTimeout(ok, ms);
+    signal?.addEventListener('abort', () => (clearTimeout(t), fail(signal.reason)), { once: true });
+  });
+
+/**
+ * A file behind a URL, read with Range requests: `await UrlFile.open(url, {signal, fetch})`, then `read(offset,
+ * len)`. Sequential reads are served from a window fetched ahead (doubling up to MAX_PIECE), never past the end of
+ * the file; `fetched` counts the bytes received.
+ */
+export class UrlFile {
+  static async open(url, { signal, fetch = globalThis.fetch } = {}) {
+    const shown = shownUrl(url);
+    const f = new UrlFile(url, shown, signal, fetch);
+    // One byte first: learns the size and the ETag, and whether Range is honoured, before anything else is asked.
+    const { total, etag } = await f.request(0, 1, null, null);
+    f.size = total;
+    f.etag = etag;
+    return f;
+  }
+
+  constructor(url, shown, signal, fetch) {
+    this.url = url;
+    this.shown = shown;
+    this.signal = signal;
+    this.fetch = fetch;
+    this.fetched = 0;
+    this.requests = 0;
+    this.window = null; // {start, bytes}
+    this.ahead = null; // {start, len, promise}
+    this.runEnd = -1;
+    this.piece = FIRST_PIECE;
+  }
+
+  /** Bytes `offset .. offset + len` (one request, retried); resolves to {bytes, total, etag}. */
+  async request(offset, len, size, etag) {
+    const out = new Uint8Array(len);
+    let got = 0;
+    for (let attempt = 0; ; attempt++) {
+      try {
+        this.signal?.throwIfAborted();
+        this.requests++;
+        const res = await this.fetch(this.url, {
+          headers: { range: `bytes=${offset + got}-${offset + len - 1}` },
+          signal: this.signal,
+          cache: 'no-store',
+        }).catch((e) => {
+          if (this.signal?.aborted) throw e;
+          throw new UrlError(this.shown, `could not fetch (${e?.cause?.message ?? e?.message ?? e})`, true);
+        });
+        let total;
+        try {
+          total = checkAnswer(this.shown, res.status, (h) => res.headers.get(h), offset + got, len - got, size, etag);
+        } catch (e) {
+          await res.body?.cancel().catch(() => {});
+          throw e;
+        }
+        size ??= total;
+        etag ??= res.headers.get('etag');
+        const reader = res.body.getReader();
+        try {
+          for (;;) {
+            const { done, value } = await reader.read();
+            if (done) break;
+            if (got + value.length > len) throw new UrlError(this.shown, 'the server sent more bytes than asked for');
+            out.set(value, got);
+            got += value.length;
+            this.fetched += value.length;
+          }
+        } catch (e) {
+          if (e instanceof UrlError || this.signal?.aborted) throw e;
+          throw new UrlError(this.shown, `the connection broke after ${got} of ${len} bytes (${e?.message ?? e})`, true);
+        }
+        if (got !== len) throw new UrlError(this.shown, `the answer ended after ${got} of ${len} bytes`, true);
+        return { bytes: out, total: size, etag };
+      } catch (e) {
+        if (!(e instanceof UrlError) || !e.retry || attempt + 1 >= TRIES) {
+          if (e instanceof UrlError && e.retry) {
+            e.message += ` (after ${TRIES} tries)`;
+            e.detail += ` (after ${TRIES} tries)`;
+          }
+          throw e;
+        }
+        await sleep(backoff(attempt), this.signal);
+      }
+    }
+  }
+
+  /** Bytes `offset .. offset + len` of the file. */
+  async read(offset, len) {
+    if (offset < 0 || len < 0 || offset + len > this.size)
+      throw new UrlError(this.shown, `read of ${offset}+${len} past the end (${this.size} bytes)`);
+    if (len === 0) return new Uint8Array(0);
+    const sequential = offset === this.runEnd;
+    this.runEnd = offset + len;
+    if (!sequential) {
+      // A jump: no window ahead, fetch just what is asked (the engine caches small reads itself).
+      this.piece = FIRST_PIECE;
+      this.ahead = null;
+      this.window = null;
+      return (await this.request(offset, len, this.size, this.etag)).bytes;
+    }
+    const out = new Uint8Array(len);
+    let at = 0;
+    while (at < len) {
+      const pos = offset + at;
+      const w = this.window;
+      if (w && pos >= w.start && pos < w.start + w.bytes.length) {
+        const n = Math.min(len - at, w.start + w.bytes.length - pos);
+        out.set(w.bytes.subarray(pos - w.start, pos - w.start + n), at);
+        at += n;
+        continue;
+      }
+      // The next window: the one fetched ahead if it starts here, else a fresh request.
+      const a = this.ahead;
+      this.ahead = null;
+      const wlen = Math.min(Math.max(this.piece, len - at), this.size - pos);
+      const bytes = a && a.start === pos ? await a.promise : (await this.request(pos, wlen, this.size, this.etag)).bytes;
+      this.window = { start: pos, bytes };
+      this.piece = Math.min(this.piece * 2, MAX_PIECE);
+      this.prefetch(pos + bytes.length);
+    }
+    return out;
+  }
+
+  /** Starts fetching the window at `start` (sequential runs only; never past the end). */
+  prefetch(start) {
+    const len = Math.min(this.piece, this.size - start);
+    if (len <= 0) return;
+    const promise = this.request(start, len, this.size, this.etag).then((r) => r.bytes);
+    promise.catch(() => {}); // reported when awaited
+    this.ahead = { start, len, promise };
+  }
+}
+
+/**
+ * Synchronous range reads with XMLHttpRequest (only a dedicated worker may do that in a browser): bytes
+ * `offset .. offset + len` of `url`, with the checks and bounded retries of UrlFile (retried at once: a worker
+ * cannot sleep without cross-origin isolation). `size` and `etag` are what the file had when opened (null to probe);
+ * returns {bytes, total, etag}.
+ */
+export function xhrRead(url, offset, len, size = null, etag = null) {
+  const shown = shownUrl(url);
+  for (let attempt = 0; ; attempt++) {
+    try {
+      const x = new XMLHttpRequest();
+      x.open('GET', url, false);
+      x.responseType = 'arraybuffer';
+      x.setRequestHeader('Range', `bytes=${offset}-${offset + len - 1}`);
+      try {
+        x.send();
+      } catch (e) {
+        throw new UrlError(shown, `could not fetch (${e?.message ?? e})`, true);
+      }
+      if (x.status === 0) throw new UrlError(shown, 'could not fetch (a network error, or CORS refused it)', true);
+      const total = checkAnswer(shown, x.status, (h) => x.getResponseHeader(h), offset, len, size, etag);
+      const bytes = new Uint8Array(x.response);
+      if (bytes.length !== len) throw new UrlError(shown, `the answer held ${bytes.length} of ${len} bytes`, true);
+      return { bytes, total, etag: etag ?? x.getResponseHeader('etag') };
+    } catch (e) {
+      if (!(e instanceof UrlError) || !e.retry || attempt + 1 >= TRIES) {
+        if (e instanceof UrlError && e.retry) {
+          e.message += ` (after ${TRIES} tries)`;
+          e.detail += ` (after ${TRIES} tries)`;
+        }
+        throw e;
+      }
+    }
+  }
+}
+
+/** A synchronous reader `{size, block, read}` of a URL for the engine, in a browser worker. */
+export function xhrSource(url) {
+  const first = xhrRead(url, 0, 1);
+  const { total: size, etag } = first;
+  return {
+    size,
+    block: URL_BLOCK,
+    url,
+    read(offset, len) {
+      if (len === 0) return new Uint8Array(0);
+      const out = new Uint8Array(len);
+      for (let at = 0; at < len; at += MAX_PIECE) {
+        const n = Math.min(MAX_PIECE, len - at);
+        out.set(xhrRead(url, offset + at, n, size, etag).bytes, at);
+      }
+      return out;
+    },
+  };
+}

@@ -1,0 +1,81 @@
+//! `http(s)://` inputs. The WASI module of the npm package's CLI (`npx ckptconv`, feature `host-url`) asks its host
+//! for the bytes through three imports; the host (js/cli.js under Node) reads them with HTTP Range requests,
+//! retries and checks. Other builds read files only and say where URLs are read.
+
+use ckptconv::io::Input;
+#[cfg(all(feature = "host-url", target_os = "wasi"))]
+use ckptconv::io::ReadAt;
+use ckptconv::{Error, ErrorKind, Result};
+
+/// Whether a command-line input names a URL rather than a path.
+pub fn is_url(path: &std::path::Path) -> bool {
+    let s = path.to_string_lossy();
+    let lower = s.get(..8).unwrap_or(&s).to_ascii_lowercase();
+    lower.starts_with("http://") || lower.starts_with("https://")
+}
+
+#[cfg(all(feature = "host-url", target_os = "wasi"))]
+mod host {
+    #[link(wasm_import_module = "ckptconv_host")]
+    unsafe extern "C" {
+        /// Opens a URL: a handle (>= 0) with its size written to `size`, or minus the length of an error message.
+        pub fn url_open(url: *const u8, url_len: usize, size: *mut u64) -> i32;
+        /// Reads `len` bytes at `offset` into `buf`: 0, or minus the length of an error message.
+        pub fn url_read(handle: i32, offset: u64, buf: *mut u8, len: usize) -> i32;
+        /// Copies the last error message into `buf` (at most `cap` bytes); returns its length.
+        pub fn last_error(buf: *mut u8, cap: usize) -> usize;
+    }
+
+    /// The host's last error message.
+    pub fn error() -> String {
+        let mut buf = vec![0u8; 4096];
+        // SAFETY: the host writes at most `cap` bytes into the buffer it is given.
+        let n = unsafe { last_error(buf.as_mut_ptr(), buf.len()) }.min(buf.len());
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+}
+
+/// A file behind a URL, read through the host.
+#[cfg(all(feature = "host-url", target_os = "wasi"))]
+struct UrlReadAt {
+    handle: i32,
+    len: u64,
+}
+
+#[cfg(all(feature = "host-url", target_os = "wasi"))]
+impl ReadAt for UrlReadAt {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        if offset.checked_add(buf.len() as u64).is_none_or(|end| end > self.len) {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "read past the end of the file"));
+        }
+        // SAFETY: the host writes exactly `buf.len()` bytes into `buf`, or nothing when it fails.
+        let r = unsafe { host::url_read(self.handle, offset, buf.as_mut_ptr(), buf.len()) };
+        if r < 0 { Err(std::io::Error::other(host::error())) } else { Ok(()) }
+    }
+}
+
+/// Opens `url` as an input named by the URL as given.
+#[cfg(all(feature = "host-url", target_os = "wasi"))]
+pub fn open(url: &str) -> Result<Input> {
+    let mut size = 0u64;
+    // SAFETY: the host reads `url` and writes one u64 into `size`.
+    let handle = unsafe { host::url_open(url.as_ptr(), url.len(), &mut size) };
+    if handle < 0 {
+        return Err(Error::new(ErrorKind::Io(host::error())).in_file(url));
+    }
+    Ok(Input::new(url, Box::new(UrlReadAt { handle, len: size })))
+}
+
+/// Builds without a host that reads URLs refuse them, saying which one does.
+#[cfg(not(all(feature = "host-url", target_os = "wasi")))]
+pub fn open(url: &str) -> Result<Input> {
+    Err(Error::new(ErrorKind::Io(
+        "this build reads files only; `npx ckptconv` (the npm package) reads http(s) URLs, or download the file first"
+            .into(),
+    ))
+    .in_file(url))
+}
