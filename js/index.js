@@ -21,7 +21,8 @@ const isUrlText = (s) => typeof s === 'string' && /^https?:\/\//i.test(s);
  */
 export function toInputs(files) {
   if (files == null) return [];
-  if (isBlob(files) || typeof files === 'string' || files instanceof URL || isBlobLike(files)) files = [files];
+  const one = isBlob(files) || typeof files === 'string' || files instanceof URL || isBlobLike(files);
+  if (one || typeof files.path === 'string') files = [files];
   return Array.from(files, (f, i) => {
     if (f && typeof f.path === 'string' && isBlob(f.file)) return { path: f.path, file: f.file };
     if (f && typeof f.path === 'string' && (isUrlText(f.url) || f.url instanceof URL))
@@ -87,6 +88,7 @@ async function describe(inputs, sources, signal) {
         reader = (offset, len) => f.read(offset, len);
         size = f.size;
         sources.fetched.push(f);
+        sources.ranges[sources.length] = (offset, len) => f.range(offset, len);
       } else {
         const b = input.blobLike ?? input.file;
         reader = async (offset, len) => new Uint8Array(await b.slice(offset, offset + len).arrayBuffer());
@@ -169,6 +171,7 @@ async function open(files, options, type = 'open') {
   signal?.throwIfAborted();
   const sources = [];
   sources.fetched = [];
+  sources.ranges = {};
   const inputs = await describe(toInputs(files), sources, signal);
   if (inputs.length === 0) throw new TypeError('no input files');
   const baseInputs = base ? await describe(toInputs(base), sources, signal) : null;
@@ -227,6 +230,8 @@ async function* copyPieces(ref, sources, offset, len) {
     } finally {
       await fh.close();
     }
+  } else if (sources.ranges[ref.remote]) {
+    yield* sources.ranges[ref.remote](offset, len);
   } else {
     for (let at = 0; at < len; at += MAX_PIECE) yield await sources[ref.remote](offset + at, Math.min(MAX_PIECE, len - at));
   }

@@ -10,10 +10,11 @@ export const TRIES = 5;
 const backoff = (n) => 100 << n;
 /** The longest single request: big enough for throughput, small enough that a retry repeats little. */
 export const MAX_PIECE = 16 << 20;
-/** A sequential run's first request, doubled on each continuation up to MAX_PIECE. */
-const FIRST_PIECE = 1 << 20;
-/** Small reads (headers) of a URL are cached in blocks this size (small, so planning fetches little). */
-export const URL_BLOCK = 16 << 10;
+/**
+ * Small reads of a URL (headers) are served from blocks this size, two at a time: small, since planning a zip
+ * reads 30 bytes at each of hundreds of scattered entries.
+ */
+export const URL_BLOCK = 4 << 10;
 
 /** An error about one URL (its message names it), marked retryable or not. */
 export class UrlError extends Error {
@@ -78,8 +79,7 @@ const sleep = (ms, signal) =>
 
 /**
  * A file behind a URL, read with Range requests: `await UrlFile.open(url, {signal, fetch})`, then `read(offset,
- * len)`. Sequential reads are served from a window fetched ahead (doubling up to MAX_PIECE), never past the end of
- * the file; `fetched` counts the bytes received.
+ * len)` or `range(offset, len)`; `fetched` counts the bytes received.
  */
 export class UrlFile {
   static async open(url, { signal, fetch = globalThis.fetch } = {}) {
@@ -99,17 +99,17 @@ export class UrlFile {
     this.fetch = fetch;
     this.fetched = 0;
     this.requests = 0;
-    this.window = null; // {start, bytes}
-    this.ahead = null; // {start, len, promise}
-    this.runEnd = -1;
-    this.piece = FIRST_PIECE;
   }
 
-  /** Bytes `offset .. offset + len` (one request, retried); resolves to {bytes, total, etag}. */
+  /**
+   * Bytes `offset .. offset + len` (one request; after a failure, the rest is asked again): resolves to {bytes,
+   * total, etag}. A try that brought bytes starts the count of tries afresh.
+   */
   async request(offset, len, size, etag) {
     const out = new Uint8Array(len);
     let got = 0;
     for (let attempt = 0; ; attempt++) {
+      const before = got;
       try {
         this.signal?.throwIfAborted();
         this.requests++;
@@ -147,6 +147,7 @@ export class UrlFile {
         if (got !== len) throw new UrlError(this.shown, `the answer ended after ${got} of ${len} bytes`, true);
         return { bytes: out, total: size, etag };
       } catch (e) {
+        if (got > before) attempt = -1;
         if (!(e instanceof UrlError) || !e.retry || attempt + 1 >= TRIES) {
           if (e instanceof UrlError && e.retry) {
             e.message += ` (after ${TRIES} tries)`;
@@ -154,55 +155,50 @@ export class UrlFile {
           }
           throw e;
         }
-        await sleep(backoff(attempt), this.signal);
+        if (attempt >= 0) await sleep(backoff(attempt), this.signal);
       }
     }
   }
 
-  /** Bytes `offset .. offset + len` of the file. */
+  /**
+   * Bytes `offset .. offset + len` of the file: exactly those are fetched (in pieces of at most MAX_PIECE), nothing
+   * speculatively, so that every byte a conversion needs is fetched once and no other.
+   */
   async read(offset, len) {
-    if (offset < 0 || len < 0 || offset + len > this.size)
-      throw new UrlError(this.shown, `read of ${offset}+${len} past the end (${this.size} bytes)`);
-    if (len === 0) return new Uint8Array(0);
-    const sequential = offset === this.runEnd;
-    this.runEnd = offset + len;
-    if (!sequential) {
-      // A jump: no window ahead, fetch just what is asked (the engine caches small reads itself).
-      this.piece = FIRST_PIECE;
-      this.ahead = null;
-      this.window = null;
-      return (await this.request(offset, len, this.size, this.etag)).bytes;
-    }
+    this.check(offset, len);
+    if (len <= MAX_PIECE) return (await this.request(offset, len, this.size, this.etag)).bytes;
     const out = new Uint8Array(len);
     let at = 0;
-    while (at < len) {
-      const pos = offset + at;
-      const w = this.window;
-      if (w && pos >= w.start && pos < w.start + w.bytes.length) {
-        const n = Math.min(len - at, w.start + w.bytes.length - pos);
-        out.set(w.bytes.subarray(pos - w.start, pos - w.start + n), at);
-        at += n;
-        continue;
-      }
-      // The next window: the one fetched ahead if it starts here, else a fresh request.
-      const a = this.ahead;
-      this.ahead = null;
-      const wlen = Math.min(Math.max(this.piece, len - at), this.size - pos);
-      const bytes = a && a.start === pos ? await a.promise : (await this.request(pos, wlen, this.size, this.etag)).bytes;
-      this.window = { start: pos, bytes };
-      this.piece = Math.min(this.piece * 2, MAX_PIECE);
-      this.prefetch(pos + bytes.length);
+    for await (const piece of this.range(offset, len)) {
+      out.set(piece, at);
+      at += piece.length;
     }
     return out;
   }
 
-  /** Starts fetching the window at `start` (sequential runs only; never past the end). */
-  prefetch(start) {
-    const len = Math.min(this.piece, this.size - start);
-    if (len <= 0) return;
-    const promise = this.request(start, len, this.size, this.etag).then((r) => r.bytes);
-    promise.catch(() => {}); // reported when awaited
-    this.ahead = { start, len, promise };
+  /**
+   * Bytes `offset .. offset + len` as an async iterator of pieces of at most MAX_PIECE: the next piece is fetched
+   * while the caller uses this one (the extent is known, so nothing past it is asked for).
+   */
+  async *range(offset, len) {
+    this.check(offset, len);
+    const piece = (at) => {
+      const p = this.request(offset + at, Math.min(MAX_PIECE, len - at), this.size, this.etag).then((r) => r.bytes);
+      p.catch(() => {}); // reported when awaited
+      return p;
+    };
+    let next = len > 0 ? piece(0) : null;
+    for (let at = 0; at < len; ) {
+      const bytes = await next;
+      at += bytes.length;
+      next = at < len ? piece(at) : null;
+      yield bytes;
+    }
+  }
+
+  check(offset, len) {
+    if (!(offset >= 0 && len >= 0 && offset + len <= this.size))
+      throw new UrlError(this.shown, `read of ${len} bytes at ${offset} is past the end (${this.size} bytes)`);
   }
 }
 

@@ -1,7 +1,8 @@
 """Shared helpers for the ckptconv end-to-end tests: binary lookup, running it, and the reference
 naming rule implemented independently of the Rust code (torch.load + our own flattening).
 
-Owns: tests/e2e/conftest.py. Binary: env CKPTCONV (default target/release/ckptconv, relative to the repo).
+Owns: tests/e2e/conftest.py. Binary: env CKPTCONV (default target/release/ckptconv, relative to the repo); the npm
+package's `ckptconv` (js/cli.js, the CLI as wasm under Node) runs the same suite (web/test/npx.test.mjs).
 """
 
 import json
@@ -51,13 +52,22 @@ def binary():
     return str(path)
 
 
+# Node reserves about 10 GiB of address space (not memory) for each wasm memory, its guard regions; the module's
+# own memory is capped at 4 GiB by wasm32 whatever the cap.
+NODE_RESERVE = 12 << 30
+
+
 @pytest.fixture
 def run(binary):
     """run(*args, timeout=, mem_limit=) -> CompletedProcess with text stdout/stderr; never raises on exit status.
 
     mem_limit caps the child's address space, so a runaway allocation fails inside the child instead of
     waking the machine's OOM killer (which would hit whatever else runs here)."""
+    under_node = Path(binary).read_bytes()[:2] == b"#!"
+
     def _run(*args, timeout=120, mem_limit=None):
+        if mem_limit and under_node:
+            mem_limit += NODE_RESERVE
         limit = (lambda: resource.setrlimit(resource.RLIMIT_AS, (mem_limit, mem_limit))) if mem_limit else None
         r = subprocess.run([binary, *map(str, args)], capture_output=True, text=True, timeout=timeout, preexec_fn=limit)
         if r.returncode == 0:

@@ -558,3 +558,121 @@ describe('the page', () => {
     await page.clean();
   });
 });
+
+// "Download all as .zip": one archive of every output, folders kept, for browsers without showDirectoryPicker.
+describe('the .zip download', () => {
+  beforeEach((t) => startTest(t.name));
+
+  // zipfile's view of an archive: testzip's verdict, and per entry its sha256, method and flags.
+  const READ_ZIP = `
+import hashlib, json, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    print(json.dumps({'bad': z.testzip(), 'entries': {i.filename: [hashlib.sha256(z.read(i)).hexdigest(),
+        i.compress_type, i.flag_bits] for i in z.infolist()}}))
+`;
+
+  /** A tab on the page as Firefox or Safari shows it: no showDirectoryPicker. */
+  async function openPageWithoutPicker(query = '') {
+    const page = await openPage(query);
+    await page.addInitScript(() => {
+      delete window.showDirectoryPicker;
+      delete Window.prototype.showDirectoryPicker;
+    });
+    await page.reload();
+    assert.equal(await page.evaluate(() => typeof window.showDirectoryPicker), 'undefined');
+    return page;
+  }
+
+  /**
+   * Clicks "Download all as .zip" and checks the archive (zipfile's testzip, `unzip -t` when installed, STORED
+   * entries with UTF-8 names); returns its suggested file name, {entry name: sha256} and the status lines shown.
+   */
+  async function downloadZip(page) {
+    await page.evaluate(() => {
+      window.zipStatus = [];
+      new MutationObserver(() => window.zipStatus.push(document.getElementById('status').textContent)).observe(
+        document.getElementById('status'),
+        { childList: true, characterData: true, subtree: true },
+      );
+    });
+    assert.ok(await page.isVisible('#download-zip'));
+    const [download] = await Promise.all([page.waitForEvent('download'), page.click('#download-zip')]);
+    const path = await download.path();
+    const read = JSON.parse(execFileSync(PYTHON, ['-c', READ_ZIP, path], { encoding: 'utf8' }));
+    assert.equal(read.bad, null);
+    for (const [name, [, method, flags]] of Object.entries(read.entries)) {
+      assert.equal(method, 0, `${name} is STORED`);
+      assert.equal(flags, 0x0800, `${name}: a UTF-8 name, no data descriptor`);
+    }
+    if (spawnSync('unzip', ['-v'], { stdio: 'ignore' }).status === 0) {
+      const r = spawnSync('unzip', ['-t', path], { encoding: 'utf8' });
+      assert.equal(r.status, 0, r.stdout + r.stderr);
+    }
+    const hashes = Object.entries(read.entries).map(([name, [hash]]) => [name, hash]);
+    return {
+      name: download.suggestedFilename(),
+      hashes: Object.fromEntries(hashes.sort(([a], [b]) => a.localeCompare(b))),
+      status: await page.evaluate(() => window.zipStatus),
+    };
+  }
+
+  test('without showDirectoryPicker, a Megatron TP=2 folder downloads as one .zip equal to `mg2hf`', async () => {
+    const page = await openPageWithoutPicker();
+    await page.setInputFiles('#folder-input', MEGATRON);
+    await page.setInputFiles('#base-input', BASE);
+    const { hashes } = await convertOnPage(page);
+    const native = hashTree(await nativeOutput('mg2hf', MEGATRON, 'OUT', BASE));
+    assert.deepEqual(hashes, native);
+    assert.ok(await page.isHidden('#save-folder'), '"Save all to a folder" needs showDirectoryPicker');
+    const zip = await downloadZip(page);
+    // Named after the input folder, as the output folder would be.
+    assert.equal(zip.name, `${basename(MEGATRON)}-hf.zip`);
+    assert.deepEqual(zip.hashes, native);
+    assert.equal(zip.status[0], 'Preparing the .zip… 0%');
+    assert.ok(zip.status.includes('Preparing the .zip… 100%'), zip.status.join(' | '));
+    const files = Object.keys(native).length;
+    const done = new RegExp(`^Downloading actor-hf\\.zip \\(${files} files, [\\d.]+ [KMG]?B\\)\\.$`);
+    assert.match(zip.status.at(-1), done);
+    await page.clean();
+  });
+
+  test('a LoRA adapter export downloads as one .zip that keeps lora_adapter/ and equals the CLI output', async () => {
+    const page = await openPageWithoutPicker();
+    await page.setInputFiles('#files-input', LORA);
+    await page.setInputFiles('#base-input', LORA_BASE);
+    await page.selectOption('select[name=lora]', 'adapter');
+    const { hashes } = await convertOnPage(page);
+    // As in the LoRA test above: the CLI gets the base as a bare folder name, as the page does.
+    const args = ['convert', LORA, 'OUT', '--lora', 'adapter', '--base', basename(LORA_BASE)];
+    const native = hashTree(await nativeOutputIn(dirname(LORA_BASE), ...args));
+    assert.deepEqual(hashes, native);
+    const zip = await downloadZip(page);
+    assert.equal(zip.name, 'full_weights-hf.zip');
+    assert.ok('lora_adapter/adapter_model.safetensors' in zip.hashes, Object.keys(zip.hashes).join(', '));
+    assert.ok('lora_adapter/adapter_config.json' in zip.hashes);
+    assert.deepEqual(zip.hashes, native);
+    await page.clean();
+  });
+
+  test('one output shows no .zip button; shards kept as Blobs (?store=memory) zip, once per conversion', async () => {
+    const page = await openPage('?store=memory');
+    await page.setInputFiles('#files-input', PT);
+    await convertOnPage(page);
+    assert.ok(await page.isHidden('#download-zip'), 'one output: its own link is enough');
+
+    await page.fill('input[name=maxShardSize]', '100KB');
+    await page.dispatchEvent('#options', 'change');
+    const { job, hashes } = await convertOnPage(page);
+    assert.equal(job.store, 'memory');
+    assert.ok(job.outputs.length > 2, 'the fixture should shard');
+    const zip = await downloadZip(page);
+    assert.equal(zip.name, `${basename(PT, '.pt')}-hf.zip`);
+    assert.deepEqual(zip.hashes, hashes);
+    assert.deepEqual(zip.hashes, hashTree(await nativeOutput('convert', PT, 'OUT', '--max-shard-size', '100KB')));
+    // A second click hands over the same archive without summing the outputs again.
+    const again = await downloadZip(page);
+    assert.deepEqual(again.hashes, zip.hashes);
+    assert.deepEqual(again.status, []);
+    await page.clean();
+  });
+});

@@ -1,11 +1,12 @@
 // The page's controller: collects inputs and options, asks a worker for the plan, runs the conversion in that same
 // worker (or a fresh one if the options changed), shows progress, and offers the outputs (download links backed by
-// OPFS files, or a folder export).
+// OPFS files, one .zip of them all, or a folder export).
 // State lives in `state`; the phase is mirrored on <body data-state> for styling and for the tests.
 import { describeFiles, filesFromDrop, filesFromInput } from './entries.js';
 import { displaySafe, formatBytes, formatDuration, progressLine } from './format.js';
 import { holdJob, listAll, newJobId, outputHandle, removeJob, saveToFolder, sha256, sweepJobs } from './opfs.js';
 import { hidePlan, showOutputs, showPlan } from './planview.js';
+import { crcsInWorker, outputFolderName, zipBlob } from './zipdownload.js';
 
 const $ = (id) => document.getElementById(id);
 const query = new URLSearchParams(location.search);
@@ -24,7 +25,7 @@ const state = {
   plan: null,
   planWorker: null,
   scanWorker: null,
-  job: null, // {id, worker, release, store, outputs, urls, memoryFiles}
+  job: null, // {id, worker, release, store, outputs, urls, memoryFiles, blobs, zipName, zip}
 };
 
 function setPhase(phase) {
@@ -134,6 +135,7 @@ async function clearJob() {
   if (!job) return;
   state.job = null;
   job.worker?.terminate();
+  job.zip?.abort?.();
   for (const url of job.urls) URL.revokeObjectURL(url);
   $('outputs-section').hidden = true;
   if (job.store === 'opfs') await removeJob(job.id).catch(() => {});
@@ -219,16 +221,22 @@ async function finished(job, data) {
   job.outputs = job.plan.outputs;
   job.memoryFiles = job.memoryFiles.map((m) => ({ name: m.name, blob: new Blob(m.parts) }));
   const files = [];
+  job.blobs = new Map();
   for (const o of job.outputs) {
     const mem = job.memoryFiles.find((m) => m.name === o.name);
     // OPFS Files are disk-backed: a link to one streams from disk, however big.
     const blob = mem ? mem.blob : await (await outputHandle(job.id, o.name)).getFile();
+    job.blobs.set(o.name, blob);
     const url = URL.createObjectURL(blob);
     job.urls.push(url);
     files.push({ ...o, url });
   }
   showOutputs(files);
+  // The inputs cannot change while converting: these are the ones the outputs came from.
+  job.zipName = `${outputFolderName(state.files.map((f) => f.path))}.zip`;
   $('outputs-section').hidden = false;
+  $('download-zip').hidden = files.length < 2;
+  $('download-zip').disabled = false;
   $('save-folder').hidden = typeof window.showDirectoryPicker !== 'function';
   $('progress').value = 1;
   const secs = data.ms / 1000;
@@ -339,6 +347,58 @@ async function exportToFolder() {
   }
 }
 
+/**
+ * Downloads every output as one .zip (folders kept in the names): the CRCs are summed in a worker, then the archive
+ * is a Blob of small headers around the output Files themselves, so nothing is copied; made once per job.
+ */
+async function downloadZip() {
+  const job = state.job;
+  if (!job?.outputs) return;
+  if (job.zip) {
+    // Made already (or being made): the same archive again.
+    if (job.zip.url) startDownload(job.zip.url, job.zipName);
+    return;
+  }
+  const button = $('download-zip');
+  button.disabled = true;
+  showError('');
+  const blobs = job.outputs.map((o) => job.blobs.get(o.name));
+  const total = blobs.reduce((n, b) => n + b.size, 0);
+  // Tenths only: the status is announced to screen readers.
+  let tenth = -1;
+  const progress = (done) => {
+    const t = total > 0 ? Math.floor((done / total) * 10) : 10;
+    if (t > tenth) say(`Preparing the .zip… ${(tenth = t) * 10}%`);
+  };
+  progress(0);
+  const crcs = crcsInWorker(blobs, progress);
+  job.zip = { abort: crcs.abort };
+  try {
+    const sums = await crcs.done;
+    if (state.job !== job) return;
+    const zip = zipBlob(job.outputs.map((o, i) => ({ name: o.name, blob: blobs[i], crc32: sums[i] })));
+    const url = URL.createObjectURL(zip);
+    job.urls.push(url);
+    job.zip = { url };
+    startDownload(url, job.zipName);
+    say(`Downloading ${displaySafe(job.zipName)} (${job.outputs.length} files, ${formatBytes(zip.size)}).`);
+  } catch (e) {
+    if (state.job !== job) return;
+    job.zip = null;
+    say('');
+    showError(`could not make the .zip: ${e.message}`);
+  } finally {
+    if (state.job === job) button.disabled = false;
+  }
+}
+
+function startDownload(url, name) {
+  const a = Object.assign(document.createElement('a'), { href: url, download: name, hidden: true });
+  document.body.append(a);
+  a.click();
+  a.remove();
+}
+
 function wire() {
   const drop = $('drop');
   // The browser would open a file dropped anywhere else on the page.
@@ -381,6 +441,7 @@ function wire() {
   $('convert').onclick = convert;
   $('cancel').onclick = cancel;
   $('save-folder').onclick = exportToFolder;
+  $('download-zip').onclick = downloadZip;
   $('clear-outputs').onclick = async () => {
     await clearJob();
     say('Deleted the outputs from browser storage.');
