@@ -4,7 +4,7 @@
 // message names it.
 import { parentPort } from 'node:worker_threads';
 import { answer } from './bridge.js';
-import { UrlFile } from './range.js';
+import { UrlFile } from '../web/www/range.js';
 
 const files = [];
 const detail = (e) => {

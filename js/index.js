@@ -8,7 +8,7 @@
 // In a browser the worker reads Blobs (FileReaderSync) and URLs (synchronous XHR) itself; everything else is read
 // here and handed to the worker's synchronous reads through shared memory (bridge.js).
 import { answerRead } from './bridge.js';
-import { MAX_PIECE, URL_BLOCK, UrlFile } from './range.js';
+import { MAX_PIECE, URL_BLOCK, UrlFile } from '../web/www/range.js';
 
 const IN_NODE = typeof process !== 'undefined' && !!process.versions?.node && typeof window === 'undefined';
 const isBlob = (f) => typeof Blob !== 'undefined' && f instanceof Blob;

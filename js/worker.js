@@ -6,7 +6,7 @@
 import init, { Job, scan } from '../web/pkg/ckptconv_web.js';
 import { readPieces } from '../web/www/blobread.js';
 import { blockingReads } from './bridge.js';
-import { xhrSource } from './range.js';
+import { xhrSource } from '../web/www/range.js';
 
 const node = typeof self === 'undefined' || typeof self.postMessage !== 'function';
 const port = node ? (await import('node:worker_threads')).parentPort : self;

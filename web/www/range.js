@@ -1,5 +1,6 @@
-// Reading files behind http(s) URLs with Range requests, for the npm package (Node, and the browser's main thread)
-// and, synchronously, for the engine's worker in a browser (xhrRead). Every answer is checked: a server that ignores
+// Reading files behind http(s) URLs with Range requests: asynchronously for the npm package (UrlFile, in Node or a
+// browser's main thread) and synchronously for the engine's worker in a browser, the page's and the package's
+// (xhrSource, xhrRead). Every answer is checked: a server that ignores
 // Range (200 with the whole file) or a file whose length or ETag changes mid-run is an error naming the URL, not
 // bytes of the wrong file. Network errors and 5xx answers are retried a bounded number of times, resuming after
 // the bytes already received.
