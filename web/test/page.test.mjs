@@ -1,13 +1,14 @@
 // The page in headless Chromium: inputs by drop, file input and folder input; outputs read back from OPFS (and
 // one download) must be byte-identical to the native CLI's; cancel and failures leave nothing finished-looking in
-// OPFS; bad input shows the core's message; nothing is fetched from anywhere but the page's origin.
+// OPFS; bad input shows the core's message; nothing is fetched from anywhere but the page's origin (save, in the URL
+// tests, the range server that serves the inputs).
 // UPDATE_SCREENSHOTS=1 writes web/screenshots/{before,during,after}.png (else they go to a temp folder).
 import assert from 'node:assert/strict';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { copyFileSync, cpSync, mkdirSync, readFileSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { basename, dirname, join } from 'node:path';
+import { basename, dirname, join, relative } from 'node:path';
 import { after, before, beforeEach, describe, test } from 'node:test';
 import {
   FIXTURES,
@@ -22,7 +23,9 @@ import {
   nativeOutputIn,
   sha256,
 } from './harness.mjs';
+import { formatBytes } from '../www/format.js';
 import { recordPage, startTest } from './manifest.mjs';
+import { MANIFEST_PREFIX, serveFiles } from './rangeserver.mjs';
 import { PAGE_MOUNTS, serve } from './serve.mjs';
 
 const PT = join(FIXTURES, 'pt/qwen2_tiny_full_weights.pt');
@@ -56,13 +59,17 @@ after(async () => {
   if (scratch) await rm(scratch, { recursive: true, force: true });
 });
 
-/** A fresh tab on the page that records every request and page error, for clean() to check. */
-async function openPage(query = '') {
+/**
+ * A fresh tab on the page that records every request and page error, for clean() to check; `allow` lists other
+ * origins (base URLs) the tab may fetch from.
+ */
+async function openPage(query = '', { allow = [] } = {}) {
   const page = await browser.context.newPage();
   const foreign = [];
   const errors = [];
+  const allowed = [server.url, ...allow];
   page.on('request', (r) => {
-    if (!/^(blob|data):/.test(r.url()) && !r.url().startsWith(server.url)) foreign.push(r.url());
+    if (!/^(blob|data):/.test(r.url()) && !allowed.some((a) => r.url().startsWith(a))) foreign.push(r.url());
   });
   page.on('pageerror', (e) => errors.push(e.message));
   await page.goto(server.url + query);
@@ -676,3 +683,185 @@ with zipfile.ZipFile(sys.argv[1]) as z:
     await page.clean();
   });
 });
+
+// Inputs from URLs: a file by the URL field, folders by manifest URLs (`?url=`, `?base=`), read by the engine's
+// worker with Range requests from the range server (tests/ on another port: another origin, allowed by CORS and the
+// page's connect-src), byte-identical to the CLI on the same files, also over dropped connections; a server that
+// ignores Range fails clearly, leaving nothing in OPFS.
+describe('URL inputs', () => {
+  const TESTS = join(ROOT, 'tests');
+  let files;
+
+  before(async () => {
+    files = await serveFiles(TESTS);
+  });
+
+  after(async () => {
+    await files?.close();
+  });
+
+  beforeEach((t) => {
+    startTest(t.name);
+    files.mode = 'normal';
+    files.reset();
+  });
+
+  const rel = (abs) => relative(TESTS, abs);
+  const urlOf = (abs) => files.urlOf(rel(abs));
+  const manifestOf = (abs) => `${files.url}${MANIFEST_PREFIX}/${rel(abs)}`;
+  const openUrlPage = (query = '') => openPage(query, { allow: [files.url] });
+  const q = (params) => `?${new URLSearchParams(params)}`;
+
+  test('a .pt by the URL field (label, Enter) converts byte-identically to the CLI; copies read by Range', async () => {
+    const page = await openUrlPage();
+    await page.getByLabel('Or a URL').fill(urlOf(PT));
+    await page.getByLabel('Or a URL').press('Enter');
+    assert.equal(await waitState(page, ['ready', 'invalid']), 'ready', await errorText(page));
+    // Planning and the safety scan (two workers) each read the headers; count what converting fetches.
+    await page.waitForFunction(() => !document.getElementById('scan-box').hidden);
+    files.reset();
+    const { job, hashes } = await convertOnPage(page);
+    assert.deepEqual(hashes, hashTree(await nativeOutput('convert', PT, 'OUT')));
+    const summary = await page.textContent('#input-summary');
+    assert.equal(summary, `qwen2_tiny_full_weights.pt (${formatBytes(statSync(PT).size)}) from ${urlOf(PT)}`);
+    // The f32 tensors pass unchanged: read in the engine's worker and written as they are.
+    const tensorBytes = Number((await page.getAttribute('#tensors-total', 'title')).replace(/\D/g, ''));
+    assert.equal(job.run.copiedBytes, tensorBytes, JSON.stringify(job.run));
+    // Converting asked only for ranges of the file: the tensors (once each) and what the engine reads around them.
+    assert.ok(files.log.every((e) => e.range && e.status === 206), JSON.stringify(files.log.slice(0, 5)));
+    const sent = files.bytesSent(rel(PT));
+    assert.ok(sent >= tensorBytes && sent < statSync(PT).size, `${sent} bytes fetched, ${tensorBytes} of tensors`);
+    // The Open button does the same.
+    files.reset();
+    await page.fill('#url-input', urlOf(HOSTILE));
+    await page.click('#url-open');
+    assert.equal(await waitState(page, ['ready', 'invalid']), 'invalid');
+    assert.match(await page.textContent('#input-summary'), /^pickle_os_system\.pt \(.*\) from http:/);
+    await page.clean();
+  });
+
+  for (const store of ['opfs', 'memory']) {
+    test(`a DCP folder by \`?url=\` of a manifest endpoint matches the CLI (store: ${store})`, async () => {
+      const url = manifestOf(DCP);
+      const page = await openUrlPage(q(store === 'memory' ? { url, store } : { url }));
+      const { job, hashes } = await convertOnPage(page);
+      assert.equal(job.store, store);
+      // The shards pass unchanged: copies of URL ranges, read in the engine's worker.
+      assert.ok(job.run.copiedBytes > 0, JSON.stringify(job.run));
+      assert.deepEqual(hashes, hashTree(await nativeOutput('convert', DCP, 'OUT')));
+      assert.equal(await page.inputValue('#url-input'), url);
+      const count = files.manifest(rel(DCP)).length; // the shards and .metadata
+      const summary = await page.textContent('#input-summary');
+      assert.equal(summary, `${count} files in dcp_checkpoint/ from the manifest ${url}`);
+      await page.clean();
+    });
+  }
+
+  test('a Megatron folder and its base, both from manifests (`?url=`, `?base=`), match `ckptconv mg2hf`', async () => {
+    const page = await openUrlPage(q({ url: manifestOf(MEGATRON), base: manifestOf(BASE) }));
+    const { hashes } = await convertOnPage(page);
+    const native = hashTree(await nativeOutput('mg2hf', MEGATRON, 'OUT', BASE));
+    assert.ok('config.json' in native && 'tokenizer.json' in native);
+    assert.deepEqual(hashes, native);
+    assert.equal(await page.inputValue('#base-url-input'), manifestOf(BASE));
+    const baseSummary = await page.textContent('#base-summary');
+    assert.match(baseSummary, new RegExp(`^\\d+ files in base_hf/ from the manifest ${manifestOf(BASE)}$`));
+    await page.clean();
+  });
+
+  test('a Megatron folder by URL asks for its base; the base URL field (Enter) then plans it', async () => {
+    const page = await openUrlPage(q({ url: manifestOf(MEGATRON) }));
+    assert.equal(await waitState(page, ['ready', 'invalid', 'needs-base']), 'needs-base');
+    assert.match(await page.textContent('#plan-status'), /give the URL of its manifest there/);
+    // A file is no base: the field says so, naming the URL.
+    await page.getByLabel('Base model URL (manifest)').fill(urlOf(PT));
+    await page.getByLabel('Base model URL (manifest)').press('Enter');
+    assert.equal(await waitState(page, ['invalid']), 'invalid');
+    assert.match(await errorText(page), new RegExp(`${urlOf(PT)}: not a folder manifest`));
+    await page.getByLabel('Base model URL (manifest)').fill(manifestOf(BASE));
+    await page.getByLabel('Base model URL (manifest)').press('Enter');
+    const { hashes } = await convertOnPage(page);
+    assert.deepEqual(hashes, hashTree(await nativeOutput('mg2hf', MEGATRON, 'OUT', BASE)));
+    await page.clean();
+  });
+
+  test("in 'drop' mode (connections cut mid-body) the conversion still succeeds byte-identically", async () => {
+    files.mode = 'drop';
+    const page = await openUrlPage(q({ url: manifestOf(MEGATRON), base: manifestOf(BASE) }));
+    const { hashes } = await convertOnPage(page);
+    assert.deepEqual(hashes, hashTree(await nativeOutput('mg2hf', MEGATRON, 'OUT', BASE)));
+    assert.ok(files.drops() > 0, 'no connection was dropped');
+    await page.clean();
+  });
+
+  test('a server that ignores Range: an error naming the URL, planning and mid-way; nothing left in OPFS', async () => {
+    // Planning: the engine's first read of the file.
+    files.mode = 'ignore-range';
+    let page = await openUrlPage(q({ url: urlOf(PT) }));
+    assert.equal(await waitState(page, ['ready', 'invalid']), 'invalid');
+    let error = await errorText(page);
+    assert.ok(error.includes(`${urlOf(PT)}: the server ignored the Range header`), error);
+    assert.ok(await page.isDisabled('#convert'));
+    await page.clean();
+
+    // Mid-way: planned over a good server, which then ignores Range after two pieces are on disk.
+    files.mode = 'normal';
+    page = await openUrlPage(q({ url: urlOf(PT), hold: 2 }));
+    assert.equal(await waitState(page, ['ready', 'invalid']), 'ready', await errorText(page));
+    const before = await opfs(page);
+    await page.click('#convert');
+    await page.waitForFunction(() => document.getElementById('progress').value > 0);
+    assert.equal((await newInOpfs(page, before)).length, 1);
+    files.mode = 'ignore-range';
+    await page.evaluate(() => window.ckptconvTest.release());
+    assert.equal(await waitState(page, ['failed', 'done']), 'failed');
+    error = await errorText(page);
+    assert.ok(error.includes(`${urlOf(PT)}: the server ignored the Range header`), error);
+    assert.deepEqual(await newInOpfs(page, before), []);
+    await page.clean();
+  });
+
+  test('a pickle by URL gets the safety scan: the hostile one is marked dangerous', async () => {
+    const page = await openUrlPage(q({ url: urlOf(HOSTILE) }));
+    await page.waitForFunction(() => !document.getElementById('scan-box').hidden);
+    assert.equal(await page.getAttribute('#scan-box', 'data-dangerous'), 'true');
+    assert.match(await page.textContent('#scan-verdict'), /^Dangerous: it names 1 global\(s\) off/);
+    assert.match(await page.textContent('#scan-weights-only'), /would refuse it: os\.system/);
+    const cli = JSON.parse(spawnSync(NATIVE, ['scan', HOSTILE, '--json'], { encoding: 'utf8' }).stdout);
+    const rows = await page.$$eval('#scan-globals tbody tr', (trs) => trs.map((tr) => tr.cells[0].textContent));
+    assert.deepEqual(rows, cli.globals.map((g) => g.name));
+    // The plan is refused too, naming the file as the URL names it.
+    assert.equal(await waitState(page, ['ready', 'invalid']), 'invalid');
+    assert.match(await errorText(page), /^Error: pickle_os_system\.pt: /);
+    await page.clean();
+  });
+
+  test('a bad manifest or an unreachable URL is refused naming the URL; nothing is planned', async () => {
+    const page = await openUrlPage();
+    const notAList = urlOf(join(TESTS, 'hostile/expected.json'));
+    for (const [url, message] of [
+      [notAList, `Error: ${notAList}: not a folder manifest: expected a JSON array of {"path", "url"} objects`],
+      [
+        `${files.url}${MANIFEST_PREFIX}/nope`,
+        `Error: ${files.url}${MANIFEST_PREFIX}/nope: the server answered 404 (not found)`,
+      ],
+      ['ftp://example.com/x.pt', 'Error: ftp: URLs cannot be read: give an http:// or https:// address'],
+      // The page's CSP lets plain http reach this machine only: said at once, not after a blocked fetch.
+      [
+        'http://example.com/x.pt',
+        'Error: http://example.com/x.pt: plain http:// is read only from this machine (localhost, 127.0.0.1): ' +
+          'give an https:// address',
+      ],
+    ]) {
+      await page.fill('#url-input', url);
+      await page.press('#url-input', 'Enter');
+      const shown = (m) => document.getElementById('error').textContent === m;
+      await page.waitForFunction(shown, message, { timeout: 10_000 });
+      assert.equal(await page.evaluate(() => document.body.dataset.state), 'invalid');
+      assert.ok(await page.isDisabled('#convert'));
+      assert.ok(await page.isHidden('#plan'));
+    }
+    await page.clean();
+  });
+});
+

@@ -22,7 +22,8 @@ const MIME = {
 };
 
 export const CSP =
-  "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; worker-src 'self'; connect-src 'self'; " +
+  "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; worker-src 'self'; " +
+  "connect-src 'self' https: http://localhost:* http://127.0.0.1:*; " +
   "img-src 'self' data:; style-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'";
 
 /** Serves `mounts` ({'/': dir, '/pkg/': dir}); resolves to {url, close()}. Port 0 picks a free one. */

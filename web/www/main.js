@@ -1,14 +1,17 @@
-// The page's controller: collects inputs and options, asks a worker for the plan, runs the conversion in that same
-// worker (or a fresh one if the options changed), shows progress, and offers the outputs (download links backed by
-// OPFS files, one .zip of them all, or a folder export).
+// The page's controller: collects inputs (files, folders, or URLs: a file, or a folder manifest; urlinput.js) and
+// options, asks a worker for the plan, runs the conversion in that same worker (or a fresh one if the options
+// changed), shows progress, and offers the outputs (download links backed by OPFS files, one .zip of them all, or a
+// folder export).
 // State lives in `state`; the phase is mirrored on <body data-state> for styling and for the tests.
 import { describeFiles, filesFromDrop, filesFromInput } from './entries.js';
 import { displaySafe, formatBytes, formatDuration, progressLine } from './format.js';
 import { holdJob, listAll, newJobId, outputHandle, removeJob, saveToFolder, sha256, sweepJobs } from './opfs.js';
 import { hidePlan, showOutputs, showPlan } from './planview.js';
+import { describeUrlInput, openUrl } from './urlinput.js';
 import { crcsInWorker, outputFolderName, zipBlob } from './zipdownload.js';
 
 const $ = (id) => document.getElementById(id);
+const URL_CONTROLS = ['url-input', 'url-open', 'base-url-input', 'base-url-open'];
 const query = new URLSearchParams(location.search);
 // `?store=memory` forces the no-OPFS path (outputs kept as in-memory Blobs), to try what old browsers get.
 const forceMemory = query.get('store') === 'memory';
@@ -20,8 +23,11 @@ const store = forceMemory ? 'memory' : 'opfs';
 const hold = Number(query.get('hold')) || undefined;
 
 const state = {
-  files: [],
+  files: [], // [{path, file}] with Files, or [{path, url}] from a URL
   base: [],
+  // Counts URL opens, so that only the latest of several still fetching is taken; `pending` are still fetching
+  // (Convert waits for them: it would convert what they replace).
+  opens: { files: 0, base: 0, pending: 0 },
   plan: null,
   planWorker: null,
   scanWorker: null,
@@ -33,10 +39,13 @@ function setPhase(phase) {
   const busy = phase === 'converting';
   // Enabled while planning: a click on Convert blurs a just-edited option, which re-plans; the click must still count.
   // The conversion's own plan is the one that counts (see convert()).
-  $('convert').disabled = busy || phase === 'invalid' || phase === 'needs-base' || state.files.length === 0;
+  $('convert').disabled =
+    busy || phase === 'invalid' || phase === 'needs-base' || state.files.length === 0 || state.opens.pending > 0;
   if (phase !== 'needs-base') $('choose-base').classList.remove('next-step');
   $('cancel').hidden = !busy;
-  for (const id of ['choose-files', 'choose-folder', 'choose-base', 'clear-base']) $(id).disabled = busy;
+  for (const id of ['choose-files', 'choose-folder', 'choose-base', 'clear-base', ...URL_CONTROLS]) {
+    $(id).disabled = busy;
+  }
   for (const el of $('options').elements) el.disabled = busy;
 }
 
@@ -110,7 +119,8 @@ function replan() {
       hidePlan();
       $('plan-status').textContent =
         'This is a Megatron checkpoint. Next, choose its base model folder (the Hugging Face model it was trained ' +
-        'from, with config.json and the tokenizer) under "Base model folder" in 2. Options.';
+        'from, with config.json and the tokenizer) under "Base model folder" in 2. Options, or give the URL of its ' +
+        'manifest there.';
       setPhase('needs-base');
       $('choose-base').classList.add('next-step');
     } else {
@@ -143,7 +153,7 @@ async function clearJob() {
 }
 
 async function convert() {
-  if (state.files.length === 0 || document.body.dataset.state === 'converting') return;
+  if (state.files.length === 0 || state.opens.pending > 0 || document.body.dataset.state === 'converting') return;
   // Read before setPhase disables the form: FormData skips disabled controls.
   const options = readOptions();
   // Converting from the first moment, so a double click cannot start two jobs.
@@ -270,12 +280,95 @@ async function cancel() {
   setPhase('cancelled');
 }
 
-function setFiles(files) {
+/** Takes `files` as the input (`summary` describes them; by default from their Files' names and sizes). */
+function setFiles(files, summary) {
   if (document.body.dataset.state === 'converting') return;
+  state.opens.files++; // a URL still opening is superseded
   state.files = files;
-  $('input-summary').textContent = displaySafe(describeFiles(files, formatBytes));
+  $('input-summary').textContent = displaySafe(summary ?? describeFiles(files, formatBytes));
   rescan();
   replan();
+}
+
+/**
+ * Opens a URL typed in the field (or given as `?url=`): a file, or a folder manifest fetched here (see
+ * urlinput.js), whose entries the engine's worker then reads with Range requests. Meanwhile there is no input, so
+ * nothing can be converted from the one before; a failure says why, naming the URL.
+ */
+async function openInputUrl(text) {
+  if (document.body.dataset.state === 'converting') return;
+  const n = ++state.opens.files;
+  state.planWorker?.terminate();
+  state.planWorker = null;
+  state.scanWorker?.terminate();
+  state.scanWorker = null;
+  state.files = [];
+  state.plan = null;
+  hidePlan();
+  $('scan-box').hidden = true;
+  showError('');
+  $('input-summary').textContent = 'Opening the URL…';
+  $('plan-status').textContent = 'Opening the URL…';
+  setPhase('planning');
+  let opened;
+  try {
+    opened = await pending(openUrl(text));
+  } catch (e) {
+    if (state.opens.files !== n) return;
+    $('input-summary').textContent = 'Nothing chosen yet.';
+    $('plan-status').textContent = 'This URL cannot be opened.';
+    showError(e.message);
+    return setPhase('invalid');
+  }
+  if (state.opens.files !== n) return;
+  setFiles(opened.inputs, describeUrlInput(opened, formatBytes));
+}
+
+/** Awaits a URL being opened, with Convert disabled meanwhile. */
+async function pending(opening) {
+  state.opens.pending++;
+  setPhase(document.body.dataset.state);
+  try {
+    return await opening;
+  } finally {
+    state.opens.pending--;
+    if (state.opens.pending === 0) setPhase(document.body.dataset.state);
+  }
+}
+
+/** Opens the base model's manifest URL (typed, or `?base=`): the base is a folder, so a manifest it must be. */
+async function openBaseUrl(text) {
+  if (document.body.dataset.state === 'converting') return;
+  const n = ++state.opens.base;
+  $('base-summary').textContent = 'Opening the URL…';
+  if (state.files.length) {
+    // The plan will change with the base: none is shown meanwhile.
+    state.planWorker?.terminate();
+    state.planWorker = null;
+    state.plan = null;
+    hidePlan();
+    showError('');
+    $('plan-status').textContent = 'Opening the base model URL…';
+    setPhase('planning');
+  }
+  let opened;
+  try {
+    opened = await pending(openUrl(text, { manifestOnly: true }));
+  } catch (e) {
+    if (state.opens.base !== n) return;
+    state.planWorker?.terminate();
+    state.planWorker = null;
+    state.base = [];
+    state.plan = null;
+    $('base-summary').textContent = 'none';
+    $('clear-base').hidden = true;
+    hidePlan();
+    $('plan-status').textContent = 'The base model URL cannot be opened.';
+    showError(e.message);
+    return setPhase('invalid');
+  }
+  if (state.opens.base !== n) return;
+  setBase(opened.inputs, describeUrlInput(opened, formatBytes));
 }
 
 /** A pickle-based file chosen alone gets a safety scan beside its plan (shown also when the plan is refused). */
@@ -324,9 +417,11 @@ function showScan(report) {
   $('scan-box').hidden = false;
 }
 
-function setBase(files) {
+/** Takes `files` as the base model folder (`summary` as in setFiles). */
+function setBase(files, summary) {
+  state.opens.base++;
   state.base = files;
-  $('base-summary').textContent = files.length ? displaySafe(describeFiles(files, formatBytes)) : 'none';
+  $('base-summary').textContent = files.length ? displaySafe(summary ?? describeFiles(files, formatBytes)) : 'none';
   $('clear-base').hidden = files.length === 0;
   if (state.files.length) replan();
 }
@@ -438,6 +533,15 @@ function wire() {
     if (state.files.length && planKey(readOptions()) !== state.requestedKey) replan();
   });
   $('options').addEventListener('submit', (e) => e.preventDefault());
+  // Enter in a URL field submits its form, as the Open button does.
+  $('url-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    openInputUrl($('url-input').value);
+  });
+  $('base-url-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    openBaseUrl($('base-url-input').value);
+  });
   $('convert').onclick = convert;
   $('cancel').onclick = cancel;
   $('save-folder').onclick = exportToFolder;
@@ -469,3 +573,12 @@ wire();
 setPhase('idle');
 // Folders of jobs no tab holds are leftovers (a closed tab, a crash): free their space.
 sweepJobs().catch(() => {});
+// `?base=` and `?url=` fill the URL fields and open them: the base first, so a Megatron folder plans once, with it.
+if (query.get('base')) {
+  $('base-url-input').value = query.get('base');
+  await openBaseUrl(query.get('base'));
+}
+if (query.get('url')) {
+  $('url-input').value = query.get('url');
+  await openInputUrl(query.get('url'));
+}

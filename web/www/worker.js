@@ -2,8 +2,10 @@
 // options, terminated afterwards, since wasm memory never shrinks: it plans ('plan'), then converts the planned job
 // ('run') when the page asks, or does both at once ('convert'). Chunks go to a nested writer worker (writer.js) that
 // writes them into OPFS while the engine makes the next; a bounded number in flight is the backpressure.
+// Inputs are `{path, file}` with a File, or `{path, url}`, read here with synchronous Range requests (range.js).
 import init, { Job, scan } from './pkg/ckptconv_web.js';
 import { readPieces } from './blobread.js';
+import { xhrSource } from './range.js';
 
 // Without OPFS (old engines, some private modes) outputs up to this size are handed to the page as Blobs.
 const MEMORY_LIMIT = 256 << 20;
@@ -33,12 +35,12 @@ self.onmessage = async ({ data }) => {
     ready ??= init({ module_or_path: new URL('./pkg/ckptconv_web_bg.wasm', import.meta.url) });
     await ready;
     if (data.type === 'scan') {
-      postMessage({ type: 'scan', report: JSON.parse(scan(data.file)) });
+      postMessage({ type: 'scan', report: JSON.parse(scan(sources([data.file])[0])) });
       return;
     }
     if (data.type === 'plan' || data.type === 'convert') {
       // copies: bytes that pass unchanged come as ranges of the inputs, which the writer copies itself.
-      job = new Job(data.files, data.base ?? null, { ...data.options, copies: true });
+      job = new Job(sources(data.files), sources(data.base) ?? null, { ...data.options, copies: true });
       plan = JSON.parse(job.planJson());
       postMessage({ type: 'plan', plan, memoryBytes: Job.memoryBytes() });
       if (data.type === 'plan' && usesOpfs(data.store)) warmWriter ??= startWriter(data.copiers);
@@ -53,6 +55,14 @@ self.onmessage = async ({ data }) => {
   }
 };
 
+/**
+ * The engine's `{path, file}` for each input: Files as they are, `{path, url}` as a synchronous reader of the URL
+ * (opening one asks for its first byte: its size, and whether the server honours Range).
+ */
+function sources(inputs) {
+  return inputs?.map((f) => (f.url === undefined ? f : { path: f.path, file: xhrSource(f.url) }));
+}
+
 /** Pulls every piece into `sink`; with `hold` (tests), stops after that many pieces, once some are on disk, until
  * released or terminated. */
 async function run(sink, total, hold) {
@@ -61,10 +71,14 @@ async function run(sink, total, hold) {
   // Where the time goes, for the bench: inside the engine (reading, converting) or waiting for the writer.
   let engineMs = 0;
   let waitMs = 0;
-  // Bytes that went out as copies of input ranges (never through wasm memory).
+  // Bytes that went out as copies of input ranges (never through wasm memory; a URL's are read here, a File's by
+  // the writer's copiers).
   let copiedBytes = 0;
-  for (let pieces = 0; ; pieces++) {
-    if (pieces === hold) {
+  // A copy of a URL's range in progress: a reader cannot be posted to the writer (functions do not clone), so its
+  // bytes are read here, a piece at a time, and handed on as data, each piece waiting for room like the engine's.
+  let reading = null;
+  for (let pieces = 0; ; ) {
+    if (pieces === hold && !reading) {
       while (sink.done() === 0) await new Promise((ok) => setTimeout(ok, 10));
       postMessage({ type: 'progress', done: sink.done(), total, ms: performance.now() - t0 });
       await new Promise((ok) => (releaseHold = ok)); // or until the page terminates this worker (Cancel)
@@ -73,7 +87,18 @@ async function run(sink, total, hold) {
     const t = performance.now();
     await sink.room();
     const t1 = performance.now();
-    const piece = job.next();
+    let piece;
+    if (reading) {
+      const read = reading.next();
+      if (read.done) {
+        reading = null;
+        continue;
+      }
+      piece = { kind: 'data', bytes: read.value[0] };
+    } else {
+      piece = job.next();
+      pieces++;
+    }
     waitMs += t1 - t;
     engineMs += performance.now() - t1;
     if (piece === null) break;
@@ -82,7 +107,8 @@ async function run(sink, total, hold) {
     } else if (piece.kind === 'end') {
       sink.end();
     } else if (piece.kind === 'copy') {
-      sink.copy(piece.file, piece.name, piece.offset, piece.len);
+      if (piece.file instanceof Blob) sink.copy(piece.file, piece.name, piece.offset, piece.len);
+      else reading = readPieces(piece.file, piece.name, piece.offset, piece.len);
       copiedBytes += piece.len;
     } else {
       sink.write(piece.bytes);
