@@ -3,14 +3,37 @@
 /** One input file with its path relative to the dropped folder (a shared top folder is stripped). */
 export interface InputFile {
   path: string;
-  file: Blob;
+  file: Blob | BlobLike;
+}
+
+/** One input file behind an http(s) URL, read with HTTP Range requests (a hub's file listing is a list of them). */
+export interface InputUrl {
+  path: string;
+  url: string | URL;
+}
+
+/** Anything with a size and slices that read as ArrayBuffers (huggingface.js's WebBlob, for one). */
+export interface BlobLike {
+  size: number;
+  name?: string;
+  slice(start: number, end: number): { arrayBuffer(): Promise<ArrayBuffer> };
 }
 
 /**
  * Inputs: a single File (a torch.save file), or the files of a folder: a FileList from
- * `<input type=file webkitdirectory>` (their `webkitRelativePath` is kept), an array of Files, or `{path, file}` pairs.
+ * `<input type=file webkitdirectory>` (their `webkitRelativePath` is kept), an array of Files, `{path, file}` or
+ * `{path, url}` entries; an http(s) URL (string or URL) of one file; a Blob-like; in Node also the path of a file
+ * or folder. In a browser a Blob-like is read through shared memory, which needs a cross-origin-isolated page.
  */
-export type Inputs = Blob | FileList | ReadonlyArray<File | InputFile>;
+export type Inputs =
+  | Blob
+  | BlobLike
+  | URL
+  | string
+  | InputFile
+  | InputUrl
+  | FileList
+  | ReadonlyArray<File | Blob | BlobLike | URL | string | InputFile | InputUrl>;
 
 export interface Options {
   /** Output dtype for float tensors; `keep` (the default) writes them as saved. */
@@ -43,6 +66,8 @@ export interface Options {
   format?: 'safetensors' | 'pt';
   /** The torch.save file's name in `dcp-to-pt` mode. */
   outputName?: string;
+  /** Stops the conversion (the worker ends, requests are aborted, open streams error). */
+  signal?: AbortSignal;
 }
 
 export interface PlannedTensor {
@@ -83,6 +108,8 @@ export interface Conversion {
   files: OutputFile[];
   /** Peak wasm memory of the engine so far, in bytes. */
   memoryBytes(): Promise<number>;
+  /** Bytes received from URLs so far (read on the calling thread; a browser worker's own URL reads not counted). */
+  fetchedBytes(): number;
   /** Stops the worker; streams still open error. */
   terminate(): void;
 }
@@ -116,7 +143,7 @@ export interface ScanReport {
 }
 
 /** A safety report of one pickle-based file, executing nothing. Rejects when the file cannot be read at all. */
-export function scan(file: Blob | InputFile | ReadonlyArray<File | InputFile>): Promise<ScanReport>;
+export function scan(file: Inputs, options?: { signal?: AbortSignal }): Promise<ScanReport>;
 
 /** Plans a conversion without writing anything. Rejects with the engine's message (naming the file) on bad input. */
 export function inspect(files: Inputs, options?: Options): Promise<Plan>;
@@ -124,5 +151,14 @@ export function inspect(files: Inputs, options?: Options): Promise<Plan>;
 /** Plans a conversion and returns its output files, to be streamed in order. */
 export function convert(files: Inputs, options?: Options): Promise<Conversion>;
 
-/** The engine's input list for `files`, as inspect() and convert() build it. */
-export function toInputs(files: Inputs | null | undefined): InputFile[];
+/**
+ * Node: converts into the folder `dir` atomically: every file is written under a hidden `.NAME.partial` name and
+ * renamed only after the last byte of the last one; on failure or abort the partial files are deleted. Existing
+ * files are replaced only with `overwrite: true`. Resolves to the plan.
+ */
+export function convertToFolder(files: Inputs, dir: string, options?: Options & { overwrite?: boolean }): Promise<Plan>;
+
+/** The normalized input list for `files`, as inspect() and convert() build it. */
+export function toInputs(
+  files: Inputs | null | undefined,
+): ({ path: string; file: Blob } | { path: string; url: string } | { path: string; blobLike: BlobLike } | { local: string | URL })[];

@@ -7,6 +7,8 @@
 
 /** Tries per range: the first and this many minus one retries. */
 export const TRIES = 5;
+/** Requests per range at most, however many of them brought bytes before failing. */
+const MAX_REQUESTS = 64;
 /** Pause before retry n (ms): 100, 200, 400, 800. */
 const backoff = (n) => 100 << n;
 /** The longest single request: big enough for throughput, small enough that a retry repeats little. */
@@ -104,11 +106,12 @@ export class UrlFile {
 
   /**
    * Bytes `offset .. offset + len` (one request; after a failure, the rest is asked again): resolves to {bytes,
-   * total, etag}. A try that brought bytes starts the count of tries afresh.
+   * total, etag}. A try that brought bytes starts the count of tries afresh (up to MAX_REQUESTS requests in all).
    */
   async request(offset, len, size, etag) {
     const out = new Uint8Array(len);
     let got = 0;
+    let requests = 0;
     for (let attempt = 0; ; attempt++) {
       const before = got;
       try {
@@ -148,7 +151,8 @@ export class UrlFile {
         if (got !== len) throw new UrlError(this.shown, `the answer ended after ${got} of ${len} bytes`, true);
         return { bytes: out, total: size, etag };
       } catch (e) {
-        if (got > before) attempt = -1;
+        requests++;
+        if (got > before && requests < MAX_REQUESTS) attempt = -1;
         if (!(e instanceof UrlError) || !e.retry || attempt + 1 >= TRIES) {
           if (e instanceof UrlError && e.retry) {
             e.message += ` (after ${TRIES} tries)`;
