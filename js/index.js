@@ -117,8 +117,8 @@ async function spawn() {
       terminate: () => w.terminate(),
     };
   }
-  const { Worker } = await import('node:worker_threads');
-  const w = new Worker(url);
+  const threads = await import('node:worker_threads');
+  const w = new threads.Worker(url);
   // The caller's process may exit while a stopped worker winds down.
   w.unref();
   return {

@@ -6,9 +6,10 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { basename, dirname, join } from 'node:path';
+import { basename, dirname, join, relative } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { FIXTURES, NATIVE, ROOT, ensureBuilt, hashTree, launch, nativeOutput } from './harness.mjs';
+import { serveFiles } from './rangeserver.mjs';
 import { serve } from './serve.mjs';
 
 const PT = join(FIXTURES, 'pt/qwen2_tiny_full_weights.pt');
@@ -19,14 +20,19 @@ const TRUST = join(FIXTURES, 'trust/simple_namespace_config.pt');
 
 const SHIPPED = [
   'README.md',
+  'js/bridge.js',
+  'js/cli.js',
+  'js/fetcher.js',
   'js/index.d.ts',
   'js/index.js',
   'js/worker.js',
   'package.json',
+  'web/pkg/ckptconv_cli.wasm',
   'web/pkg/ckptconv_web.d.ts',
   'web/pkg/ckptconv_web.js',
   'web/pkg/ckptconv_web_bg.wasm',
   'web/www/blobread.js',
+  'web/www/range.js',
 ];
 
 // The scratch project's page: three inputs, and a function the test calls to convert with the package.
@@ -44,8 +50,8 @@ async function hex(buf) {
 }
 // Streams every output in order; returns {name: sha256} plus the stream's chunk count and the engine's memory.
 window.run = async (inputId, withBase, options = {}) => {
-  const input = document.getElementById(inputId).files;
-  const base = withBase ? document.getElementById('base').files : undefined;
+  const input = typeof inputId === 'string' ? document.getElementById(inputId).files : inputId;
+  const base = withBase === true ? document.getElementById('base').files : withBase || undefined;
   const plan = await inspect(input, { base, ...options });
   const conversion = await convert(input, { base, ...options });
   const hashes = {};
@@ -156,7 +162,11 @@ describe('the npm package', () => {
         wasm: import.meta.resolve('ckptconv/ckptconv_web_bg.wasm').endsWith('/web/pkg/ckptconv_web_bg.wasm'),
       }));`;
     const out = JSON.parse(execFileSync('node', ['--input-type=module', '-e', script], { cwd: project }).toString());
-    assert.deepEqual(out, { api: ['convert', 'inspect', 'scan', 'toInputs'], worker: true, wasm: true });
+    assert.deepEqual(out, {
+      api: ['convert', 'convertToFolder', 'inspect', 'scan', 'toInputs'],
+      worker: true,
+      wasm: true,
+    });
   });
 
   test('a page imports it from node_modules and converts a .pt and a Megatron folder byte-identically', async () => {
@@ -182,6 +192,29 @@ describe('the npm package', () => {
     assert.deepEqual(Object.fromEntries(Object.entries(mg.hashes).sort(([a], [b]) => a.localeCompare(b))), native);
     assert.deepEqual(foreign, []);
     await page.close();
+  });
+
+  test('a page converts a .pt and a Megatron folder with its base from URLs on another origin (CORS)', async () => {
+    const files = await serveFiles(dirname(FIXTURES));
+    try {
+      const page = await browser.context.newPage();
+      await page.goto(server.url);
+      await page.waitForFunction(() => typeof window.run === 'function');
+      const rel = (p) => relative(dirname(FIXTURES), p);
+      const pt = await page.evaluate((url) => window.run([{ path: 'qwen2_tiny_full_weights.pt', url }], false), files.urlOf(rel(PT)));
+      assert.deepEqual(pt.hashes, hashTree(await nativeOutput('convert', PT, 'OUT')));
+      const mg = await page.evaluate(
+        ([dir, base]) => window.run(dir, base),
+        [files.manifest(rel(MEGATRON)), files.manifest(rel(BASE))],
+      );
+      const native = hashTree(await nativeOutput('mg2hf', MEGATRON, 'OUT', BASE));
+      assert.deepEqual(Object.fromEntries(Object.entries(mg.hashes).sort(([a], [b]) => a.localeCompare(b))), native);
+      // Only what the plan needs was fetched: the tensors, the headers, the base's files.
+      assert.ok(files.log.every((e) => e.status === 206 || e.method === 'OPTIONS'), JSON.stringify(files.log.slice(0, 5)));
+      await page.close();
+    } finally {
+      await files.close();
+    }
   });
 
   test("bad input rejects with the core's message; outputs must be read in order", async () => {
