@@ -3,8 +3,10 @@
 Owns: bench/bench_npx.py. Input: bench_pt.py's cached Qwen2-1.5B-shaped bf16 .pt (~3.55 GB, generated once into
 bench/data/). The npm package is packed (`npm pack`) and installed offline into bench/data/npx_app, as a user's
 `npx ckptconv` would run it (the CLI compiled for WASI, under Node's WASI; URLs read by its fetcher thread with Range
-requests). The file server is web/test/rangeserver.mjs in its own Node process on 127.0.0.1 (the "hub": its CPU and
-memory are not the tool's). Tools, each into an emptied scratch folder, interleaved per repetition and mode
+requests). The file server (the "hub": its CPU and memory are not the tool's) is nginx on 127.0.0.1 when the machine
+has it (`apt-get install nginx-light`; sendfile, as hubs and CDNs serve files), else web/test/rangeserver.mjs in its
+own Node process, which spends about 1 CPU-second per GB itself and so takes CPU from the tool on a small machine
+(`--server node` picks it). Tools, each into an emptied scratch folder, interleaved per repetition and mode
 (bench_zero.measure):
   cp          cp of the .pt (the bytes every tool reads and writes)
   native      target/release/ckptconv convert SRC OUT --quiet
@@ -15,11 +17,13 @@ drop_caches, else posix_fadvise DONTNEED of the input), the tool and its `sync` 
 the tool's process (Node's, for npx). On the first repetition every output must equal native's (SHA-256 per file).
 Target (issue "Embedding in model hubs"): npx url <= 1.5x native wall, <= 128 MiB peak RSS. Medians, then JSON.
 
-Run:  .venv/bin/python bench/bench_npx.py [--reps 3] [--modes hot,disk]
+Run:  .venv/bin/python bench/bench_npx.py [--reps 3] [--modes hot,disk] [--server nginx|node]
 """
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -52,17 +56,49 @@ def install_package():
     return APP / "node_modules" / ".bin" / "ckptconv"
 
 
+NGINX_CONF = """daemon off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log;
+events {{ worker_connections 64; }}
+http {{ access_log off; sendfile on; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d};
+  uwsgi_temp_path {d}; scgi_temp_path {d}; server {{ listen 127.0.0.1:{port}; root {root}; }} }}
+"""
+
+
+def start_server(kind):
+    """(process, base URL) of a file server for SRC's folder: nginx or web/test/rangeserver.mjs."""
+    if kind == "nginx":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        d = DATA / "nginx"
+        d.mkdir(exist_ok=True)
+        (d / "nginx.conf").write_text(NGINX_CONF.format(d=d, port=port, root=SRC.parent))
+        proc = subprocess.Popen(["nginx", "-c", str(d / "nginx.conf")])
+        base = f"http://127.0.0.1:{port}/"
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return proc, base
+            except OSError:
+                time.sleep(0.05)
+        raise SystemExit("nginx did not start")
+    proc = subprocess.Popen(["node", str(REPO / "web/test/rangeserver.mjs"), str(SRC.parent)], stdout=subprocess.PIPE,
+                            text=True)
+    base = proc.stdout.readline().strip()
+    assert base.startswith("http://127.0.0.1:"), base
+    return proc, base
+
+
 def main():
-    args = bench_args(__doc__, "out_npx", extra=[("--modes", dict(default="hot,disk", help="hot, disk or both"))])
+    args = bench_args(__doc__, "out_npx", extra=[
+        ("--modes", dict(default="hot,disk", help="hot, disk or both")),
+        ("--server", dict(default="nginx" if shutil.which("nginx") else "node", help="nginx or node")),
+    ])
     generate_in_child()
     modes = args.modes.split(",")
     assert set(modes) <= {"hot", "disk"}, modes
     npx = install_package()
-    server = subprocess.Popen(["node", str(REPO / "web/test/rangeserver.mjs"), str(SRC.parent)],
-                              stdout=subprocess.PIPE, text=True)
+    server, base = start_server(args.server)
     try:
-        base = server.stdout.readline().strip()
-        assert base.startswith("http://127.0.0.1:"), base
         url = base + SRC.name
         out = Path(args.out)
         tools = {
@@ -83,7 +119,7 @@ def main():
             print(f"rep 1: {name} output {'(reference)' if name == 'native' else 'byte-identical to native'}")
 
         size = SRC.stat().st_size
-        print(f"input {SRC.name}: {size / 1e9:.2f} GB; {args.reps} reps of modes {modes}; served at {url}; "
+        print(f"input {SRC.name}: {size / 1e9:.2f} GB; {args.reps} reps of modes {modes}; served by {args.server} at {url}; "
               f"load {bench_io.loadavg():.1f}", flush=True)
         LOG.write_text("")
         runs, drop_how = bench_zero.measure(tools, modes, args.reps, out, {n: [(SRC, None)] for n in tools}, [SRC],
@@ -103,7 +139,7 @@ def main():
                          "rss_target_met": rss <= TARGET_RSS_MIB}
         print(f"{mode}: npx url / native {r:.2f}x (target <= {TARGET_RATIO}x: {'met' if r <= TARGET_RATIO else 'NOT met'}),"
               f" peak RSS {rss:.1f} MiB (target <= {TARGET_RSS_MIB}: {'met' if rss <= TARGET_RSS_MIB else 'NOT met'})")
-    result = {"input": str(SRC), "input_bytes": size, "url": url, "reps": args.reps, "cache_drop": drop_how,
+    result = {"input": str(SRC), "input_bytes": size, "url": url, "server": args.server, "reps": args.reps, "cache_drop": drop_how,
               "median": {f"{m}: {n}": v for (m, n), v in med.items()}, "ratios": rat, "verdict": verdict,
               "runs": {f"{m}: {n}": v for (m, n), v in runs.items()},
               "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "node": os.popen("node --version").read().strip()}

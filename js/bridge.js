@@ -7,13 +7,14 @@
 const ERROR_MAX = 4096;
 
 /**
- * The sleeping side: returns `call(msg, max) -> Uint8Array` that posts `msg` over `port` (anything with
- * postMessage) and waits for an answer of at most `max` bytes. Throws the answering side's error message.
+ * The sleeping side: returns `call(msg, max, view) -> Uint8Array` that posts `msg` over `port` (anything with
+ * postMessage) and waits for an answer of at most `max` bytes: a copy, or with `view` the shared bytes themselves,
+ * valid until the next call. Throws the answering side's error message.
  */
 export function blockingCalls(port) {
   let ctl = null;
   let data = null;
-  return (msg, max) => {
+  return (msg, max, view = false) => {
     // Made on first use: a browser without cross-origin isolation has no SharedArrayBuffer at all.
     ctl ??= new Int32Array(new SharedArrayBuffer(8));
     const need = Math.max(max, ERROR_MAX);
@@ -23,7 +24,8 @@ export function blockingCalls(port) {
     while (Atomics.load(ctl, 0) === 0) Atomics.wait(ctl, 0, 0);
     const n = ctl[1];
     if (n < 0) throw new Error(new TextDecoder().decode(new Uint8Array(data, 0, -n).slice()));
-    return new Uint8Array(data, 0, n).slice();
+    const bytes = new Uint8Array(data, 0, n);
+    return view ? bytes : bytes.slice();
   };
 }
 
@@ -34,19 +36,26 @@ export function blockingReads(port) {
 }
 
 /**
- * The answering side: answers one request `msg` (as posted by blockingCalls) with `await answer(msg)` (bytes;
- * for a read, exactly `msg.len` of them); an error goes back as its message.
+ * The answering side: answers one request `msg` (as posted by blockingCalls) with `await answer(msg)` (bytes, or an
+ * array of byte chunks; for a read, exactly `msg.len` of them); an error goes back as its message.
  */
 export async function answer(msg, answerFn) {
   const { ctl, data } = msg;
   const flag = new Int32Array(ctl);
   try {
-    const bytes = await answerFn(msg);
-    if (msg.type === 'read' && bytes.length !== msg.len)
-      throw new Error(`a read of ${msg.len} bytes returned ${bytes.length}`);
-    if (bytes.length > data.byteLength) throw new Error(`an answer of ${bytes.length} bytes does not fit`);
-    new Uint8Array(data, 0, bytes.length).set(bytes);
-    flag[1] = bytes.length;
+    // Bytes, or an array of chunks to be copied in one after another.
+    const answered = await answerFn(msg);
+    const parts = Array.isArray(answered) ? answered : [answered];
+    const n = parts.reduce((sum, p) => sum + p.length, 0);
+    if (msg.type === 'read' && n !== msg.len) throw new Error(`a read of ${msg.len} bytes returned ${n}`);
+    if (n > data.byteLength) throw new Error(`an answer of ${n} bytes does not fit`);
+    const view = new Uint8Array(data, 0, n);
+    let at = 0;
+    for (const p of parts) {
+      view.set(p, at);
+      at += p.length;
+    }
+    flag[1] = n;
   } catch (e) {
     const text = new TextEncoder().encode((e instanceof Error ? e.message : String(e)) || 'the read failed');
     const cut = text.slice(0, ERROR_MAX);

@@ -2,7 +2,7 @@
 // `npx ckptconv …`: the native CLI's contract in Node, without a Rust toolchain. It runs the CLI itself, compiled
 // for WASI (web/pkg/ckptconv_cli.wasm, built with feature host-url), under Node's WASI with the whole file system
 // visible as the native binary sees it, so arguments, outputs, `ckptconv: error[KIND]: …` lines and exit codes are
-// the native ones. An INPUT that is an http(s) URL is read through the module's three `ckptconv_host` imports:
+// the native ones. An INPUT that is an http(s) URL is read through the module's `ckptconv_host` imports:
 // this thread sleeps on them while fetcher.js reads the URL with Range requests (range.js).
 import { readFileSync } from 'node:fs';
 import { Worker } from 'node:worker_threads';
@@ -39,13 +39,13 @@ let instance;
 const enc = new TextEncoder();
 const memory = () => new Uint8Array(instance.exports.memory.buffer);
 /** Runs a call on the fetcher (started on first use); an error's text is kept for last_error. */
-function blocking(msg, max) {
+function blocking(msg, max, view) {
   if (!fetcher) {
     fetcher = new Worker(new URL('./fetcher.js', import.meta.url));
     fetcher.unref();
     call = blockingCalls(fetcher);
   }
-  return call(msg, max);
+  return call(msg, max, view);
 }
 const failed = (e) => {
   lastError = e instanceof Error ? e.message : String(e);
@@ -65,12 +65,17 @@ const host = {
   },
   url_read(handle, offset, ptr, len) {
     try {
-      const bytes = blocking({ type: 'read', src: handle, offset: Number(offset), len }, len);
+      // Straight from the shared buffer into the module's memory (one copy).
+      const bytes = blocking({ type: 'read', src: handle, offset: Number(offset), len }, len, true);
       memory().set(bytes, ptr);
       return 0;
     } catch (e) {
       return failed(e);
     }
+  },
+  url_hint(handle, offset, len) {
+    // The module reads a hinted range in pieces of STREAM_PIECE (src/bin/ckptconv/hosturl.rs).
+    fetcher?.postMessage({ type: 'hint', src: handle, offset: Number(offset), len: Number(len), piece: 4 << 20 });
   },
   last_error(ptr, cap) {
     const bytes = enc.encode(lastError).slice(0, cap);

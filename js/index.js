@@ -84,7 +84,9 @@ async function describe(inputs, sources, signal) {
         );
       let reader, size;
       if (input.url) {
-        const f = await UrlFile.open(input.url, { signal });
+        // In Node, js/nodefetch.js: range answers read without an allocation per chunk.
+        const fetch = IN_NODE ? (await import('./nodefetch.js')).nodeFetch : undefined;
+        const f = await UrlFile.open(input.url, { signal, fetch });
         reader = (offset, len) => f.read(offset, len);
         size = f.size;
         sources.fetched.push(f);

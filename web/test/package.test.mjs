@@ -25,6 +25,7 @@ const SHIPPED = [
   'js/fetcher.js',
   'js/index.d.ts',
   'js/index.js',
+  'js/nodefetch.js',
   'js/worker.js',
   'package.json',
   'web/pkg/ckptconv_cli.wasm',

@@ -7,6 +7,8 @@
 
 /** Tries per range: the first and this many minus one retries. */
 export const TRIES = 5;
+/** Pieces of each hinted range fetched ahead at once (UrlFile.hint). */
+const AHEAD = 2;
 /** Requests per range at most, however many of them brought bytes before failing. */
 const MAX_REQUESTS = 64;
 /** Pause before retry n (ms): 100, 200, 400, 800. */
@@ -74,6 +76,12 @@ function checkAnswer(shown, status, get, offset, len, size, etag) {
   return cr.total;
 }
 
+/** The next chunk of a fetch Response's body (its reader made on first use). */
+function reader(res) {
+  res.chunks ??= res.body.getReader();
+  return res.chunks.read();
+}
+
 const sleep = (ms, signal) =>
   new Promise((ok, fail) => {
     const t = setTimeout(ok, ms);
@@ -109,7 +117,9 @@ export class UrlFile {
    * total, etag}. A try that brought bytes starts the count of tries afresh (up to MAX_REQUESTS requests in all).
    */
   async request(offset, len, size, etag) {
-    const out = new Uint8Array(len);
+    // A recycled buffer at least this long, seen through a view of `len` bytes (the last piece of a range is short).
+    const at = this.pool?.findIndex((b) => b.byteLength >= len) ?? -1;
+    const out = at >= 0 ? new Uint8Array(this.pool.splice(at, 1)[0], 0, len) : new Uint8Array(len);
     let got = 0;
     let requests = 0;
     for (let attempt = 0; ; attempt++) {
@@ -134,16 +144,17 @@ export class UrlFile {
         }
         size ??= total;
         etag ??= res.headers.get('etag');
-        const reader = res.body.getReader();
+        const take = (value) => {
+          if (got + value.length > len) throw new UrlError(this.shown, 'the server sent more bytes than asked for');
+          // Copied at once: a chunk may be a view of a buffer its transport reuses (js/nodefetch.js).
+          out.set(value, got);
+          got += value.length;
+          this.fetched += value.length;
+        };
         try {
-          for (;;) {
-            const { done, value } = await reader.read();
-            if (done) break;
-            if (got + value.length > len) throw new UrlError(this.shown, 'the server sent more bytes than asked for');
-            out.set(value, got);
-            got += value.length;
-            this.fetched += value.length;
-          }
+          // A body with each() (js/nodefetch.js) hands chunks over without a promise per chunk.
+          if (res.body.each) await res.body.each(take);
+          else for (let r; !(r = await reader(res)).done; ) take(r.value);
         } catch (e) {
           if (e instanceof UrlError || this.signal?.aborted) throw e;
           throw new UrlError(this.shown, `the connection broke after ${got} of ${len} bytes (${e?.message ?? e})`, true);
@@ -166,11 +177,58 @@ export class UrlFile {
   }
 
   /**
+   * Says that bytes `offset .. offset + len` will be read in order, in pieces of `piece` bytes (a verbatim copy
+   * through a synchronous reader). The reader announces the copy it starts and then the one after it: the last two
+   * ranges announced are fetched ahead, AHEAD pieces in flight for each, the one announced first first, so the
+   * next piece arrives while the reader writes this one and the next copy's first pieces are there when it starts.
+   * Nothing outside announced ranges is fetched; a range announced again is not fetched twice; pieces of a range
+   * that falls out of the last two are dropped.
+   */
+  hint(offset, len, piece) {
+    this.check(offset, len);
+    this.ranges ??= [];
+    this.ready ??= new Map(); // piece start -> {len, promise}
+    const same = this.ranges.find((r) => r.start === offset && r.end === offset + len);
+    this.ranges = this.ranges.filter((r) => r !== same);
+    this.ranges.push(same ?? { start: offset, end: offset + len, next: offset, piece: Math.min(piece, MAX_PIECE) });
+    while (this.ranges.length > 2) {
+      const old = this.ranges.shift();
+      for (const k of [...this.ready.keys()]) if (k >= old.start && k < old.end) this.ready.delete(k);
+    }
+    this.fill();
+  }
+
+  fill() {
+    for (const r of this.ranges) {
+      let inFlight = 0;
+      for (const k of this.ready.keys()) if (k >= r.start && k < r.end) inFlight++;
+      for (; inFlight < AHEAD && r.next < r.end; inFlight++) {
+        const n = Math.min(r.piece, r.end - r.next);
+        const promise = this.request(r.next, n, this.size, this.etag).then((x) => x.bytes);
+        promise.catch(() => {}); // reported when awaited
+        this.ready.set(r.next, { len: n, promise });
+        r.next += n;
+      }
+    }
+  }
+
+  /**
    * Bytes `offset .. offset + len` of the file: exactly those are fetched (in pieces of at most MAX_PIECE), nothing
-   * speculatively, so that every byte a conversion needs is fetched once and no other.
+   * speculatively, so that every byte a conversion needs is fetched once and no other; a read of a hinted piece
+   * takes it from the pieces fetched ahead.
    */
   async read(offset, len) {
     this.check(offset, len);
+    const ahead = this.ready?.get(offset);
+    if (ahead && ahead.len === len) {
+      this.ready.delete(offset);
+      this.fill();
+      return ahead.promise;
+    }
+    return this.readExact(offset, len);
+  }
+
+  async readExact(offset, len) {
     if (len <= MAX_PIECE) return (await this.request(offset, len, this.size, this.etag)).bytes;
     const out = new Uint8Array(len);
     let at = 0;
@@ -199,6 +257,15 @@ export class UrlFile {
       next = at < len ? piece(at) : null;
       yield bytes;
     }
+  }
+
+  /**
+   * Gives back a buffer read() returned, once its bytes are used: a request of that size reuses it (a few are kept),
+   * so streaming a range allocates nothing per piece and memory does not wait for the garbage collector.
+   */
+  recycle(bytes) {
+    this.pool ??= [];
+    if (bytes.buffer.byteLength >= 1 << 20 && this.pool.length < 2 * AHEAD + 2) this.pool.push(bytes.buffer);
   }
 
   check(offset, len) {
