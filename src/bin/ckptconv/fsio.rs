@@ -37,11 +37,8 @@ const LINUX_ERRNO: [i32; 77] = [
 /// Largest single read or write where the host copies through a buffer of its own (WASI: the engine reads into
 /// and writes from a host buffer, which it zeroes first). Pieces this size stay in the CPU's cache on their way;
 /// bands of 16 MiB would stream through memory two extra times.
-#[cfg(all(not(unix), not(feature = "host-url")))]
+#[cfg(not(unix))]
 const IO_CHUNK: usize = 256 << 10;
-/// Under Node (`npx ckptconv`) the host reads and writes the module's memory in place: one system call per 4 MiB.
-#[cfg(all(not(unix), feature = "host-url"))]
-const IO_CHUNK: usize = 4 << 20;
 
 /// A file opened for random-access reads.
 pub struct FileInput {
