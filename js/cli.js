@@ -73,9 +73,8 @@ const host = {
       return failed(e);
     }
   },
-  url_hint(handle, offset, len) {
-    // The module reads a hinted range in pieces of STREAM_PIECE (src/bin/ckptconv/hosturl.rs).
-    fetcher?.postMessage({ type: 'hint', src: handle, offset: Number(offset), len: Number(len), piece: 4 << 20 });
+  url_hint(handle, offset, len, piece) {
+    fetcher?.postMessage({ type: 'hint', src: handle, offset: Number(offset), len: Number(len), piece: Number(piece) });
   },
   last_error(ptr, cap) {
     const bytes = enc.encode(lastError).slice(0, cap);

@@ -61,9 +61,10 @@ async function localInputs(target) {
 }
 
 /**
- * Opens every input for the worker: returns `{described, sources}` where `described` is what the worker gets
- * (Blobs as they are; `{path, remote: i, size, block}` for what this thread reads; `{path, xhr: url}` for URLs the
- * browser worker reads itself; `{path, local, size}` for Node files) and `sources[i]` the reader of `remote: i`.
+ * Opens every input for the worker: returns what the worker gets (Blobs as they are; `{path, remote: i, size,
+ * block}` for what this thread reads; `{path, xhr: url}` for URLs the browser worker reads itself; `{path, local,
+ * size}` for Node files) and pushes onto `sources` the reader of each `remote: i`: `{read(offset, len), range?
+ * (offset, len) (pieces, the next fetched while one is used), url? (its UrlFile)}`.
  */
 async function describe(inputs, sources, signal) {
   const described = [];
@@ -82,21 +83,19 @@ async function describe(inputs, sources, signal) {
           `${input.path}: a Blob-like input is read through shared memory, which a browser gives only to ` +
             'cross-origin-isolated pages; pass {path, url} or a Blob instead',
         );
-      let reader, size;
+      let source, size;
       if (input.url) {
         // In Node, js/nodefetch.js: range answers read without an allocation per chunk.
         const fetch = IN_NODE ? (await import('./nodefetch.js')).nodeFetch : undefined;
-        const f = await UrlFile.open(input.url, { signal, fetch });
-        reader = (offset, len) => f.read(offset, len);
-        size = f.size;
-        sources.fetched.push(f);
-        sources.ranges[sources.length] = (offset, len) => f.range(offset, len);
+        const url = await UrlFile.open(input.url, { signal, fetch });
+        source = { url, read: (offset, len) => url.read(offset, len), range: (offset, len) => url.range(offset, len) };
+        size = url.size;
       } else {
         const b = input.blobLike ?? input.file;
-        reader = async (offset, len) => new Uint8Array(await b.slice(offset, offset + len).arrayBuffer());
+        source = { read: async (offset, len) => new Uint8Array(await b.slice(offset, offset + len).arrayBuffer()) };
         size = b.size;
       }
-      sources.push(reader);
+      sources.push(source);
       described.push({ path: input.path, remote: sources.length - 1, size, block: input.url ? URL_BLOCK : 1 << 16 });
     } else {
       throw new TypeError(`unsupported input ${input.path ?? ''}`);
@@ -145,7 +144,7 @@ async function engine(sources) {
     waiting.clear();
   };
   worker.on((data) => {
-    if (data.type === 'read') return answerRead(data, (src, offset, len) => sources[src](offset, len));
+    if (data.type === 'read') return answerRead(data, (src, offset, len) => sources[src].read(offset, len));
     const w = waiting.get(data.id);
     waiting.delete(data.id);
     if (data.type === 'error') w?.reject(new Error(data.message));
@@ -172,8 +171,6 @@ async function open(files, options, type = 'open') {
   const { base, signal, ...rest } = options ?? {};
   signal?.throwIfAborted();
   const sources = [];
-  sources.fetched = [];
-  sources.ranges = {};
   const inputs = await describe(toInputs(files), sources, signal);
   if (inputs.length === 0) throw new TypeError('no input files');
   const baseInputs = base ? await describe(toInputs(base), sources, signal) : null;
@@ -232,10 +229,11 @@ async function* copyPieces(ref, sources, offset, len) {
     } finally {
       await fh.close();
     }
-  } else if (sources.ranges[ref.remote]) {
-    yield* sources.ranges[ref.remote](offset, len);
+  } else if (sources[ref.remote].range) {
+    yield* sources[ref.remote].range(offset, len);
   } else {
-    for (let at = 0; at < len; at += MAX_PIECE) yield await sources[ref.remote](offset + at, Math.min(MAX_PIECE, len - at));
+    const { read } = sources[ref.remote];
+    for (let at = 0; at < len; at += MAX_PIECE) yield await read(offset + at, Math.min(MAX_PIECE, len - at));
   }
 }
 
@@ -319,7 +317,7 @@ export async function convert(files, options) {
     },
     /** Bytes fetched from URLs so far (each Range answer's body). */
     fetchedBytes() {
-      return sources.fetched.reduce((n, f) => n + f.fetched, 0);
+      return sources.reduce((n, s) => n + (s.url?.fetched ?? 0), 0);
     },
     terminate() {
       if (!finished) {
@@ -339,7 +337,7 @@ export async function convert(files, options) {
 export async function convertToFolder(files, dir, options = {}) {
   const { overwrite = false, ...rest } = options;
   const fs = await import('node:fs/promises');
-  const { dirname, join, resolve, sep } = await import('node:path');
+  const { basename, dirname, join, resolve, sep } = await import('node:path');
   const root = resolve(dir);
   const c = await convert(files, rest);
   const written = [];
@@ -356,7 +354,7 @@ export async function convertToFolder(files, dir, options = {}) {
     }
     for (const f of c.files) {
       const final = target(f.name);
-      const partial = join(dirname(final), `.${final.slice(dirname(final).length + 1)}.partial`);
+      const partial = join(dirname(final), `.${basename(final)}.partial`);
       await fs.mkdir(dirname(final), { recursive: true });
       written.push([partial, final]);
       const fh = await fs.open(partial, 'w');

@@ -246,12 +246,11 @@ impl Puller {
         let Segment::Tensors { plan, order } = file.segments.get(self.segment)? else { return None };
         let At::Tensors { k, .. } = self.at else { return None };
         let t = tensor_of(plan_of(set, *plan).ok()?, *order.get(k + 1)?).ok()?;
-        if t.verbatim_pieces(0, 0).is_none() || !t.reads_stored_bytes(set.inputs()) {
+        if !copied(t, 0, set.inputs()) {
             return None;
         }
         // The first copy step_tensors will hand out for it.
-        let chunk = (COPY_CHUNK / t.dtype.size() as u64 / t.band_elems()).max(1) * t.band_elems();
-        t.verbatim_pieces(0, chunk.min(t.numel()))?.into_iter().next()
+        t.verbatim_pieces(0, copy_step(t).min(t.numel()))?.into_iter().next()
     }
 
     /// Advances inside `segment`: what to hand out next, if anything.
@@ -297,10 +296,8 @@ impl Puller {
             return Ok(Step::Again);
         }
         let esz = t.dtype.size() as u64;
-        if self.allow_copy && t.verbatim_pieces(*start, 0).is_some() && t.reads_stored_bytes(inputs) {
-            // Whole band units, so a tensor never mixes copies and bands mid-way.
-            let chunk = (COPY_CHUNK / esz / t.band_elems()).max(1) * t.band_elems();
-            let count = chunk.min(n - *start);
+        if self.allow_copy && copied(t, *start, inputs) {
+            let count = copy_step(t).min(n - *start);
             let pieces = t.verbatim_pieces(*start, count).unwrap_or_default();
             self.pending.extend(pieces.into_iter().map(|(i, o, l)| (i, o, l, true)));
             *start += count;
@@ -362,6 +359,17 @@ enum Step {
 
 fn plan_of(set: &dyn OutputSet, i: usize) -> Result<&Plan> {
     set.plan(i).ok_or_else(|| Error::new(ErrorKind::Output(format!("internal: no plan {i}"))))
+}
+
+/// Whether the bytes of tensor `t` from element `start` go out as verbatim copies of an input's stored bytes.
+fn copied(t: &crate::plan::PlannedTensor, start: u64, inputs: &[Input]) -> bool {
+    t.verbatim_pieces(start, 0).is_some() && t.reads_stored_bytes(inputs)
+}
+
+/// Elements per copy a copied tensor is handed out in: whole band units, so a tensor never mixes copies and bands
+/// mid-way.
+fn copy_step(t: &crate::plan::PlannedTensor) -> u64 {
+    (COPY_CHUNK / t.dtype.size() as u64 / t.band_elems()).max(1) * t.band_elems()
 }
 
 fn tensor_of(plan: &Plan, i: usize) -> Result<&crate::plan::PlannedTensor> {

@@ -76,6 +76,19 @@ function checkAnswer(shown, status, get, offset, len, size, etag) {
   return cr.total;
 }
 
+/**
+ * Whether a failed try `attempt` (counted from 0) is tried again: a retryable UrlError before the last try. A
+ * retryable error that used up the tries says so in its message.
+ */
+function retrying(e, attempt) {
+  if (e instanceof UrlError && e.retry && attempt + 1 < TRIES) return true;
+  if (e instanceof UrlError && e.retry) {
+    e.message += ` (after ${TRIES} tries)`;
+    e.detail += ` (after ${TRIES} tries)`;
+  }
+  return false;
+}
+
 /** The next chunk of a fetch Response's body (its reader made on first use). */
 function reader(res) {
   res.chunks ??= res.body.getReader();
@@ -109,7 +122,6 @@ export class UrlFile {
     this.signal = signal;
     this.fetch = fetch;
     this.fetched = 0;
-    this.requests = 0;
   }
 
   /**
@@ -126,7 +138,6 @@ export class UrlFile {
       const before = got;
       try {
         this.signal?.throwIfAborted();
-        this.requests++;
         const res = await this.fetch(this.url, {
           headers: { range: `bytes=${offset + got}-${offset + len - 1}` },
           signal: this.signal,
@@ -164,13 +175,7 @@ export class UrlFile {
       } catch (e) {
         requests++;
         if (got > before && requests < MAX_REQUESTS) attempt = -1;
-        if (!(e instanceof UrlError) || !e.retry || attempt + 1 >= TRIES) {
-          if (e instanceof UrlError && e.retry) {
-            e.message += ` (after ${TRIES} tries)`;
-            e.detail += ` (after ${TRIES} tries)`;
-          }
-          throw e;
-        }
+        if (!retrying(e, attempt)) throw e;
         if (attempt >= 0) await sleep(backoff(attempt), this.signal);
       }
     }
@@ -299,13 +304,7 @@ export function xhrRead(url, offset, len, size = null, etag = null) {
       if (bytes.length !== len) throw new UrlError(shown, `the answer held ${bytes.length} of ${len} bytes`, true);
       return { bytes, total, etag: etag ?? x.getResponseHeader('etag') };
     } catch (e) {
-      if (!(e instanceof UrlError) || !e.retry || attempt + 1 >= TRIES) {
-        if (e instanceof UrlError && e.retry) {
-          e.message += ` (after ${TRIES} tries)`;
-          e.detail += ` (after ${TRIES} tries)`;
-        }
-        throw e;
-      }
+      if (!retrying(e, attempt)) throw e;
     }
   }
 }

@@ -24,8 +24,9 @@ mod host {
         pub fn url_read(handle: i32, offset: u64, buf: *mut u8, len: usize) -> i32;
         /// Copies the last error message into `buf` (at most `cap` bytes); returns its length.
         pub fn last_error(buf: *mut u8, cap: usize) -> usize;
-        /// Says that bytes `offset .. offset + len` are read next, in order: the host fetches them ahead.
-        pub fn url_hint(handle: i32, offset: u64, len: u64);
+        /// Says that bytes `offset .. offset + len` are read next, in order, in pieces of `piece` bytes: the host
+        /// fetches them ahead.
+        pub fn url_hint(handle: i32, offset: u64, len: u64, piece: u64);
     }
 
     /// The host's last error message.
@@ -65,7 +66,7 @@ impl ReadAt for UrlReadAt {
 
     fn will_read(&self, offset: u64, len: u64) {
         // SAFETY: a hint only; the host reads nothing of ours.
-        unsafe { host::url_hint(self.handle, offset, len) }
+        unsafe { host::url_hint(self.handle, offset, len, STREAM_PIECE) }
     }
 
     fn streaming_piece(&self) -> u64 {
