@@ -258,6 +258,12 @@ impl Conversion {
     pub fn write(&self, sink: &mut dyn Sink, progress: &mut dyn FnMut(u64)) -> Result<()> {
         crate::write::drive(self, sink, progress)
     }
+
+    /// Writes output files `which` (indices into [`OutputSet::files`]) into `sink`, as [`Conversion::write`]
+    /// does: one part of a split ([`crate::write::parts`]), or the finishing files.
+    pub fn write_files(&self, which: &[usize], sink: &mut dyn Sink, progress: &mut dyn FnMut(u64)) -> Result<()> {
+        crate::write::drive(&crate::write::parts::Subset::new(self, which), sink, progress)
+    }
 }
 
 impl OutputSet for Conversion {

@@ -4,6 +4,7 @@
 //! and ends it; `commit` publishes everything at once. A sink that is dropped without `commit` must
 //! leave nothing that looks like a finished output.
 
+pub mod parts;
 pub mod puller;
 pub mod safetensors;
 pub mod torch_save;

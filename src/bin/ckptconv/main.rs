@@ -17,6 +17,7 @@ macro_rules! say {
 
 mod fsio;
 mod hosturl;
+mod jobs;
 mod progress;
 
 use ckptconv::conversion::{Checkpoint, Conversion, ConversionOptions, Output};
@@ -26,7 +27,8 @@ use ckptconv::io::{Folder, Input, Trusting};
 use ckptconv::lora::{LoraMode, LoraOptions};
 use ckptconv::planned::{InputKind, PlanOptions};
 use ckptconv::select::Prefix;
-use ckptconv::write::{Sink, safetensors};
+use ckptconv::write::parts::{self, Part};
+use ckptconv::write::{OutputSet, Sink, safetensors};
 use ckptconv::{Error, ErrorKind, display_safe};
 use ckptconv::{rlinf, verify};
 use clap::{Parser, Subcommand};
@@ -158,6 +160,21 @@ struct OutArgs {
     /// Never show a progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Write only part I of N (I from 1): the output's data files (shards) split into N groups of about equal bytes,
+    /// decided by the plan alone, so every machine agrees. Run every part, in any order, anywhere, then --finish.
+    #[arg(long, value_name = "I/N", conflicts_with_all = ["finish", "plan_parts"])]
+    part: Option<Part>,
+    /// After every --part has run: check each data file is there with its exact size, then write the index,
+    /// config and base-model files, so the folder looks finished only when it is.
+    #[arg(long, conflicts_with = "plan_parts")]
+    finish: bool,
+    /// Print how the output splits into N parts (JSON: each part's files and bytes, the finishing files) and
+    /// write nothing.
+    #[arg(long, value_name = "N", value_parser = parse_count)]
+    plan_parts: Option<usize>,
+    /// Write up to J output files at once (threads of this process), for disks that take parallel writes.
+    #[arg(long, value_name = "J", default_value = "1", value_parser = parse_count)]
+    jobs: usize,
 }
 
 #[derive(clap::Args)]
@@ -230,6 +247,13 @@ fn parse_global(s: &str) -> Result<String, String> {
     ckptconv::pickle::policy::parse_allowed(s)
 }
 
+fn parse_count(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=parts::MAX_PARTS).contains(&n) => Ok(n),
+        _ => Err(format!("'{s}' is not a number from 1 to {}", parts::MAX_PARTS)),
+    }
+}
+
 fn parse_size(s: &str) -> Result<u64, String> {
     safetensors::parse_size(s)
 }
@@ -291,6 +315,15 @@ fn with_base<T>(args: &PlanArgs, f: impl FnOnce(Option<&BaseModel>) -> ckptconv:
 /// Runs `f` on the checkpoint at `path`: a folder, or a file. One Megatron rank (a model_optim_rng.pt, or its
 /// mp_rank_* folder) is only part of the model, so it stands for the whole iteration folder it belongs to.
 fn with_checkpoint<T>(path: &Path, f: impl FnOnce(Checkpoint) -> ckptconv::Result<T>) -> ckptconv::Result<T> {
+    open_checkpoint(path, true, f)
+}
+
+/// [`with_checkpoint`], saying what a Megatron rank stands for only when `announce` (a job planning again is quiet).
+fn open_checkpoint<T>(
+    path: &Path,
+    announce: bool,
+    f: impl FnOnce(Checkpoint) -> ckptconv::Result<T>,
+) -> ckptconv::Result<T> {
     let shown = path.display().to_string();
     if hosturl::is_url(path) {
         return f(Checkpoint::File(hosturl::open(&shown)?));
@@ -303,7 +336,9 @@ fn with_checkpoint<T>(path: &Path, f: impl FnOnce(Checkpoint) -> ckptconv::Resul
         && (meta.is_dir() || is_rank_file)
         && let Some(iter_dir) = rank_dir.and_then(Path::parent)
     {
-        say!("ckptconv: {shown} is one Megatron rank; reading every rank in {}", iter_dir.display());
+        if announce {
+            say!("ckptconv: {shown} is one Megatron rank; reading every rank in {}", iter_dir.display());
+        }
         let folder = fsio::DiskFolder::open(iter_dir)?;
         return f(Checkpoint::Folder(&folder));
     }
@@ -420,11 +455,13 @@ fn convert(
         }
         OutFormat::Pt => Output::TorchSave { name: "pytorch_model.bin".into() },
     };
+    let opts = args.conversion(output)?;
+    // What a job on another thread plans for itself (a plan's inputs are read by one thread).
+    let build = || with_base(args, |base| open_checkpoint(input, false, |c| Conversion::new(c, base, &opts)));
     with_base(args, |base| {
-        let opts = args.conversion(output)?;
         let conv = with_checkpoint(input, |c| Conversion::new(c, base, &opts))?;
-        write_out(&conv, out_dir, out, input)?;
-        if format == OutFormat::Safetensors {
+        let complete = write_out(&conv, &build, out_dir, out, input)?;
+        if complete && format == OutFormat::Safetensors {
             let folder = fsio::DiskFolder::open(out_dir)?;
             let sub = if conv.is_adapter() { safetensors::ADAPTER_DIR } else { "" };
             let planned = conv.planned();
@@ -439,28 +476,65 @@ fn convert(
     })
 }
 
-/// Writes every output of `conv` into `out_dir` (temp names, renamed together at the end), with a progress bar.
-fn write_out(conv: &Conversion, out_dir: &Path, out: &OutArgs, input: &Path) -> ckptconv::Result<()> {
-    let names = conv.names();
-    let planned = conv.planned();
-    let mut sink = fsio::DirSink::new(out_dir, out.force)?;
+/// Writes what `out` asks of `conv` into `out_dir`, with a progress bar: every output file (temp names, renamed
+/// together at the end), one part's data files, or the finishing step; or prints the split into parts. `build`
+/// plans the same conversion again, for `--jobs` threads. Returns whether the folder is now complete.
+fn write_out(
+    conv: &Conversion,
+    build: &jobs::Build,
+    out_dir: &Path,
+    out: &OutArgs,
+    input: &Path,
+) -> ckptconv::Result<bool> {
+    let files = conv.files();
+    if let Some(n) = out.plan_parts {
+        return print_out(&format!("{:#}\n", jobs::parts_json(conv, n))).map(|()| false);
+    }
+    let (which, part) = match out.part {
+        Some(p) => (parts::part_files(files, p), Some(format!("part {}/{}", p.index, p.count))),
+        None if out.finish => (parts::finishing(files), None),
+        None => ((0..files.len()).collect(), None),
+    };
+    let names: Vec<String> = which.iter().map(|&i| files[i].name.clone()).collect();
+    let sink = fsio::DirSink::new(out_dir, out.force)?;
     sink.check_free(&names)?;
+    if part.is_some() {
+        // A part into a folder that holds a finished conversion would make it look finished while it changes.
+        let finishing: Vec<String> = parts::finishing(files).iter().map(|&i| files[i].name.clone()).collect();
+        sink.check_free(&finishing)?;
+    }
+    if out.finish {
+        let size_of = |name: &str| std::fs::metadata(out_dir.join(name)).ok().filter(|m| m.is_file()).map(|m| m.len());
+        let missing = parts::missing(files, &size_of);
+        if !missing.is_empty() {
+            let data = files.iter().filter(|f| parts::is_data(f)).count();
+            return Err(parts::missing_error(&missing, data).in_file(&out_dir.display().to_string()));
+        }
+    }
+    let planned = conv.planned();
     say!("ckptconv: {} is {}", input.display(), planned.format);
     for n in &planned.plan.notes {
         say!("ckptconv: {n}");
     }
-    let mut bar = progress::Progress::new(conv.tensor_bytes(), !out.quiet);
-    conv.write(&mut sink, &mut |d| bar.update(d))?;
+    if let (Some(p), true) = (&part, which.is_empty()) {
+        let data = files.iter().filter(|f| parts::is_data(f)).count();
+        say!("ckptconv: {p} has nothing to write: the output has {data} data file(s)");
+        return Ok(false);
+    }
+    let bytes = parts::Subset::new(conv, &which).tensor_bytes();
+    let mut bar = progress::Progress::new(bytes, !out.quiet);
+    let sinks = jobs::write(conv, build, &which, out_dir, out.force, out.jobs, sink, &mut |d| bar.update(d))?;
     bar.finish();
-    sink.commit()?;
-    say!(
-        "ckptconv: wrote {} tensors ({}) to {}: {}",
-        planned.plan.tensors.len(),
-        human(planned.plan.total_bytes()),
-        out_dir.display(),
-        names.join(", ")
-    );
-    Ok(())
+    for mut s in sinks {
+        s.commit()?;
+    }
+    let what = match &part {
+        Some(p) => format!("{p}: {} data file(s) ({})", names.len(), human(bytes)),
+        None if out.finish => "the finishing files".into(),
+        None => format!("{} tensors ({})", planned.plan.tensors.len(), human(planned.plan.total_bytes())),
+    };
+    say!("ckptconv: wrote {what} to {}: {}", out_dir.display(), names.join(", "));
+    Ok(part.is_none())
 }
 
 fn describe(r: &verify::VerifyReport) -> String {
@@ -540,7 +614,8 @@ fn dcp_to_pt(dcp_path: &Path, output_path: &Path, args: &PlanArgs, out: &OutArgs
         ..Default::default()
     };
     let conv = with_checkpoint(dcp_path, |c| Conversion::new(c, None, &opts))?;
-    write_out(&conv, &dir, out, dcp_path)
+    let build = || open_checkpoint(dcp_path, false, |c| Conversion::new(c, None, &opts));
+    write_out(&conv, &build, &dir, out, dcp_path).map(|_| ())
 }
 
 /// Runs RLinf's convert_pt_to_hf.py job from its YAML config; flags given on the command line win.
