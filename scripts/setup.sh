@@ -5,7 +5,7 @@
 # - npm packages from package-lock.json;
 # - a Python venv with the reference implementations the tests compare against (torch, safetensors,
 #   transformers, peft, megatron-core, zstandard, deepspeed; transformers 4 in .venv/transformers4), PyPI's
-#   wasmtime engine for the WASI tests, picklescan and fickling;
+#   wasmtime engine for the WASI tests, picklescan and fickling, and Ray (the scale-out driver's tests);
 # - the public malicious-pickle corpora of tests/security/fetch_corpora.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +33,7 @@ if [ -f package-lock.json ]; then
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-if ! .venv/bin/python -c "import torch, safetensors, transformers, pytest, numpy, zstandard, peft, megatron.core, wasmtime, deepspeed, picklescan, fickling" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import torch, safetensors, transformers, pytest, numpy, zstandard, peft, megatron.core, wasmtime, deepspeed, picklescan, fickling, ray" >/dev/null 2>&1; then
   .venv/bin/pip install --quiet --upgrade pip
   DS_BUILD_OPS=0 .venv/bin/pip install --quiet -r tests/requirements.txt
 fi
