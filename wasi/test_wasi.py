@@ -875,3 +875,29 @@ def test_views_larger_than_buffers(tmp_path, big_inputs):
     peak = peak_of(report)
     if peak is not None:
         print(f"views: peak linear memory {peak / MiB:.1f} MiB")
+
+
+def test_parts_under_wasi_equal_one_native_run(tmp_path):
+    """Scale-out parts run by the WASI module (as the Ray driver's --wasm does), in a shuffled order, then the
+    finishing step, give the native single run's files; --jobs above 1 is refused (no threads in WASI)."""
+    flags = ["--max-shard-size", "40KB"]
+    ref = tmp_path / "ref"
+    r = run_native(["convert", PT / "qwen2_tiny_full_weights.pt", ref, *flags])
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    out.mkdir()
+    dirs = [(str(PT), "/in"), (str(out), "/out")]
+    argv = ["convert", "/in/qwen2_tiny_full_weights.pt", "/out", *flags]
+    def ok(r):
+        assert r.returncode == 0, r.stderr
+
+    for i in (3, 1):
+        ok(run_wasm(argv + ["--part", f"{i}/3"], dirs))
+    r = run_wasm(argv + ["--finish"], dirs)
+    assert r.returncode == 1 and "the finishing step needs every data file" in r.stderr, r.stderr
+    assert not (out / INDEX).exists()
+    ok(run_wasm(argv + ["--part", "2/3"], dirs))
+    ok(run_wasm(argv + ["--finish"], dirs))
+    assert_same_tree(ref, out, "parts under WASI")
+    r = run_wasm(argv + ["--jobs", "2", "--force"], dirs)
+    assert r.returncode == 1 and "--jobs above 1 needs threads" in r.stderr, r.stderr
