@@ -159,6 +159,10 @@ def test_parts_refuse_what_exists(binary, tmp_path):
     ckpt(binary, *CASES["pt"](done), "--quiet")
     r = ckpt(binary, *CASES["pt"](done), "--part", "3/3", check=False)
     assert r.returncode == 1 and "already exists" in r.stderr, r.stderr
+    # With --force (a rerun, a requeued Slurm task), the earlier index goes first: nothing looks finished until
+    # --finish, even if another part then fails.
+    r = ckpt(binary, *CASES["pt"](done), "--part", "3/3", "--force")
+    assert "model.safetensors.index.json" in r.stderr and not (done / "model.safetensors.index.json").exists()
 
 
 @pytest.mark.parametrize("bad", [["--part", "0/3"], ["--part", "4/3"], ["--part", "1/0"], ["--part", "x"],

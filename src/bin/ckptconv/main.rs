@@ -499,9 +499,22 @@ fn write_out(
     let sink = fsio::DirSink::new(out_dir, out.force)?;
     sink.check_free(&names)?;
     if part.is_some() {
-        // A part into a folder that holds a finished conversion would make it look finished while it changes.
+        // A part into a folder that holds a finished conversion would make it look finished while it changes (and
+        // after a failed part, an earlier index would sit beside new shards): refused, or with --force removed.
         let finishing: Vec<String> = parts::finishing(files).iter().map(|&i| files[i].name.clone()).collect();
         sink.check_free(&finishing)?;
+        let there: Vec<&String> = finishing.iter().filter(|n| out_dir.join(n).is_file()).collect();
+        for n in &there {
+            let p = out_dir.join(n);
+            std::fs::remove_file(&p).map_err(|e| {
+                Error::new(ErrorKind::Output(format!("cannot remove an earlier finishing file: {}", fsio::io_text(&e))))
+                    .in_file(&p.display().to_string())
+            })?;
+        }
+        if !there.is_empty() {
+            let names: Vec<&str> = there.iter().map(|n| n.as_str()).collect();
+            say!("ckptconv: removed what an earlier conversion finished with ({}): --finish writes it", names.join(", "));
+        }
     }
     if out.finish {
         let size_of = |name: &str| std::fs::metadata(out_dir.join(name)).ok().filter(|m| m.is_file()).map(|m| m.len());
