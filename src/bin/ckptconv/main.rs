@@ -513,7 +513,10 @@ fn write_out(
         }
         if !there.is_empty() {
             let names: Vec<&str> = there.iter().map(|n| n.as_str()).collect();
-            say!("ckptconv: removed what an earlier conversion finished with ({}): --finish writes it", names.join(", "));
+            say!(
+                "ckptconv: removed what an earlier conversion finished with ({}): --finish writes it",
+                names.join(", ")
+            );
         }
     }
     if out.finish {
