@@ -47,7 +47,10 @@ PARTS = [1, 2, 4]
 JOBS = [1, 2, 4]
 TARGET_OVERHEAD = 0.10
 RAY = str(Path(sys.executable).parent / "ray")
-ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO / "python")}
+# Nothing reported anywhere, the node on loopback (Ray ignores --node-ip-address=127.0.0.1 otherwise), and token
+# authentication, which Ray turns on for a head started when ~/.ray/auth_token exists.
+ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+       "PYTHONPATH": str(REPO / "python")}
 
 
 def start_ray(tmp):
