@@ -26,4 +26,5 @@ bench-all: setup
 	.venv/bin/python bench/bench_io.py
 	.venv/bin/python bench/bench_wasi.py
 	.venv/bin/python bench/bench_scale.py
+	.venv/bin/python bench/bench_parts.py
 	node bench/bench_web.mjs
