@@ -13,9 +13,11 @@ Tools, each into an emptied scratch folder, interleaved per repetition and mode 
 Modes: hot = the input read once untimed, then the tool; disk = `sync`, page cache dropped, the tool and its `sync`
 timed. Peak RSS is GNU time's %M of the tool's process (for Ray, the driver's; the parts' ckptconv processes are
 Ray's workers' children). On the first repetition every output must equal single's (SHA-256 per file).
-Then `--jobs`: `ckptconv convert --jobs J` (J = 1, 2, 4) into a folder on /dev/shm (tmpfs), the input hot: how far one
+Then the same conversion through a driver that is connected already (`ckptconv_ray.convert_checkpoint` in a
+long-lived process, as a conversion service runs it: Ray's workers started by an untimed first conversion),
+interleaved with `single` again. Then `--jobs`: `ckptconv convert --jobs J` (J = 1, 2, 4) into a folder on /dev/shm (tmpfs), the input hot: how far one
 process scales when the disk is not the limit.
-Target (issue "Scale-out"): Ray at N = 1 within 10% of one process. Medians, then JSON into bench/data/parts_result.json.
+Target (issue "Scale-out"): Ray at N = 1 within 10% of one process (reported for both drivers). Medians, then JSON into bench/data/parts_result.json.
 
 Run:  .venv/bin/python bench/bench_parts.py [--reps 3] [--modes hot,disk]
 """
@@ -67,6 +69,65 @@ def start_ray(tmp):
 
 def stop_ray():
     subprocess.run([RAY, "stop", "--force"], env=ENV, capture_output=True)
+
+
+WARM_SERVER = """import json, subprocess, sys, time, ray, ckptconv_ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+for line in sys.stdin:
+    job = json.loads(line)
+    t0 = time.perf_counter()
+    ckptconv_ray.convert_checkpoint(job["in"], job["out"], job["parts"], job["flags"], ckptconv=job["ckptconv"],
+                                    quiet=True)
+    if job["sync"]:
+        subprocess.run(["sync"], check=True)
+    print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
+"""
+
+
+def warm_driver(binary, address, modes, reps, out):
+    """One conversion through a driver that is already connected (ckptconv_ray.convert_checkpoint in a long-lived
+    process, after one untimed conversion started Ray's workers), interleaved with one `ckptconv convert`, timed as
+    bench_zero.measure times them: {(mode, tool): [seconds]}."""
+    server = subprocess.Popen([sys.executable, "-c", WARM_SERVER, address], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=ENV)
+    drop = "disk" in modes and bench_io.can_drop()
+
+    def convert_warm(sync):
+        job = {"in": str(SRC), "out": str(out / "hf"), "parts": 1, "flags": SHARDS, "ckptconv": binary, "sync": sync}
+        server.stdin.write(json.dumps(job) + "\n")
+        server.stdin.flush()
+        line = server.stdout.readline()
+        if not line:
+            raise SystemExit("the warm driver stopped (see its stderr above)")
+        return json.loads(line)["seconds"]
+
+    runs = {(m, t): [] for m in modes for t in ("single", "ray 1 warm")}
+    try:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        convert_warm(False)  # starts the job's worker processes
+        for rep in range(reps):
+            for mode in modes:
+                for tool in ("single", "ray 1 warm"):
+                    shutil.rmtree(out, ignore_errors=True)
+                    out.mkdir(parents=True)
+                    if mode == "hot":
+                        bench_zero.warm([(SRC, None)])
+                    subprocess.run(["sync"], check=True)
+                    if mode == "disk" and drop:
+                        bench_io.DROP.write_text("3\n")
+                    if tool == "single":
+                        argv = [binary, "convert", str(SRC), str(out / "hf"), *SHARDS, "--quiet"]
+                        secs = (bench_pt.timed(argv) if mode == "hot" else bench_io.timed(argv, {}, False))[0]
+                    else:
+                        secs = convert_warm(mode == "disk")
+                    runs[(mode, tool)].append(secs)
+                    print(f"rep {rep + 1}/{reps}  {mode:<4} {tool:<11} {secs:7.2f} s", flush=True)
+    finally:
+        server.stdin.close()
+        server.wait(timeout=60)
+        shutil.rmtree(out, ignore_errors=True)
+    return runs
 
 
 def jobs_on_tmpfs(binary, reps):
@@ -126,6 +187,7 @@ def main():
     try:
         runs, drop_how = bench_zero.measure(tools, modes, args.reps, out, {n: [(SRC, None)] for n in tools}, [SRC],
                                             check, LOG)
+        warm = warm_driver(args.ckptconv, address, modes, args.reps, out)
     finally:
         stop_ray()
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -164,6 +226,14 @@ def main():
         print(f"{mode}: Ray at N = 1 is {100 * over:+.1f}% over one process (target <= {100 * TARGET_OVERHEAD:.0f}%: "
               f"{'met' if over <= TARGET_OVERHEAD else 'NOT met'})")
 
+    warm_med = {k: statistics.median(v) for k, v in warm.items()}
+    for mode in modes:
+        over = warm_med[(mode, "ray 1 warm")] / warm_med[(mode, "single")] - 1
+        verdict[mode]["ray1_warm_overhead"] = over
+        print(f"{mode}: through a connected driver (convert_checkpoint), Ray at N = 1 is {100 * over:+.1f}% over one "
+              f"process ({warm_med[(mode, 'ray 1 warm')]:.2f} s vs {warm_med[(mode, 'single')]:.2f} s; target <= "
+              f"{100 * TARGET_OVERHEAD:.0f}%: {'met' if over <= TARGET_OVERHEAD else 'NOT met'})")
+
     jobs = jobs_on_tmpfs(args.ckptconv, args.reps)
     jmed = {j: statistics.median(r["seconds"] for r in rs) for j, rs in jobs.items()}
     for j in JOBS:
@@ -173,7 +243,7 @@ def main():
     result = {"input": str(SRC), "input_bytes": size, "shards": SHARDS, "reps": args.reps, "cache_drop": drop_how,
               "ray_start_seconds": ray_start, "cpus": os.cpu_count(),
               "median": {f"{m}: {n}": v for (m, n), v in med.items()}, "ratios": rat, "verdict": verdict,
-              "ray_steps": steps, "jobs_tmpfs": {"median_seconds": jmed, "runs": jobs},
+              "ray_steps": steps, "warm_driver": {f"{m}: {t}": v for (m, t), v in warm.items()}, "jobs_tmpfs": {"median_seconds": jmed, "runs": jobs},
               "runs": {f"{m}: {n}": v for (m, n), v in runs.items()}, "ray_breakdown": breakdown,
               "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (DATA / "parts_result.json").write_text(json.dumps(result, indent=1))

@@ -20,5 +20,16 @@ What the cluster needs:
 Without --address the driver starts a local cluster (--num-cpus CPUs, no dashboard) and stops it at the end.
 Each part's task declares --jobs CPUs and --memory bytes, so Ray runs as many parts at once as the nodes hold.
 
+From Python, e.g. a service converting many checkpoints on one connection (Ray's worker processes are then started
+once, not per conversion):
+
+  ray.init(address="auto")
+  ckptconv_ray.convert_checkpoint("/shared/in/actor", "/shared/out/hf", 8, ["--max-shard-size", "5GB"],
+                                  ckptconv="/shared/bin/ckptconv", quiet=True)
+
 The same conversion without Ray: scripts/slurm/ (an array job of parts, then the finishing step).
 """
+
+from ckptconv_ray.driver import DriverError, convert_checkpoint
+
+__all__ = ["DriverError", "convert_checkpoint"]

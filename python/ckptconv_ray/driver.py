@@ -192,8 +192,7 @@ def refuse_unreachable(address):
 
 
 def connect(opts):
-    """ray.init: the given cluster, or a local one without a dashboard. Refuses a cluster where no node can hold a
-    part's task (Ray would wait for one forever)."""
+    """ray.init: the given cluster, or a local one without a dashboard."""
     common = {"log_to_driver": False, "logging_level": logging.ERROR if opts.quiet else logging.WARNING}
     if not opts.address:
         ray.init(num_cpus=opts.num_cpus, include_dashboard=False, **common)
@@ -205,10 +204,14 @@ def connect(opts):
             hint = "" if os.environ.get("RAY_AUTH_MODE") == "token" else (
                 " (a cluster with token authentication also needs RAY_AUTH_MODE=token here)")
             raise DriverError(f"{e}{hint}") from None
-    signal.signal(signal.SIGTERM, interrupt)  # after ray.init, which installs its own
+    if opts.handle_sigterm:
+        signal.signal(signal.SIGTERM, interrupt)  # after ray.init, which installs its own
+
+
+def check_fits(opts):
+    """Refuses a cluster where no node can hold a part's task (Ray would wait for one forever)."""
     if not any(node["Alive"] and node["Resources"].get("CPU", 0) >= opts.jobs
                and node["Resources"].get("memory", 0) >= opts.memory for node in ray.nodes()):
-        ray.shutdown()
         raise DriverError(f"no node of the Ray cluster has {opts.jobs} CPU(s) and {opts.memory} bytes of memory "
                           "for a part (lower --jobs or --memory)")
 
@@ -269,13 +272,19 @@ def convert(opts, flags):
     plan = json.loads(run_here(command + ["--plan-parts", str(opts.parts)], "planning", capture=True))
     clear_outputs(plan, opts.out, opts.force)
     lap("plan")
-    connect(opts)
+    # A caller that is connected already (a service converting many checkpoints) keeps its connection: the job's
+    # worker processes, started for its first conversion, serve the next ones.
+    own = not ray.is_initialized()
+    if own:
+        connect(opts)
     lap("connect")
     try:
+        check_fits(opts)
         parts = run_parts(opts, plan, command, say)
         lap("parts")
     finally:
-        ray.shutdown()
+        if own:
+            ray.shutdown()
     lap("shutdown")
     total = sum(p["bytes"] for p in parts)
     say(f"{len(parts)} part(s), {total / 1e6:.2f} MB in {timings['parts']:.2f} s; finishing")
@@ -291,10 +300,30 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def convert_checkpoint(input, out, parts, flags=(), **options):
+    """The driver as a function, for a long-lived Python process (e.g. a service converting uploads): plans, runs the
+    parts and finishes as `python -m ckptconv_ray IN OUT --parts N` does, `flags` passed to ckptconv convert and
+    `options` named as the command line's (ckptconv=, max_retries=, jobs=, memory=, verify=, force=, quiet=, ...).
+    When the caller has connected with ray.init, that connection is used and left open, so Ray's worker processes
+    are started once for all conversions; otherwise the call connects (address=, num_cpus=) and disconnects. Returns
+    the timings (seconds per step, per-part results); raises DriverError."""
+    argv = [str(input), str(out), "--parts", str(parts)]
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        argv += [flag] if value is True else [] if value in (None, False) else [flag, str(value)]
+    try:
+        opts, rest = parse(argv + [str(f) for f in flags])
+    except SystemExit:
+        raise DriverError(f"bad options: {argv[3:]} {list(flags)} (argparse's message above)", 2) from None
+    opts.handle_sigterm = False
+    return convert(opts, rest)
+
+
 def main(argv=None):
     """The command line: exit 0 when OUT is finished, 1 on a failure (one clear line), 2 on a usage error, 130 when
     interrupted (SIGINT or SIGTERM)."""
     opts, flags = parse(argv)
+    opts.handle_sigterm = True
     try:
         timings = convert(opts, flags)
     except DriverError as e:

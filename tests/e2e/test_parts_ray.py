@@ -336,3 +336,33 @@ def test_slurm_submit_queues_array_and_dependent_finish(binary, tmp_path):
         f"--parsable --dependency=afterok:42 {SLURM / 'ckptconv-finish.sbatch'} {' '.join(flags)} | {job_env}",
     ]
     assert not (tmp_path / "out").exists(), "submit.sh wrote output itself"
+
+
+API = """import json, sys, ray
+import ckptconv_ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+binary, inp, outs, flags = sys.argv[2], sys.argv[3], sys.argv[4:6], json.loads(sys.argv[6])
+runs = [ckptconv_ray.convert_checkpoint(inp, out, 3, flags, ckptconv=binary, quiet=True) for out in outs]
+print(json.dumps({"connected": ray.is_initialized(), "parts": [len(r["per_part"]) for r in runs]}))
+try:
+    ckptconv_ray.convert_checkpoint(inp, outs[0], 3, flags, ckptconv=binary, quiet=True)
+except ckptconv_ray.DriverError as e:
+    print(json.dumps({"refused": str(e)}))
+"""
+
+
+def test_python_api_converts_on_the_callers_connection(binary, ray_address, tmp_path):
+    """A long-lived process (a conversion service) connects once and converts twice through convert_checkpoint;
+    the connection stays its own, both outputs equal one convert's, and an existing output is refused."""
+    inp, flags = CASES["pt"]
+    want = convert_once(binary, inp, tmp_path / "want", flags)
+    outs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    env = {**os.environ, **RAY_ENV, "PYTHONPATH": str(REPO / "python")}
+    r = subprocess.run([sys.executable, "-c", API, ray_address, binary, str(inp), *outs, json.dumps(flags)],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert lines[0] == {"connected": True, "parts": [3, 3]}, lines
+    assert "already exist; pass --force" in lines[1]["refused"], lines
+    for out in outs:
+        assert_same_files(Path(out), want)
