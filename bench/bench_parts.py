@@ -207,7 +207,7 @@ def main():
                 **{k: statistics.median(r[k] for r in mine) for k in ("plan", "connect", "parts", "shutdown", "finish",
                                                                        "total")},
                 "part_seconds_median": statistics.median(part_secs),
-                "attempts_max": max(p["attempts"] for r in mine for p in r["per_part"]),
+                "attempts_max": max((p["attempts"] or 1) for r in mine for p in r["per_part"]),
                 "outside_driver": statistics.median(runs[(mode, name)][i]["seconds"] - mine[i]["total"]
                                                     for i in range(len(mine))),
             }

@@ -79,9 +79,16 @@ def run_part(cmd):
         raise PartKilled(f"ckptconv was killed by signal {-proc.returncode}")
     if proc.returncode:
         raise PartFailed(err.strip() or f"ckptconv exited with {proc.returncode}")
-    # Ray keeps the attempt number (0 for the first run) on the core worker only.
-    attempt = ray._private.worker.global_worker.core_worker.get_current_task_attempt_number()
-    return {"seconds": time.monotonic() - start, "attempts": attempt + 1, "node": ray.util.get_node_ip_address()}
+    return {"seconds": time.monotonic() - start, "attempts": attempt_number(), "node": ray.util.get_node_ip_address()}
+
+
+def attempt_number():
+    """Which run of this task this is (1 for the first), for reports only: Ray keeps it on the core worker, with no
+    public call; None if a Ray version moves it."""
+    try:
+        return ray._private.worker.global_worker.core_worker.get_current_task_attempt_number() + 1
+    except AttributeError:
+        return None
 
 
 def parse(argv):
@@ -239,7 +246,7 @@ def run_parts(opts, plan, command, say):
                 raise DriverError(f"part {g['part']}/{n} failed: {getattr(e, 'cause', None) or e}") from None
             results.append({"part": g["part"], "files": len(g["files"]), "bytes": g["bytes"], **r})
             say(f"part {g['part']}/{n}: {len(g['files'])} file(s), {g['bytes'] / 1e6:.2f} MB in {r['seconds']:.2f} s "
-                f"on {r['node']}" + (f" (attempt {r['attempts']})" if r["attempts"] > 1 else ""))
+                f"on {r['node']}" + (f" (attempt {r['attempts']})" if (r["attempts"] or 1) > 1 else ""))
     except BaseException:
         for ref in pending:
             ray.cancel(ref)
