@@ -17,8 +17,11 @@ const { WASI } = await import('node:wasi');
 // Baseline (Liftoff) code only. With V8's default tier-up, optimizing compilation runs on background threads, and a
 // process that exits while it does (a usage error, a quick refusal) crashed with SIGSEGV in about 1 of 25 runs on a
 // loaded machine; Liftoff alone compiles before instantiation and was as fast on the conversions measured (a 400 MB
-// .pt to fp16: 1.23 s against 1.41 s with tier-up, and 72 against 102 MiB peak RSS).
-(await import('node:v8')).setFlagsFromString('--no-wasm-tier-up --no-wasm-dynamic-tiering');
+// .pt to fp16: 1.23 s against 1.41 s with tier-up, and 72 against 102 MiB peak RSS). No incremental marking: the
+// memory-pressure GC that growing a big wasm memory triggers then finished an incremental mark and crashed Node 20
+// (V8 "unreachable code" in ProcessEphemerons) in 2 of 6 runs of tests/e2e/test_hostile.py's zstd budget case; 0 of
+// 10 without it. The JS heap here is small: full marking costs nothing.
+(await import('node:v8')).setFlagsFromString('--no-wasm-tier-up --no-wasm-dynamic-tiering --no-incremental-marking');
 
 const module = await WebAssembly.compile(readFileSync(new URL('../web/pkg/ckptconv_cli.wasm', import.meta.url)));
 const wasi = new WASI({
