@@ -35,7 +35,6 @@ import bench_io  # noqa: E402
 import bench_pt  # noqa: E402
 import bench_zero  # noqa: E402  (measure, summarize, print_table)
 from bench_pt import DATA, REPO, SRC, bench_args, generate_in_child  # noqa: E402
-from bench_wasi import tree_digest  # noqa: E402
 
 bench_pt.RSS_FILE = bench_io.RSS_FILE = DATA / "rss_npx.txt"  # our own, so a concurrent bench cannot clobber it
 LOG = DATA / "bench_npx.log"
@@ -107,17 +106,7 @@ def main():
             "npx url": [str(npx), "convert", url, str(out / "hf"), "--quiet"],
             "npx file": [str(npx), "convert", str(SRC), str(out / "hf"), "--quiet"],
         }
-        digests = {}
-
-        def check(name, rep, mode, folder):
-            if name == "cp" or rep > 0 or mode != modes[0]:
-                return
-            digests[name] = tree_digest(folder / "hf")
-            assert digests[name], f"{name} wrote nothing"
-            if name != "native" and digests[name] != digests["native"]:
-                raise SystemExit(f"{name}: output differs from native's")
-            print(f"rep 1: {name} output {'(reference)' if name == 'native' else 'byte-identical to native'}")
-
+        check = bench_zero.same_output_as("native", modes)
         size = SRC.stat().st_size
         print(f"input {SRC.name}: {size / 1e9:.2f} GB; {args.reps} reps of modes {modes}; served by {args.server} at {url}; "
               f"load {bench_io.loadavg():.1f}", flush=True)

@@ -39,7 +39,6 @@ import bench_io  # noqa: E402
 import bench_pt  # noqa: E402
 import bench_zero  # noqa: E402  (measure, summarize, print_table)
 from bench_pt import DATA, REPO, SRC, bench_args, generate_in_child  # noqa: E402
-from bench_wasi import tree_digest  # noqa: E402
 
 bench_pt.RSS_FILE = bench_io.RSS_FILE = DATA / "rss_parts.txt"  # our own, so a concurrent bench cannot clobber it
 LOG = DATA / "bench_parts.log"
@@ -167,18 +166,12 @@ def main():
         tools[f"ray {n}"] = [*driver, str(SRC), str(out / "hf"), "--parts", str(n), "--address", address,
                              "--ckptconv", args.ckptconv, *SHARDS, "--quiet", "--timings", str(TIMINGS)]
     breakdown = {name: [] for name in tools if name.startswith("ray")}
-    digests = {}
+    same_output = bench_zero.same_output_as("single", modes)
 
     def check(name, rep, mode, folder):
         if name in breakdown:
             breakdown[name].append({"mode": mode, **json.loads(TIMINGS.read_text())})
-        if name == "cp" or rep > 0 or mode != modes[0]:
-            return
-        digests[name] = tree_digest(folder / "hf")
-        assert digests[name], f"{name} wrote nothing"
-        if name != "single" and digests[name] != digests["single"]:
-            raise SystemExit(f"{name}: output differs from single's")
-        print(f"rep 1: {name} output {'(reference)' if name == 'single' else 'byte-identical to single'}")
+        same_output(name, rep, mode, folder)
 
     print(f"input {SRC.name}: {size / 1e9:.2f} GB; {args.reps} reps of modes {modes}; Ray head at {address} "
           f"(started in {ray_start:.1f} s); load {bench_io.loadavg():.1f}", flush=True)

@@ -357,6 +357,25 @@ def warm(reads):
                     n -= k
 
 
+def same_output_as(reference, modes):
+    """A check for measure(): on the first repetition of the first mode, the files each tool writes under OUT/hf
+    (SHA-256 per file) must be `reference`'s (`cp` is not checked); a difference stops the benchmark."""
+    from bench_wasi import tree_digest
+
+    digests = {}
+
+    def check(name, rep, mode, folder):
+        if name == "cp" or rep > 0 or mode != modes[0]:
+            return
+        digests[name] = tree_digest(folder / "hf")
+        assert digests[name], f"{name} wrote nothing"
+        if name != reference and digests[name] != digests[reference]:
+            raise SystemExit(f"{name}: output differs from {reference}'s")
+        print(f"rep 1: {name} output {'(reference)' if name == reference else f'byte-identical to {reference}'}")
+
+    return check
+
+
 def tree_bytes(folder):
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 

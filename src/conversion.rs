@@ -244,23 +244,9 @@ impl Conversion {
         self.adapter
     }
 
-    /// Every output file's name, in writing order.
-    pub fn names(&self) -> Vec<String> {
-        self.files.iter().map(|f| f.name.clone()).collect()
-    }
-
-    /// Tensor bytes written in all (the model's and the save helpers'), for progress.
-    pub fn tensor_bytes(&self) -> u64 {
-        self.planned.plan.total_bytes() + self.helpers.iter().map(Plan::total_bytes).sum::<u64>()
-    }
-
-    /// Writes every output file into `sink` (the caller commits); `progress` gets the tensor bytes done so far.
-    pub fn write(&self, sink: &mut dyn Sink, progress: &mut dyn FnMut(u64)) -> Result<()> {
-        crate::write::drive(self, sink, progress)
-    }
-
-    /// Writes output files `which` (indices into [`OutputSet::files`]) into `sink`, as [`Conversion::write`]
-    /// does: one part of a split ([`crate::write::parts`]), or the finishing files.
+    /// Writes output files `which` (indices into [`OutputSet::files`], in that order: every file, one part of a
+    /// split ([`crate::write::parts`]) or the finishing files) into `sink`; the caller commits. `progress` gets the
+    /// tensor bytes done so far ([`crate::write::parts::Subset::tensor_bytes`] in all).
     pub fn write_files(&self, which: &[usize], sink: &mut dyn Sink, progress: &mut dyn FnMut(u64)) -> Result<()> {
         crate::write::drive(&crate::write::parts::Subset::new(self, which), sink, progress)
     }

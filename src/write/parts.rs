@@ -44,6 +44,11 @@ pub fn is_data(file: &OutputFile) -> bool {
     file.segments.iter().any(|s| matches!(s, Segment::Tensors { .. } | Segment::TorchSave { .. }))
 }
 
+/// The data files of `files`, in writing order.
+pub fn data_files(files: &[OutputFile]) -> Vec<usize> {
+    (0..files.len()).filter(|&i| is_data(&files[i])).collect()
+}
+
 /// The finishing files of `files`, in writing order.
 pub fn finishing(files: &[OutputFile]) -> Vec<usize> {
     (0..files.len()).filter(|&i| !is_data(&files[i])).collect()
@@ -74,8 +79,7 @@ pub fn split(files: &[OutputFile], which: &[usize], n: usize) -> Vec<Vec<usize>>
 
 /// The data files of part `part`, in writing order.
 pub fn part_files(files: &[OutputFile], part: Part) -> Vec<usize> {
-    let data: Vec<usize> = (0..files.len()).filter(|&i| is_data(&files[i])).collect();
-    split(files, &data, part.count).swap_remove(part.index - 1)
+    split(files, &data_files(files), part.count).swap_remove(part.index - 1)
 }
 
 /// Data files that are not in `dir` as they should be: `(name, found size or None, planned size)`, given the size

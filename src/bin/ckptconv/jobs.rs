@@ -20,8 +20,7 @@ pub type Build<'a> = dyn Fn() -> Result<Conversion> + Sync + 'a;
 pub fn parts_json(conv: &Conversion, n: usize) -> serde_json::Value {
     let files = conv.files();
     let entry = |i: &usize| serde_json::json!({"name": files[*i].name, "size": files[*i].size});
-    let data: Vec<usize> = (0..files.len()).filter(|&i| parts::is_data(&files[i])).collect();
-    let groups: Vec<serde_json::Value> = parts::split(files, &data, n)
+    let groups: Vec<serde_json::Value> = parts::split(files, &parts::data_files(files), n)
         .iter()
         .enumerate()
         .map(|(k, g)| {
@@ -74,7 +73,7 @@ pub fn write(
         }
         stop.store(true, Ordering::SeqCst);
     };
-    let mut sinks = std::thread::scope(|s| {
+    let sinks = std::thread::scope(|s| {
         let handles: Vec<_> = groups
             .iter()
             .enumerate()
@@ -110,7 +109,7 @@ pub fn write(
     if let Some(e) = failure.into_inner().ok().flatten() {
         return Err(e);
     }
-    let mut out: Vec<DirSink> = sinks.drain(..).map(|s| s.ok_or_else(stopped)).collect::<Result<_>>()?;
+    let mut out: Vec<DirSink> = sinks.into_iter().map(|s| s.ok_or_else(stopped)).collect::<Result<_>>()?;
     out.push(sink);
     Ok(out)
 }

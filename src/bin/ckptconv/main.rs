@@ -523,7 +523,7 @@ fn write_out(
         let size_of = |name: &str| std::fs::metadata(out_dir.join(name)).ok().filter(|m| m.is_file()).map(|m| m.len());
         let missing = parts::missing(files, &size_of);
         if !missing.is_empty() {
-            let data = files.iter().filter(|f| parts::is_data(f)).count();
+            let data = parts::data_files(files).len();
             return Err(parts::missing_error(&missing, data).in_file(&out_dir.display().to_string()));
         }
     }
@@ -533,7 +533,7 @@ fn write_out(
         say!("ckptconv: {n}");
     }
     if let (Some(p), true) = (&part, which.is_empty()) {
-        let data = files.iter().filter(|f| parts::is_data(f)).count();
+        let data = parts::data_files(files).len();
         say!("ckptconv: {p} has nothing to write: the output has {data} data file(s)");
         return Ok(false);
     }
