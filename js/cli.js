@@ -76,6 +76,23 @@ const host = {
       return failed(e);
     }
   },
+  url_copy(handle, offset, len, pathPtr, pathLen, at) {
+    // No answer: the fetcher writes the range while the module goes on; url_flush waits for it.
+    const path = new TextDecoder().decode(memory().slice(pathPtr, pathPtr + pathLen));
+    fetcher?.postMessage({ type: 'copy', src: handle, offset: Number(offset), len: Number(len), path, at: Number(at) });
+  },
+  url_flush(cancel, offsetPtr) {
+    try {
+      const done = JSON.parse(new TextDecoder().decode(blocking({ type: 'flush', cancel: cancel !== 0 }, 4096)));
+      if (done.message === undefined) return 0;
+      lastError = done.message;
+      new DataView(instance.exports.memory.buffer).setBigUint64(offsetPtr, BigInt(done.offset), true);
+      // A failed write comes back as its (positive) Linux errno, a failed read as minus its message's length.
+      return done.errno ?? -Math.max(1, enc.encode(lastError).length);
+    } catch (e) {
+      return failed(e);
+    }
+  },
   url_hint(handle, offset, len, piece) {
     fetcher?.postMessage({ type: 'hint', src: handle, offset: Number(offset), len: Number(len), piece: Number(piece) });
   },

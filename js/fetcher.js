@@ -1,11 +1,14 @@
 // The URL reader of `npx ckptconv` (cli.js): a worker thread that opens URLs and reads their ranges (range.js)
 // while the CLI's thread sleeps on the answer (bridge.js). Messages: {type: 'open', url} answered with the JSON
 // {handle, size}; {type: 'read', src: handle, offset, len} answered with the bytes; {type: 'hint', src, offset, len,
-// piece} (no answer) starts fetching a range that pieces of `piece` bytes will read next. Errors name no URL: the
-// CLI's message names it.
-import { parentPort } from 'node:worker_threads';
+// piece} (no answer) starts fetching a range that pieces of `piece` bytes will read next; {type: 'copy', src,
+// offset, len, path, at} (no answer) queues a copy of a range into a file; {type: 'flush', cancel} answers once the
+// queued copies are written (or, with cancel, dropped): the JSON {} or {message, errno?, offset, len} of the first
+// that failed. Errors name no URL: the CLI's message names it.
+import { closeSync, openSync } from 'node:fs';
+import { parentPort, Worker } from 'node:worker_threads';
 import { answer } from './bridge.js';
-import { UrlFile } from '../web/www/range.js';
+import { MAX_PIECE, UrlFile } from '../web/www/range.js';
 import { nodeFetch } from './nodefetch.js';
 
 const files = [];
@@ -13,9 +16,156 @@ const detail = (e) => {
   throw new Error(e?.detail ?? e?.message ?? String(e));
 };
 
+// Copies: verbatim ranges of a URL written into an output file, so that they never pass through the module (two
+// copies fewer) and the module goes on meanwhile; it asks for them to be finished (flush) before it closes the
+// file. This thread receives; writer.js writes, in pieces of SLAB as they were received: each read's memory goes
+// to the writer as it is (js/nodefetch.js's claim) and the connection reads on into a free slab. STREAMS requests
+// are in flight at once, so one request's latency hides behind another's bytes.
+const STREAMS = 2;
+/** One read's buffer, and one write: small enough to stay in the CPU's cache on the way (README). */
+const SLAB = 256 << 10;
+/** Slabs with the writer at most before reading pauses (a slow disk). */
+const WRITING = 16;
+/** Requests not yet started: {f, offset, len, path, at}, each at most MAX_PIECE long. */
+const queue = [];
+let active = 0;
+let failure = null;
+/** Output files open for copies, by path (closed at flush). */
+const outputs = new Map();
+/** Flushes waiting for the queue to drain. */
+const waiting = [];
+
+let writer = null;
+/** Slabs back from the writer; slabs given to connections to read into (WeakSet: a dead connection's go too). */
+const free = [];
+const lent = new WeakSet();
+let writing = 0;
+let writeError = null;
+/** Readers held back until the writer has fewer than WRITING slabs (woken one per slab back); flushes waiting for
+ * it to have none. */
+const held = [];
+const drained = [];
+/** Wakes what waits for slabs to come back. */
+function returned() {
+  while (held.length > 0 && writing < WRITING) held.shift()();
+  if (writing === 0) for (const f of drained.splice(0)) f();
+}
+
+function startWriter() {
+  writer = new Worker(new URL('./writer.js', import.meta.url));
+  writer.unref();
+  // A writer that cannot run fails the copies (its slabs are gone with it); nothing waits for them.
+  const lost = (e) => {
+    writeError ??= Object.assign(new Error(`the writer thread stopped (${e?.message ?? e})`), { errno: -5, syscall: 'write' });
+    writing = 0;
+    returned();
+  };
+  writer.on('error', lost);
+  writer.on('exit', (code) => lost(`exit code ${code}`));
+  writer.on('message', ({ buffer, errno }) => {
+    writing--;
+    free.push(buffer);
+    if (errno && !writeError)
+      writeError = Object.assign(new Error(`write failed (errno ${errno})`), { errno: -errno, syscall: 'write' });
+    returned();
+  });
+}
+
+const slab = () => free.pop() ?? new ArrayBuffer(SLAB);
+
+/** Sends bytes `offset .. offset + len` of `buffer` (given away) to be written at `position` of `fd`. */
+function send(buffer, offset, len, fd, position) {
+  if (!writer) startWriter();
+  writing++;
+  writer.postMessage({ buffer, offset, len, fd, position }, [buffer]);
+}
+
+/** Hands a received chunk to the writer: its own memory when it may be claimed, else a copy; a promise while the
+ * writer is behind. */
+function put(fd, position, chunk, claim) {
+  if (writeError) throw writeError;
+  if (claim && lent.has(chunk.buffer)) {
+    const next = slab();
+    lent.add(next);
+    claim(new Uint8Array(next));
+    send(chunk.buffer, chunk.byteOffset, chunk.length, fd, position);
+  } else {
+    for (let done = 0; done < chunk.length; done += SLAB) {
+      const n = Math.min(SLAB, chunk.length - done);
+      const b = slab();
+      new Uint8Array(b, 0, n).set(chunk.subarray(done, done + n));
+      send(b, 0, n, fd, position + done);
+    }
+    // The connection's own buffer: from now on it reads into slabs.
+    if (claim) {
+      const next = slab();
+      lent.add(next);
+      claim(new Uint8Array(next));
+    }
+  }
+  return writing >= WRITING ? new Promise((ok) => held.push(ok)) : undefined;
+}
+
+function queueCopy({ src, offset, len, path, at }) {
+  if (failure) return;
+  for (let done = 0; done < len; done += MAX_PIECE) {
+    const n = Math.min(MAX_PIECE, len - done);
+    queue.push({ f: files[src], offset: offset + done, len: n, path, at: at + done });
+  }
+  pump();
+}
+
+function pump() {
+  while (!failure && active < STREAMS && queue.length > 0) {
+    const job = queue.shift();
+    active++;
+    run(job)
+      .catch((e) => {
+        // A file system error (it names its system call) is the output's: its Linux errno goes back (EIO without).
+        const errno = e?.syscall ? (Number.isInteger(e.errno) && e.errno < 0 ? -e.errno : 5) : undefined;
+        failure ??= { message: e?.detail ?? e?.message ?? String(e), errno, offset: job.offset, len: job.len };
+        queue.length = 0;
+      })
+      .finally(() => {
+        active--;
+        pump();
+      });
+  }
+  if (active === 0 && queue.length === 0) for (const w of waiting.splice(0)) w();
+}
+
+async function run({ f, offset, len, path, at }) {
+  let fd = outputs.get(path);
+  if (fd === undefined) outputs.set(path, (fd = openSync(path, 'r+')));
+  await f.stream(offset, len, (chunk, got, claim) => put(fd, at + got, chunk, claim));
+}
+
+/** Waits for the queued copies (dropping those not started, with `cancel`); then closes the outputs. */
+async function flush(cancel) {
+  if (cancel) queue.length = 0;
+  if (active > 0 || queue.length > 0) await new Promise((ok) => waiting.push(ok));
+  if (writing > 0) await new Promise((ok) => drained.push(ok));
+  if (writeError) {
+    failure ??= { message: writeError.message, errno: -writeError.errno, offset: 0, len: 0 };
+    writeError = null;
+  }
+  for (const fd of outputs.values()) {
+    try {
+      closeSync(fd);
+    } catch (e) {
+      failure ??= { message: e.message, errno: -e.errno || 5, offset: 0, len: 0 };
+    }
+  }
+  outputs.clear();
+  const answered = cancel ? {} : (failure ?? {});
+  failure = null;
+  return answered;
+}
+
 parentPort.on('message', (msg) => {
-  // A hint asks for no answer: the range is fetched ahead for the reads that follow it.
+  // Hints and copies ask for no answer.
   if (msg.type === 'hint') return files[msg.src]?.hint(msg.offset, msg.len, msg.piece);
+  if (msg.type === 'copy') return queueCopy(msg);
   let used = null;
   return answer(msg, async ({ type, url, src, offset, len }) => {
     if (type === 'open') {
@@ -23,6 +173,7 @@ parentPort.on('message', (msg) => {
       files.push(f);
       return new TextEncoder().encode(JSON.stringify({ handle: files.length - 1, size: f.size }));
     }
+    if (type === 'flush') return new TextEncoder().encode(JSON.stringify(await flush(msg.cancel)));
     used = await files[src].read(offset, len).catch(detail);
     return used;
   }).then(() => used && files[msg.src].recycle(used)); // copied into the shared buffer by now

@@ -4,6 +4,11 @@
 // node:http allocates every 64 KiB chunk and moved range answers from a local server at 600-940 MB/s where this
 // read 1.9 GB/s (8 MiB ranges, one at a time), and `npx ckptconv` reads URLs at the client's speed. Everything
 // else (https, chunked bodies) goes through node:http/node:https.
+//
+// `fn(chunk, claim)`: a chunk read straight into the connection's buffer comes with `claim(next)`, which keeps the
+// chunk's memory for the caller (a writer thread writes it where it was received, no copy) and gives the
+// connection `next` to read into from then on; a chunk without `claim` is valid only during the call. When `fn`
+// returns a promise, reading pauses until it settles (a writer that is behind).
 import http from 'node:http';
 import https from 'node:https';
 import net from 'node:net';
@@ -56,13 +61,13 @@ function moduleGet(u, { headers = {}, signal } = {}) {
 
 /** A keep-alive connection to `host:port` reading into one reused buffer; `on` routes its events. */
 function connect(host, port) {
-  const conn = { host, port, on: null, closed: false };
-  const buffer = Buffer.allocUnsafe(READ_BUFFER);
+  const conn = { host, port, on: null, closed: false, buffer: Buffer.allocUnsafe(READ_BUFFER) };
   conn.socket = net.connect({
     host,
     port,
-    // Returning false pauses reading: the buffer then holds bytes not yet handed on.
-    onread: { buffer, callback: (n, buf) => conn.on?.data(buf.subarray(0, n)) !== false },
+    // Returning false pauses reading: the buffer then holds bytes not yet handed on. Node asks for the buffer of
+    // the next read right after each callback: a claimed chunk's replacement, else the same one.
+    onread: { buffer: () => conn.buffer, callback: (n, buf) => conn.on?.data(buf.subarray(0, n), true) !== false },
   });
   conn.socket.on('error', (e) => conn.on?.error(e));
   conn.socket.on('close', () => {
@@ -110,24 +115,31 @@ function rawGet(u, { headers = {}, signal } = {}) {
     const abort = () => finish(signal.reason ?? new Error('aborted'));
     signal?.addEventListener('abort', abort, { once: true });
     let reuse = true;
-    const body = (chunk) => {
+    /** Hands on body bytes; `direct`: read just now into the connection's buffer (they may be claimed). */
+    const body = (chunk, direct) => {
       const n = Math.min(chunk.length, left);
       left -= n;
+      let wait = null;
       if (n) {
         // Reading is paused from the head until each() is called, so a reader is there for every body byte.
         if (!sink) return finish(new Error('body bytes arrived before anything read them'));
+        // Claimable only when the whole read is body: bytes of the next answer may follow in the same buffer.
+        const claim = direct && n === chunk.length ? (next) => void (conn.buffer = next) : undefined;
         try {
-          sink.fn(chunk.subarray(0, n));
+          wait = sink.fn(chunk.subarray(0, n), claim);
         } catch (e) {
           return finish(e);
         }
       }
-      if (left === 0) finish();
+      if (left === 0) return finish();
+      if (typeof wait?.then !== 'function') return undefined;
+      wait.then(() => done || conn.socket.resume());
+      return false;
     };
     conn.on = {
       error: (e) => finish(e),
-      data: (chunk) => {
-        if (sink || head === null) return body(chunk);
+      data: (chunk, direct) => {
+        if (sink || head === null) return body(chunk, direct);
         // Only the head is copied; the body bytes after it stay in the read buffer.
         const seen = head.length;
         head = Buffer.concat([head, chunk.subarray(0, MAX_HEAD)]);
@@ -164,8 +176,8 @@ function rawGet(u, { headers = {}, signal } = {}) {
                 sink = { fn, ok, fail };
                 const pending = early;
                 early = null;
-                if (pending.length) body(pending);
-                if (!done) conn.socket.resume();
+                const paused = pending.length ? body(pending, false) === false : false;
+                if (!done && !paused) conn.socket.resume();
               }),
             // Not reading the body: the connection cannot be reused.
             cancel: async () => finish(new Error('cancelled')),

@@ -6,12 +6,12 @@
 // it names, with the native error line when the server ignores Range.
 import assert from 'node:assert/strict';
 import { execFile, execFileSync, spawnSync } from 'node:child_process';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { mkdirSync, statSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { FIXTURES, NATIVE, PYTHON, ROOT, ensureBuilt, hashTree } from './harness.mjs';
+import { FIXTURES, NATIVE, PYTHON, ROOT, ensureBuilt, hashTree, makeBigPt } from './harness.mjs';
 import { serveFiles } from './rangeserver.mjs';
 
 const TESTS = dirname(FIXTURES);
@@ -141,5 +141,85 @@ describe('npx ckptconv, from the packed package', () => {
     const nativeUrl = await runAsync(NATIVE, ['inspect', url], join(dir, 'native-url'));
     assert.equal(nativeUrl.status, 1);
     assert.match(nativeUrl.stderr, /this build reads files only; `npx ckptconv` \(the npm package\) reads http\(s\) URLs/);
+  });
+
+  describe('a ~400 MB .pt from a URL: verbatim bytes go from the socket to the file in the host', () => {
+    let big, bigServer, url;
+    // The CLI's arguments: several shards, so that each file's copies are waited for before the next.
+    const args = (input) => ['convert', input, 'out', '--max-shard-size', '100MB'];
+    /** Bytes a `bytes=a-b` Range asks for (0 without one). */
+    const rangeLength = (range) => {
+      const m = /^bytes=(\d+)-(\d+)$/.exec(range ?? '');
+      return m ? Number(m[2]) - Number(m[1]) + 1 : 0;
+    };
+    before(async () => {
+      mkdirSync(join(scratch, 'big'));
+      big = join(scratch, 'big', 'qwen2_small_bf16.pt');
+      makeBigPt(big);
+      bigServer = await serveFiles(dirname(big));
+      url = bigServer.urlOf('qwen2_small_bf16.pt');
+    });
+    after(async () => bigServer?.close());
+
+    test('converts like the file it names, fetching each byte once; dropped connections are resumed', async () => {
+      const dir = join(scratch, `big${runs++}`);
+      const native = runIn(NATIVE, args(big), join(dir, 'native'));
+      assert.equal(native.status, 0, native.stderr);
+      const want = hashTree(join(dir, 'native'));
+      assert.ok(Object.keys(want).length >= 5, Object.keys(want).join(' '));
+      for (const mode of ['normal', 'drop']) {
+        bigServer.reset();
+        bigServer.mode = mode;
+        const r = await runAsync(bin, args(url), join(dir, mode));
+        bigServer.mode = 'normal';
+        assert.equal(r.status, 0, r.stderr);
+        assert.deepEqual(hashTree(join(dir, mode)), want, mode);
+        const sent = bigServer.bytesSent();
+        if (mode === 'normal') assert.ok(sent <= statSync(big).size * 1.01, `fetched ${sent} bytes`);
+        // Copies ask for up to 16 MiB at once; a dropped one was resumed after the half that came.
+        else assert.ok(bigServer.log.some((e) => e.dropped && rangeLength(e.range) > 1 << 20), 'no copy was dropped');
+      }
+    });
+
+    test('a file that changes mid-copy fails naming the URL, and leaves nothing', async () => {
+      const dir = join(scratch, `big${runs++}`);
+      bigServer.reset();
+      // Planning reads 4 KiB blocks: the first longer range is a copy, and every request after it sees the file
+      // one byte longer.
+      bigServer.onRequest = (req) => {
+        if (rangeLength(req.range) > 1 << 20) bigServer.mode = 'grow';
+      };
+      let r;
+      try {
+        r = await runAsync(bin, args(url), dir);
+      } finally {
+        bigServer.onRequest = null;
+        bigServer.mode = 'normal';
+      }
+      assert.equal(r.status, 1, r.stderr);
+      const size = statSync(big).size;
+      assert.match(
+        r.stderr.trim().split('\n').at(-1),
+        new RegExp(
+          `^ckptconv: error\\[io\\]: ${url}: I/O error: read at \\d+: the file changed while it was read: it had ${size} ` +
+            `bytes, now ${size + 1}$`,
+        ),
+      );
+      assert.deepEqual(hashTree(dir), {});
+    });
+
+    test('a write the system refuses fails with the native error line, and leaves nothing', async () => {
+      // A 1 MiB file size limit (EFBIG past it; SIGXFSZ ignored, as Node itself does): the first shard's copies fail.
+      const limited = ['-c', 'ulimit -f 1024; trap "" XFSZ; exec "$@"', 'limited'];
+      const dir = join(scratch, `big${runs++}`);
+      const native = await runAsync('bash', [...limited, NATIVE, ...args(big)], join(dir, 'native'));
+      const npx = await runAsync('bash', [...limited, bin, ...args(url)], join(dir, 'npx'));
+      assert.equal(native.status, 1, native.stderr);
+      assert.equal(npx.status, 1, npx.stderr);
+      const last = (r) => r.stderr.trim().split('\n').at(-1);
+      assert.match(last(native), /^ckptconv: error\[output\]: out\/\..*: File too large \(os error 27\)$/);
+      assert.equal(last(npx), last(native));
+      assert.deepEqual(hashTree(join(dir, 'npx')), {});
+    });
   });
 });

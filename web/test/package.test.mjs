@@ -27,6 +27,7 @@ const SHIPPED = [
   'js/index.js',
   'js/nodefetch.js',
   'js/worker.js',
+  'js/writer.js',
   'package.json',
   'web/pkg/ckptconv_cli.wasm',
   'web/pkg/ckptconv_web.d.ts',

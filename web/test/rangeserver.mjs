@@ -143,6 +143,7 @@ export async function serveFiles(root, options = {}) {
     const info = await stat(file).catch(() => null);
     if (!info?.isFile()) return reply(404);
 
+    api.onRequest?.({ method: req.method, path: key, range });
     const now = mode;
     if (now === 'flaky-5xx') {
       const k = `${req.method}\0${key}\0${range ?? ''}`;
@@ -252,8 +253,12 @@ export async function serveFiles(root, options = {}) {
    *   the folder's parent, so the folder's name comes first ('actor/iter_0000001/mp_rank_00/model_optim_rng.pt'
    *   for 'actor'; relative to root for '' or '.'). Throws if relFolder is no folder inside root.
    * @property {() => Promise<void>} close stops listening and destroys every connection, idle or busy
+   * @property {((req: {method: string, path: string, range: string|null}) => void) | null} onRequest called for
+   *   each request for an existing file just before its mode is read, so a test can change the mode at a given
+   *   request (null by default)
    */
   const api = {
+    onRequest: null,
     url,
     root,
     port: server.address().port,

@@ -319,6 +319,25 @@ describe('failure modes', () => {
     assert.equal(s.bytesSent('data.bin'), SIZE);
   });
 
+  test('onRequest sees each file request before its mode is read: a mode set there applies to that request', async () => {
+    const seen = [];
+    s.onRequest = (req) => {
+      seen.push(req);
+      if (req.range === 'bytes=10-19') s.mode = 'ignore-range';
+    };
+    try {
+      assert.equal((await get('data.bin', 'bytes=0-9')).status, 206);
+      assert.equal((await get('data.bin', 'bytes=10-19')).status, 200);
+      assert.equal((await get('missing.bin', 'bytes=0-9')).status, 404);
+    } finally {
+      s.onRequest = null;
+    }
+    assert.deepEqual(seen, [
+      { method: 'GET', path: 'data.bin', range: 'bytes=0-9' },
+      { method: 'GET', path: 'data.bin', range: 'bytes=10-19' },
+    ]);
+  });
+
   test('flaky-5xx: the first request for each (method, file, range) gets 503, the next is answered', async () => {
     s.mode = 'flaky-5xx';
     const first = await get('data.bin', 'bytes=0-9');

@@ -95,6 +95,14 @@ function reader(res) {
   return res.chunks.read();
 }
 
+/** An error thrown by a stream()'s receiver: passed on as it is, never retried. */
+class PutError extends Error {
+  constructor(cause) {
+    super(cause?.message ?? String(cause));
+    this.cause = cause;
+  }
+}
+
 const sleep = (ms, signal) =>
   new Promise((ok, fail) => {
     const t = setTimeout(ok, ms);
@@ -132,6 +140,24 @@ export class UrlFile {
     // A recycled buffer at least this long, seen through a view of `len` bytes (the last piece of a range is short).
     const at = this.pool?.findIndex((b) => b.byteLength >= len) ?? -1;
     const out = at >= 0 ? new Uint8Array(this.pool.splice(at, 1)[0], 0, len) : new Uint8Array(len);
+    // Copied at once: a chunk may be a view of a buffer its transport reuses (js/nodefetch.js).
+    const meta = await this.transfer(offset, len, size, etag, (chunk, at) => out.set(chunk, at));
+    return { bytes: out, ...meta };
+  }
+
+  /**
+   * Hands bytes `offset .. offset + len` to `put(chunk, at, claim)` as they arrive (`at` counted from `offset`), in
+   * order, each byte once, retried like request(); an error `put` throws ends it as it is. A chunk is valid only
+   * during the call unless it came with `claim` (js/nodefetch.js) and put claimed it; a promise put returns holds
+   * the next chunks back until it settles. Resolves when all are handed over.
+   */
+  async stream(offset, len, put) {
+    this.check(offset, len);
+    if (len > 0) await this.transfer(offset, len, this.size, this.etag, put);
+  }
+
+  /** The checked requests, retries and resumption of request() and stream(): resolves to {total, etag}. */
+  async transfer(offset, len, size, etag, put) {
     let got = 0;
     let requests = 0;
     for (let attempt = 0; ; attempt++) {
@@ -155,23 +181,31 @@ export class UrlFile {
         }
         size ??= total;
         etag ??= res.headers.get('etag');
-        const take = (value) => {
+        const take = (value, claim) => {
           if (got + value.length > len) throw new UrlError(this.shown, 'the server sent more bytes than asked for');
-          // Copied at once: a chunk may be a view of a buffer its transport reuses (js/nodefetch.js).
-          out.set(value, got);
-          got += value.length;
-          this.fetched += value.length;
+          // Its length first: a claimed chunk's memory may be handed to another thread (then it reads as empty).
+          const n = value.length;
+          let wait;
+          try {
+            wait = put(value, got, claim);
+          } catch (e) {
+            throw new PutError(e);
+          }
+          got += n;
+          this.fetched += n;
+          return wait;
         };
         try {
           // A body with each() (js/nodefetch.js) hands chunks over without a promise per chunk.
           if (res.body.each) await res.body.each(take);
           else for (let r; !(r = await reader(res)).done; ) take(r.value);
         } catch (e) {
+          if (e instanceof PutError) throw e.cause;
           if (e instanceof UrlError || this.signal?.aborted) throw e;
           throw new UrlError(this.shown, `the connection broke after ${got} of ${len} bytes (${e?.message ?? e})`, true);
         }
         if (got !== len) throw new UrlError(this.shown, `the answer ended after ${got} of ${len} bytes`, true);
-        return { bytes: out, total: size, etag };
+        return { total: size, etag };
       } catch (e) {
         requests++;
         if (got > before && requests < MAX_REQUESTS) attempt = -1;

@@ -34,6 +34,16 @@ const LINUX_ERRNO: [i32; 77] = [
     131, 88, 95, 25, 6, 75, 130, 1, 32, 71, 93, 91, 34, 30, 29, 3, 116, 110, 26, 18, 1,
 ];
 
+/// The I/O error Linux's errno `linux` stands for, as this build numbers it (WASI's numbering), so that it reads
+/// as the native binary's through [`io_text`].
+#[cfg(all(feature = "host-url", target_os = "wasi"))]
+pub fn io_error_from_linux(linux: i32) -> std::io::Error {
+    match LINUX_ERRNO.iter().position(|&l| l == linux).and_then(|w| i32::try_from(w).ok()) {
+        Some(wasi) if wasi > 0 => std::io::Error::from_raw_os_error(wasi),
+        _ => std::io::Error::other(format!("the host's write failed (errno {linux})")),
+    }
+}
+
 /// Largest single read or write where the host copies through a buffer of its own (WASI: the engine reads into
 /// and writes from a host buffer, which it zeroes first). Pieces this size stay in the CPU's cache on their way;
 /// bands of 16 MiB would stream through memory two extra times.
@@ -191,6 +201,9 @@ pub struct DirSink {
     current: Option<(FileWriter, PathBuf, PathBuf)>,
     staged: Vec<(PathBuf, PathBuf)>,
     committed: bool,
+    /// The URL whose bytes the host is copying into the current file, if any (`npx ckptconv`).
+    #[cfg(all(feature = "host-url", target_os = "wasi"))]
+    host_copies: Option<String>,
 }
 
 impl DirSink {
@@ -199,7 +212,15 @@ impl DirSink {
             Error::new(ErrorKind::Output(format!("cannot create the folder: {}", io_text(&e))))
                 .in_file(&dir.display().to_string())
         })?;
-        Ok(DirSink { dir: dir.to_path_buf(), force, current: None, staged: Vec::new(), committed: false })
+        Ok(DirSink {
+            dir: dir.to_path_buf(),
+            force,
+            current: None,
+            staged: Vec::new(),
+            committed: false,
+            #[cfg(all(feature = "host-url", target_os = "wasi"))]
+            host_copies: None,
+        })
     }
 
     /// Fails if any of `names` exists and `--force` was not given.
@@ -219,6 +240,20 @@ impl DirSink {
 
     fn out_err(path: &Path, e: std::io::Error) -> Error {
         Error::new(ErrorKind::Output(io_text(&e))).in_file(&path.display().to_string())
+    }
+
+    /// Waits for the current file's last bytes: the host's copies (`npx ckptconv`), then the writer.
+    fn finish_file(&mut self, f: FileWriter, tmp: &Path) -> Result<()> {
+        #[cfg(all(feature = "host-url", target_os = "wasi"))]
+        if let Some(url) = self.host_copies.take() {
+            crate::hosturl::flush_copies(false).map_err(|e| match e {
+                crate::hosturl::CopyError::Write(e) => Self::out_err(tmp, e),
+                crate::hosturl::CopyError::Read(at, m) => {
+                    Error::new(ErrorKind::Io(format!("read at {at}: {m}"))).in_file(&url)
+                }
+            })?;
+        }
+        f.finish().map_err(|e| Self::out_err(tmp, e))
     }
 
     /// Runs `op` on the current file's writer; its I/O errors name the temp file.
@@ -269,11 +304,18 @@ impl Sink for DirSink {
     fn end(&mut self) -> Result<()> {
         // No fsync: like cp and safetensors' own writer, durability is left to the OS; the rename
         // after the last byte is what keeps an interrupted run from leaving a complete-looking file.
-        if let Some((f, tmp, fin)) = self.current.take() {
-            f.finish().map_err(|e| Self::out_err(&tmp, e))?;
-            self.staged.push((tmp, fin));
+        let Some((f, tmp, fin)) = self.current.take() else { return Ok(()) };
+        match self.finish_file(f, &tmp) {
+            Ok(()) => {
+                self.staged.push((tmp, fin));
+                Ok(())
+            }
+            Err(e) => {
+                // No longer the current file, not yet staged: Drop would not find it.
+                let _ = std::fs::remove_file(&tmp);
+                Err(e)
+            }
         }
-        Ok(())
     }
 
     /// Verbatim bytes take the buffered path by default: the caller reads 256 KiB pieces while the writer thread
@@ -299,6 +341,22 @@ impl Sink for DirSink {
         Ok(true)
     }
 
+    /// A URL's verbatim bytes are written into the temp file by the host (`npx ckptconv`) while the module goes
+    /// on, never passing through the module; its cursor moves past them, and `end` waits for them.
+    #[cfg(all(feature = "host-url", target_os = "wasi"))]
+    fn copy_range(&mut self, input: &ckptconv::io::Input, offset: u64, len: u64) -> Result<bool> {
+        use std::io::Seek;
+        let Some((f, tmp, _)) = &mut self.current else { return Ok(false) };
+        let at = f.file.stream_position().map_err(|e| Self::out_err(tmp, e))?;
+        // The host resolves relative paths from its own working folder, which is the module's (CKPTCONV_HOST_CWD).
+        let path = std::env::current_dir().map(|cwd| cwd.join(&*tmp)).unwrap_or_else(|_| tmp.clone());
+        if !crate::hosturl::copy_into(input, offset, len, &path, at) {
+            return Ok(false);
+        }
+        self.host_copies = Some(input.name.clone());
+        f.skip(len).map(|_| true).map_err(|e| Self::out_err(tmp, e))
+    }
+
     fn commit(&mut self) -> Result<()> {
         for (tmp, fin) in &self.staged {
             std::fs::rename(tmp, fin).map_err(|e| Self::out_err(fin, e))?;
@@ -320,6 +378,11 @@ impl Drop for DirSink {
     fn drop(&mut self) {
         if self.committed {
             return;
+        }
+        // Nothing may write into a temp file once it is removed: copies not begun are dropped, the others awaited.
+        #[cfg(all(feature = "host-url", target_os = "wasi"))]
+        if self.host_copies.take().is_some() {
+            let _ = crate::hosturl::flush_copies(true);
         }
         if let Some((_, tmp, _)) = self.current.take() {
             let _ = std::fs::remove_file(tmp);

@@ -27,6 +27,13 @@ mod host {
         /// Says that bytes `offset .. offset + len` are read next, in order, in pieces of `piece` bytes: the host
         /// fetches them ahead.
         pub fn url_hint(handle: i32, offset: u64, len: u64, piece: u64);
+        /// Queues a copy of bytes `offset .. offset + len` of the URL into the file at `path` (a host path) from
+        /// its byte `at`; the host writes it while the module goes on.
+        pub fn url_copy(handle: i32, offset: u64, len: u64, path: *const u8, path_len: usize, at: u64);
+        /// Waits until every queued copy is written (`cancel` 0) or drops those not begun (1): 0; minus the length
+        /// of an error message when reading the URL failed; a Linux errno when writing failed (its message through
+        /// `last_error` too). On failure the failed read's offset is written to `offset`.
+        pub fn url_flush(cancel: i32, offset: *mut u64) -> i32;
     }
 
     /// The host's last error message.
@@ -71,6 +78,43 @@ impl ReadAt for UrlReadAt {
 
     fn streaming_piece(&self) -> u64 {
         STREAM_PIECE
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+}
+
+/// Why copies straight from a URL into a file failed.
+#[cfg(all(feature = "host-url", target_os = "wasi"))]
+pub enum CopyError {
+    /// Reading the URL at this offset (the message names no URL: the caller's error does).
+    Read(u64, String),
+    /// Writing the file.
+    Write(std::io::Error),
+}
+
+/// Has the host write bytes `offset .. offset + len` of `input` into the file at `path` from its byte `at`, when
+/// `input` is a URL (else `false`): the bytes then go from the socket to the file in the host's own buffers, never
+/// through the module, while the module goes on (README: `npx ckptconv` from a URL). [`flush_copies`] waits.
+#[cfg(all(feature = "host-url", target_os = "wasi"))]
+pub fn copy_into(input: &Input, offset: u64, len: u64, path: &std::path::Path, at: u64) -> bool {
+    let Some(src) = input.data.as_any().and_then(|a| a.downcast_ref::<UrlReadAt>()) else { return false };
+    let path = path.to_string_lossy();
+    // SAFETY: the host reads `path` during the call and nothing else of ours.
+    unsafe { host::url_copy(src.handle, offset, len, path.as_ptr(), path.len(), at) };
+    true
+}
+
+/// Waits for the copies [`copy_into`] queued; `cancel` drops those not begun (after a failure elsewhere).
+#[cfg(all(feature = "host-url", target_os = "wasi"))]
+pub fn flush_copies(cancel: bool) -> std::result::Result<(), CopyError> {
+    let mut offset = 0u64;
+    // SAFETY: the host writes one u64 into `offset`.
+    match unsafe { host::url_flush(i32::from(cancel), &mut offset) } {
+        0 => Ok(()),
+        r if r < 0 => Err(CopyError::Read(offset, host::error())),
+        linux => Err(CopyError::Write(crate::fsio::io_error_from_linux(linux))),
     }
 }
 
