@@ -93,9 +93,6 @@ const host = {
       return failed(e);
     }
   },
-  url_hint(handle, offset, len, piece) {
-    fetcher?.postMessage({ type: 'hint', src: handle, offset: Number(offset), len: Number(len), piece: Number(piece) });
-  },
   last_error(ptr, cap) {
     const bytes = enc.encode(lastError).slice(0, cap);
     memory().set(bytes, ptr);

@@ -42,15 +42,6 @@ pub trait ReadAt {
     fn stored_len(&self) -> u64 {
         self.len()
     }
-    /// A hint that bytes `offset .. offset + len` are read next, in order, in pieces of
-    /// [`ReadAt::streaming_piece`] (a verbatim copy): a source that fetches with latency (a URL) starts on them
-    /// and keeps the next pieces coming while the current one is written. Nothing outside the range is fetched.
-    fn will_read(&self, _offset: u64, _len: u64) {}
-    /// The piece size worth one read when streaming through this source (one request of a URL), if larger than
-    /// a copy's default; 0 for no preference.
-    fn streaming_piece(&self) -> u64 {
-        0
-    }
 }
 
 /// Positional writes into one output file, from any thread (native files: `pwrite`).
@@ -85,12 +76,6 @@ impl ReadAt for SharedInput {
     }
     fn check_unread(&self) -> std::io::Result<()> {
         self.0.data.check_unread()
-    }
-    fn will_read(&self, offset: u64, len: u64) {
-        self.0.data.will_read(offset, len)
-    }
-    fn streaming_piece(&self) -> u64 {
-        self.0.data.streaming_piece()
     }
 }
 

@@ -236,23 +236,6 @@ impl Puller {
         }
     }
 
-    /// The first verbatim range of the tensor after the current one, when that tensor is copied: a source read with
-    /// latency (a URL) fetches it while the current one is still being written ([`crate::io::ReadAt::will_read`]).
-    pub fn upcoming_copy(&self, set: &dyn OutputSet) -> Option<(usize, u64, u64)> {
-        if !self.allow_copy {
-            return None;
-        }
-        let file = set.files().get(self.file)?;
-        let Segment::Tensors { plan, order } = file.segments.get(self.segment)? else { return None };
-        let At::Tensors { k, .. } = self.at else { return None };
-        let t = tensor_of(plan_of(set, *plan).ok()?, *order.get(k + 1)?).ok()?;
-        if !copied(t, 0, set.inputs()) {
-            return None;
-        }
-        // The first copy step_tensors will hand out for it.
-        t.verbatim_pieces(0, copy_step(t).min(t.numel()))?.into_iter().next()
-    }
-
     /// Advances inside `segment`: what to hand out next, if anything.
     fn step(&mut self, set: &dyn OutputSet, segment: &Segment) -> Result<Step> {
         match segment {
@@ -417,18 +400,10 @@ pub fn drive(set: &dyn OutputSet, sink: &mut dyn Sink, progress: &mut dyn FnMut(
                 let src = set.inputs().get(input).ok_or_else(|| missing_input(input))?;
                 if !sink.copy_range(src, offset, len)? {
                     // Through the band buffer, so a sink that takes buffers over sees one kind of buffer (never
-                    // more than the few a band-sized writer queue holds). A source read with latency (a URL) asks
-                    // for bigger pieces and fetches the next ones while this one is written.
-                    let step = COPY_BUF.max(src.data.streaming_piece());
-                    src.data.will_read(offset, len);
-                    if let Some((i, o, l)) = puller.upcoming_copy(set)
-                        && let Some(next) = set.inputs().get(i)
-                    {
-                        next.data.will_read(o, l);
-                    }
+                    // more than the few a band-sized writer queue holds).
                     let mut at = 0;
                     while at < len {
-                        let n = (len - at).min(step);
+                        let n = (len - at).min(COPY_BUF);
                         let buf = puller.band_mut();
                         fit(buf, n as usize);
                         src.read_exact_at(offset + at, buf)?;

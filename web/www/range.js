@@ -7,8 +7,6 @@
 
 /** Tries per range: the first and this many minus one retries. */
 export const TRIES = 5;
-/** Pieces of each hinted range fetched ahead at once (UrlFile.hint). */
-const AHEAD = 2;
 /** Requests per range at most, however many of them brought bytes before failing. */
 const MAX_REQUESTS = 64;
 /** Pause before retry n (ms): 100, 200, 400, 800. */
@@ -216,58 +214,11 @@ export class UrlFile {
   }
 
   /**
-   * Says that bytes `offset .. offset + len` will be read in order, in pieces of `piece` bytes (a verbatim copy
-   * through a synchronous reader). The reader announces the copy it starts and then the one after it: the last two
-   * ranges announced are fetched ahead, AHEAD pieces in flight for each, the one announced first first, so the
-   * next piece arrives while the reader writes this one and the next copy's first pieces are there when it starts.
-   * Nothing outside announced ranges is fetched; a range announced again is not fetched twice; pieces of a range
-   * that falls out of the last two are dropped.
-   */
-  hint(offset, len, piece) {
-    this.check(offset, len);
-    this.ranges ??= [];
-    this.ready ??= new Map(); // piece start -> {len, promise}
-    const same = this.ranges.find((r) => r.start === offset && r.end === offset + len);
-    this.ranges = this.ranges.filter((r) => r !== same);
-    this.ranges.push(same ?? { start: offset, end: offset + len, next: offset, piece: Math.min(piece, MAX_PIECE) });
-    while (this.ranges.length > 2) {
-      const old = this.ranges.shift();
-      for (const k of [...this.ready.keys()]) if (k >= old.start && k < old.end) this.ready.delete(k);
-    }
-    this.fill();
-  }
-
-  fill() {
-    for (const r of this.ranges) {
-      let inFlight = 0;
-      for (const k of this.ready.keys()) if (k >= r.start && k < r.end) inFlight++;
-      for (; inFlight < AHEAD && r.next < r.end; inFlight++) {
-        const n = Math.min(r.piece, r.end - r.next);
-        const promise = this.request(r.next, n, this.size, this.etag).then((x) => x.bytes);
-        promise.catch(() => {}); // reported when awaited
-        this.ready.set(r.next, { len: n, promise });
-        r.next += n;
-      }
-    }
-  }
-
-  /**
    * Bytes `offset .. offset + len` of the file: exactly those are fetched (in pieces of at most MAX_PIECE), nothing
-   * speculatively, so that every byte a conversion needs is fetched once and no other; a read of a hinted piece
-   * takes it from the pieces fetched ahead.
+   * speculatively, so that every byte a conversion needs is fetched once and no other.
    */
   async read(offset, len) {
     this.check(offset, len);
-    const ahead = this.ready?.get(offset);
-    if (ahead && ahead.len === len) {
-      this.ready.delete(offset);
-      this.fill();
-      return ahead.promise;
-    }
-    return this.readExact(offset, len);
-  }
-
-  async readExact(offset, len) {
     if (len <= MAX_PIECE) return (await this.request(offset, len, this.size, this.etag)).bytes;
     const out = new Uint8Array(len);
     let at = 0;
@@ -304,7 +255,7 @@ export class UrlFile {
    */
   recycle(bytes) {
     this.pool ??= [];
-    if (bytes.buffer.byteLength >= 1 << 20 && this.pool.length < 2 * AHEAD + 2) this.pool.push(bytes.buffer);
+    if (bytes.buffer.byteLength >= 1 << 20 && this.pool.length < 4) this.pool.push(bytes.buffer);
   }
 
   check(offset, len) {

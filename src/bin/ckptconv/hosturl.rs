@@ -24,9 +24,6 @@ mod host {
         pub fn url_read(handle: i32, offset: u64, buf: *mut u8, len: usize) -> i32;
         /// Copies the last error message into `buf` (at most `cap` bytes); returns its length.
         pub fn last_error(buf: *mut u8, cap: usize) -> usize;
-        /// Says that bytes `offset .. offset + len` are read next, in order, in pieces of `piece` bytes: the host
-        /// fetches them ahead.
-        pub fn url_hint(handle: i32, offset: u64, len: u64, piece: u64);
         /// Queues a copy of bytes `offset .. offset + len` of the URL into the file at `path` (a host path) from
         /// its byte `at`; the host writes it while the module goes on.
         pub fn url_copy(handle: i32, offset: u64, len: u64, path: *const u8, path_len: usize, at: u64);
@@ -44,10 +41,6 @@ mod host {
         String::from_utf8_lossy(&buf[..n]).into_owned()
     }
 }
-
-/// One request's worth when streaming a range through: big enough that a request's latency is small beside it.
-#[cfg(all(feature = "host-url", target_os = "wasi"))]
-const STREAM_PIECE: u64 = 4 << 20;
 
 /// A file behind a URL, read through the host.
 #[cfg(all(feature = "host-url", target_os = "wasi"))]
@@ -69,15 +62,6 @@ impl ReadAt for UrlReadAt {
         // SAFETY: the host writes exactly `buf.len()` bytes into `buf`, or nothing when it fails.
         let r = unsafe { host::url_read(self.handle, offset, buf.as_mut_ptr(), buf.len()) };
         if r < 0 { Err(std::io::Error::other(host::error())) } else { Ok(()) }
-    }
-
-    fn will_read(&self, offset: u64, len: u64) {
-        // SAFETY: a hint only; the host reads nothing of ours.
-        unsafe { host::url_hint(self.handle, offset, len, STREAM_PIECE) }
-    }
-
-    fn streaming_piece(&self) -> u64 {
-        STREAM_PIECE
     }
 
     fn as_any(&self) -> Option<&dyn std::any::Any> {
