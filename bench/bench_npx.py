@@ -3,7 +3,7 @@
 Owns: bench/bench_npx.py. Input: bench_pt.py's cached Qwen2-1.5B-shaped bf16 .pt (~3.55 GB, generated once into
 bench/data/). The npm package is packed (`npm pack`) and installed offline into bench/data/npx_app, as a user's
 `npx ckptconv` would run it (the CLI compiled for WASI, under Node's WASI; URLs read by its fetcher thread with Range
-requests). The file server (the "hub": its CPU and memory are not the tool's) is nginx on 127.0.0.1 when the machine
+requests, verbatim ranges written into the output by its writer thread without passing through the module). The file server (the "hub": its CPU and memory are not the tool's) is nginx on 127.0.0.1 when the machine
 has it (`apt-get install nginx-light`; sendfile, as hubs and CDNs serve files), else web/test/rangeserver.mjs in its
 own Node process, which spends about 1 CPU-second per GB itself and so takes CPU from the tool on a small machine
 (`--server node` picks it). Tools, each into an emptied scratch folder, interleaved per repetition and mode
