@@ -76,6 +76,12 @@ const host = {
       return failed(e);
     }
   },
+  url_prefetch(handle, ptr, count) {
+    // No answer: the fetcher asks for the ranges (a few at a time) and keeps them for the reads that follow.
+    const words = new BigUint64Array(instance.exports.memory.buffer, ptr, 2 * count);
+    const ranges = Array.from({ length: count }, (_, i) => [Number(words[2 * i]), Number(words[2 * i + 1])]);
+    fetcher?.postMessage({ type: 'prefetch', src: handle, ranges });
+  },
   url_copy(handle, offset, len, pathPtr, pathLen, at) {
     // No answer: the fetcher writes the range while the module goes on; url_flush waits for it.
     const path = new TextDecoder().decode(memory().slice(pathPtr, pathPtr + pathLen));

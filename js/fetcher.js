@@ -1,6 +1,7 @@
 // The URL reader of `npx ckptconv` (cli.js): a worker thread that opens URLs and reads their ranges (range.js)
 // while the CLI's thread sleeps on the answer (bridge.js). Messages: {type: 'open', url} answered with the JSON
-// {handle, size}; {type: 'read', src: handle, offset, len} answered with the bytes; {type: 'copy', src, offset,
+// {handle, size}; {type: 'read', src: handle, offset, len} answered with the bytes; {type: 'prefetch', src,
+// ranges: [[offset, len], …]} (no answer) fetches ranges that reads will ask for; {type: 'copy', src, offset,
 // len, path, at} (no answer) queues a copy of a range into a file; {type: 'flush', cancel} answers once the
 // queued copies are written (or, with cancel, dropped): the JSON {} or {message, errno?, offset, len} of the first
 // that failed. Errors name no URL: the CLI's message names it.
@@ -11,6 +12,45 @@ import { MAX_PIECE, UrlFile } from '../web/www/range.js';
 import { nodeFetch } from './nodefetch.js';
 
 const files = [];
+/** Prefetched ranges by `src:offset:len` (a promise of the bytes), each kept until read once. */
+const prefetched = new Map();
+/** Ranges to prefetch next, and how many requests for them are in flight (at most PREFETCHES). */
+const toPrefetch = [];
+let prefetching = 0;
+const PREFETCHES = 8;
+
+/** Starts fetching `ranges` of file `src` (those inside it), PREFETCHES at a time. */
+function prefetch(src, ranges) {
+  const f = files[src];
+  if (!f) return;
+  for (const [offset, len] of ranges) if (len > 0 && offset + len <= f.size) toPrefetch.push({ src, offset, len });
+  morePrefetches();
+}
+
+function morePrefetches() {
+  while (prefetching < PREFETCHES && toPrefetch.length > 0) {
+    const { src, offset, len } = toPrefetch.shift();
+    const key = `${src}:${offset}:${len}`;
+    if (prefetched.has(key)) continue;
+    prefetching++;
+    const bytes = files[src].read(offset, len);
+    bytes.catch(() => {}); // reported to the read that takes it
+    prefetched.set(key, bytes);
+    bytes.finally(() => {
+      prefetching--;
+      morePrefetches();
+    });
+  }
+}
+
+/** Bytes `offset .. offset + len` of file `src`: prefetched ones once, else asked for now. */
+function read(src, offset, len) {
+  const key = `${src}:${offset}:${len}`;
+  const ahead = prefetched.get(key);
+  if (!ahead) return files[src].read(offset, len);
+  prefetched.delete(key);
+  return ahead;
+}
 const detail = (e) => {
   throw new Error(e?.detail ?? e?.message ?? String(e));
 };
@@ -164,7 +204,8 @@ async function flush(cancel) {
 }
 
 parentPort.on('message', (msg) => {
-  // Copies ask for no answer.
+  // Prefetches and copies ask for no answer.
+  if (msg.type === 'prefetch') return prefetch(msg.src, msg.ranges);
   if (msg.type === 'copy') return queueCopy(msg);
   let used = null;
   return answer(msg, async ({ type, url, src, offset, len }) => {
@@ -174,7 +215,7 @@ parentPort.on('message', (msg) => {
       return new TextEncoder().encode(JSON.stringify({ handle: files.length - 1, size: f.size }));
     }
     if (type === 'flush') return new TextEncoder().encode(JSON.stringify(await flush(msg.cancel)));
-    used = await files[src].read(offset, len).catch(detail);
+    used = await read(src, offset, len).catch(detail);
     return used;
   }).then(() => used && files[msg.src].recycle(used)); // copied into the shared buffer by now
 });

@@ -30,6 +30,9 @@ pub trait ReadAt {
     fn check_unread(&self) -> std::io::Result<()> {
         Ok(())
     }
+    /// A hint that these `(offset, len)` ranges are read soon, each by one read of exactly that range, in any
+    /// order: a source that fetches with latency (a URL) asks for them all at once, not one round trip each.
+    fn prefetch(&self, _ranges: &[(u64, u64)]) {}
     /// A second handle on the same bytes that another thread may read from, when this source can give one
     /// (a native file: another descriptor); work that splits across threads then reads in parallel.
     fn sendable(&self) -> Option<Box<dyn ReadAt + Send + Sync>> {
@@ -76,6 +79,9 @@ impl ReadAt for SharedInput {
     }
     fn check_unread(&self) -> std::io::Result<()> {
         self.0.data.check_unread()
+    }
+    fn prefetch(&self, ranges: &[(u64, u64)]) {
+        self.0.data.prefetch(ranges)
     }
 }
 

@@ -415,6 +415,11 @@ impl TorchFile {
         let mut visits = WalkBudget::default();
         let mut cache: HashMap<String, (u64, u64)> = HashMap::new();
         let mut name_bytes = 0usize;
+        // Each storage's local header is read as its first tensor is met: a URL fetches them all at once instead
+        // (all of the archive's storages, a few bytes each, though a subtree may use only some).
+        if let Storages::Zip { index, root } = &self.storages {
+            input.data.prefetch(&index.local_headers_under(&format!("{root}data/")));
+        }
         self.walk(id, &mut path, 0, &mut visits, &mut |path, leaf| {
             let (t, dtensor) = match leaf {
                 Leaf::Tensor(t) => (t, None),

@@ -262,6 +262,18 @@ impl ZipIndex {
         Ok(ZipIndex { entries, by_name, end: base + len })
     }
 
+    /// Where the fixed part of each local header of the entries named `prefix…` is, as `(offset, len)` ranges:
+    /// what [`ZipIndex::locate`] reads for them.
+    pub fn local_headers_under(&self, prefix: &str) -> Vec<(u64, u64)> {
+        let prefix = prefix.to_ascii_lowercase();
+        let mut ranges: Vec<(u64, u64)> = (self.entries.iter())
+            .filter(|e| e.name.to_ascii_lowercase().starts_with(&prefix))
+            .map(|e| (e.local_header, LOCAL_FIXED))
+            .collect();
+        ranges.sort_unstable();
+        ranges
+    }
+
     /// Every entry, in central-directory order (data not yet located).
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.entries.iter().map(|e| e.name.as_str())
@@ -315,11 +327,14 @@ impl ZipIndex {
     }
 }
 
+/// The fixed part of a local header, before its name and extra field.
+const LOCAL_FIXED: u64 = 30;
+
 /// Where the data of the entry whose local header is at `local_header` starts: after the 30-byte fixed header,
 /// the name and the extra field, whose lengths the local header gives.
 pub(crate) fn local_data_start(data: &dyn ReadAt, local_header: u64, name: &str) -> Result<u64> {
     let mut h = [0u8; 30];
-    if local_header.checked_add(30).is_none_or(|end| end > data.len()) {
+    if local_header.checked_add(LOCAL_FIXED).is_none_or(|end| end > data.len()) {
         return Err(Error::new(ErrorKind::Truncated(format!(
             "entry '{name}' has its local header at {local_header} but the file has {} bytes",
             data.len()

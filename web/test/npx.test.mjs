@@ -181,6 +181,26 @@ describe('npx ckptconv, from the packed package', () => {
       }
     });
 
+    test('planning asks for the storages\' local headers together, not one round trip each', async () => {
+      const dir = join(scratch, `big${runs++}`);
+      bigServer.reset();
+      bigServer.delayMs = 20; // a distant server
+      let r;
+      try {
+        r = await runAsync(bin, ['inspect', url], dir);
+      } finally {
+        bigServer.delayMs = 0;
+      }
+      assert.equal(r.status, 0, r.stderr);
+      const native = runIn(NATIVE, ['inspect', big], join(dir, 'native'));
+      // The same report but for its first line (the input's name).
+      assert.equal(native.status, 0, native.stderr);
+      assert.deepEqual(r.stdout.split('\n').slice(1), native.stdout.split('\n').slice(1));
+      assert.ok(Number(/^tensors: (\d+)/m.exec(r.stdout)?.[1]) > 100, r.stdout.slice(0, 400));
+      assert.ok(bigServer.maxInFlight() >= 4, `at most ${bigServer.maxInFlight()} requests at once`);
+      assert.ok(bigServer.bytesSent() <= statSync(big).size / 100, `fetched ${bigServer.bytesSent()} bytes`);
+    });
+
     test('a file that changes mid-copy fails naming the URL, and leaves nothing', async () => {
       const dir = join(scratch, `big${runs++}`);
       bigServer.reset();

@@ -71,6 +71,9 @@ export async function serveFiles(root, options = {}) {
   if (!statSync(root, { throwIfNoEntry: false })?.isDirectory()) throw new Error(`serveFiles: ${root} is no folder`);
   const { port = 0, dropTimes = 1, flakyTimes = 1, logLimit = 10000 } = options;
   let mode = checkMode(options.mode ?? 'normal');
+  // File requests being answered now, and the most at once since the last reset().
+  let inFlight = 0;
+  let maxInFlight = 0;
   const stats = new Map(); // relPath -> {bytes, requests, drops}
   const dropped = new Map(); // 'file\0range' -> times dropped
   const failed = new Map(); // 'method\0file\0range' -> times answered 503
@@ -144,6 +147,10 @@ export async function serveFiles(root, options = {}) {
     if (!info?.isFile()) return reply(404);
 
     api.onRequest?.({ method: req.method, path: key, range });
+    inFlight++;
+    maxInFlight = Math.max(maxInFlight, inFlight);
+    res.once('close', () => inFlight--);
+    if (api.delayMs > 0) await new Promise((ok) => setTimeout(ok, api.delayMs));
     const now = mode;
     if (now === 'flaky-5xx') {
       const k = `${req.method}\0${key}\0${range ?? ''}`;
@@ -256,9 +263,14 @@ export async function serveFiles(root, options = {}) {
    * @property {((req: {method: string, path: string, range: string|null}) => void) | null} onRequest called for
    *   each request for an existing file just before its mode is read, so a test can change the mode at a given
    *   request (null by default)
+   * @property {number} delayMs each request for an existing file waits this long before it is answered (a distant
+   *   server's latency; 0 by default)
+   * @property {() => number} maxInFlight the most requests for files answered at once since the last reset()
    */
   const api = {
     onRequest: null,
+    delayMs: 0,
+    maxInFlight: () => maxInFlight,
     url,
     root,
     port: server.address().port,
@@ -276,6 +288,7 @@ export async function serveFiles(root, options = {}) {
     requests: (relPath) => sum('requests', relPath),
     drops: (relPath) => sum('drops', relPath),
     reset() {
+      maxInFlight = inFlight;
       stats.clear();
       dropped.clear();
       failed.clear();

@@ -338,6 +338,21 @@ describe('failure modes', () => {
     ]);
   });
 
+  test('delayMs holds each file request back; maxInFlight counts the most answered at once', async () => {
+    s.delayMs = 50;
+    try {
+      const one = await get('data.bin', 'bytes=0-9');
+      assert.equal(one.status, 206);
+      await bytes(one);
+      assert.equal(s.maxInFlight(), 1);
+      const four = await Promise.all([0, 1, 2, 3].map((i) => get('data.bin', `bytes=${i}-${i}`)));
+      assert.deepEqual(await Promise.all(four.map(async (r) => [...(await bytes(r))])), [[3], [10], [17], [24]]);
+      assert.equal(s.maxInFlight(), 4);
+    } finally {
+      s.delayMs = 0;
+    }
+  });
+
   test('flaky-5xx: the first request for each (method, file, range) gets 503, the next is answered', async () => {
     s.mode = 'flaky-5xx';
     const first = await get('data.bin', 'bytes=0-9');

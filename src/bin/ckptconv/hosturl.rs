@@ -22,6 +22,9 @@ mod host {
         pub fn url_open(url: *const u8, url_len: usize, size: *mut u64) -> i32;
         /// Reads `len` bytes at `offset` into `buf`: 0, or minus the length of an error message.
         pub fn url_read(handle: i32, offset: u64, buf: *mut u8, len: usize) -> i32;
+        /// Says that these ranges (`count` pairs of u64: offset, length) are read soon, each by one read: the host
+        /// fetches them at once.
+        pub fn url_prefetch(handle: i32, ranges: *const u64, count: usize);
         /// Copies the last error message into `buf` (at most `cap` bytes); returns its length.
         pub fn last_error(buf: *mut u8, cap: usize) -> usize;
         /// Queues a copy of bytes `offset .. offset + len` of the URL into the file at `path` (a host path) from
@@ -67,7 +70,21 @@ impl ReadAt for UrlReadAt {
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         Some(self)
     }
+
+    fn prefetch(&self, ranges: &[(u64, u64)]) {
+        // A hint: the host keeps what it fetched until it is read, so an absurd count is not passed on.
+        if ranges.is_empty() || ranges.len() > MAX_PREFETCH {
+            return;
+        }
+        let flat: Vec<u64> = ranges.iter().flat_map(|&(o, l)| [o, l]).collect();
+        // SAFETY: the host reads `ranges.len()` pairs of u64 from `flat` during the call.
+        unsafe { host::url_prefetch(self.handle, flat.as_ptr(), ranges.len()) }
+    }
 }
+
+/// Most ranges one prefetch hint passes to the host (a checkpoint's storages; each a few bytes there).
+#[cfg(all(feature = "host-url", target_os = "wasi"))]
+const MAX_PREFETCH: usize = 1 << 16;
 
 /// Why copies straight from a URL into a file failed.
 #[cfg(all(feature = "host-url", target_os = "wasi"))]
