@@ -92,12 +92,15 @@ function returned() {
   if (writing === 0) for (const f of drained.splice(0)) f();
 }
 
+/** A failed write as a file system error (its Linux errno `errno`), so that it travels as Node's own do. */
+const writeFailure = (message, errno) => Object.assign(new Error(message), { errno: -errno, syscall: 'write' });
+
 function startWriter() {
   writer = new Worker(new URL('./writer.js', import.meta.url));
   writer.unref();
   // A writer that cannot run fails the copies (its slabs are gone with it); nothing waits for them.
   const lost = (e) => {
-    writeError ??= Object.assign(new Error(`the writer thread stopped (${e?.message ?? e})`), { errno: -5, syscall: 'write' });
+    writeError ??= writeFailure(`the writer thread stopped (${e?.message ?? e})`, 5);
     writing = 0;
     returned();
   };
@@ -106,13 +109,15 @@ function startWriter() {
   writer.on('message', ({ buffer, errno }) => {
     writing--;
     free.push(buffer);
-    if (errno && !writeError)
-      writeError = Object.assign(new Error(`write failed (errno ${errno})`), { errno: -errno, syscall: 'write' });
+    if (errno) writeError ??= writeFailure(`write failed (errno ${errno})`, errno);
     returned();
   });
 }
 
 const slab = () => free.pop() ?? new ArrayBuffer(SLAB);
+
+/** The Linux errno of a failed file system call (Node's errors carry it negated), EIO without one. */
+const fsErrno = (e) => (Number.isInteger(e?.errno) && e.errno < 0 ? -e.errno : 5);
 
 /** Sends bytes `offset .. offset + len` of `buffer` (given away) to be written at `position` of `fd`. */
 function send(buffer, offset, len, fd, position) {
@@ -163,7 +168,7 @@ function pump() {
     run(job)
       .catch((e) => {
         // A file system error (it names its system call) is the output's: its Linux errno goes back (EIO without).
-        const errno = e?.syscall ? (Number.isInteger(e.errno) && e.errno < 0 ? -e.errno : 5) : undefined;
+        const errno = e?.syscall ? fsErrno(e) : undefined;
         failure ??= { message: e?.detail ?? e?.message ?? String(e), errno, offset: job.offset, len: job.len };
         queue.length = 0;
       })
@@ -187,14 +192,14 @@ async function flush(cancel) {
   if (active > 0 || queue.length > 0) await new Promise((ok) => waiting.push(ok));
   if (writing > 0) await new Promise((ok) => drained.push(ok));
   if (writeError) {
-    failure ??= { message: writeError.message, errno: -writeError.errno, offset: 0, len: 0 };
+    failure ??= { message: writeError.message, errno: fsErrno(writeError), offset: 0, len: 0 };
     writeError = null;
   }
   for (const fd of outputs.values()) {
     try {
       closeSync(fd);
     } catch (e) {
-      failure ??= { message: e.message, errno: -e.errno || 5, offset: 0, len: 0 };
+      failure ??= { message: e.message, errno: fsErrno(e), offset: 0, len: 0 };
     }
   }
   outputs.clear();

@@ -333,7 +333,7 @@ const LOCAL_FIXED: u64 = 30;
 /// Where the data of the entry whose local header is at `local_header` starts: after the 30-byte fixed header,
 /// the name and the extra field, whose lengths the local header gives.
 pub(crate) fn local_data_start(data: &dyn ReadAt, local_header: u64, name: &str) -> Result<u64> {
-    let mut h = [0u8; 30];
+    let mut h = [0u8; LOCAL_FIXED as usize];
     if local_header.checked_add(LOCAL_FIXED).is_none_or(|end| end > data.len()) {
         return Err(Error::new(ErrorKind::Truncated(format!(
             "entry '{name}' has its local header at {local_header} but the file has {} bytes",
@@ -345,7 +345,7 @@ pub(crate) fn local_data_start(data: &dyn ReadAt, local_header: u64, name: &str)
     if u32_at(&h, 0)? != LOCAL_SIG {
         return Err(zerr(format!("entry '{name}' has no local header at offset {local_header}")));
     }
-    Ok(local_header + 30 + u16_at(&h, 26)? as u64 + u16_at(&h, 28)? as u64)
+    Ok(local_header + LOCAL_FIXED + u16_at(&h, 26)? as u64 + u16_at(&h, 28)? as u64)
 }
 
 fn parse_cdir_record(cd: &[u8], at: &mut usize, cd_offset: u64) -> Result<ZipEntry> {

@@ -353,7 +353,7 @@ impl Sink for DirSink {
         if !crate::hosturl::copy_into(input, offset, len, &path, at) {
             return Ok(false);
         }
-        self.host_copies = Some(input.name.clone());
+        self.host_copies.get_or_insert_with(|| input.name.clone());
         f.skip(len).map(|_| true).map_err(|e| Self::out_err(tmp, e))
     }
 
